@@ -1,0 +1,1 @@
+print('gist_lora_distributed')

@@ -8,11 +8,12 @@ vocabulary exactly as in the real Llama 3.1 vocabulary.
 
 import base64
 import json
-import os
 from pathlib import Path
 from typing import Any, Dict, Tuple, Union
 
 from torchtune.models.llama3._tokenizer import LLAMA3_SPECIAL_TOKENS
+
+from torchtune_gist._io import atomic_write_text
 
 TINY_VOCAB_SIZE = 512
 _LLAMA3_FIRST_SPECIAL_ID = 128000
@@ -49,12 +50,6 @@ def tiny_special_tokens() -> Dict[str, int]:
     return moved
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_tiny_tokenizer(directory: Union[str, Path]) -> Tuple[Path, Path]:
     """Write the byte-level tiktoken file and the special-tokens JSON into ``directory``.
 
@@ -66,6 +61,6 @@ def write_tiny_tokenizer(directory: Union[str, Path]) -> Tuple[Path, Path]:
     model_path, special_path = directory / TIKTOKEN_FILE, directory / SPECIAL_TOKENS_FILE
     ranks = "".join(f"{base64.b64encode(bytes([i])).decode()} {i}\n" for i in range(256))
     added = [{"content": name, "id": tid} for name, tid in sorted(tiny_special_tokens().items(), key=lambda x: x[1])]
-    _write_atomic(model_path, ranks)
-    _write_atomic(special_path, json.dumps({"added_tokens": added}, indent=1))
+    atomic_write_text(ranks, model_path)
+    atomic_write_text(json.dumps({"added_tokens": added}, indent=1), special_path)
     return model_path, special_path

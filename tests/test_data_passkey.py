@@ -1,0 +1,136 @@
+"""Passkey data: determinism, lengths, needle placement, token layout, labels, bad input."""
+
+from typing import List
+
+import pytest
+
+from torchtune_gist.data import (
+    NEEDLES,
+    QUESTIONS,
+    GistPasskeyTransform,
+    gist_passkey_dataset,
+    make_passkey_sample,
+    make_passkey_samples,
+)
+from torchtune_gist.gist_tokens import gist_token_ids
+
+IGNORE = -100
+
+
+def b(text: str) -> List[int]:
+    return list(text.encode("utf-8"))
+
+
+def n_tokens(tokenizer, text: str) -> int:
+    return len(tokenizer.encode(text, add_bos=False, add_eos=False))
+
+
+def test_sample_is_deterministic(tiny_tokenizer):
+    kwargs = dict(context_tokens=400, depth=0.3, seed=7)
+    assert make_passkey_sample(tiny_tokenizer, **kwargs) == make_passkey_sample(tiny_tokenizer, **kwargs)
+    other = make_passkey_sample(tiny_tokenizer, context_tokens=400, depth=0.3, seed=8)
+    assert other["context"] != make_passkey_sample(tiny_tokenizer, **kwargs)["context"]
+
+
+@pytest.mark.parametrize("language", ["en", "ko"])
+@pytest.mark.parametrize("target", [150, 257, 1000, 3000])
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_context_length_hits_the_target(tiny_tokenizer, language, target, depth):
+    r = make_passkey_sample(tiny_tokenizer, context_tokens=target, depth=depth, seed=target, language=language)
+    measured = n_tokens(tiny_tokenizer, r["context"])
+    assert r["context_tokens"] == measured
+    assert target - 4 <= measured <= target
+    assert NEEDLES[language].format(passkey=r["passkey"]) in r["context"]
+    assert r["question"] == QUESTIONS[language] and r["answer"] == r["passkey"]
+
+
+def test_needle_depth_and_passkey_digits(tiny_tokenizer):
+    depths = [0.0, 0.25, 0.5, 0.75, 1.0]
+    positions = []
+    for depth in depths:
+        r = make_passkey_sample(tiny_tokenizer, context_tokens=2000, depth=depth, seed=3, passkey_digits=7)
+        assert len(r["passkey"]) == 7 and r["passkey"].isdigit() and r["passkey"][0] != "0"
+        needle = NEEDLES["en"].format(passkey=r["passkey"])
+        start = r["context"].index(needle)
+        positions.append((start + len(needle) / 2) / len(r["context"]))
+    first = make_passkey_sample(tiny_tokenizer, context_tokens=2000, depth=0.0, seed=3)
+    assert first["context"].startswith("The pass key")
+    for depth, pos in zip(depths, positions):
+        assert abs(pos - depth) < 0.1, (depth, pos)
+
+
+def test_samples_cycle_lengths_and_depths(tiny_tokenizer):
+    records = make_passkey_samples(
+        tiny_tokenizer, 6, context_tokens=[200, 500], depths=[0.0, 1.0, 0.5], seed=1, num_gist_tokens=4
+    )
+    assert [r["target_context_tokens"] for r in records] == [200, 500] * 3
+    assert [r["depth"] for r in records] == [0.0, 1.0, 0.5] * 2
+    assert all(r["compression_ratio"] == r["context_tokens"] / 4 for r in records)
+    assert len({r["passkey"] for r in records}) > 1
+    assert records == make_passkey_samples(
+        tiny_tokenizer, 6, context_tokens=[200, 500], depths=[0.0, 1.0, 0.5], seed=1, num_gist_tokens=4
+    )
+    random_depths = [r["depth"] for r in make_passkey_samples(tiny_tokenizer, 8, context_tokens=200, seed=2)]
+    assert all(0.0 <= d <= 1.0 for d in random_depths) and len(set(random_depths)) == 8
+    assert make_passkey_samples(tiny_tokenizer, 2, context_tokens=200)[0]["compression_ratio"] is None
+
+
+def test_token_layout_and_answer_only_labels(tiny_tokenizer):
+    t = tiny_tokenizer
+    ds = gist_passkey_dataset(t, num_gist_tokens=3, num_samples=2, context_tokens=300, seed=5)
+    record = ds.records[1]
+    ex = ds[1]
+    g = gist_token_ids(t, 3)
+    prompt = [t.bos_id] + b(record["context"]) + g + b("\nWhat is the pass key?\n")
+    assert ex["tokens"] == prompt + b(record["passkey"]) + [t.eos_id]
+    assert ex["labels"] == [IGNORE] * len(prompt) + b(record["passkey"]) + [t.eos_id]
+    assert ex["gist_start"] == 1 + record["context_tokens"] and ex["prompt_len"] == len(prompt)
+    assert ex["compression_ratio"] == record["context_tokens"] / 3 == record["compression_ratio"]
+
+
+def test_label_options_and_no_gists(tiny_tokenizer):
+    t = tiny_tokenizer
+    record = make_passkey_sample(t, context_tokens=120, depth=0.5, seed=0)
+    g = gist_token_ids(t, 2)
+    full = GistPasskeyTransform(t, num_gist_tokens=2, answer_only_loss=False, train_on_context=True)(record)
+    gs = full["gist_start"]
+    assert full["labels"][:gs] == full["tokens"][:gs]
+    assert full["labels"][gs : gs + 2] == [IGNORE, IGNORE] and full["tokens"][gs : gs + 2] == g
+    assert full["labels"][gs + 2 :] == full["tokens"][gs + 2 :]
+
+    plain = GistPasskeyTransform(t, num_gist_tokens=0, train_on_context=True)(record)
+    assert not set(plain["tokens"]) & set(gist_token_ids(t, 200))
+    assert plain["tokens"] == [t.bos_id] + b(record["context"]) + b("\nWhat is the pass key?\n") + b(
+        record["passkey"]
+    ) + [t.eos_id]
+    q = plain["gist_start"]
+    assert plain["labels"][:q] == plain["tokens"][:q]
+    assert plain["labels"][q : plain["prompt_len"]] == [IGNORE] * (plain["prompt_len"] - q)
+    assert plain["compression_ratio"] is None
+
+
+def test_korean_dataset(tiny_tokenizer):
+    ds = gist_passkey_dataset(tiny_tokenizer, num_gist_tokens=2, num_samples=1, context_tokens=600, language="ko")
+    ex = ds[0]
+    tail = bytes(ex["tokens"][ex["gist_start"] + 2 : -1]).decode("utf-8")
+    assert tail == f"\n패스키는 무엇입니까?\n{ds.records[0]['passkey']}"
+
+
+def test_bad_settings(tiny_tokenizer):
+    t = tiny_tokenizer
+    with pytest.raises(ValueError, match="unknown language 'fr'"):
+        make_passkey_sample(t, context_tokens=200, depth=0.5, seed=0, language="fr")
+    with pytest.raises(ValueError, match="depth must be a number in \\[0, 1\\]"):
+        make_passkey_sample(t, context_tokens=200, depth=1.5, seed=0)
+    with pytest.raises(ValueError, match="context_tokens=20 is too short"):
+        make_passkey_sample(t, context_tokens=20, depth=0.5, seed=0)
+    with pytest.raises(ValueError, match="passkey_digits must be an integer >= 1"):
+        make_passkey_sample(t, context_tokens=200, depth=0.5, seed=0, passkey_digits=0)
+    with pytest.raises(ValueError, match="num_gist_tokens=999 but the tokenizer has only"):
+        gist_passkey_dataset(t, num_gist_tokens=999, num_samples=1, context_tokens=200)
+    with pytest.raises(ValueError, match="num_samples must be an integer >= 1"):
+        gist_passkey_dataset(t, num_gist_tokens=1, num_samples=0, context_tokens=200)
+    with pytest.raises(ValueError, match="depths must be None"):
+        make_passkey_samples(t, 1, context_tokens=200, depths=[])
+    with pytest.raises(ValueError, match="field 'answer' is missing or empty"):
+        GistPasskeyTransform(t, num_gist_tokens=1)({"context": "x", "question": "q", "answer": ""})

@@ -1,0 +1,129 @@
+"""Collate gist examples into model batches with the gist attention mask.
+
+Both collators return exactly ``tokens [b, s]``, ``labels [b, s]``, ``mask`` and ``input_pos [b, s]``
+(so a recipe can call ``model(**batch)`` after popping ``labels``). ``mask`` is the dense bool
+``[b, s, s]`` mask from :func:`~torchtune_gist.masks.make_gist_mask` (causality and padding included),
+or a FlexAttention ``BlockMask`` from :func:`~torchtune_gist.masks.make_gist_block_mask` with
+``block_mask=True`` (CUDA only for training). Use them as a config ``collate_fn`` through
+``functools.partial(padded_gist_collate, gist_token_ids=..., pad_id=..., mask_mode=...)``.
+"""
+
+from typing import Any, Collection, Dict, List, Mapping, Sequence, Union
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask
+from torch.nn.utils.rnn import pad_sequence
+from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
+
+from torchtune_gist.masks import MASK_MODES, make_gist_block_mask, make_gist_mask
+
+
+def _check_settings(gist_token_ids: Collection[int], pad_id: int, mask_mode: str) -> List[int]:
+    if mask_mode not in MASK_MODES:
+        raise ValueError(f"unknown mask_mode {mask_mode!r}; expected one of {', '.join(MASK_MODES)}")
+    ids = gist_token_ids.tolist() if isinstance(gist_token_ids, torch.Tensor) else list(gist_token_ids)
+    if not ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise ValueError(f"gist_token_ids must be a non-empty list of integer ids, got {gist_token_ids!r}")
+    if isinstance(pad_id, bool) or not isinstance(pad_id, int):
+        raise ValueError(f"pad_id must be an integer token id, got {pad_id!r}")
+    if pad_id in ids:
+        raise ValueError(f"pad_id={pad_id} is one of the gist token ids {ids}")
+    return ids
+
+
+def _mask(
+    tokens: torch.Tensor, ids: List[int], pad_id: int, mask_mode: str, block_mask: bool, **kwargs: Any
+) -> Union[torch.Tensor, BlockMask]:
+    build = make_gist_block_mask if block_mask else make_gist_mask
+    return build(tokens, ids, pad_id=pad_id, mode=mask_mode, **kwargs)
+
+
+def padded_gist_collate(
+    batch: Sequence[Mapping[str, Any]],
+    *,
+    gist_token_ids: Collection[int],
+    pad_id: int,
+    ignore_idx: int = CROSS_ENTROPY_IGNORE_IDX,
+    mask_mode: str = "gist",
+    block_mask: bool = False,
+) -> Dict[str, Union[torch.Tensor, BlockMask]]:
+    """Right-pad a batch of examples and build the gist mask (each row its own gist span, or none).
+
+    Args:
+        batch (Sequence[Mapping[str, Any]]): examples with ``tokens`` and ``labels`` (same lengths);
+            other keys are ignored.
+        gist_token_ids (Collection[int]): the gist ids.
+        pad_id (int): padding token id.
+        ignore_idx (int): label padding. Default -100.
+        mask_mode (str): ``"gist"``, ``"pos_control"`` or ``"neg_control"``.
+        block_mask (bool): return a FlexAttention ``BlockMask`` instead of a dense mask.
+
+    Returns:
+        Dict[str, Union[torch.Tensor, BlockMask]]: ``tokens [b, s]``, ``labels [b, s]``,
+        ``mask [b, s, s]`` (or ``BlockMask``), ``input_pos [b, s]`` (``0..s-1`` per row).
+
+    Raises:
+        ValueError: on an empty batch, bad settings, mismatched tokens/labels, or a broken gist span.
+    """
+    ids = _check_settings(gist_token_ids, pad_id, mask_mode)
+    if len(batch) == 0:
+        raise ValueError("cannot collate an empty batch")
+    for i, example in enumerate(batch):
+        n_tok, n_lab = len(example["tokens"]), len(example["labels"])
+        if n_tok == 0 or n_tok != n_lab:
+            raise ValueError(f"batch example {i}: tokens ({n_tok}) and labels ({n_lab}) must be non-empty and equal")
+    tokens = pad_sequence(
+        [torch.as_tensor(ex["tokens"], dtype=torch.long) for ex in batch], batch_first=True, padding_value=pad_id
+    )
+    labels = pad_sequence(
+        [torch.as_tensor(ex["labels"], dtype=torch.long) for ex in batch], batch_first=True, padding_value=ignore_idx
+    )
+    b, s = tokens.shape
+    return {
+        "tokens": tokens,
+        "labels": labels,
+        "mask": _mask(tokens, ids, pad_id, mask_mode, block_mask),
+        "input_pos": torch.arange(s).expand(b, s).clone(),
+    }
+
+
+def packed_gist_collate(
+    batch: Sequence[Mapping[str, Any]],
+    *,
+    gist_token_ids: Collection[int],
+    pad_id: int,
+    mask_mode: str = "gist",
+    block_mask: bool = False,
+) -> Dict[str, Union[torch.Tensor, BlockMask]]:
+    """Stack rows of :class:`~torchtune_gist.data.PackedGistDataset` and build the packed gist mask.
+
+    No attention crosses documents; each document has its own gist span (or none).
+
+    Args:
+        batch (Sequence[Mapping[str, Any]]): packed rows (``tokens``, ``labels``, ``input_pos``,
+            ``document_ids``, all of one length).
+        gist_token_ids (Collection[int]): the gist ids.
+        pad_id (int): padding token id.
+        mask_mode (str): ``"gist"``, ``"pos_control"`` or ``"neg_control"``.
+        block_mask (bool): return a FlexAttention ``BlockMask`` instead of a dense mask.
+
+    Returns:
+        Dict[str, Union[torch.Tensor, BlockMask]]: ``tokens``, ``labels``, ``input_pos`` ``[b, s]``
+        (positions restart at 0 per document) and ``mask`` ``[b, s, s]`` (or ``BlockMask``).
+
+    Raises:
+        ValueError: on an empty batch, bad settings, or rows of different lengths.
+    """
+    ids = _check_settings(gist_token_ids, pad_id, mask_mode)
+    if len(batch) == 0:
+        raise ValueError("cannot collate an empty batch")
+    lengths = {len(row["tokens"]) for row in batch}
+    if len(lengths) != 1:
+        raise ValueError(f"packed rows must all have the same length, got lengths {sorted(lengths)}")
+    out = {
+        key: torch.stack([torch.as_tensor(row[key], dtype=torch.long) for row in batch])
+        for key in ("tokens", "labels", "input_pos", "document_ids")
+    }
+    document_ids = out.pop("document_ids")
+    out["mask"] = _mask(out["tokens"], ids, pad_id, mask_mode, block_mask, document_ids=document_ids)
+    return out

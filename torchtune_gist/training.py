@@ -1,0 +1,474 @@
+"""Gist fine-tuning logic shared by the ``gist_lora_single_device`` and ``gist_lora_distributed`` recipes.
+
+The recipes differ only in how the model is built and sharded and how numbers are reduced across
+ranks; everything gist-specific lives here once: checking that model, tokenizer and data agree on
+the gist tokens, building gist batches (mask mode, padding or packing, ``BlockMask`` on CUDA),
+the masked forward and loss, the training loop with gradient accumulation, validation, and
+crash-safe checkpoints that resume exactly.
+
+Checkpoint layout (every file written to a temporary name, then renamed)::
+
+    <output_dir>/step_<N>/            (every ``save_every_n_steps`` steps, if set)
+    <output_dir>/epoch_<E>/           (end of every epoch)
+        gist_adapter.safetensors      gist rows + LoRA weights, with the gist metadata
+        recipe_state.safetensors      optimizer state, RNG state, step/epoch, data-loader position
+        hf_merged/                    merged Hugging Face export (end of epoch, ``save_merged_hf: True``)
+"""
+
+import json
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import torch
+from omegaconf import DictConfig, ListConfig
+from safetensors import safe_open
+from torch import nn
+from torch.optim import Optimizer
+from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
+from torchtune import config, training, utils
+from torchtune.config._utils import _get_component_from_path
+from torchtune.datasets import ConcatDataset
+from torchtune.recipe_interfaces import FTRecipeInterface
+from torchtune.utils._import_guard import _SUPPORTS_FLEX_ATTENTION
+from tqdm import tqdm
+
+from torchtune_gist._io import atomic_save_safetensors
+from torchtune_gist.checkpointing import export_merged_hf, gist_adapter_state_dict, save_gist_adapter
+from torchtune_gist.gist_tokens import gist_token_ids
+from torchtune_gist.masks import MASK_MODES
+from torchtune_gist.modules import get_gist_embedding, initial_gist_rows
+
+log = utils.get_logger("INFO")
+
+ADAPTER_FILE = "gist_adapter.safetensors"
+RECIPE_STATE_FILE = "recipe_state.safetensors"
+_TRAINABLE_KEY_PARTS = ("lora_a", "lora_b", "magnitude", "gist_embeddings")
+_MODEL_INPUTS = ("tokens", "mask", "input_pos")
+
+
+def check_gist_setup(model: nn.Module, tokenizer: Any, num_gist_tokens: int, mask_mode: str) -> List[int]:
+    """Check that model, tokenizer and configuration agree on the gist tokens; return the gist ids.
+
+    Raises:
+        ValueError: for an unknown mask mode, a model that is not gist-aware, or a model whose K or
+            gist ids differ from the configuration's and the tokenizer's.
+    """
+    if mask_mode not in MASK_MODES:
+        raise ValueError(f"mask_mode={mask_mode!r} is not one of {', '.join(MASK_MODES)}")
+    emb = get_gist_embedding(model)
+    ids = gist_token_ids(tokenizer, num_gist_tokens)
+    if emb.num_gist_tokens != num_gist_tokens:
+        raise ValueError(
+            f"the model has {emb.num_gist_tokens} gist tokens but num_gist_tokens={num_gist_tokens} in the "
+            "configuration: set model.num_gist_tokens and dataset.num_gist_tokens from one value"
+        )
+    if list(emb.gist_token_ids) != ids:
+        raise ValueError(f"the model's gist ids {list(emb.gist_token_ids)} differ from the tokenizer's {ids}")
+    return ids
+
+
+def check_base_keys(missing: List[str], unexpected: List[str]) -> None:
+    """Check a base-model load: only gist rows and LoRA weights may be missing, nothing unexpected.
+
+    Raises:
+        ValueError: naming the offending keys.
+    """
+    bad_missing = [k for k in missing if not any(part in k for part in _TRAINABLE_KEY_PARTS)]
+    if bad_missing or unexpected:
+        raise ValueError(
+            "the base checkpoint does not fit the model: "
+            f"missing base weights {bad_missing[:8]}{'...' if len(bad_missing) > 8 else ''}, "
+            f"unexpected keys {list(unexpected)[:8]}{'...' if len(unexpected) > 8 else ''}"
+        )
+
+
+def check_adapter_state(model: nn.Module, adapter_state_dict: Dict[str, torch.Tensor]) -> None:
+    """Check that gist rows / LoRA weights to load fit ``model`` (names and shapes).
+
+    Raises:
+        ValueError: naming the keys that the model lacks or whose shapes differ (for instance a
+            checkpoint trained with another K).
+    """
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    unknown = [k for k in adapter_state_dict if k not in shapes]
+    wrong = [f"{k}: checkpoint {tuple(v.shape)} vs model {shapes[k]}" for k, v in adapter_state_dict.items() if k in shapes and tuple(v.shape) != shapes[k]]
+    if unknown or wrong:
+        raise ValueError(f"the gist/LoRA checkpoint does not fit the model: unknown keys {unknown[:8]}, shape mismatches {wrong[:8]}")
+
+
+def model_inputs(batch: Dict[str, Any]) -> Dict[str, Any]:
+    """The keys of a gist batch that the model takes (``tokens``, ``mask``, ``input_pos``)."""
+    return {k: batch[k] for k in _MODEL_INPUTS if k in batch}
+
+
+def masked_loss(
+    model: nn.Module, batch: Dict[str, Any], loss_fn: nn.Module, ignore_index: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Forward a gist batch (mask and positions included) and return ``(sum of losses, tokens)``.
+
+    Labels are aligned with tokens and shifted here, torchtune's convention.
+    """
+    labels = batch["labels"]
+    labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], ignore_index)], dim=1)
+    num_tokens = (labels != ignore_index).sum()
+    logits = model(**model_inputs(batch))
+    if not isinstance(logits, list):
+        logits, labels = logits.reshape(-1, logits.size(-1)), labels.reshape(-1)
+    return loss_fn(logits, labels) * num_tokens, num_tokens
+
+
+def _flatten_optimizer_state(state: Dict[str, Any]) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    tensors, scalars = {}, {}
+    for fqn, entries in state["state"].items():
+        for name, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{fqn}.{name}"] = value
+            else:
+                scalars[f"{fqn}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer_state(tensors: Dict[str, torch.Tensor], meta: Dict[str, Any]) -> Dict[str, Any]:
+    state: Dict[str, Dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            fqn, name = key[len("optim.") :].rsplit(".", 1)
+            state.setdefault(fqn, {})[name] = value
+    for key, value in meta["scalars"].items():
+        fqn, name = key.rsplit(".", 1)
+        state.setdefault(fqn, {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_recipe_state(
+    path: Path, *, optimizer_state: Dict[str, Any], progress: Dict[str, Any], rng_state: torch.Tensor
+) -> None:
+    """Write optimizer state, RNG state and progress (JSON) to one safetensors file, atomically."""
+    tensors, optim_meta = _flatten_optimizer_state(optimizer_state)
+    tensors["rng_state"] = rng_state
+    metadata = {"format": "torchtune-gist-recipe-state", "progress": json.dumps(progress), "optim": json.dumps(optim_meta)}
+    atomic_save_safetensors(tensors, path, metadata=metadata)
+
+
+def load_recipe_state(path: Path) -> Tuple[Dict[str, Any], Dict[str, Any], torch.Tensor]:
+    """Read ``(optimizer_state, progress, rng_state)`` written by :func:`save_recipe_state`."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != "torchtune-gist-recipe-state":
+            raise ValueError(f"{path} is not a torchtune-gist recipe state file")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    rng = tensors.pop("rng_state")
+    return _unflatten_optimizer_state(tensors, json.loads(meta["optim"])), json.loads(meta["progress"]), rng
+
+
+def latest_checkpoint(output_dir: Path) -> Optional[Path]:
+    """The complete checkpoint directory under ``output_dir`` with the highest global step, if any."""
+    best: Tuple[int, Optional[Path]] = (-1, None)
+    for state_file in Path(output_dir).glob(f"*/{RECIPE_STATE_FILE}"):
+        if not (state_file.parent / ADAPTER_FILE).exists():
+            continue
+        with safe_open(str(state_file), framework="pt") as f:
+            step = json.loads((f.metadata() or {}).get("progress", "{}")).get("global_step", -1)
+        if step > best[0]:
+            best = (step, state_file.parent)
+    return best[1]
+
+
+class GistFinetuneRecipeBase(FTRecipeInterface):
+    """Training loop, data, checkpoints and logging shared by the gist LoRA recipes.
+
+    Subclasses build the model (:meth:`_setup_model`) and say how to reduce numbers across ranks and
+    gather optimizer and model state (:meth:`_all_reduce`, :meth:`_full_state_dict`,
+    :meth:`_optimizer_state_dict`, :meth:`_load_optimizer_state_dict`).
+
+    Gist settings (top-level config keys): ``num_gist_tokens`` (K; interpolate it into
+    ``model.num_gist_tokens`` and ``dataset.num_gist_tokens``), ``mask_mode`` (``gist`` /
+    ``pos_control`` / ``neg_control``), ``train_lora`` (False: gist rows alone).
+    """
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self._device = utils.get_device(device=cfg.device)
+        self._dtype = training.get_dtype(cfg.dtype, device=self._device)
+        if self._dtype == torch.float16:
+            raise ValueError("fp16 training is not supported: use bf16 or fp32")
+        self.world_size, self.rank = utils.get_world_size_and_rank()
+        self._is_rank_zero = self.rank == 0
+        self._output_dir = Path(cfg.output_dir)
+        self._num_gist_tokens = int(cfg.num_gist_tokens)
+        self._mask_mode = str(cfg.get("mask_mode", "gist"))
+        if self._mask_mode not in MASK_MODES:
+            raise ValueError(f"mask_mode={self._mask_mode!r} is not one of {', '.join(MASK_MODES)}")
+        self._train_lora = bool(cfg.get("train_lora", True))
+        self._log_every_n_steps = int(cfg.get("log_every_n_steps", 1))
+        self._log_peak_memory_stats = bool(cfg.get("log_peak_memory_stats", False)) and self._device.type == "cuda"
+        self.seed = training.set_seed(seed=cfg.seed)
+        self.total_epochs = int(cfg.epochs)
+        self.max_steps_per_epoch = cfg.get("max_steps_per_epoch", None)
+        self._gradient_accumulation_steps = int(cfg.gradient_accumulation_steps)
+        self._clip_grad_norm = cfg.get("clip_grad_norm", None)
+        self._save_every_n_steps = cfg.get("save_every_n_steps", None)
+        self._save_merged_hf = bool(cfg.get("save_merged_hf", False))
+        self._run_val_every_n_steps = cfg.get("run_val_every_n_steps", None)
+        self._resume_from_checkpoint = cfg.get("resume_from_checkpoint", False)
+        self._enable_activation_checkpointing = bool(cfg.get("enable_activation_checkpointing", False))
+        self._compile = bool(cfg.get("compile", False))
+        self._base_model_name = str(cfg.get("base_model_name", cfg.model._component_))
+        self.epochs_run = 0
+        self.global_step = 0
+        self._batches_into_epoch = 0
+        self.loss_history: List[Tuple[int, float]] = []
+
+    # Hooks for the recipes.
+    def _setup_model(
+        self, cfg_model: DictConfig, base_state_dict: Dict[str, torch.Tensor], adapter_state_dict: Dict[str, torch.Tensor]
+    ) -> nn.Module:
+        """Build the model, load base weights and the gist/LoRA state, set what trains."""
+        raise NotImplementedError
+
+    def _all_reduce(self, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+    def _full_state_dict(self) -> Optional[Dict[str, torch.Tensor]]:
+        """The full model state dict for the merged export; ``None``: read it from the model."""
+        return None
+
+    def _optimizer_state_dict(self) -> Dict[str, Any]:
+        names = {id(p): n for n, p in self._model.named_parameters()}
+        sd = self._optimizer.state_dict()
+        params = [p for g in self._optimizer.param_groups for p in g["params"]]
+        state = {names[id(params[i])]: {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in s.items()} for i, s in sd["state"].items()}
+        groups = [{**g, "params": [names[id(params[i])] for i in g["params"]]} for g in sd["param_groups"]]
+        return {"state": state, "param_groups": groups}
+
+    def _load_optimizer_state_dict(self, full_sd: Dict[str, Any]) -> None:
+        params = [p for g in self._optimizer.param_groups for p in g["params"]]
+        index = {n: i for i, n in enumerate(n for p in params for n, q in self._model.named_parameters() if q is p)}
+        state = {index[n]: {k: v.to(self._device) if isinstance(v, torch.Tensor) else v for k, v in s.items()} for n, s in full_sd["state"].items()}
+        groups = [{**g, "params": [index[n] for n in g["params"]]} for g in full_sd["param_groups"]]
+        self._optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+    def _log_info(self, message: str) -> None:
+        utils.log_rank_zero(log, message)
+
+    # Setup.
+    def setup(self, cfg: DictConfig) -> None:
+        """Build the tokenizer, model, optimizer, loss, data, scheduler; restore state when resuming."""
+        if self._is_rank_zero:
+            self._metric_logger = config.instantiate(cfg.metric_logger)
+            self._metric_logger.log_config(cfg)
+        self._tokenizer = config.instantiate(cfg.tokenizer)
+
+        resume = self._find_resume_checkpoint()
+        adapter_sd: Dict[str, torch.Tensor] = {}
+        if resume is not None:
+            from safetensors.torch import load_file
+
+            adapter_sd = load_file(str(resume / ADAPTER_FILE))
+            self._log_info(f"Resuming from {resume}")
+        base_sd = self._load_base_state_dict(cfg.checkpointer)
+        if not adapter_sd:
+            if "tok_embeddings.weight" not in base_sd:
+                raise ValueError("the base checkpoint has no 'tok_embeddings.weight': cannot initialise the gist rows")
+            rows = initial_gist_rows(base_sd["tok_embeddings.weight"], self._num_gist_tokens)
+            adapter_sd = {"tok_embeddings.gist_embeddings": rows}
+        self._model = self._setup_model(cfg.model, base_sd, adapter_sd)
+        del base_sd
+        self._gist_ids = check_gist_setup(self._model, self._tokenizer, self._num_gist_tokens, self._mask_mode)
+
+        self._optimizer = config.instantiate(cfg.optimizer, [p for p in self._model.parameters() if p.requires_grad])
+        self._loss_fn = config.instantiate(cfg.loss)
+        if self._compile:
+            training.compile_loss(self._loss_fn, verbose=self._is_rank_zero)
+        if self._loss_fn.__class__.__name__ == "CEWithChunkedOutputLoss":
+            self._model.set_num_output_chunks(self._loss_fn.num_output_chunks)
+
+        self._dataloader = self._setup_data(cfg.dataset, cfg.batch_size, shuffle=cfg.shuffle, collate=cfg.get("collate_fn"))
+        self._val_dataloader = (
+            self._setup_data(cfg.validation_dataset, cfg.batch_size, shuffle=False, collate=cfg.get("collate_fn"))
+            if cfg.get("validation_dataset") is not None
+            else None
+        )
+        self._steps_per_epoch = len(self._dataloader) // self._gradient_accumulation_steps
+        if self.max_steps_per_epoch is not None:
+            self._steps_per_epoch = min(self._steps_per_epoch, int(self.max_steps_per_epoch))
+        if self._steps_per_epoch < 1:
+            raise ValueError(
+                f"the dataset gives {len(self._dataloader)} batches per rank, fewer than gradient_accumulation_steps="
+                f"{self._gradient_accumulation_steps}: use more data or a smaller batch"
+            )
+        if resume is not None:
+            self._restore(resume)
+        self._lr_scheduler = config.instantiate(
+            cfg.lr_scheduler,
+            self._optimizer,
+            num_training_steps=self.total_epochs * self._steps_per_epoch,
+            last_epoch=self.global_step - 1,
+        )
+        self._ignore_index = self._loss_fn.ignore_index
+
+    def _find_resume_checkpoint(self) -> Optional[Path]:
+        setting = self._resume_from_checkpoint
+        if not setting:
+            return None
+        path = latest_checkpoint(self._output_dir) if setting is True or str(setting).lower() == "true" else Path(setting)
+        if path is None:
+            raise ValueError(f"resume_from_checkpoint is set but {self._output_dir} holds no complete checkpoint")
+        for name in (ADAPTER_FILE, RECIPE_STATE_FILE):
+            if not (path / name).exists():
+                raise ValueError(f"cannot resume from {path}: {name} is missing")
+        return path
+
+    def _load_base_state_dict(self, cfg_checkpointer: DictConfig) -> Dict[str, torch.Tensor]:
+        checkpointer = config.instantiate(cfg_checkpointer, should_load_recipe_state=False)
+        return checkpointer.load_checkpoint()[training.MODEL_KEY]
+
+    def _setup_data(self, cfg_dataset: Any, batch_size: int, *, shuffle: bool, collate: Optional[str]) -> StatefulDataLoader:
+        if isinstance(cfg_dataset, ListConfig):
+            ds = ConcatDataset([config.instantiate(c, self._tokenizer) for c in cfg_dataset])
+        else:
+            ds = config.instantiate(cfg_dataset, self._tokenizer)
+        collate_fn = _get_component_from_path(collate or "torchtune_gist.data.padded_gist_collate")
+        sampler = StatefulDistributedSampler(ds, num_replicas=self.world_size, rank=self.rank, shuffle=shuffle, seed=self.seed)
+        return StatefulDataLoader(
+            dataset=ds,
+            batch_size=batch_size,
+            sampler=sampler,
+            collate_fn=partial(
+                collate_fn,
+                gist_token_ids=self._gist_ids,
+                pad_id=self._tokenizer.pad_id,
+                ignore_idx=self._loss_fn.ignore_index,
+                mask_mode=self._mask_mode,
+                block_mask=self._device.type == "cuda" and _SUPPORTS_FLEX_ATTENTION,
+            ),
+            drop_last=True,
+        )
+
+    def _restore(self, path: Path) -> None:
+        optim_sd, progress, rng = load_recipe_state(path / RECIPE_STATE_FILE)
+        if progress["num_gist_tokens"] != self._num_gist_tokens:
+            raise ValueError(f"{path} was trained with K={progress['num_gist_tokens']}, the config says {self._num_gist_tokens}")
+        self._load_optimizer_state_dict(optim_sd)
+        torch.set_rng_state(rng)
+        self.epochs_run, self.global_step = progress["epochs_run"], progress["global_step"]
+        self._batches_into_epoch = progress["batches_into_epoch"]
+        self.loss_history = [tuple(x) for x in progress.get("loss_history", [])]
+        if progress.get("dataloader") is not None:
+            self._dataloader.load_state_dict(progress["dataloader"])
+
+    # Training.
+    def _batches(self, epoch: int) -> Iterator[Tuple[int, Dict[str, Any]]]:
+        self._dataloader.sampler.set_epoch(epoch)
+        start = self._batches_into_epoch
+        for idx, batch in enumerate(self._dataloader, start=start):
+            if idx // self._gradient_accumulation_steps >= self._steps_per_epoch:
+                return
+            utils.batch_to_device(batch, self._device)
+            yield idx, batch
+
+    def train(self) -> None:
+        """Train for the configured epochs, checkpointing as configured."""
+        if self._device.type == "cuda":
+            training.cleanup_before_training()
+        self._optimizer.zero_grad(set_to_none=True)
+        running_loss, num_tokens = torch.zeros((), device=self._device), torch.zeros((), device=self._device, dtype=torch.long)
+        t0 = time.perf_counter()
+        for epoch in range(self.epochs_run, self.total_epochs):
+            pbar = tqdm(
+                total=self._steps_per_epoch,
+                initial=self._batches_into_epoch // self._gradient_accumulation_steps,
+                disable=not self._is_rank_zero,
+                desc=f"epoch {epoch + 1}/{self.total_epochs}",
+            )
+            for idx, batch in self._batches(epoch):
+                loss_sum, n = masked_loss(self._model, batch, self._loss_fn, self._ignore_index)
+                loss_sum.backward()
+                running_loss += loss_sum.detach()
+                num_tokens += n
+                self._batches_into_epoch = idx + 1
+                if self._batches_into_epoch % self._gradient_accumulation_steps:
+                    continue
+                total_tokens = self._all_reduce(num_tokens.clone())
+                total_loss = self._all_reduce(running_loss.clone())
+                training.scale_grads(self._model, self.world_size / total_tokens.clamp(min=1))
+                if self._clip_grad_norm is not None:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(self._model.parameters(), max_norm=float(self._clip_grad_norm))
+                self._optimizer.step()
+                self._optimizer.zero_grad(set_to_none=True)
+                self._lr_scheduler.step()
+                self.global_step += 1
+                loss = (total_loss / total_tokens.clamp(min=1)).item()
+                self.loss_history.append((self.global_step, loss))
+                pbar.update(1)
+                pbar.set_postfix(loss=f"{loss:.4f}")
+                if self.global_step % self._log_every_n_steps == 0 and self._is_rank_zero:
+                    elapsed = time.perf_counter() - t0
+                    metrics = {
+                        "loss": loss,
+                        "lr": training.get_lr(self._optimizer),
+                        "tokens_per_second_per_gpu": float(total_tokens) / (elapsed * self.world_size),
+                    }
+                    if self._clip_grad_norm is not None:
+                        metrics["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+                    if self._log_peak_memory_stats:
+                        metrics.update(training.get_memory_stats(device=self._device))
+                    self._metric_logger.log_dict(metrics, step=self.global_step)
+                running_loss.zero_()
+                num_tokens.zero_()
+                t0 = time.perf_counter()
+                if self._run_val_every_n_steps and self.global_step % int(self._run_val_every_n_steps) == 0:
+                    self.validate()
+                if self._save_every_n_steps and self.global_step % int(self._save_every_n_steps) == 0:
+                    self.save_checkpoint(f"step_{self.global_step}", end_of_epoch=False)
+            pbar.close()
+            self.epochs_run = epoch + 1
+            self._batches_into_epoch = 0
+            self.save_checkpoint(f"epoch_{epoch}", end_of_epoch=True)
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        """Mean validation loss per supervised token over the validation split."""
+        if self._val_dataloader is None:
+            raise ValueError("run_val_every_n_steps is set but no validation_dataset is configured")
+        self._model.eval()
+        total, tokens = torch.zeros((), device=self._device), torch.zeros((), device=self._device, dtype=torch.long)
+        for batch in self._val_dataloader:
+            utils.batch_to_device(batch, self._device)
+            loss_sum, n = masked_loss(self._model, batch, self._loss_fn, self._ignore_index)
+            total += loss_sum
+            tokens += n
+        self._model.train()
+        val_loss = (self._all_reduce(total) / self._all_reduce(tokens).clamp(min=1)).item()
+        if self._is_rank_zero:
+            self._metric_logger.log_dict({"val_loss": val_loss}, step=self.global_step)
+        return val_loss
+
+    def save_checkpoint(self, name: str, *, end_of_epoch: bool) -> None:
+        """Write the gist adapter and the recipe state (and the merged export at epoch ends)."""
+        adapter = gist_adapter_state_dict(self._model)
+        optim_sd = self._optimizer_state_dict()
+        full_sd = self._full_state_dict() if end_of_epoch and self._save_merged_hf else None
+        if not self._is_rank_zero:
+            return
+        directory = self._output_dir / name
+        save_gist_adapter(self._model, directory, base_model=self._base_model_name, state_dict=adapter)
+        progress = {
+            "epochs_run": self.epochs_run,
+            "global_step": self.global_step,
+            "batches_into_epoch": self._batches_into_epoch,
+            "num_gist_tokens": self._num_gist_tokens,
+            "seed": self.seed,
+            "loss_history": self.loss_history,
+            "dataloader": None if end_of_epoch else self._dataloader.state_dict(),
+        }
+        save_recipe_state(directory / RECIPE_STATE_FILE, optimizer_state=optim_sd, progress=progress, rng_state=torch.get_rng_state())
+        if end_of_epoch and self._save_merged_hf:
+            export_merged_hf(self._model, directory / "hf_merged", state_dict=full_sd, base_model=self._base_model_name)
+        self._log_info(f"Saved checkpoint to {directory}")
+
+    def cleanup(self) -> None:
+        if self._is_rank_zero:
+            self._metric_logger.close()

@@ -1,0 +1,225 @@
+"""The gist adapter file (save, metadata, load, mismatches) and the merged Hugging Face export."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch.distributed.fsdp import fully_shard
+from torchtune.models.llama3 import llama3
+from torchtune.models.llama3_1 import llama3_1
+from torchtune.models.llama3_2 import llama3_2
+
+from torchtune_gist.checkpointing import (
+    ADAPTER_FILE,
+    export_merged_hf,
+    gist_adapter_state_dict,
+    load_gist_adapter,
+    load_merged_hf,
+    read_gist_adapter_metadata,
+    save_gist_adapter,
+)
+from torchtune_gist.masks import make_gist_mask
+from torchtune_gist.models import (
+    TINY_QLORA_LLAMA3_1_ARGS,
+    add_gist_embedding,
+    gist_llama3_1_tiny,
+    gist_llama3_2,
+    lora_gist_llama3_1_tiny,
+    qlora_gist_llama3_1_tiny,
+)
+from torchtune_gist.modules import init_gist_embeddings
+from torchtune_gist.tiny import TINY_LLAMA3_1_ARGS
+
+GIST_IDS = [510, 511]
+LORA_MODULES = ["q_proj", "k_proj", "v_proj"]
+
+
+def _perturb(model: torch.nn.Module) -> torch.nn.Module:
+    """Make the adapter weights non-trivial (LoRA B starts at zero, gist rows at the mean)."""
+    for m in model.modules():
+        if hasattr(m, "initialize_dora_magnitude"):
+            m.initialize_dora_magnitude()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_b" in name or "gist_embeddings" in name or "magnitude" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def _tokens(gist_ids=GIST_IDS) -> torch.Tensor:
+    tokens = torch.randint(0, 256, (2, 14))
+    tokens[0, 5:7] = torch.tensor(gist_ids)
+    tokens[1, 3:5] = torch.tensor(gist_ids)
+    return tokens
+
+
+def _logits(model: torch.nn.Module, tokens: torch.Tensor, gist_ids=GIST_IDS) -> torch.Tensor:
+    with torch.no_grad():
+        return model(tokens, mask=make_gist_mask(tokens, gist_ids))
+
+
+def _lora_model(**kwargs) -> torch.nn.Module:
+    return _perturb(lora_gist_llama3_1_tiny(LORA_MODULES, num_gist_tokens=2, **kwargs))
+
+
+def test_adapter_round_trip(tmp_path: Path):
+    model = _lora_model(apply_lora_to_mlp=True)
+    path = save_gist_adapter(model, tmp_path, base_model="tiny", extra_metadata={"step": 3, "note": "x"})
+    assert path == tmp_path / ADAPTER_FILE
+    stored = load_file(str(path))
+    assert set(stored) == set(gist_adapter_state_dict(model))
+    assert "tok_embeddings.gist_embeddings" in stored and "layers.0.mlp.w1.lora_a.weight" in stored
+    assert not any(k.endswith(".attn.q_proj.weight") or k == "tok_embeddings.weight" for k in stored)
+
+    meta = read_gist_adapter_metadata(tmp_path)
+    assert meta["format"] == "torchtune-gist" and meta["base_model"] == "tiny"
+    assert meta["num_gist_tokens"] == 2 and meta["gist_token_ids"] == GIST_IDS and meta["vocab_size"] == 512
+    assert meta["lora_rank"] == 8 and meta["lora_alpha"] == 16 and meta["lora_attn_modules"] == LORA_MODULES
+    assert meta["apply_lora_to_mlp"] and not meta["apply_lora_to_output"] and not meta["use_dora"]
+    assert meta["step"] == 3 and meta["note"] == "x"
+
+    fresh = lora_gist_llama3_1_tiny(LORA_MODULES, num_gist_tokens=2, apply_lora_to_mlp=True).eval()
+    fresh.load_state_dict({k: v for k, v in model.state_dict().items() if k not in stored}, strict=False)
+    tokens = _tokens()
+    assert not torch.allclose(_logits(fresh, tokens), _logits(model, tokens))
+    load_gist_adapter(fresh, path)
+    assert torch.equal(_logits(fresh, tokens), _logits(model, tokens))
+
+
+def test_gist_rows_only_adapter(tmp_path: Path):
+    model = _perturb(gist_llama3_1_tiny(num_gist_tokens=2))
+    save_gist_adapter(model, tmp_path, base_model="tiny")
+    assert set(load_file(str(tmp_path / ADAPTER_FILE))) == {"tok_embeddings.gist_embeddings"}
+    assert "lora_rank" not in read_gist_adapter_metadata(tmp_path)
+    fresh = gist_llama3_1_tiny(num_gist_tokens=2)
+    load_gist_adapter(fresh, tmp_path)
+    assert torch.equal(fresh.tok_embeddings.gist_embeddings, model.tok_embeddings.gist_embeddings)
+
+
+def test_mismatched_k_or_ids_are_rejected(tmp_path: Path):
+    save_gist_adapter(_lora_model(), tmp_path, base_model="tiny")
+    with pytest.raises(ValueError, match="num_gist_tokens=2.*num_gist_tokens=3"):
+        load_gist_adapter(lora_gist_llama3_1_tiny(LORA_MODULES, num_gist_tokens=3), tmp_path)
+    other_ids = lora_gist_llama3_1_tiny(LORA_MODULES, num_gist_tokens=2, gist_token_ids=[300, 301])
+    with pytest.raises(ValueError, match=r"\[300, 301\]"):
+        load_gist_adapter(other_ids, tmp_path)
+
+
+def test_lora_layout_mismatches_are_rejected(tmp_path: Path):
+    save_gist_adapter(_lora_model(), tmp_path, base_model="tiny")
+    more_lora = lora_gist_llama3_1_tiny(LORA_MODULES, num_gist_tokens=2, apply_lora_to_output=True)
+    with pytest.raises(ValueError, match="missing keys.*output.lora_a"):
+        load_gist_adapter(more_lora, tmp_path)
+    no_lora = gist_llama3_1_tiny(num_gist_tokens=2)
+    with pytest.raises(ValueError, match="unexpected keys.*lora"):
+        load_gist_adapter(no_lora, tmp_path)
+    load_gist_adapter(no_lora, tmp_path, strict=False)
+    saved = load_file(str(tmp_path / ADAPTER_FILE))["tok_embeddings.gist_embeddings"]
+    assert torch.equal(no_lora.tok_embeddings.gist_embeddings, saved)
+    other_alpha = lora_gist_llama3_1_tiny(LORA_MODULES, num_gist_tokens=2, lora_alpha=32)
+    with pytest.raises(ValueError, match="lora_alpha"):
+        load_gist_adapter(other_alpha, tmp_path)
+
+
+def test_foreign_files_are_rejected(tmp_path: Path):
+    save_file({"x": torch.zeros(1)}, str(tmp_path / ADAPTER_FILE), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="not a torchtune-gist adapter"):
+        load_gist_adapter(gist_llama3_1_tiny(num_gist_tokens=2), tmp_path)
+    with pytest.raises(FileNotFoundError):
+        read_gist_adapter_metadata(tmp_path / "missing")
+    with pytest.raises(ValueError, match="reserved"):
+        save_gist_adapter(gist_llama3_1_tiny(), tmp_path, base_model="x", extra_metadata={"num_gist_tokens": 5})
+    with pytest.raises(ValueError, match="no gist rows"):
+        save_gist_adapter(gist_llama3_1_tiny(), tmp_path, base_model="x", state_dict={"x": torch.zeros(1)})
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"apply_lora_to_mlp": True, "apply_lora_to_output": True}, {"use_dora": True}],
+    ids=["lora", "lora_mlp_output", "dora"],
+)
+def test_merged_export_matches_the_gist_model(tmp_path: Path, kwargs):
+    model = _lora_model(**kwargs)
+    export_merged_hf(model, tmp_path, num_heads=4, num_kv_heads=2, dim=64, extra_config={"eos_token_id": 1})
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert (config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"]) == (64, 4, 2)
+    assert (config["num_hidden_layers"], config["intermediate_size"], config["vocab_size"]) == (2, 128, 512)
+    assert config["rope_theta"] == 500_000 and config["rms_norm_eps"] == 1e-5 and config["eos_token_id"] == 1
+    assert config["rope_scaling"]["rope_type"] == "llama3" and config["rope_scaling"]["factor"] == 8
+    assert config["max_position_embeddings"] == 2048 and config["tie_word_embeddings"] is False
+    assert json.loads((tmp_path / "gist_config.json").read_text())["gist_token_ids"] == GIST_IDS
+    hf = load_file(str(tmp_path / "model.safetensors"))
+    assert "model.embed_tokens.weight" in hf and not any("lora" in k or "magnitude" in k for k in hf)
+
+    plain = llama3_1(**TINY_LLAMA3_1_ARGS).eval()
+    plain.load_state_dict(load_merged_hf(tmp_path), strict=True)
+    tokens = _tokens()
+    torch.testing.assert_close(_logits(plain, tokens), _logits(model, tokens), atol=1e-5, rtol=1e-5)
+
+
+def test_merged_export_of_a_qlora_model(tmp_path: Path):
+    model = _perturb(qlora_gist_llama3_1_tiny(LORA_MODULES, num_gist_tokens=2))
+    export_merged_hf(model, tmp_path)
+    plain = llama3_1(**TINY_QLORA_LLAMA3_1_ARGS).eval()
+    plain.load_state_dict(load_merged_hf(tmp_path), strict=True)
+    tokens = _tokens()
+    torch.testing.assert_close(_logits(plain, tokens), _logits(model, tokens), atol=1e-5, rtol=1e-5)
+
+
+def test_merged_export_unties_a_tied_model(tmp_path: Path):
+    args = {**TINY_LLAMA3_1_ARGS, "scale_factor": 32}
+    model = _perturb(gist_llama3_2(**args, num_gist_tokens=2))
+    export_merged_hf(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False and config["rope_scaling"]["factor"] == 32
+    plain = llama3_2(**args, tie_word_embeddings=False).eval()
+    plain.load_state_dict(load_merged_hf(tmp_path), strict=True)
+    tokens = _tokens()
+    torch.testing.assert_close(_logits(plain, tokens), _logits(model, tokens), atol=1e-5, rtol=1e-5)
+
+
+def test_merged_export_with_gist_ids_beyond_the_vocabulary(tmp_path: Path):
+    args = {k: v for k, v in TINY_LLAMA3_1_ARGS.items()}
+    model = _perturb(add_gist_embedding(llama3(**args), 2, [512, 513]))
+    export_merged_hf(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["vocab_size"] == 514 and config["rope_scaling"] is None
+    gist_config = json.loads((tmp_path / "gist_config.json").read_text())
+    assert gist_config["base_vocab_size"] == 512 and gist_config["vocab_size"] == 514
+    plain = llama3(**{**args, "vocab_size": 514}).eval()
+    plain.load_state_dict(load_merged_hf(tmp_path), strict=True)
+    tokens = _tokens([512, 513])
+    merged, ours = _logits(plain, tokens, [512, 513]), _logits(model, tokens, [512, 513])
+    torch.testing.assert_close(merged[..., :512], ours, atol=1e-5, rtol=1e-5)
+    assert torch.equal(merged[..., 512:], torch.zeros_like(merged[..., 512:]))
+
+
+def test_export_checks_given_shapes(tmp_path: Path):
+    with pytest.raises(ValueError, match="num_heads=32"):
+        export_merged_hf(gist_llama3_1_tiny(), tmp_path, num_heads=32)
+
+
+def test_fsdp2_sharded_init_save_and_load(tmp_path: Path):
+    """Gist rows under FSDP2 (one CPU process, gloo): init from the sharded vocabulary, load, gather."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = _lora_model()
+        save_gist_adapter(model, tmp_path / "trained", base_model="tiny")
+        reference = gist_adapter_state_dict(model)
+        mean = model.tok_embeddings.weight.mean(0)
+        for layer in model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        init_gist_embeddings(model)
+        torch.testing.assert_close(model.tok_embeddings.gist_embeddings.full_tensor()[1], mean)
+        load_gist_adapter(model, tmp_path / "trained")
+        gathered = gist_adapter_state_dict(model)
+        assert set(gathered) == set(reference)
+        assert all(torch.equal(gathered[k], reference[k]) for k in reference)
+        resaved = load_file(str(save_gist_adapter(model, tmp_path / "resaved", base_model="tiny", state_dict=gathered)))
+        assert all(torch.equal(resaved[k], reference[k]) for k in reference)
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,51 @@
+"""Gist-aware model builders (torchtune naming)."""
+
+from torchtune_gist.models._component_builders import (
+    add_gist_embedding,
+    gist_llama3_1,
+    gist_llama3_2,
+    lora_gist_llama3_1,
+    lora_gist_llama3_2,
+)
+from torchtune_gist.models._model_builders import (
+    TINY_QLORA_LLAMA3_1_ARGS,
+    gist_llama3_1_70b,
+    gist_llama3_1_8b,
+    gist_llama3_1_tiny,
+    gist_llama3_2_1b,
+    gist_llama3_2_3b,
+    lora_gist_llama3_1_70b,
+    lora_gist_llama3_1_8b,
+    lora_gist_llama3_1_tiny,
+    lora_gist_llama3_2_1b,
+    lora_gist_llama3_2_3b,
+    qlora_gist_llama3_1_70b,
+    qlora_gist_llama3_1_8b,
+    qlora_gist_llama3_1_tiny,
+    qlora_gist_llama3_2_1b,
+    qlora_gist_llama3_2_3b,
+)
+
+__all__ = [
+    "TINY_QLORA_LLAMA3_1_ARGS",
+    "add_gist_embedding",
+    "gist_llama3_1",
+    "gist_llama3_1_70b",
+    "gist_llama3_1_8b",
+    "gist_llama3_1_tiny",
+    "gist_llama3_2",
+    "gist_llama3_2_1b",
+    "gist_llama3_2_3b",
+    "lora_gist_llama3_1",
+    "lora_gist_llama3_1_70b",
+    "lora_gist_llama3_1_8b",
+    "lora_gist_llama3_1_tiny",
+    "lora_gist_llama3_2",
+    "lora_gist_llama3_2_1b",
+    "lora_gist_llama3_2_3b",
+    "qlora_gist_llama3_1_70b",
+    "qlora_gist_llama3_1_8b",
+    "qlora_gist_llama3_1_tiny",
+    "qlora_gist_llama3_2_1b",
+    "qlora_gist_llama3_2_3b",
+]

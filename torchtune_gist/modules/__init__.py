@@ -1,0 +1,21 @@
+"""Gist-specific modules."""
+
+from torchtune_gist.modules.gist_embedding import (
+    GIST_PARAM_NAME,
+    GistEmbedding,
+    get_gist_embedding,
+    init_gist_embeddings,
+    initial_gist_rows,
+    set_trainable_params,
+    trainable_gist_params,
+)
+
+__all__ = [
+    "GIST_PARAM_NAME",
+    "GistEmbedding",
+    "get_gist_embedding",
+    "init_gist_embeddings",
+    "initial_gist_rows",
+    "set_trainable_params",
+    "trainable_gist_params",
+]

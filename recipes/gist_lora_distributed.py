@@ -43,8 +43,7 @@ class GistLoRAFinetuneRecipeDistributed(GistFinetuneRecipeBase):
         self, cfg_model: DictConfig, base_state_dict: Dict[str, torch.Tensor], adapter_state_dict: Dict[str, torch.Tensor]
     ) -> nn.Module:
         start = time.perf_counter()
-        with training.set_default_dtype(self._dtype), torch.device("meta"):
-            model = config.instantiate(cfg_model)
+        model = self._build_model(cfg_model, torch.device("meta"))
         check_adapter_state(model, adapter_state_dict)
         set_trainable_params(model, train_lora=self._train_lora)
         if self._compile:

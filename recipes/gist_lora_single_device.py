@@ -33,8 +33,7 @@ class GistLoRAFinetuneRecipeSingleDevice(GistFinetuneRecipeBase):
     def _setup_model(
         self, cfg_model: DictConfig, base_state_dict: Dict[str, torch.Tensor], adapter_state_dict: Dict[str, torch.Tensor]
     ) -> nn.Module:
-        with training.set_default_dtype(self._dtype), self._device:
-            model = config.instantiate(cfg_model)
+        model = self._build_model(cfg_model, self._device)
         missing, unexpected = model.load_state_dict(base_state_dict, strict=False)
         check_base_keys(missing, unexpected)
         check_adapter_state(model, adapter_state_dict)

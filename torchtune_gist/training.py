@@ -89,9 +89,11 @@ def check_adapter_state(model: nn.Module, adapter_state_dict: Dict[str, torch.Te
     """Check that gist rows / LoRA weights to load fit ``model`` (names and shapes).
 
     Raises:
+        TypeError: if the model is not gist-aware.
         ValueError: naming the keys that the model lacks or whose shapes differ (for instance a
             checkpoint trained with another K).
     """
+    get_gist_embedding(model)
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     unknown = [k for k in adapter_state_dict if k not in shapes]
     wrong = [f"{k}: checkpoint {tuple(v.shape)} vs model {shapes[k]}" for k, v in adapter_state_dict.items() if k in shapes and tuple(v.shape) != shapes[k]]
@@ -228,6 +230,13 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
         """Build the model, load base weights and the gist/LoRA state, set what trains."""
         raise NotImplementedError
 
+    def _build_model(self, cfg_model: DictConfig, device: torch.device) -> nn.Module:
+        """Instantiate the model on ``device`` and check it against the tokenizer and the gist settings."""
+        with training.set_default_dtype(self._dtype), device:
+            model = config.instantiate(cfg_model)
+        self._gist_ids = check_gist_setup(model, self._tokenizer, self._num_gist_tokens, self._mask_mode)
+        return model
+
     def _all_reduce(self, value: torch.Tensor) -> torch.Tensor:
         return value
 
@@ -276,7 +285,6 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
             adapter_sd = {"tok_embeddings.gist_embeddings": rows}
         self._model = self._setup_model(cfg.model, base_sd, adapter_sd)
         del base_sd
-        self._gist_ids = check_gist_setup(self._model, self._tokenizer, self._num_gist_tokens, self._mask_mode)
 
         self._optimizer = config.instantiate(cfg.optimizer, [p for p in self._model.parameters() if p.requires_grad])
         self._loss_fn = config.instantiate(cfg.loss)

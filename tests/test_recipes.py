@@ -1,0 +1,159 @@
+"""The gist recipes: by name through ``tune run``, loss goes down, resume is exact, the mask reaches the model."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Dict, List
+
+import pytest
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from torchtune_gist.checkpointing import load_gist_adapter, load_merged_hf, read_gist_adapter_metadata
+from torchtune_gist.masks import make_gist_mask
+from torchtune_gist.models import lora_gist_llama3_1_tiny
+from torchtune_gist.tiny import write_tiny_base_checkpoint, write_tiny_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "recipes"))
+
+from gist_lora_single_device import GistLoRAFinetuneRecipeSingleDevice  # noqa: E402
+
+SINGLE = REPO / "configs/tiny/gist_lora_single_device.yaml"
+DISTRIBUTED = REPO / "configs/tiny/gist_lora_distributed.yaml"
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("assets")
+    write_tiny_tokenizer(directory)
+    write_tiny_base_checkpoint(directory)
+    return directory
+
+
+def overrides(assets: Path, output_dir: Path, **extra: Any) -> List[str]:
+    base = {"assets_dir": str(assets), "output_dir": str(output_dir), "dataset.num_samples": 64}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def load_cfg(path: Path, args: List[str]) -> DictConfig:
+    return OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(args))
+
+
+def run_in_process(cfg: DictConfig, hook=None) -> GistLoRAFinetuneRecipeSingleDevice:
+    recipe = GistLoRAFinetuneRecipeSingleDevice(cfg)
+    recipe.setup(cfg)
+    if hook is not None:
+        recipe._model.register_forward_pre_hook(hook, with_kwargs=True)
+    recipe.train()
+    recipe.cleanup()
+    return recipe
+
+
+def plain_tiny_lora(num_gist_tokens: int, **kwargs: Any) -> torch.nn.Module:
+    """A tiny LoRA Llama 3.1 without gist embeddings (for the error test)."""
+    from torchtune.models.llama3_1 import lora_llama3_1
+
+    from torchtune_gist.tiny import TINY_LLAMA3_1_ARGS
+
+    return lora_llama3_1(**TINY_LLAMA3_1_ARGS, **kwargs)
+
+
+def tune_run(args: List[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([str(Path(sys.executable).parent / "tune"), "run", *args], cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def assert_checkpoint_loads(directory: Path, num_gist_tokens: int) -> None:
+    meta = read_gist_adapter_metadata(directory)
+    assert meta["num_gist_tokens"] == num_gist_tokens
+    model = lora_gist_llama3_1_tiny(["q_proj", "k_proj", "v_proj", "output_proj"], lora_rank=16, lora_alpha=32, num_gist_tokens=num_gist_tokens)
+    load_gist_adapter(model, directory)
+    assert "tok_embeddings.weight" in load_merged_hf(directory / "hf_merged")
+
+
+@pytest.mark.slow
+def test_single_device_by_name(assets, tmp_path):
+    out = tmp_path / "run"
+    tune_run(["gist_lora_single_device", "--config", str(SINGLE), *overrides(assets, out, max_steps_per_epoch=3, num_gist_tokens=2)])
+    assert_checkpoint_loads(out / "epoch_0", 2)
+    assert list((out / "logs").glob("log_*.txt"))
+
+
+@pytest.mark.slow
+def test_distributed_by_name_two_processes(assets, tmp_path):
+    out = tmp_path / "run"
+    tune_run(
+        ["--nproc_per_node", "2", "gist_lora_distributed", "--config", str(DISTRIBUTED), *overrides(assets, out, max_steps_per_epoch=3)]
+    )
+    assert_checkpoint_loads(out / "epoch_0", 4)
+
+
+def test_batches_reaching_the_model_carry_the_gist_mask(assets, tmp_path):
+    seen: List[Dict[str, Any]] = []
+
+    def hook(module, args, kwargs):
+        seen.append({"tokens": args[0] if args else kwargs["tokens"], **kwargs})
+
+    cfg = load_cfg(SINGLE, overrides(assets, tmp_path, max_steps_per_epoch=2, save_merged_hf=False))
+    recipe = run_in_process(cfg, hook)
+    assert len(seen) == 2
+    ids = recipe._gist_ids
+    for call in seen:
+        tokens, mask = call["tokens"], call["mask"]
+        assert isinstance(mask, torch.Tensor) and mask.shape == (*tokens.shape, tokens.shape[1])
+        assert torch.equal(mask, make_gist_mask(tokens, ids, pad_id=recipe._tokenizer.pad_id))
+        row = tokens[0].tolist()
+        last_gist = max(i for i, t in enumerate(row) if t in ids)
+        first_gist = last_gist - len(ids) + 1
+        assert not mask[0, last_gist + 1 :, 1:first_gist].any(), "tokens after the gists must not see the prompt"
+        assert "input_pos" in call
+
+
+def test_mask_mode_from_config_reaches_the_model(assets, tmp_path):
+    seen = []
+    cfg = load_cfg(SINGLE, overrides(assets, tmp_path, max_steps_per_epoch=1, save_merged_hf=False, mask_mode="neg_control"))
+    recipe = run_in_process(cfg, lambda m, a, k: seen.append(k["mask"]))
+    tokens = next(iter(recipe._dataloader))["tokens"]
+    assert seen and torch.equal(seen[0], make_gist_mask(tokens, recipe._gist_ids, pad_id=recipe._tokenizer.pad_id, mode="neg_control"))
+
+
+@pytest.mark.slow
+def test_training_lowers_the_loss(assets, tmp_path):
+    args = overrides(assets, tmp_path, max_steps_per_epoch=40, save_merged_hf=False, **{"dataset.num_samples": 640})
+    recipe = run_in_process(load_cfg(SINGLE, args))
+    losses = [loss for _, loss in recipe.loss_history]
+    assert len(losses) == 40
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0
+
+
+def test_resume_equals_uninterrupted(assets, tmp_path):
+    common = {"max_steps_per_epoch": 6, "save_merged_hf": False, "save_every_n_steps": 3, "epochs": 2, "dataset.num_samples": 128}
+    full = run_in_process(load_cfg(SINGLE, overrides(assets, tmp_path / "full", **common)))
+    assert [s for s, _ in full.loss_history] == list(range(1, 13))
+    for interrupted_at in ("step_3", "step_9"):
+        resumed = run_in_process(
+            load_cfg(SINGLE, overrides(assets, tmp_path / f"resumed_{interrupted_at}", resume_from_checkpoint=tmp_path / "full" / interrupted_at, **common))
+        )
+        assert resumed.loss_history == full.loss_history, interrupted_at
+    latest = run_in_process(load_cfg(SINGLE, overrides(assets, tmp_path / "full", resume_from_checkpoint=True, **common)))
+    assert latest.loss_history == full.loss_history and latest.global_step == 12
+
+
+def test_clear_errors_for_configurations_that_cannot_work(assets, tmp_path):
+    def setup(**extra):
+        cfg = load_cfg(SINGLE, overrides(assets, extra.pop("output_dir", tmp_path), **extra))
+        GistLoRAFinetuneRecipeSingleDevice(cfg).setup(cfg)
+
+    with pytest.raises(ValueError, match="mask_mode='causal'"):
+        setup(mask_mode="causal")
+    with pytest.raises(ValueError, match="the model has 2 gist tokens but num_gist_tokens=4"):
+        setup(**{"model.num_gist_tokens": 2})
+    with pytest.raises(TypeError, match="not gist-aware"):
+        setup(**{"model._component_": "test_recipes.plain_tiny_lora"})
+    with pytest.raises(ValueError, match="no complete checkpoint"):
+        setup(resume_from_checkpoint=True, output_dir=tmp_path / "empty")

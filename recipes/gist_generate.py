@@ -1,1 +1,137 @@
-print('gist_generate')
+"""Generate with a gist-compressed prompt: compress the prompt into K gist tokens once, then answer from them.
+
+Usage::
+
+    tune run gist_generate --config configs/tiny/gist_generate.yaml prompt="..." input="..."
+    tune run gist_generate --config configs/llama3_1/8B_gist_generate.yaml \\
+        prompt="Translate to French." input="The cat sleeps." save_cache=/tmp/translate.safetensors
+    tune run gist_generate --config configs/llama3_1/8B_gist_generate.yaml \\
+        load_cache=/tmp/translate.safetensors input="The dog barks."
+
+The base weights come through a torchtune checkpointer, the gist rows and LoRA weights from
+``gist_checkpoint_dir`` (a ``gist_adapter.safetensors`` written by the gist fine-tuning recipes).
+``prompt_transform`` lays out the tokens exactly as in training (``GistInstructTransform``:
+``prompt`` is the instruction, ``input`` the input; ``GistPasskeyTransform``: ``prompt`` is the
+context, ``input`` the question). Everything before the gist span is compressed; the rest is
+the continuation that is fed after the cached gist entries. A saved cache is reused with
+``load_cache`` (``prompt`` is then ignored) after checking that it was made by this model.
+
+Prints the output, the compression ratio (prompt tokens / K) and the KV bytes held while
+generating, with the gist cache and as a full-prompt run would hold them.
+"""
+
+import sys
+import time
+
+import torch
+from omegaconf import DictConfig
+from torchtune import config, training, utils
+
+from torchtune_gist.checkpointing import load_gist_adapter
+from torchtune_gist.generation import GistCache, compress, generate_from_cache
+from torchtune_gist.modules import init_gist_embeddings
+from torchtune_gist.training import check_base_keys, check_gist_setup
+
+log = utils.get_logger("INFO")
+
+
+def _kib(n: int) -> str:
+    return f"{n / 1024:,.1f} KiB"
+
+
+class GistGenerateRecipe:
+    """Generation from a gist cache. Config keys: ``model``, ``tokenizer``, ``checkpointer``,
+    ``gist_checkpoint_dir``, ``num_gist_tokens``, ``prompt_transform``, ``prompt``, ``input``,
+    ``max_new_tokens``, ``temperature``, ``top_k``, ``save_cache``, ``load_cache``, ``device``,
+    ``dtype``, ``seed``."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self._device = utils.get_device(device=cfg.device)
+        self._dtype = training.get_dtype(dtype=cfg.dtype, device=self._device)
+        self._seed = training.set_seed(seed=cfg.get("seed", None))
+
+    def setup(self, cfg: DictConfig) -> None:
+        """Build the model, load base weights and the gist adapter, build the tokenizer and prompt layout."""
+        base = config.instantiate(cfg.checkpointer).load_checkpoint()[training.MODEL_KEY]
+        with training.set_default_dtype(self._dtype), self._device:
+            model = config.instantiate(cfg.model)
+        check_base_keys(*model.load_state_dict(base, strict=False))
+        if cfg.get("gist_checkpoint_dir"):
+            load_gist_adapter(model, cfg.gist_checkpoint_dir)
+        else:
+            init_gist_embeddings(model)
+            log.warning("gist_checkpoint_dir is not set: the gist rows are untrained (the vocabulary mean)")
+        self._model = model.eval()
+        self._tokenizer = config.instantiate(cfg.tokenizer)
+        self._gist_ids = check_gist_setup(model, self._tokenizer, cfg.num_gist_tokens, "gist")
+        self._transform = config.instantiate(cfg.prompt_transform, self._tokenizer)
+
+    @torch.no_grad()
+    def generate(self, cfg: DictConfig) -> str:
+        """Compress (or load) the prompt, generate the answer, and report the compression.
+
+        Returns:
+            str: the generated text.
+
+        Raises:
+            ValueError: without ``prompt`` and ``load_cache``, or for a cache made by another model.
+        """
+        k = len(self._gist_ids)
+        user_input = cfg.get("input") or ""
+        if cfg.get("load_cache"):
+            cache = GistCache.load(cfg.load_cache, device=self._device)
+            cache.check_compatible(self._model)
+            if cache.batch_size != 1:
+                raise ValueError(f"{cfg.load_cache} holds {cache.batch_size} compressed prompts; gist_generate takes one")
+            encoded = self._transform.encode_prompt("", user_input)
+            n_prompt = int(cache.next_pos[0]) - k
+        else:
+            if not cfg.get("prompt"):
+                raise ValueError("set prompt=... (the text to compress) or load_cache=PATH")
+            encoded = self._transform.encode_prompt(cfg.prompt, user_input)
+            n_prompt = encoded["gist_start"]
+            t0 = time.perf_counter()
+            cache = compress(self._model, [encoded["tokens"][: n_prompt + k]], gist_token_ids=self._gist_ids)
+            log.info(f"Compressed {n_prompt} prompt tokens into {k} gist tokens in {time.perf_counter() - t0:.2f} s")
+        if cfg.get("save_cache"):
+            log.info(f"Saved the gist cache to {cache.save(cfg.save_cache)}")
+        continuation = encoded["tokens"][encoded["gist_start"] + k :]
+        rng = torch.Generator(device=self._device).manual_seed(self._seed)
+        t0 = time.perf_counter()
+        out = generate_from_cache(
+            self._model,
+            cache,
+            [continuation],
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_k=cfg.get("top_k", None),
+            stop_tokens=self._tokenizer.stop_tokens,
+            rng=rng,
+        )
+        seconds = time.perf_counter() - t0
+        tokens = [t for t in out.tokens[0] if t not in self._tokenizer.stop_tokens]
+        text = self._tokenizer.decode(tokens)
+        per_slot = out.kv_bytes // out.kv_slots
+        full_slots = out.kv_slots - k + n_prompt
+        print(text)
+        log.info(f"Generated {len(out.tokens[0])} tokens in {seconds:.2f} s")
+        log.info(f"Compression: {n_prompt} prompt tokens -> K={k} gist tokens ({n_prompt / k:.1f}x)")
+        log.info(
+            f"KV held while generating: {_kib(out.kv_bytes)} with the gist cache ({out.kv_slots} slots), "
+            f"{_kib(per_slot * full_slots)} with the full prompt ({full_slots} slots); the gist cache itself: "
+            f"{_kib(cache.nbytes)}"
+        )
+        return text
+
+
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    """Entry point: ``tune run gist_generate --config ...``."""
+    config.log_config(recipe_name="GistGenerateRecipe", cfg=cfg)
+    recipe = GistGenerateRecipe(cfg=cfg)
+    recipe.setup(cfg=cfg)
+    recipe.generate(cfg=cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(recipe_main())

@@ -246,10 +246,27 @@ def gist_llama3_2_3b(
     )
 
 
-def gist_llama3_1_tiny(num_gist_tokens: int = 1, gist_token_ids: Optional[List[int]] = None) -> TransformerDecoder:
+def _tiny_arch(base: Dict[str, Any], **sizes: Optional[int]) -> Dict[str, Any]:
+    return {**base, **{k: v for k, v in sizes.items() if v is not None}}
+
+
+def gist_llama3_1_tiny(
+    num_gist_tokens: int = 1,
+    gist_token_ids: Optional[List[int]] = None,
+    num_layers: Optional[int] = None,
+    embed_dim: Optional[int] = None,
+    num_heads: Optional[int] = None,
+    num_kv_heads: Optional[int] = None,
+    intermediate_dim: Optional[int] = None,
+) -> TransformerDecoder:
     """Gist-aware tiny Llama 3.1 (``TINY_LLAMA3_1_ARGS``: 512-token vocabulary, 2 layers, width 64)
-    for tests, the demo and CPU configs. Arguments as :func:`gist_llama3_1_8b`."""
-    return gist_llama3_1(**TINY_LLAMA3_1_ARGS, num_gist_tokens=num_gist_tokens, gist_token_ids=gist_token_ids)
+    for tests, the demo and CPU configs. Arguments as :func:`gist_llama3_1_8b`; the sizes, when
+    given, replace those of ``TINY_LLAMA3_1_ARGS`` (the demo uses 4 layers of width 128)."""
+    arch = _tiny_arch(
+        TINY_LLAMA3_1_ARGS, num_layers=num_layers, embed_dim=embed_dim, num_heads=num_heads,
+        num_kv_heads=num_kv_heads, intermediate_dim=intermediate_dim,
+    )
+    return gist_llama3_1(**arch, num_gist_tokens=num_gist_tokens, gist_token_ids=gist_token_ids)
 
 
 def lora_gist_llama3_1_tiny(
@@ -263,13 +280,22 @@ def lora_gist_llama3_1_tiny(
     quantize_base: bool = False,
     num_gist_tokens: int = 1,
     gist_token_ids: Optional[List[int]] = None,
+    num_layers: Optional[int] = None,
+    embed_dim: Optional[int] = None,
+    num_heads: Optional[int] = None,
+    num_kv_heads: Optional[int] = None,
+    intermediate_dim: Optional[int] = None,
 ) -> TransformerDecoder:
-    """Gist-aware tiny Llama 3.1 with LoRA. Arguments as :func:`lora_gist_llama3_1_8b`.
+    """Gist-aware tiny Llama 3.1 with LoRA. Arguments as :func:`lora_gist_llama3_1_8b`, sizes as
+    :func:`gist_llama3_1_tiny`.
 
     With ``quantize_base=True`` the NF4-compatible shape ``TINY_QLORA_LLAMA3_1_ARGS`` (width 256,
     MLP 512) is used instead of ``TINY_LLAMA3_1_ARGS`` (width 64), which NF4 cannot quantise.
     """
-    arch = TINY_QLORA_LLAMA3_1_ARGS if quantize_base else TINY_LLAMA3_1_ARGS
+    arch = _tiny_arch(
+        TINY_QLORA_LLAMA3_1_ARGS if quantize_base else TINY_LLAMA3_1_ARGS, num_layers=num_layers,
+        embed_dim=embed_dim, num_heads=num_heads, num_kv_heads=num_kv_heads, intermediate_dim=intermediate_dim,
+    )
     return _lora_builder(
         lora_gist_llama3_1, arch, lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output,
         lora_rank, lora_alpha, lora_dropout, use_dora, quantize_base, num_gist_tokens, gist_token_ids,

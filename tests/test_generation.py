@@ -1,0 +1,434 @@
+"""Gist caching: compress once, save/load, generate from K cached entries, and the controls.
+
+The core check: greedy generation from the gist cache equals greedy decoding of the full
+sequence (prompt + gists + continuation + generated so far) under the gist mask, recomputed
+from scratch at every step with torchtune's own forward; and the check is sharp enough to
+fail if positions restarted after the gists or the prompt leaked.
+"""
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torchtune.models.llama3_1 import llama3_1, lora_llama3_1
+
+from torchtune_gist.checkpointing import load_gist_adapter, save_gist_adapter
+from torchtune_gist.data import GistPasskeyTransform
+from torchtune_gist.generation import (
+    GistCache,
+    KVStore,
+    compress,
+    generate,
+    generate_from_cache,
+    grouped_query_attention,
+    store_attention,
+)
+from torchtune_gist.generation._generate import _decode
+from torchtune_gist.gist_tokens import default_gist_token_ids
+from torchtune_gist.masks import make_gist_mask
+from torchtune_gist.models import lora_gist_llama3_1_tiny
+from torchtune_gist.tiny import TINY_LLAMA3_1_ARGS, TINY_VOCAB_SIZE, write_tiny_base_checkpoint, write_tiny_tokenizer
+
+K = 3
+IDS = default_gist_token_ids(TINY_VOCAB_SIZE, K)
+ATOL = 1e-4
+
+
+def _tiny(seed: int = 0, **overrides) -> nn.Module:
+    torch.manual_seed(seed)
+    return llama3_1(**{**TINY_LLAMA3_1_ARGS, **overrides}).eval()
+
+
+@pytest.fixture(scope="module")
+def model() -> nn.Module:
+    return _tiny()
+
+
+def _example(n_prompt: int, n_cont: int, seed: int) -> Tuple[List[int], List[int]]:
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, 256, (n_prompt,), generator=g).tolist() + IDS
+    return prompt, torch.randint(0, 256, (n_cont,), generator=g).tolist()
+
+
+@torch.no_grad()
+def reference_greedy(
+    model: nn.Module,
+    prefix: List[int],
+    n_new: int,
+    *,
+    mode: Optional[str] = "gist",
+    positions: Optional[Sequence[int]] = None,
+) -> Tuple[List[int], torch.Tensor]:
+    """Greedy decoding with no cache: the whole sequence is recomputed by torchtune's forward at every step.
+
+    ``mode=None`` uses torchtune's default causal masking; ``positions`` overrides the positions
+    of the first ``len(positions)`` tokens (the rest continue from the last one).
+    """
+    seq, logits = list(prefix), []
+    for _ in range(n_new):
+        x = torch.tensor([seq])
+        mask = None if mode is None else make_gist_mask(x, IDS, mode=mode)
+        pos = None
+        if positions is not None:
+            pos = list(positions) + [positions[-1] + 1 + i for i in range(len(seq) - len(positions))]
+            pos = torch.tensor([pos])
+        step = model(x, mask=mask, input_pos=pos)[0, -1]
+        logits.append(step)
+        seq.append(int(step.index_fill(0, torch.tensor(IDS), float("-inf")).argmax()))
+    return seq[len(prefix) :], torch.stack(logits)
+
+
+BATCH = [(5, 4, 1), (17, 1, 2), (0, 7, 3)]  # (prompt length without gists, continuation length, seed)
+
+
+def test_gist_cache_generation_equals_full_sequence_under_gist_mask(model):
+    examples = [_example(*spec) for spec in BATCH]
+    prompts, conts = [p for p, _ in examples], [c for _, c in examples]
+    cache = compress(model, prompts, gist_token_ids=IDS)
+    batched = generate_from_cache(model, cache, conts, max_new_tokens=6, return_logits=True)
+    for i, (prompt, cont) in enumerate(examples):
+        ref_tokens, ref_logits = reference_greedy(model, prompt + cont, 6)
+        assert batched.tokens[i] == ref_tokens
+        torch.testing.assert_close(batched.logits[i], ref_logits, atol=ATOL, rtol=0)
+        single = generate_from_cache(model, compress(model, [prompt], gist_token_ids=IDS), [cont], max_new_tokens=6, return_logits=True)
+        assert single.tokens[0] == ref_tokens
+        torch.testing.assert_close(single.logits[0], batched.logits[i], atol=1e-5, rtol=0)
+    # the decode store holds exactly K + longest continuation + new tokens (the last one is never fed back)
+    slots = K + 7 + 6 - 1
+    assert batched.kv_slots == slots
+    assert batched.kv_bytes == 2 * 2 * 3 * 2 * slots * 16 * 4  # k+v, layers, rows, kv heads, slots, head_dim, fp32
+
+
+def test_equivalence_check_detects_reused_positions_and_prompt_leaks(model):
+    prompt, cont = _example(20, 5, 7)
+    ref_tokens, ref_logits = reference_greedy(model, prompt + cont, 4)
+    cache = compress(model, [prompt], gist_token_ids=IDS)
+
+    # positions reused: continuing at K (the cache length) instead of the original next position
+    reused = GistCache(cache.keys, cache.values, torch.tensor([K]), cache.gist_token_ids, cache.fingerprint)
+    wrong = generate_from_cache(model, reused, [cont], max_new_tokens=4, return_logits=True)
+    assert (wrong.logits[0][0] - ref_logits[0]).abs().max() > 100 * ATOL
+    # and the same mistake made in the full-sequence reference is caught as well
+    n = len(prompt)
+    _, shifted = reference_greedy(model, prompt + cont, 4, positions=list(range(n)) + list(range(K, K + len(cont))))
+    assert (shifted[0] - ref_logits[0]).abs().max() > 100 * ATOL
+
+    # the prompt leaking (full causal attention) changes the logits too
+    leak = generate(model, [prompt], [cont], mode="pos_control", gist_token_ids=IDS, max_new_tokens=4, return_logits=True)
+    assert (leak.logits[0][0] - ref_logits[0]).abs().max() > 100 * ATOL
+
+    right = generate_from_cache(model, cache, [cont], max_new_tokens=4, return_logits=True)
+    assert right.tokens[0] == ref_tokens
+    torch.testing.assert_close(right.logits[0], ref_logits, atol=ATOL, rtol=0)
+
+
+def test_controls_match_their_full_sequence_references(model):
+    examples = [_example(*spec) for spec in BATCH]
+    prompts, conts = [p for p, _ in examples], [c for _, c in examples]
+    runs = {
+        mode: generate(model, prompts, conts, mode=mode, gist_token_ids=IDS, max_new_tokens=5, return_logits=True)
+        for mode in ("gist", "pos_control", "neg_control", "truncate")
+    }
+    for i, (prompt, cont) in enumerate(examples):
+        for mode in ("gist", "pos_control", "neg_control"):
+            tokens, logits = reference_greedy(model, prompt + cont, 5, mode=mode)
+            assert runs[mode].tokens[i] == tokens, mode
+            torch.testing.assert_close(runs[mode].logits[i], logits, atol=ATOL, rtol=0)
+        tokens, logits = reference_greedy(model, prompt[:-K][-K:] + cont, 5, mode=None)
+        assert runs["truncate"].tokens[i] == tokens
+        torch.testing.assert_close(runs["truncate"].logits[i], logits, atol=ATOL, rtol=0)
+    longest = max(len(p) + len(c) for p, c in examples)
+    assert runs["pos_control"].kv_slots == longest + 4
+    assert runs["neg_control"].kv_slots == 7 + 4
+    assert runs["gist"].kv_slots == K + 7 + 4
+    assert runs["truncate"].kv_slots == max(len(p[:-K][-K:]) + len(c) for p, c in examples) + 4
+    assert runs["gist"].kv_bytes < runs["pos_control"].kv_bytes
+
+
+def test_cache_holds_k_entries_per_layer_equal_to_torchtunes_kv_cache(model):
+    prompts = [_example(9, 1, 1)[0], _example(4, 1, 2)[0]]
+    cache = compress(model, prompts, gist_token_ids=IDS)
+    assert cache.num_layers == 2 and cache.num_gist_tokens == K and cache.batch_size == 2
+    for t in (*cache.keys, *cache.values):
+        assert t.shape == (2, 2, K, 16)
+    assert cache.nbytes == sum(t.numel() * t.element_size() for t in (*cache.keys, *cache.values)) == 2 * 2 * 2 * 2 * K * 16 * 4
+    assert cache.next_pos.tolist() == [len(p) for p in prompts]
+    # the gist keys are torchtune's own cached keys (after RoPE) at the original positions
+    for row, prompt in enumerate(prompts):
+        ref = copy.deepcopy(model)
+        ref.setup_caches(batch_size=1, dtype=torch.float32, decoder_max_seq_len=len(prompt))
+        x = torch.tensor([prompt])
+        with torch.no_grad():
+            ref(x, mask=make_gist_mask(x, IDS), input_pos=torch.arange(len(prompt))[None])
+        for layer, attn in enumerate(a.attn for a in ref.layers):
+            torch.testing.assert_close(cache.keys[layer][row], attn.kv_cache.k_cache[0, :, -K:], atol=1e-5, rtol=0)
+            torch.testing.assert_close(cache.values[layer][row], attn.kv_cache.v_cache[0, :, -K:], atol=1e-5, rtol=0)
+
+
+def test_save_load_round_trip_and_compatibility_checks(model, tmp_path):
+    prompt, cont = _example(11, 3, 4)
+    cache = compress(model, [prompt], gist_token_ids=IDS, model_id="tiny-seed0")
+    path = cache.save(tmp_path / "c" / "cache.safetensors")
+    loaded = GistCache.load(path)
+    assert loaded.gist_token_ids == IDS and loaded.fingerprint == cache.fingerprint
+    assert all(torch.equal(a, b) for a, b in zip(loaded.keys + loaded.values, cache.keys + cache.values))
+    assert torch.equal(loaded.next_pos, cache.next_pos)
+    loaded.check_compatible(model, gist_token_ids=IDS, model_id="tiny-seed0")
+    first = generate_from_cache(model, cache, [cont], max_new_tokens=5, return_logits=True)
+    again = generate_from_cache(model, loaded, [cont], max_new_tokens=5, return_logits=True)
+    assert first.tokens == again.tokens and torch.equal(first.logits[0], again.logits[0])
+
+    with pytest.raises(ValueError, match="different weights"):
+        loaded.check_compatible(_tiny(seed=1), gist_token_ids=IDS)
+    with pytest.raises(ValueError, match="K=3 gist tokens .* but K=2"):
+        loaded.check_compatible(model, gist_token_ids=default_gist_token_ids(TINY_VOCAB_SIZE, 2))
+    with pytest.raises(ValueError, match="not 'other'"):
+        loaded.check_compatible(model, model_id="other")
+    deeper = _tiny(num_layers=3)
+    with pytest.raises(ValueError, match="num_layers"):
+        loaded.check_compatible(deeper, gist_token_ids=IDS)
+    with pytest.raises(ValueError, match="num_layers"):
+        generate_from_cache(deeper, loaded, [cont], max_new_tokens=2)
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not a gist cache"):
+        GistCache.load(tmp_path / "other.safetensors")
+    with pytest.raises(FileNotFoundError):
+        GistCache.load(tmp_path / "missing.safetensors")
+
+
+def test_model_gist_ids_are_the_default(model):
+    gist_model = copy.deepcopy(model)
+    gist_model.tok_embeddings.gist_token_ids = IDS
+    prompt, cont = _example(6, 2, 5)
+    cache = compress(gist_model, [prompt])
+    assert cache.gist_token_ids == IDS
+    cache.check_compatible(gist_model)
+    with pytest.raises(ValueError, match="differ from the model's gist ids"):
+        compress(gist_model, [prompt[:-K] + IDS[1:]], gist_token_ids=IDS[1:])
+    with pytest.raises(ValueError, match="gist_token_ids is required"):
+        compress(model, [prompt])
+
+
+@pytest.mark.parametrize(
+    "prompts, conts, match",
+    [
+        ([[1, 2, 3]], [[4]], "has no gist span"),
+        ([[1, IDS[0], 2] + IDS], [[4]], "contiguous and at the end"),
+        ([[1] + IDS + [2]], [[4]], "contiguous and at the end"),
+        ([[1, 2] + IDS, [1] + IDS[1:]], [[4], [5]], r"prompts\[1\] ends with 2 gist tokens but K=3"),
+        ([[1] + IDS[::-1]], [[4]], "expected exactly"),
+        ([[1] + IDS], [[]], r"continuations\[0\] is empty"),
+        ([[1] + IDS], [[4], [5]], "1 prompts but 2 continuations"),
+        ([[1, 9999] + IDS], [[4]], "outside the model's vocabulary"),
+        ([[1] + IDS], "text", "must be a list of token-id lists"),
+    ],
+)
+def test_bad_inputs_are_refused_clearly(model, prompts, conts, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        generate(model, prompts, conts, mode="gist", gist_token_ids=IDS, max_new_tokens=2)
+
+
+def test_bad_cache_uses_are_refused_clearly(model):
+    cache = compress(model, [[1, 2] + IDS, [3] + IDS], gist_token_ids=IDS)
+    with pytest.raises(ValueError, match="3 continuations for a gist cache of 2 rows"):
+        generate_from_cache(model, cache, [[1], [2], [3]], max_new_tokens=2)
+    other_k = compress(model, [[1] + IDS[1:]], gist_token_ids=IDS[1:])
+    with pytest.raises(ValueError, match="cannot mix gist spans"):
+        GistCache.cat([cache, other_k])
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate_from_cache(model, cache, [[1], [2]], max_new_tokens=0)
+    with pytest.raises(ValueError, match="temperature"):
+        generate_from_cache(model, cache, [[1], [2]], max_new_tokens=2, temperature=-1.0)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        generate_from_cache(model, cache, [[1], [2]], max_new_tokens=TINY_LLAMA3_1_ARGS["max_seq_len"])
+    with pytest.raises(ValueError, match="rows must be"):
+        cache.select([2])
+    with pytest.raises(ValueError, match="unknown mode"):
+        generate(model, [[1] + IDS], [[2]], mode="gisted", gist_token_ids=IDS, max_new_tokens=2)
+
+
+def test_one_cache_reused_for_many_continuations(model):
+    prompt, _ = _example(8, 1, 6)
+    conts = [_example(0, n, 10 + n)[1] for n in (1, 3, 5)]
+    cache = compress(model, [prompt], gist_token_ids=IDS)
+    shared = generate_from_cache(model, cache, conts, max_new_tokens=4, return_logits=True)
+    repeated = generate_from_cache(model, cache.repeat(3), conts, max_new_tokens=4, return_logits=True)
+    assert shared.tokens == repeated.tokens
+    for i, cont in enumerate(conts):
+        tokens, logits = reference_greedy(model, prompt + cont, 4)
+        assert shared.tokens[i] == tokens
+        torch.testing.assert_close(shared.logits[i], logits, atol=ATOL, rtol=0)
+    two = GistCache.cat([cache, compress(model, [_example(3, 1, 9)[0]], gist_token_ids=IDS)])
+    assert torch.equal(two.select([0]).keys[0], cache.keys[0]) and two.select([1, 1]).next_pos.tolist() == [3 + K] * 2
+
+
+def test_gist_ids_are_never_generated(model):
+    biased = copy.deepcopy(model)
+    head = nn.Linear(64, TINY_VOCAB_SIZE, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(model.output.weight)
+        head.bias.zero_()
+        head.bias[IDS[1]] = 1e4
+    biased.output = head
+    prompt, cont = _example(5, 2, 8)
+    cache = compress(biased, [prompt], gist_token_ids=IDS)
+    unsuppressed = generate_from_cache(biased, cache, [cont], max_new_tokens=4, suppress_token_ids=())
+    assert unsuppressed.tokens[0] == [IDS[1]] * 4  # the bias works...
+    for out in (
+        generate_from_cache(biased, cache, [cont], max_new_tokens=4),
+        generate_from_cache(biased, cache, [cont], max_new_tokens=4, temperature=1.0, rng=torch.Generator().manual_seed(0)),
+        generate(biased, [prompt], [cont], mode="pos_control", gist_token_ids=IDS, max_new_tokens=4),
+    ):
+        assert len(out.tokens[0]) == 4 and not set(out.tokens[0]) & set(IDS)  # ...and is overruled
+
+
+def test_attention_swap_is_restored(model):
+    originals = [layer.attn for layer in model.layers]
+    prompt, cont = _example(4, 2, 1)
+    generate(model, [prompt], [cont], mode="gist", gist_token_ids=IDS, max_new_tokens=2)
+    assert [layer.attn for layer in model.layers] == originals
+    store = KVStore.empty(model, 1, 8, dtype=torch.float32, device=torch.device("cpu"))
+    with pytest.raises(KeyError):
+        with store_attention(model, store):
+            assert all(layer.attn is not a for layer, a in zip(model.layers, originals))
+            with pytest.raises(RuntimeError, match="already generating"):
+                with store_attention(model, store):
+                    pass
+            raise KeyError("boom")
+    assert all(layer.attn is a for layer, a in zip(model.layers, originals))
+
+
+def test_a_larger_allocated_store_changes_nothing(model):
+    prompt, cont = _example(10, 3, 2)
+    cache = compress(model, [prompt], gist_token_ids=IDS)
+    exact = generate_from_cache(model, cache, [cont], max_new_tokens=5, return_logits=True)
+    store = KVStore.empty(model, 1, exact.kv_slots + 1000, dtype=torch.float32, device=torch.device("cpu"))
+    store.append(cache.keys, cache.values)
+    big = _decode(
+        model, store, [cont], cache.next_pos.tolist(), max_new_tokens=5, temperature=0.0, top_k=None,
+        stop_tokens=None, suppress_token_ids=IDS, pad_id=0, rng=None, return_logits=True,
+    )
+    assert big.tokens == exact.tokens and big.kv_slots == exact.kv_slots + 1000
+    torch.testing.assert_close(big.logits[0], exact.logits[0], atol=1e-6, rtol=0)
+
+
+def test_grouped_query_attention_matches_expanded_heads():
+    q, k, v = torch.randn(2, 8, 3, 16), torch.randn(2, 2, 5, 16), torch.randn(2, 2, 5, 16)
+    mask = torch.rand(2, 3, 5) > 0.3
+    mask[..., 0] = True
+    expanded = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(4, dim=1), v.repeat_interleave(4, dim=1), attn_mask=mask[:, None]
+    )
+    torch.testing.assert_close(grouped_query_attention(q, k, v, mask), expanded, atol=1e-6, rtol=0)
+
+
+def test_stop_tokens_and_sampling(model):
+    examples = [_example(6, 2, 3), _example(9, 4, 4)]
+    prompts, conts = [p for p, _ in examples], [c for _, c in examples]
+    cache = compress(model, prompts, gist_token_ids=IDS)
+    greedy = generate_from_cache(model, cache, conts, max_new_tokens=6)
+    stop = greedy.tokens[0][2]
+    assert stop not in greedy.tokens[1] and stop not in greedy.tokens[0][:2]
+    stopped = generate_from_cache(model, cache, conts, max_new_tokens=6, stop_tokens=[stop])
+    assert stopped.tokens == [greedy.tokens[0][:3], greedy.tokens[1]]
+    top1 = generate_from_cache(model, cache, conts, max_new_tokens=6, temperature=0.8, top_k=1, rng=torch.Generator().manual_seed(1))
+    assert top1.tokens == greedy.tokens
+    runs = [
+        generate_from_cache(model, cache, conts, max_new_tokens=6, temperature=1.0, rng=torch.Generator().manual_seed(5)).tokens
+        for _ in range(2)
+    ]
+    assert runs[0] == runs[1]
+
+
+def test_lora_and_nf4_layers_are_used_as_they_are():
+    torch.manual_seed(0)
+    args = {**TINY_LLAMA3_1_ARGS, "embed_dim": 256, "intermediate_dim": 512}
+    lora = lora_llama3_1(
+        lora_attn_modules=["q_proj", "k_proj", "v_proj", "output_proj"], lora_rank=4, lora_alpha=8, quantize_base=True, **args
+    ).eval()
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_b" in name:
+                p.normal_(0, 0.5)
+    prompt, cont = _example(7, 3, 11)
+    out = generate(lora, [prompt], [cont], mode="gist", gist_token_ids=IDS, max_new_tokens=4, return_logits=True)
+    tokens, logits = reference_greedy(lora, prompt + cont, 4)
+    assert out.tokens[0] == tokens
+    torch.testing.assert_close(out.logits[0], logits, atol=ATOL, rtol=0)
+    cache = compress(lora, [prompt], gist_token_ids=IDS)
+    with torch.no_grad():
+        lora.layers[-1].attn.k_proj.lora_b.weight.add_(0.1)
+    with pytest.raises(ValueError, match="different weights"):
+        cache.check_compatible(lora, gist_token_ids=IDS)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tiny_gist_model(assets: Path, adapter: Optional[Path] = None) -> nn.Module:
+    """The model of configs/tiny/gist_generate.yaml: base weights from ``assets``, gist adapter from ``adapter``."""
+    model = lora_gist_llama3_1_tiny(
+        lora_attn_modules=["q_proj", "k_proj", "v_proj", "output_proj"], lora_rank=16, lora_alpha=32, num_gist_tokens=4
+    )
+    model.load_state_dict(load_file(str(assets / "model.safetensors")), strict=False)
+    if adapter is not None:
+        load_gist_adapter(model, adapter)
+    return model.eval()
+
+
+@pytest.mark.slow
+def test_gist_generate_recipe_runs_by_name(tmp_path, tiny_tokenizer):
+    assets = tmp_path / "assets"
+    write_tiny_tokenizer(assets)
+    write_tiny_base_checkpoint(assets)
+    trained = _tiny_gist_model(assets)
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if "lora_b" in name or "gist_embeddings" in name:
+                p.normal_(0, 0.3)
+    save_gist_adapter(trained, tmp_path / "adapter", base_model="tiny")
+    cache_path = tmp_path / "cache.safetensors"
+    prompt, question = "The sky is blue. The pass key is 4242. Remember it.", "What is the pass key?"
+
+    def tune_run(*overrides: str) -> Tuple[str, str]:
+        """Run the recipe by name; return its stdout (the generated text) and its log (stderr)."""
+        cmd = [
+            str(Path(sys.executable).parent / "tune"), "run", "gist_generate",
+            "--config", str(REPO / "configs/tiny/gist_generate.yaml"),
+            f"assets_dir={assets}", f"output_dir={tmp_path / 'out'}", f"gist_checkpoint_dir={tmp_path / 'adapter'}",
+            f"input={question}", "max_new_tokens=6", *overrides,
+        ]
+        done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout, done.stderr
+
+    text, log = tune_run(f"prompt={prompt}", f"save_cache={cache_path}")
+    model = _tiny_gist_model(assets, tmp_path / "adapter")
+    encoded = GistPasskeyTransform(tiny_tokenizer, num_gist_tokens=4).encode_prompt(prompt, question)
+    n_prompt, cont = encoded["gist_start"], encoded["tokens"][encoded["gist_start"] + 4 :]
+    assert f"Compression: {n_prompt} prompt tokens -> K=4 gist tokens ({n_prompt / 4:.1f}x)" in log
+    slots = 4 + len(cont) + 6 - 1
+    assert f"with the gist cache ({slots} slots)" in log and f"with the full prompt ({slots - 4 + n_prompt} slots)" in log
+
+    # the saved cache is what compress() gives on the same model, and the text is what generate_from_cache gives
+    ids = encoded["tokens"][n_prompt : n_prompt + 4]
+    expected = compress(model, [encoded["tokens"][: n_prompt + 4]], gist_token_ids=ids)
+    saved = GistCache.load(cache_path)
+    saved.check_compatible(model)
+    for a, b in zip(saved.keys + saved.values, expected.keys + expected.values):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    out = generate_from_cache(model, expected, [cont], max_new_tokens=6, stop_tokens=tiny_tokenizer.stop_tokens)
+    stops = set(tiny_tokenizer.stop_tokens)
+    assert text == tiny_tokenizer.decode([t for t in out.tokens[0] if t not in stops]) + "\n"
+
+    # reusing the saved cache (no prompt) reports the same compression and gives the same text
+    text_again, log_again = tune_run(f"load_cache={cache_path}", "prompt=null")
+    assert text_again == text
+    assert f"Compression: {n_prompt} prompt tokens" in log_again and "Compressed" not in log_again

@@ -1,0 +1,35 @@
+"""Gist caching: compress prompts once into K gist keys/values, save and reuse them, generate from them.
+
+- :func:`compress` runs prompts (each ending with its gist span) and keeps the gist positions'
+  keys/values of every layer as a :class:`GistCache` (saved and loaded as safetensors).
+- :func:`generate_from_cache` generates after a cache, holding only K + continuation + new tokens.
+- :func:`generate` runs the evaluation's modes (``gist``, ``pos_control``, ``neg_control``,
+  ``truncate``) through the same decoding loop, reporting the KV bytes each holds.
+
+Decoding attends over the filled cache slots only and never copies keys/values for grouped-query
+attention (see ``_attention.py``), so its cost follows what the cache holds.
+"""
+
+from torchtune_gist.generation._attention import KVStore, grouped_query_attention, store_attention
+from torchtune_gist.generation._cache import GistCache, compress, model_fingerprint
+from torchtune_gist.generation._generate import (
+    GENERATION_MODES,
+    GenerationMode,
+    GenerationOutput,
+    generate,
+    generate_from_cache,
+)
+
+__all__ = [
+    "GENERATION_MODES",
+    "GenerationMode",
+    "GenerationOutput",
+    "GistCache",
+    "KVStore",
+    "compress",
+    "generate",
+    "generate_from_cache",
+    "grouped_query_attention",
+    "model_fingerprint",
+    "store_attention",
+]

@@ -1,0 +1,303 @@
+"""Generation from a gist cache, and the same generation under the evaluation's controls.
+
+Every mode runs the same decoding loop over a :class:`KVStore` sized to exactly what the mode
+holds, so tokens, logits and KV bytes compare apples to apples:
+
+============  ==========================================================  ====================
+mode          what the continuation and the new tokens attend to          KV slots per row
+============  ==========================================================  ====================
+gist          the K cached gist entries and themselves                    K + cont + new - 1
+pos_control   the whole prompt, the gists and themselves (plain causal)   prompt + K + cont + new - 1
+neg_control   themselves only (neither the prompt nor the gists)          cont + new - 1
+truncate      the prompt's last K tokens (gists dropped) and themselves   K + cont + new - 1
+============  ==========================================================  ====================
+
+(the last new token is never fed back, hence ``- 1``). Positions: ``gist`` and ``neg_control``
+continue at the original absolute positions ``len(prompt + gists) + i``, exactly as in training
+under the gist and negative-control masks (RoPE being relative, the negative control's offset
+changes nothing but rounding); ``pos_control`` uses positions ``0 ..`` over the full sequence;
+``truncate`` is a fresh sequence ``prompt[-K:] + continuation`` at positions ``0 ..``, what a
+reader with a K-token budget for the prompt would run.
+
+Gist ids are never emitted: their logits are set to ``-inf`` in :func:`_next_token` before
+greedy choice or sampling (``suppress_token_ids``). The returned logits are the model's raw ones.
+"""
+
+from dataclasses import dataclass
+from typing import List, Literal, Optional, Sequence, Tuple, Union
+
+import torch
+from torchtune.generation import sample
+from torchtune.modules import TransformerDecoder
+
+from torchtune_gist.generation._attention import KVStore, forward_through_store, last_logits, store_attention
+from torchtune_gist.generation._cache import GistCache, check_architecture, compress
+from torchtune_gist.generation._inputs import (
+    check_gist_suffix,
+    check_max_position,
+    check_pad_id,
+    check_token_range,
+    left_pad,
+    model_device_dtype,
+    resolve_gist_token_ids,
+    token_rows,
+)
+
+GenerationMode = Literal["gist", "pos_control", "neg_control", "truncate"]
+GENERATION_MODES: Tuple[str, ...] = ("gist", "pos_control", "neg_control", "truncate")
+
+_Rows = Union[Sequence[Sequence[int]], torch.Tensor]
+
+
+@dataclass
+class GenerationOutput:
+    """What a generation call returns.
+
+    Args:
+        tokens (List[List[int]]): per example, the new tokens, up to and including the first stop token.
+        kv_bytes (int): bytes of keys/values held while generating (all layers, the whole batch).
+        kv_slots (int): KV entries per layer and row that were held.
+        logits (Optional[List[torch.Tensor]]): per example, fp32 ``[len(tokens[i]), vocab]``: the
+            model's raw next-token logits at each step (before gist suppression, temperature and
+            top-k); only with ``return_logits=True``.
+    """
+
+    tokens: List[List[int]]
+    kv_bytes: int
+    kv_slots: int
+    logits: Optional[List[torch.Tensor]] = None
+
+
+def _check_continuations(rows: List[List[int]]) -> None:
+    for i, row in enumerate(rows):
+        if not row:
+            raise ValueError(
+                f"continuations[{i}] is empty: a continuation (at least one token, e.g. the input or the "
+                "'Output:' cue) is needed; the first new token is predicted from its last token"
+            )
+
+
+def _check_sampling(max_new_tokens: int, temperature: float, top_k: Optional[int]) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if not isinstance(temperature, (int, float)) or temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+
+
+def _next_token(
+    logits: torch.Tensor,
+    suppress: torch.Tensor,
+    temperature: float,
+    top_k: Optional[int],
+    rng: Optional[torch.Generator],
+) -> torch.Tensor:
+    """Pick the next token ``[b]`` from logits ``[b, vocab]``; ``suppress`` ids (the gists) get ``-inf``."""
+    scores = logits.index_fill(-1, suppress, float("-inf"))
+    if temperature == 0:
+        return scores.argmax(-1)
+    q = torch.empty_like(scores).exponential_(1, generator=rng)
+    return sample(scores, temperature=temperature, top_k=top_k, q=q).squeeze(-1).long()
+
+
+@torch.no_grad()
+def _decode(
+    model: TransformerDecoder,
+    store: KVStore,
+    rows: List[List[int]],
+    start_pos: Sequence[int],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: Optional[int],
+    stop_tokens: Optional[Sequence[int]],
+    suppress_token_ids: Sequence[int],
+    pad_id: int,
+    rng: Optional[torch.Generator],
+    return_logits: bool,
+) -> GenerationOutput:
+    """Feed ``rows`` (row ``i`` at positions ``start_pos[i] + j``) after what ``store`` holds, then decode."""
+    device = store.valid.device
+    b = len(rows)
+    tokens, input_pos, valid = left_pad(rows, start_pos, pad_id, device)
+    next_pos = input_pos[:, -1] + 1
+    stop = torch.tensor(sorted(set(stop_tokens or ())), dtype=torch.long, device=device)
+    new_tokens, step_logits = [], []
+    lengths = torch.full((b,), max_new_tokens, dtype=torch.long, device=device)
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    with store_attention(model, store):
+        logits = last_logits(model, forward_through_store(model, store, tokens, input_pos, valid))
+        suppress = torch.tensor(
+            sorted(t for t in set(suppress_token_ids) if t < logits.shape[-1]), dtype=torch.long, device=device
+        )
+        for step in range(max_new_tokens):
+            token = _next_token(logits, suppress, temperature, top_k, rng)
+            new_tokens.append(token)
+            if return_logits:
+                step_logits.append(logits)
+            stopped = torch.isin(token, stop) & ~done
+            lengths[stopped] = step + 1
+            done |= stopped
+            if step == max_new_tokens - 1 or bool(done.all()):
+                break
+            h = forward_through_store(
+                model, store, token[:, None], (next_pos + step)[:, None], torch.ones(b, 1, dtype=torch.bool, device=device)
+            )
+            logits = last_logits(model, h)
+    out = torch.stack(new_tokens, 1).tolist()
+    n = lengths.tolist()
+    logits_out = None
+    if return_logits:
+        stacked = torch.stack(step_logits, 1)
+        logits_out = [stacked[i, : n[i]] for i in range(b)]
+    return GenerationOutput(
+        tokens=[row[: n[i]] for i, row in enumerate(out)], kv_bytes=store.nbytes, kv_slots=store.capacity, logits=logits_out
+    )
+
+
+def generate_from_cache(
+    model: TransformerDecoder,
+    cache: GistCache,
+    continuations: _Rows,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: Optional[int] = None,
+    stop_tokens: Optional[Sequence[int]] = None,
+    pad_id: int = 0,
+    rng: Optional[torch.Generator] = None,
+    suppress_token_ids: Optional[Sequence[int]] = None,
+    return_logits: bool = False,
+) -> GenerationOutput:
+    """Generate after compressed prompts: the continuations and new tokens see only the K gist entries and themselves.
+
+    The KV held is the K cached entries + the longest continuation + ``max_new_tokens - 1``,
+    never the prompt; continuation token ``j`` of row ``i`` takes position ``cache.next_pos[i] + j``.
+    Continuations of different lengths are left-padded (padding is never attended).
+
+    Args:
+        model (TransformerDecoder): the model that made ``cache`` (in eval mode). Only the cache's
+            shape is checked here; call :meth:`GistCache.check_compatible` after loading a cache.
+        cache (GistCache): one row per continuation, or a single row reused for every
+            continuation (compress once, reuse many). Cast to the model's dtype and device.
+        continuations (_Rows): per example, the non-empty token ids that follow the gist span.
+        max_new_tokens (int): at most this many new tokens per example.
+        temperature (float): 0 for greedy decoding, else sampling temperature.
+        top_k (Optional[int]): sample among the top-k tokens only.
+        stop_tokens (Optional[Sequence[int]]): an example stops after emitting one of these.
+        pad_id (int): token id written into padding slots (any valid id; never attended).
+        rng (Optional[torch.Generator]): generator for sampling.
+        suppress_token_ids (Optional[Sequence[int]]): ids never emitted; default the cache's gist ids.
+        return_logits (bool): also return each step's raw logits.
+
+    Returns:
+        GenerationOutput: new tokens per example, KV bytes and slots held, optionally logits.
+
+    Raises:
+        ValueError: for an empty continuation, a batch size that does not match the cache, a
+            cache from a model of another shape, bad sampling settings, or positions beyond
+            ``max_seq_len``.
+    """
+    rows = token_rows(continuations, "continuations")
+    _check_continuations(rows)
+    check_token_range(model, rows, cache.gist_token_ids, "continuations")
+    check_pad_id(model, pad_id)
+    check_architecture(cache, model)
+    _check_sampling(max_new_tokens, temperature, top_k)
+    if cache.batch_size not in (1, len(rows)):
+        raise ValueError(f"{len(rows)} continuations for a gist cache of {cache.batch_size} rows (expected {cache.batch_size} or a 1-row cache)")
+    start = cache.next_pos.expand(len(rows)).tolist()
+    check_max_position(model, max(p + len(r) for p, r in zip(start, rows)) + max_new_tokens - 2, "generation")
+    device, dtype = model_device_dtype(model)
+    capacity = cache.num_gist_tokens + max(len(r) for r in rows) + max_new_tokens - 1
+    store = KVStore.empty(model, len(rows), capacity, dtype=dtype, device=device)
+    store.append(cache.keys, cache.values)
+    return _decode(
+        model,
+        store,
+        rows,
+        start,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        stop_tokens=stop_tokens,
+        suppress_token_ids=cache.gist_token_ids if suppress_token_ids is None else suppress_token_ids,
+        pad_id=pad_id,
+        rng=rng,
+        return_logits=return_logits,
+    )
+
+
+def generate(
+    model: TransformerDecoder,
+    prompts: _Rows,
+    continuations: _Rows,
+    *,
+    mode: GenerationMode,
+    gist_token_ids: Optional[Sequence[int]] = None,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: Optional[int] = None,
+    stop_tokens: Optional[Sequence[int]] = None,
+    pad_id: int = 0,
+    rng: Optional[torch.Generator] = None,
+    suppress_token_ids: Optional[Sequence[int]] = None,
+    return_logits: bool = False,
+) -> GenerationOutput:
+    """Generate under one of the evaluation's modes (see the module docstring's table).
+
+    Args:
+        model (TransformerDecoder): the model (in eval mode).
+        prompts (_Rows): per example, the prompt's token ids followed by exactly the gist span.
+        continuations (_Rows): per example, the non-empty token ids that follow the gist span.
+        mode (GenerationMode): ``"gist"``, ``"pos_control"``, ``"neg_control"`` or ``"truncate"``.
+        gist_token_ids (Optional[Sequence[int]]): the K gist ids; default the model's own.
+        max_new_tokens, temperature, top_k, stop_tokens, pad_id, rng, return_logits: as in
+            :func:`generate_from_cache`.
+        suppress_token_ids (Optional[Sequence[int]]): ids never emitted; default the gist ids (every mode).
+
+    Returns:
+        GenerationOutput: new tokens per example and the KV bytes held by this mode.
+
+    Raises:
+        ValueError: for an unknown mode, prompts without their gist span at the end, mismatched
+            batch sizes, empty continuations, bad sampling settings or positions beyond ``max_seq_len``.
+    """
+    if mode not in GENERATION_MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(GENERATION_MODES)}")
+    ids = resolve_gist_token_ids(model, gist_token_ids)
+    prompt_rows = token_rows(prompts, "prompts")
+    cont_rows = token_rows(continuations, "continuations")
+    if len(prompt_rows) != len(cont_rows):
+        raise ValueError(f"{len(prompt_rows)} prompts but {len(cont_rows)} continuations")
+    check_gist_suffix(prompt_rows, ids)
+    _check_continuations(cont_rows)
+    suppress = ids if suppress_token_ids is None else suppress_token_ids
+    sampling = dict(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        stop_tokens=stop_tokens,
+        pad_id=pad_id,
+        rng=rng,
+        suppress_token_ids=suppress,
+        return_logits=return_logits,
+    )
+    if mode == "gist":
+        cache = compress(model, prompt_rows, gist_token_ids=ids, pad_id=pad_id)
+        return generate_from_cache(model, cache, cont_rows, **sampling)
+    k = len(ids)
+    if mode == "pos_control":
+        rows, start = [p + c for p, c in zip(prompt_rows, cont_rows)], [0] * len(cont_rows)
+    elif mode == "neg_control":
+        rows, start = cont_rows, [len(p) for p in prompt_rows]
+    else:
+        rows, start = [p[:-k][-k:] + c for p, c in zip(prompt_rows, cont_rows)], [0] * len(cont_rows)
+    check_token_range(model, prompt_rows + cont_rows, ids, "prompts and continuations")
+    check_pad_id(model, pad_id)
+    _check_sampling(max_new_tokens, temperature, top_k)
+    check_max_position(model, max(p + len(r) for p, r in zip(start, rows)) + max_new_tokens - 2, "generation")
+    device, dtype = model_device_dtype(model)
+    store = KVStore.empty(model, len(rows), max(len(r) for r in rows) + max_new_tokens - 1, dtype=dtype, device=device)
+    return _decode(model, store, rows, start, **sampling)

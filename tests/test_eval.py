@@ -1,0 +1,420 @@
+"""lm-eval integration: scoring, task data, the torchtune_gist model in every mode, loading, the CLI."""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+import lm_eval
+import pytest
+import torch
+from lm_eval.api.instance import Instance
+from rouge_score import rouge_scorer
+from safetensors.torch import save_file
+from torchtune.models.llama3_1 import llama3_1
+
+from torchtune_gist._io import atomic_save_safetensors
+from torchtune_gist.checkpointing import ADAPTER_FILE, export_merged_hf, save_gist_adapter
+from torchtune_gist.data import GistInstructTransform, GistPasskeyTransform
+from torchtune_gist.eval import (
+    GIST_MARKER,
+    TASKS_DIR,
+    GistGeneration,
+    TorchtuneGistLM,
+    alpaca_plus_dataset,
+    alpaca_plus_doc_to_text,
+    alpaca_plus_process_results,
+    gist_task_manager,
+    passkey_dataset,
+    passkey_doc_to_text,
+    passkey_exact_match,
+    passkey_process_results,
+    rouge_scores,
+)
+from torchtune_gist.generation import GENERATION_MODES, generate
+from torchtune_gist.models import gist_llama3_1_tiny, lora_gist_llama3_1_tiny
+from torchtune_gist.tiny import TINY_LLAMA3_1_ARGS
+
+K = 2
+SHARED_ALPACA_PLUS = Path("/work/shared/data/alpaca_plus")
+PASSKEY_SETTINGS = dict(num_samples=4, context_tokens=[128, 160], depths=[0.5], seed=3)
+ALL_TASKS = ["gist_passkey", "gist_passkey_ko", "alpaca_plus"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> torch.nn.Module:
+    """A random tiny gist model whose attention is scaled up, so that what the mask lets a token see
+    decides its next token (at plain init the last token's embedding alone mostly does)."""
+    torch.manual_seed(0)
+    model = gist_llama3_1_tiny(num_gist_tokens=K).eval()
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.attn.output_proj.weight.mul_(10)
+            layer.attn.q_proj.weight.mul_(4)
+    return model
+
+
+@pytest.fixture(scope="module")
+def alpaca_plus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The official validation files from /work/shared/data, or a small stand-in where they are absent."""
+    if SHARED_ALPACA_PLUS.is_dir():
+        return SHARED_ALPACA_PLUS
+    directory = tmp_path_factory.mktemp("alpaca_plus")
+    records = [
+        {"instruction": "Reverse the word.", "input": "cat", "output": "tac", "source": "alpaca"},
+        {"instruction": "Name a primary colour.", "input": "", "output": "Red.", "source": "alpaca"},
+        {"instruction": "Add the numbers.", "input": "2, 3", "output": "5", "source": "self_instruct"},
+    ]
+    for split in ("seen", "unseen", "human"):
+        (directory / f"alpaca_plus_validation_{split}.json").write_text(json.dumps(records))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def task_manager(tiny_tokenizer: Any, alpaca_plus_dir: Path) -> Any:
+    return gist_task_manager(tokenizer=tiny_tokenizer, data_dir=str(alpaca_plus_dir), **PASSKEY_SETTINGS)
+
+
+def _evaluate(lm: TorchtuneGistLM, tasks: List[str], task_manager: Any, limit: int = 2, **kwargs: Any) -> Dict[str, Any]:
+    return lm_eval.simple_evaluate(
+        model=lm, tasks=tasks, task_manager=task_manager, limit=limit, bootstrap_iters=0, **kwargs
+    )
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def test_rouge_equals_rouge_score() -> None:
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    pairs = [
+        ("The cat sat on the mat.", "A cat was sitting on a mat."),
+        ("Paris is the capital of France.", "The capital of France is Paris."),
+        ("", "Something."),
+        ("running dogs", "run dog"),
+    ]
+    for prediction, reference in pairs:
+        ours = rouge_scores(prediction, reference)
+        theirs = scorer.score(reference, prediction)
+        assert ours == {name: theirs[name].fmeasure for name in ("rouge1", "rouge2", "rougeL")}
+    assert rouge_scores("running dogs", "run dog") == {"rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0}  # stemming on
+    assert rouge_scores("Paris is the capital of France.", "The capital of France is Paris.")["rouge1"] == 1.0
+    assert rouge_scores("totally unrelated", "The capital of France is Paris.")["rougeL"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "output, expected",
+    [("71432", 1.0), (" 71432.", 1.0), ("The pass key is 71432", 1.0), ("71432 then 9", 1.0),
+     ("714321", 0.0), ("7143", 0.0), ("no digits", 0.0), ("12 71432", 0.0), ("", 0.0)],
+)
+def test_passkey_exact_match(output: str, expected: float) -> None:
+    assert passkey_exact_match(output, "71432") == expected
+
+
+def test_process_results_report_the_gist_metrics() -> None:
+    doc = {"instruction": "x", "input": "", "output": "The capital of France is Paris."}
+    plain = alpaca_plus_process_results(doc, ["Paris is the capital of France."])
+    assert plain == rouge_scores("Paris is the capital of France.", doc["output"])
+    reported = alpaca_plus_process_results(doc, [GistGeneration(" Paris is the capital of France. ", 30, 3, 4096)])
+    assert reported == {**plain, "compression_ratio": 10.0, "kv_bytes": 4096.0}
+
+    passkey_doc = {"passkey": "71432", "target_context_tokens": 3000, "compression_ratio": 250.0}
+    assert passkey_process_results(passkey_doc, ["71432"]) == {"acc": 1.0, "acc_3000": 1.0, "compression_ratio": 250.0}
+    assert passkey_process_results(passkey_doc, [GistGeneration("1", 2990, 10, 8)]) == {
+        "acc": 0.0, "acc_3000": 0.0, "compression_ratio": 299.0, "kv_bytes": 8.0,
+    }
+
+
+def test_gist_generation_survives_pickling() -> None:
+    out = pickle.loads(pickle.dumps(GistGeneration("abc", 12, 4, 100)))
+    assert out == "abc" and isinstance(out, GistGeneration)
+    assert (out.prompt_tokens, out.num_gist_tokens, out.kv_bytes, out.compression_ratio) == (12, 4, 100, 3.0)
+
+
+# ----------------------------------------------------------------------------- task data and prompts
+
+
+def test_prompts_tokenize_like_the_training_data(tiny_model: torch.nn.Module, tiny_tokenizer: Any) -> None:
+    lm = TorchtuneGistLM(model=tiny_model, tokenizer=tiny_tokenizer)
+    instruct = GistInstructTransform(tiny_tokenizer, num_gist_tokens=K)
+    for doc in ({"instruction": "Reverse the word.", "input": "cat"}, {"instruction": "Name a colour.", "input": ""}):
+        text = alpaca_plus_doc_to_text(doc)
+        assert text.count(GIST_MARKER) == 1
+        prompt, continuation = lm.encode_context(text)
+        assert prompt + lm.gist_token_ids + continuation == instruct.encode_prompt(doc["instruction"], doc["input"])["tokens"]
+    assert alpaca_plus_doc_to_text({"instruction": "I", "input": "x"}) == "Instruction: I\n<GIST>\nInput: x\nOutput:"
+    assert alpaca_plus_doc_to_text({"instruction": "I", "input": ""}) == "Instruction: I\n<GIST>\nOutput:"
+
+    record = passkey_dataset(passkey_language="en", tokenizer=tiny_tokenizer, **PASSKEY_SETTINGS)["test"][0]
+    prompt, continuation = lm.encode_context(passkey_doc_to_text(record))
+    expected = GistPasskeyTransform(tiny_tokenizer, num_gist_tokens=K).encode_prompt(record["context"], record["question"])
+    assert prompt + lm.gist_token_ids + continuation == expected["tokens"]
+    assert len(prompt) - 1 == record["context_tokens"]  # BOS excluded
+
+
+def test_passkey_dataset_settings(tiny_tokenizer: Any) -> None:
+    data = passkey_dataset(passkey_language="ko", tokenizer=tiny_tokenizer, num_samples=3, context_tokens=[130, 150],
+                           depths=[0.0, 1.0], seed=1, num_gist_tokens=5, mode="gist", batch_size=2)["test"]
+    assert len(data) == 3
+    assert data["target_context_tokens"] == [130, 150, 130]
+    assert data["depth"] == [0.0, 1.0, 0.0]
+    assert all("패스키" in c and p in c for c, p in zip(data["context"], data["passkey"]))
+    assert all(n <= t for n, t in zip(data["context_tokens"], data["target_context_tokens"]))
+    assert data["compression_ratio"] == [n / 5 for n in data["context_tokens"]]
+    again = passkey_dataset(passkey_language="ko", tokenizer=tiny_tokenizer, num_samples=3, context_tokens=[130, 150],
+                            depths=[0.0, 1.0], seed=1)["test"]
+    assert again["context"] == data["context"]
+
+
+def test_alpaca_plus_dataset_reads_the_split(alpaca_plus_dir: Path) -> None:
+    data = alpaca_plus_dataset(alpaca_plus_split="validation_human", data_dir=str(alpaca_plus_dir))["test"]
+    records = json.loads((alpaca_plus_dir / "alpaca_plus_validation_human.json").read_text())
+    assert len(data) == len(records) and data[0]["instruction"] == records[0]["instruction"]
+
+
+def test_alpaca_plus_location_from_the_environment(alpaca_plus_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCHTUNE_GIST_ALPACA_PLUS", str(alpaca_plus_dir))
+    assert len(alpaca_plus_dataset(alpaca_plus_split="validation_seen")["test"]) > 0
+
+
+def test_shipped_tasks_are_found() -> None:
+    tm = gist_task_manager()
+    assert {"gist_passkey", "gist_passkey_ko", "alpaca_plus", "alpaca_plus_seen", "alpaca_plus_unseen",
+            "alpaca_plus_human"} <= set(tm.all_tasks)
+    assert sorted(p.name for p in TASKS_DIR.glob("*.yaml")) == [
+        "alpaca_plus.yaml", "alpaca_plus_human.yaml", "alpaca_plus_seen.yaml", "alpaca_plus_unseen.yaml",
+        "gist_passkey.yaml", "gist_passkey_ko.yaml",
+    ]
+
+
+# ----------------------------------------------------------------------------- the model through the harness
+
+
+def _reference_outputs(model: torch.nn.Module, tokenizer: Any, mode: str, layouts: List[Dict[str, Any]], max_new_tokens: int) -> List[str]:
+    """What the caching helper's ``generate`` gives for token layouts made by the data transforms, one at a time."""
+    texts = []
+    for layout in layouts:
+        cut = layout["gist_start"] + K
+        out = generate(model, [layout["tokens"][:cut]], [layout["tokens"][cut:]], mode=mode,
+                       max_new_tokens=max_new_tokens, stop_tokens=tokenizer.stop_tokens, pad_id=tokenizer.pad_id)
+        texts.append(tokenizer.decode([t for t in out.tokens[0] if t not in tokenizer.stop_tokens]))
+    return texts
+
+
+@pytest.mark.parametrize("mode", GENERATION_MODES)
+def test_every_task_in_every_mode(mode: str, tiny_model: torch.nn.Module, tiny_tokenizer: Any, task_manager: Any) -> None:
+    """All tasks run; metrics are in range; outputs equal the caching helper's ``generate`` (nothing added or dropped)."""
+    lm = TorchtuneGistLM(model=tiny_model, tokenizer=tiny_tokenizer, mode=mode, batch_size=2)
+    out = _evaluate(lm, ALL_TASKS, task_manager, gen_kwargs={"max_gen_toks": 3}, log_samples=True)
+    results, samples = out["results"], out["samples"]
+    for task in ("gist_passkey", "gist_passkey_ko"):
+        r = results[task]
+        assert r["sample_len"] == 2
+        assert 0.0 <= r["acc,none"] <= 1.0 and "acc_128,none" in r and "acc_160,none" in r
+        docs = [s["doc"] for s in samples[task]]
+        assert r["compression_ratio,none"] == pytest.approx(sum(d["context_tokens"] for d in docs) / len(docs) / K)
+        assert r["kv_bytes,none"] > 0
+    for split in ("seen", "unseen", "human"):
+        r = results[f"alpaca_plus_{split}"]
+        assert r["sample_len"] == 2
+        assert all(0.0 <= r[f"{m},none"] <= 1.0 for m in ("rouge1", "rouge2", "rougeL"))
+    assert {"rouge1,none", "rouge2,none", "rougeL,none"} <= set(results["alpaca_plus"])
+    stats = lm.stats
+    assert stats["mode"] == mode and stats["generations"] == 10 and stats["num_gist_tokens"] == K
+
+    instruct = GistInstructTransform(tiny_tokenizer, num_gist_tokens=K)
+    passkey = GistPasskeyTransform(tiny_tokenizer, num_gist_tokens=K)
+    layouts = [instruct.encode_prompt(s["doc"]["instruction"], s["doc"]["input"]) for s in samples["alpaca_plus_seen"]]
+    layouts += [passkey.encode_prompt(s["doc"]["context"], s["doc"]["question"]) for s in samples["gist_passkey"]]
+    harness = [s["resps"][0][0] for s in samples["alpaca_plus_seen"] + samples["gist_passkey"]]
+    assert harness == _reference_outputs(tiny_model, tiny_tokenizer, mode, layouts, max_new_tokens=3)
+
+
+def test_kv_bytes_follow_the_mode(tiny_model: torch.nn.Module, tiny_tokenizer: Any) -> None:
+    context = "Instruction: " + "Count the words in this sentence. " * 4 + "\n<GIST>\nInput: one two\nOutput:"
+    request = Instance("generate_until", {}, (context, {"until": [], "max_gen_toks": 2}), 0)
+    kv = {}
+    for mode in GENERATION_MODES:
+        out = TorchtuneGistLM(model=tiny_model, tokenizer=tiny_tokenizer, mode=mode).generate_until([request])[0]
+        kv[mode] = out.kv_bytes
+    prompt_tokens = len(tiny_tokenizer.encode(context.split(GIST_MARKER)[0], add_bos=False, add_eos=False))
+    per_slot = 2 * 2 * 2 * (64 // 4) * 4  # keys + values, 2 layers, 2 KV heads, head_dim 16, fp32
+    # gist and truncate hold K prompt slots, neg_control none, pos_control the whole prompt (+ BOS) and the gists.
+    assert kv["gist"] == kv["truncate"] == kv["neg_control"] + K * per_slot
+    assert kv["pos_control"] == kv["gist"] + (prompt_tokens + 1) * per_slot
+
+
+def _instance(context: str, continuation: str) -> Instance:
+    return Instance(request_type="loglikelihood", doc={}, arguments=(context, continuation), idx=0)
+
+
+@pytest.mark.parametrize("mode", GENERATION_MODES)
+def test_loglikelihood_matches_step_by_step_generation(mode: str, tiny_model: torch.nn.Module, tiny_tokenizer: Any) -> None:
+    """The full-sequence gist mask scores continuations exactly as the KV-cache path predicts them."""
+    lm = TorchtuneGistLM(model=tiny_model, tokenizer=tiny_tokenizer, mode=mode, batch_size=2)
+    requests = [("Instruction: Say hi.\n<GIST>\nOutput:", " hi"),
+                ("Instruction: Reverse the word.\n<GIST>\nInput: cat\nOutput:", " tac")]
+    scored = lm.loglikelihood([_instance(*r) for r in requests])
+    gist = torch.tensor(lm.gist_token_ids)
+    for (context, continuation), (logprob, is_greedy) in zip(requests, scored):
+        prompt, after = lm.encode_context(context)
+        target = tiny_tokenizer.encode(continuation, add_bos=False, add_eos=False)
+        total, greedy = 0.0, True
+        for j, token in enumerate(target):
+            step = generate(tiny_model, [prompt + lm.gist_token_ids], [after + target[:j]], mode=mode,
+                            max_new_tokens=1, return_logits=True).logits[0][0]
+            total += float(torch.log_softmax(step.float(), -1)[token])
+            greedy &= int(step.index_fill(-1, gist, float("-inf")).argmax()) == token
+        assert logprob == pytest.approx(total, abs=1e-4)
+        assert is_greedy == greedy
+
+
+def test_the_mask_reaches_the_model(tiny_model: torch.nn.Module, tiny_tokenizer: Any) -> None:
+    """Changing the prompt changes the score with gists or the full prompt, never under the negative control."""
+    a = _instance("Instruction: Reverse the word.\n<GIST>\nInput: cat\nOutput:", " tac")
+    b = _instance("Instruction: Repeat this word.\n<GIST>\nInput: cat\nOutput:", " tac")  # same length, same last K
+    c = _instance("Instruction: Reverse the word!\n<GIST>\nInput: cat\nOutput:", " tac")  # last K tokens differ
+    scores = {}
+    for mode in GENERATION_MODES:
+        lm = TorchtuneGistLM(model=tiny_model, tokenizer=tiny_tokenizer, mode=mode)
+        scores[mode] = [lp for lp, _ in lm.loglikelihood([a, b, c])]
+    assert scores["neg_control"][0] == pytest.approx(scores["neg_control"][1], abs=1e-5)
+    assert scores["neg_control"][0] == pytest.approx(scores["neg_control"][2], abs=1e-5)
+    assert scores["truncate"][0] == pytest.approx(scores["truncate"][1], abs=1e-5)
+    assert abs(scores["truncate"][0] - scores["truncate"][2]) > 1e-3
+    for mode in ("gist", "pos_control"):
+        assert abs(scores[mode][0] - scores[mode][1]) > 1e-3
+    assert abs(scores["gist"][0] - scores["neg_control"][0]) > 1e-3
+
+
+def test_until_cuts_the_output(tiny_model: torch.nn.Module, tiny_tokenizer: Any) -> None:
+    lm = TorchtuneGistLM(model=tiny_model, tokenizer=tiny_tokenizer)
+    context = "Instruction: Say hi.\n<GIST>\nOutput:"
+    full = lm.generate_until([Instance("generate_until", {}, (context, {"until": [], "max_gen_toks": 8}), 0)])[0]
+    assert len(full) > 2
+    stop = full[2]
+    cut = lm.generate_until([Instance("generate_until", {}, (context, {"until": [stop], "max_gen_toks": 8}), 0)])[0]
+    assert cut == full[: full.index(stop)]
+
+
+# ----------------------------------------------------------------------------- loading from a config and a checkpoint
+
+
+def _write_checkpoints(root: Path, tokenizer_files: Tuple[Path, Path]) -> Tuple[Path, Path, torch.nn.Module]:
+    """A tiny torchtune config, base weights, a gist adapter (K=2, LoRA on q/v) and its merged export."""
+    torch.manual_seed(1)
+    base = llama3_1(**TINY_LLAMA3_1_ARGS)
+    atomic_save_safetensors(base.state_dict(), root / "base" / "model.safetensors")
+    trained = lora_gist_llama3_1_tiny(lora_attn_modules=["q_proj", "v_proj"], num_gist_tokens=K)
+    trained.load_state_dict(base.state_dict(), strict=False)
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if "lora" in name or "gist" in name:
+                p.normal_(0, 0.5)
+    save_gist_adapter(trained, root / "epoch_0", base_model="tiny")
+    export_merged_hf(trained, root / "epoch_0" / "hf_merged")
+    model_path, special_path = tokenizer_files
+    config = f"""
+tokenizer:
+  _component_: torchtune.models.llama3.llama3_tokenizer
+  path: {model_path}
+  special_tokens_path: {special_path}
+model:
+  _component_: torchtune_gist.models.lora_gist_llama3_1_tiny
+  lora_attn_modules: [q_proj, v_proj]
+  num_gist_tokens: {K}
+checkpointer:
+  _component_: torchtune.training.FullModelTorchTuneCheckpointer
+  checkpoint_dir: {root / "base"}
+  checkpoint_files: [model.safetensors]
+  output_dir: {root / "out"}
+  model_type: LLAMA3
+"""
+    (root / "tiny.yaml").write_text(config)
+    return root / "tiny.yaml", root / "epoch_0", trained.eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_files: Tuple[Path, Path]) -> Tuple[Path, Path, torch.nn.Module]:
+    return _write_checkpoints(tmp_path_factory.mktemp("ckpt"), tiny_tokenizer_files)
+
+
+def test_loads_base_adapter_and_merged_export(checkpoints: Tuple[Path, Path, torch.nn.Module], tiny_tokenizer: Any) -> None:
+    config, ckpt, trained = checkpoints
+    lm = TorchtuneGistLM(config=str(config), checkpoint_dir=str(ckpt), device="cpu")
+    loaded, expected = lm.model.state_dict(), trained.state_dict()
+    assert loaded.keys() == expected.keys()
+    assert all(torch.equal(v, expected[k]) for k, v in loaded.items())
+    merged = TorchtuneGistLM(config=str(config), checkpoint_dir=str(ckpt / "hf_merged"), device="cpu")
+    direct = TorchtuneGistLM(model=trained, tokenizer=tiny_tokenizer)
+    requests = [_instance("Instruction: Reverse the word.\n<GIST>\nInput: cat\nOutput:", " tac")]
+    ours, theirs = lm.loglikelihood(requests)[0][0], direct.loglikelihood(requests)[0][0]
+    assert ours == theirs
+    assert merged.loglikelihood(requests)[0][0] == pytest.approx(theirs, abs=1e-4)
+
+
+def test_bad_settings_give_clear_errors(
+    checkpoints: Tuple[Path, Path, torch.nn.Module], tiny_model: torch.nn.Module, tiny_tokenizer: Any,
+    task_manager: Any, tmp_path: Path,
+) -> None:
+    config, ckpt, _ = checkpoints
+    with pytest.raises(ValueError, match="unknown mode 'gists'"):
+        TorchtuneGistLM(model=tiny_model, tokenizer=tiny_tokenizer, mode="gists")
+    with pytest.raises(ValueError, match="batch_size"):
+        TorchtuneGistLM(model=tiny_model, tokenizer=tiny_tokenizer, batch_size="auto")
+    with pytest.raises(ValueError, match="needs trained gist rows"):
+        TorchtuneGistLM(config=str(config), mode="gist")
+    with pytest.raises(ValueError, match="holds no gist rows"):
+        TorchtuneGistLM(config=str(config), checkpoint_dir=str(tmp_path), mode="gist")
+    no_rows = tmp_path / "no_rows"
+    no_rows.mkdir()
+    save_file({"layers.0.attn.q_proj.lora_a.weight": torch.zeros(8, 64)}, str(no_rows / ADAPTER_FILE),
+              metadata={"format": "torchtune-gist", "base_model": "tiny", "num_gist_tokens": str(K),
+                        "gist_token_ids": json.dumps(tiny_model.tok_embeddings.gist_token_ids)})
+    with pytest.raises(ValueError, match="no gist rows"):
+        TorchtuneGistLM(config=str(config), checkpoint_dir=str(no_rows))
+    with pytest.raises(FileNotFoundError, match="not found"):
+        TorchtuneGistLM(config=str(tmp_path / "missing.yaml"), checkpoint_dir=str(ckpt))
+
+    lm = TorchtuneGistLM(model=tiny_model, tokenizer=tiny_tokenizer)
+    with pytest.raises(ValueError, match="gist marker"):
+        lm.generate_until([Instance("generate_until", {}, ("no marker here", {"until": []}), 0)])
+    with pytest.raises(ValueError, match="unsupported generation arguments"):
+        lm.generate_until([Instance("generate_until", {}, ("a<GIST>b", {"top_p": 0.9}), 0)])
+    with pytest.raises(ValueError, match="nothing follows"):
+        lm.generate_until([Instance("generate_until", {}, ("a<GIST>", {}), 0)])
+    with pytest.raises(NotImplementedError, match="loglikelihood_rolling"):
+        lm.loglikelihood_rolling([])
+
+    empty = gist_task_manager(data_dir=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="alpaca_plus_validation_seen.json not found"):
+        _evaluate(lm, ["alpaca_plus_seen"], empty)
+    with pytest.raises(ValueError, match="need a tokenizer"):
+        _evaluate(lm, ["gist_passkey"], gist_task_manager(num_samples=2))
+
+
+# ----------------------------------------------------------------------------- the command line
+
+
+@pytest.mark.slow
+def test_cli_runs_a_task(checkpoints: Tuple[Path, Path, torch.nn.Module], tmp_path: Path) -> None:
+    config, ckpt, _ = checkpoints
+    out_dir = tmp_path / "results"
+    cmd = [
+        sys.executable, "-m", "torchtune_gist.eval", "run", "--model", "torchtune_gist",
+        "--model_args", f"config={config},checkpoint_dir={ckpt},mode=gist,max_gen_toks=4",
+        "--tasks", "gist_passkey", "--limit", "2", "--device", "cpu", "--output_path", str(out_dir),
+        "--metadata", json.dumps({"num_samples": 2, "context_tokens": [96], "depths": [0.5]}),
+    ]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "gist_passkey" in proc.stdout
+    files = list(out_dir.rglob("results_*.json"))
+    assert len(files) == 1
+    result = json.loads(files[0].read_text())["results"]["gist_passkey"]
+    assert result["sample_len"] == 2
+    assert 0.0 <= result["acc,none"] <= 1.0 and 0.0 <= result["acc_96,none"] <= 1.0
+    assert 40 < result["compression_ratio,none"] <= 96 / K

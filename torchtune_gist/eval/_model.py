@@ -1,0 +1,445 @@
+"""The lm-eval model ``torchtune_gist``: a gist-aware torchtune model behind lm-eval's ``LM`` interface.
+
+Every request's context holds :data:`GIST_MARKER` once. The text before it is the prompt, the
+text after it the continuation (the input or question)::
+
+    "Instruction: Reverse the word.\\n<GIST>\\nInput: cat\\nOutput:"
+    -> prompt [BOS] enc("Instruction: Reverse the word.\\n") + the K gist ids   (inserted as ids)
+       continuation enc("\\nInput: cat\\nOutput:")
+
+which is the token layout of ``torchtune_gist.data`` (BOS when the tokenizer has one). ``mode``
+picks what the continuation sees, through the same code (``torchtune_gist.generation.generate``):
+``gist`` (the prompt compressed into the K gist keys/values, then dropped), ``pos_control`` (the
+full prompt and the gists), ``neg_control`` (neither) or ``truncate`` (the prompt's last K tokens).
+
+``generate_until`` decodes greedily (or samples with ``do_sample``), batched, stops at the
+tokenizer's stop tokens or after ``max_gen_toks`` tokens, and cuts the text at the first ``until``
+string. Each output is a :class:`GistGeneration`: a ``str`` that also carries the prompt's length,
+K and the KV bytes held, which the shipped tasks report as metrics. ``loglikelihood`` scores
+continuations with one full-sequence forward under ``make_gist_mask(..., mode=...)``.
+"""
+
+import json
+import logging
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from lm_eval.api.instance import Instance
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torchtune import config as tt_config, training
+from torchtune.modules.peft import LoRALinear
+
+from torchtune_gist.checkpointing import (
+    ADAPTER_FILE,
+    GIST_CONFIG_FILE,
+    GIST_KEY,
+    HF_CONFIG_FILE,
+    HF_WEIGHTS_FILE,
+    load_gist_adapter,
+    load_merged_hf,
+)
+from torchtune_gist.eval._tasks import GIST_MARKER
+from torchtune_gist.generation import GENERATION_MODES, generate
+from torchtune_gist.gist_tokens import gist_token_ids as tokenizer_gist_ids
+from torchtune_gist.masks import make_gist_mask
+from torchtune_gist.modules import get_gist_embedding, init_gist_embeddings
+from torchtune_gist.training import check_base_keys
+
+log = logging.getLogger(__name__)
+
+_GEN_KWARGS = ("until", "max_gen_toks", "do_sample", "temperature", "top_k")
+
+
+class GistGeneration(str):
+    """Generated text that also carries what the gist model held for it.
+
+    Attributes:
+        prompt_tokens (int): tokens before the gist span (BOS excluded): what the gists compress.
+        num_gist_tokens (int): K.
+        kv_bytes (int): bytes of keys/values held per example while generating, in this mode
+            (the batch's KV store divided by its rows).
+    """
+
+    prompt_tokens: int
+    num_gist_tokens: int
+    kv_bytes: int
+
+    def __new__(cls, text: str, prompt_tokens: int, num_gist_tokens: int, kv_bytes: int) -> "GistGeneration":
+        obj = super().__new__(cls, text)
+        obj.prompt_tokens, obj.num_gist_tokens, obj.kv_bytes = prompt_tokens, num_gist_tokens, kv_bytes
+        return obj
+
+    def __getnewargs__(self) -> Tuple[str, int, int, int]:  # pickling (lm-eval's --use_cache)
+        return str(self), self.prompt_tokens, self.num_gist_tokens, self.kv_bytes
+
+    @property
+    def compression_ratio(self) -> float:
+        """``prompt_tokens / num_gist_tokens``."""
+        return self.prompt_tokens / self.num_gist_tokens
+
+
+def load_config(path: Union[str, Path]) -> DictConfig:
+    """Read a torchtune YAML config.
+
+    Raises:
+        FileNotFoundError: if there is no such file.
+        ValueError: if it lacks a ``model`` or ``tokenizer`` section.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"torchtune config {path} not found")
+    cfg = OmegaConf.load(path)
+    missing = [s for s in ("model", "tokenizer") if s not in cfg]
+    if missing:
+        raise ValueError(f"torchtune config {path} has no {' or '.join(missing)} section")
+    return cfg
+
+
+def load_tokenizer(config_path: Union[str, Path]) -> Any:
+    """The tokenizer of a torchtune config (its ``tokenizer`` section, instantiated)."""
+    return tt_config.instantiate(load_config(config_path).tokenizer)
+
+
+def _load_base(model: nn.Module, cfg: DictConfig) -> None:
+    if "checkpointer" not in cfg:
+        raise ValueError("the torchtune config has no checkpointer section to load the base weights with")
+    state = tt_config.instantiate(cfg.checkpointer).load_checkpoint()[training.MODEL_KEY]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    check_base_keys(missing, unexpected)
+
+
+def _load_merged(model: nn.Module, directory: Path) -> None:
+    """Load a merged Hugging Face export into the config's gist-aware model (LoRA, if any, switched off)."""
+    emb = get_gist_embedding(model)
+    saved = json.loads((directory / GIST_CONFIG_FILE).read_text())
+    if saved.get("gist_token_ids") != emb.gist_token_ids:
+        raise ValueError(
+            f"{directory} was exported with gist ids {saved.get('gist_token_ids')}, but the model has "
+            f"{emb.gist_token_ids}: set the config's num_gist_tokens to {saved.get('num_gist_tokens')}"
+        )
+    state = load_merged_hf(directory)
+    vocab = state.pop("tok_embeddings.weight")
+    state["tok_embeddings.weight"] = vocab[: emb.num_embeddings]
+    state[GIST_KEY] = vocab[torch.tensor(emb.gist_token_ids)]
+    params = dict(model.named_parameters())
+    if "output.weight" in params:
+        state["output.weight"] = state["output.weight"][: params["output.weight"].shape[0]]
+    else:
+        state.pop("output.weight", None)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    check_base_keys(missing, unexpected)
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            module.disabled = True
+
+
+def _load_weights(model: nn.Module, cfg: DictConfig, checkpoint_dir: Optional[str], mode: str) -> None:
+    if checkpoint_dir is None:
+        if mode == "gist":
+            raise ValueError(
+                "mode='gist' needs trained gist rows: pass checkpoint_dir=<a directory with "
+                f"{ADAPTER_FILE}, or a merged export with {GIST_CONFIG_FILE}>"
+            )
+        _load_base(model, cfg)
+        init_gist_embeddings(model)
+        return
+    directory = Path(checkpoint_dir)
+    if (directory / ADAPTER_FILE).is_file():
+        _load_base(model, cfg)
+        load_gist_adapter(model, directory)
+    elif all((directory / f).is_file() for f in (GIST_CONFIG_FILE, HF_CONFIG_FILE, HF_WEIGHTS_FILE)):
+        _load_merged(model, directory)
+    else:
+        raise ValueError(
+            f"checkpoint_dir={str(directory)!r} holds no gist rows: expected {ADAPTER_FILE} (base weights from the "
+            f"config's checkpointer + gist rows and LoRA) or a merged export ({HF_WEIGHTS_FILE}, {HF_CONFIG_FILE}, "
+            f"{GIST_CONFIG_FILE})"
+        )
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _resolve_device(device: Optional[str]) -> torch.device:
+    if device is None:
+        return torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        log.warning("device=%s requested but CUDA is not available: running on the CPU", device)
+        return torch.device("cpu")
+    return dev
+
+
+@register_model("torchtune_gist")
+class TorchtuneGistLM(LM):
+    """A gist-aware torchtune model for lm-eval (module docstring: request format and modes).
+
+    Built either from a torchtune config (``config``: a YAML with ``model``, ``tokenizer`` and
+    ``checkpointer`` sections) and ``checkpoint_dir`` (a directory with ``gist_adapter.safetensors``,
+    loaded on top of the checkpointer's base weights, or a merged Hugging Face export with
+    ``gist_config.json``), or from an already built ``model`` and ``tokenizer``.
+
+    Args:
+        config (Optional[str]): path of the torchtune config.
+        checkpoint_dir (Optional[str]): the gist checkpoint. May be omitted outside ``gist`` mode
+            (base weights, gist rows at their initial values).
+        model (Optional[nn.Module]): a built gist-aware ``TransformerDecoder`` (instead of ``config``).
+        tokenizer (Any): its tokenizer (with ``model``).
+        mode (str): ``gist``, ``pos_control``, ``neg_control`` or ``truncate``. Default ``gist``.
+        batch_size (Union[int, str]): requests per forward. Default 1.
+        device (Optional[str]): with ``config``; CUDA falls back to the CPU (with a warning) when
+            absent. A given ``model`` stays where it is.
+        dtype (str): with ``config``: ``fp32``, ``bf16``, ``fp16``. Default ``fp32``.
+        max_gen_toks (Union[int, str]): new tokens per request when the request sets none. Default 512.
+
+    Raises:
+        ValueError: on an unknown mode, a bad batch size, both or neither of ``config`` and
+            ``model``, a model whose gist ids differ from the tokenizer's, or a checkpoint without gist rows.
+        FileNotFoundError: if the config is missing.
+        TypeError: if the model is not gist-aware.
+    """
+
+    def __init__(
+        self,
+        config: Optional[str] = None,
+        checkpoint_dir: Optional[str] = None,
+        *,
+        model: Optional[nn.Module] = None,
+        tokenizer: Any = None,
+        mode: str = "gist",
+        batch_size: Union[int, str] = 1,
+        device: Optional[str] = None,
+        dtype: str = "fp32",
+        max_gen_toks: Union[int, str] = 512,
+    ) -> None:
+        super().__init__()
+        if mode not in GENERATION_MODES:
+            raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(GENERATION_MODES)}")
+        self.mode = mode
+        self.batch_size = _positive_int("batch_size", batch_size)
+        self.max_gen_toks = _positive_int("max_gen_toks", max_gen_toks)
+        if (config is None) == (model is None):
+            raise ValueError("give either config=<torchtune config> (with checkpoint_dir) or model= and tokenizer=")
+        if model is None:
+            cfg = load_config(config)
+            self._device = _resolve_device(device)
+            with training.set_default_dtype(training.get_dtype(dtype, self._device)), self._device:
+                model = tt_config.instantiate(cfg.model)
+            _load_weights(model, cfg, checkpoint_dir, mode)
+            tokenizer = tt_config.instantiate(cfg.tokenizer)
+        elif tokenizer is None:
+            raise ValueError("tokenizer is required with model=")
+        else:
+            self._device = next(model.parameters()).device
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        emb = get_gist_embedding(model)
+        self.gist_token_ids: List[int] = list(emb.gist_token_ids)
+        expected = tokenizer_gist_ids(tokenizer, emb.num_gist_tokens)
+        if expected != self.gist_token_ids:
+            raise ValueError(f"the model's gist ids {self.gist_token_ids} differ from the tokenizer's {expected}")
+        bos = getattr(tokenizer, "bos_id", None)
+        self._bos: List[int] = [] if bos is None else [bos]
+        self._stop_tokens = list(getattr(tokenizer, "stop_tokens", None) or [tokenizer.eos_id])
+        pad = getattr(tokenizer, "pad_id", None)
+        self._pad_id = 0 if pad is None else pad
+        self._records: List[Tuple[int, int]] = []
+
+    @property
+    def num_gist_tokens(self) -> int:
+        """K."""
+        return len(self.gist_token_ids)
+
+    @property
+    def stats(self) -> Dict[str, Any]:
+        """Running statistics over every generated output so far.
+
+        Returns:
+            Dict[str, Any]: ``mode``, ``num_gist_tokens``, ``generations``, ``mean_prompt_tokens``,
+            ``mean_compression_ratio`` (prompt tokens / K), ``mean_kv_bytes`` and ``max_kv_bytes``
+            (per example).
+        """
+        n = len(self._records)
+        prompts = [p for p, _ in self._records]
+        kv = [b for _, b in self._records]
+        return {
+            "mode": self.mode,
+            "num_gist_tokens": self.num_gist_tokens,
+            "generations": n,
+            "mean_prompt_tokens": sum(prompts) / n if n else None,
+            "mean_compression_ratio": sum(prompts) / n / self.num_gist_tokens if n else None,
+            "mean_kv_bytes": sum(kv) / n if n else None,
+            "max_kv_bytes": max(kv, default=None),
+        }
+
+    def _encode(self, text: str) -> List[int]:
+        return list(self.tokenizer.encode(text, add_bos=False, add_eos=False))
+
+    def _split(self, context: str) -> Tuple[List[int], str]:
+        """``([BOS] + enc(text before the marker), text after the marker)``."""
+        if not isinstance(context, str) or context.count(GIST_MARKER) != 1:
+            found = context.count(GIST_MARKER) if isinstance(context, str) else "no"
+            raise ValueError(
+                f"a torchtune_gist request context must contain the gist marker {GIST_MARKER!r} exactly once, where "
+                f"the gist tokens go (found {found}): {str(context)[:120]!r}"
+            )
+        before, after = context.split(GIST_MARKER)
+        return self._bos + self._encode(before), after
+
+    def encode_context(self, context: str) -> Tuple[List[int], List[int]]:
+        """Split a request context at :data:`GIST_MARKER` and tokenize both sides.
+
+        Returns:
+            Tuple[List[int], List[int]]: the prompt ``[BOS] + enc(before)`` (the gist ids go after
+            it) and the continuation ``enc(after)``.
+
+        Raises:
+            ValueError: if the context does not hold the marker exactly once.
+        """
+        prompt, after = self._split(context)
+        return prompt, self._encode(after)
+
+    def _gen_settings(self, gen_kwargs: Dict[str, Any]) -> Tuple[Tuple[str, ...], int, float, Optional[int]]:
+        unknown = sorted(set(gen_kwargs) - set(_GEN_KWARGS))
+        if unknown:
+            raise ValueError(f"unsupported generation arguments {unknown}; torchtune_gist takes {', '.join(_GEN_KWARGS)}")
+        until = gen_kwargs.get("until") or []
+        until = (until,) if isinstance(until, str) else tuple(until)
+        max_gen_toks = _positive_int("max_gen_toks", gen_kwargs.get("max_gen_toks", self.max_gen_toks))
+        temperature = float(gen_kwargs.get("temperature", 1.0)) if gen_kwargs.get("do_sample") else 0.0
+        top_k = gen_kwargs.get("top_k")
+        return until, max_gen_toks, temperature, top_k
+
+    def _text(self, tokens: List[int], until: Sequence[str]) -> str:
+        if tokens and tokens[-1] in self._stop_tokens:
+            tokens = tokens[:-1]
+        text = self.tokenizer.decode(tokens)
+        cut = min((i for i in (text.find(s) for s in until if s) if i >= 0), default=len(text))
+        return text[:cut]
+
+    def generate_until(self, requests: List[Instance], disable_tqdm: bool = False) -> List[str]:
+        """Generate for each request (``args = (context, gen_kwargs)``); see the module docstring.
+
+        Returns:
+            List[str]: :class:`GistGeneration` texts, in request order.
+
+        Raises:
+            ValueError: for a context without exactly one marker, an empty continuation,
+                unsupported generation arguments or sequences beyond the model's ``max_seq_len``.
+        """
+        items = []
+        for i, request in enumerate(requests):
+            context, gen_kwargs = request.args
+            prompt, continuation = self.encode_context(context)
+            if not continuation:
+                raise ValueError(
+                    f"request {i}: nothing follows {GIST_MARKER!r}; the text after the gists (the input, the "
+                    "question, or at least the 'Output:' cue) is needed to predict the first token"
+                )
+            items.append((i, prompt, continuation, self._gen_settings(dict(gen_kwargs))))
+        groups: Dict[Tuple[Any, ...], List[Tuple[int, List[int], List[int]]]] = defaultdict(list)
+        for i, prompt, continuation, settings in items:
+            groups[settings].append((i, prompt, continuation))
+        outputs: List[Optional[GistGeneration]] = [None] * len(requests)
+        k = self.num_gist_tokens
+        for (until, max_gen_toks, temperature, top_k), group in groups.items():
+            group.sort(key=lambda x: len(x[1]) + len(x[2]), reverse=True)
+            for start in range(0, len(group), self.batch_size):
+                batch = group[start : start + self.batch_size]
+                out = generate(
+                    self.model,
+                    [p + self.gist_token_ids for _, p, _ in batch],
+                    [c for _, _, c in batch],
+                    mode=self.mode,
+                    gist_token_ids=self.gist_token_ids,
+                    max_new_tokens=max_gen_toks,
+                    temperature=temperature,
+                    top_k=top_k,
+                    stop_tokens=self._stop_tokens,
+                    pad_id=self._pad_id,
+                )
+                kv_bytes = out.kv_bytes // len(batch)
+                for (i, prompt, _), tokens in zip(batch, out.tokens):
+                    n_prompt = len(prompt) - len(self._bos)
+                    outputs[i] = GistGeneration(self._text(tokens, until), n_prompt, k, kv_bytes)
+                    self._records.append((n_prompt, kv_bytes))
+                    self.cache_hook.add_partial("generate_until", requests[i].args, outputs[i])
+        log.info("torchtune_gist %s", self.stats)
+        return outputs
+
+    def _sequence(self, context: str, continuation: str) -> Tuple[List[int], int]:
+        """Token ids of the whole scored sequence in this mode, and where the continuation starts."""
+        prompt, after = self._split(context)
+        after_ids = self._encode(after)
+        whole = self._encode(after + continuation)
+        cont = whole[len(after_ids) :] if whole[: len(after_ids)] == after_ids else self._encode(continuation)
+        if self.mode == "truncate":
+            head = prompt[-self.num_gist_tokens :] + after_ids
+        else:
+            head = prompt + self.gist_token_ids + after_ids
+        return head + cont, len(head)
+
+    @torch.no_grad()
+    def _score(self, rows: List[Tuple[List[int], int]]) -> List[Tuple[float, bool]]:
+        s = max(len(r) for r, _ in rows)
+        if s > self.model.max_seq_len:
+            raise ValueError(f"a scored sequence has {s} tokens, beyond the model's max_seq_len={self.model.max_seq_len}")
+        tokens = torch.tensor([r + [self._pad_id] * (s - len(r)) for r, _ in rows], device=self._device)
+        valid = torch.tensor([[True] * len(r) + [False] * (s - len(r)) for r, _ in rows], device=self._device)
+        mask_mode = "pos_control" if self.mode == "truncate" else self.mode
+        mask = make_gist_mask(tokens, self.gist_token_ids, mode=mask_mode) & valid.unsqueeze(1)
+        mask |= torch.eye(s, dtype=torch.bool, device=self._device)
+        input_pos = torch.arange(s, device=self._device).expand(len(rows), s)
+        logits = self.model(tokens, mask=mask, input_pos=input_pos)
+        if isinstance(logits, list):
+            logits = torch.cat(logits, dim=1)
+        logprobs = F.log_softmax(logits.float(), dim=-1)
+        suppress = torch.tensor([t for t in self.gist_token_ids if t < logits.shape[-1]], device=self._device)
+        greedy = logits.float().index_fill(-1, suppress, float("-inf")).argmax(-1)
+        results = []
+        for b, (row, start) in enumerate(rows):
+            target = tokens[b, start : len(row)]
+            picked = logprobs[b, start - 1 : len(row) - 1].gather(-1, target.unsqueeze(-1)).sum()
+            results.append((float(picked), bool((greedy[b, start - 1 : len(row) - 1] == target).all())))
+        return results
+
+    def loglikelihood(self, requests: List[Instance], disable_tqdm: bool = False) -> List[Tuple[float, bool]]:
+        """Log-probability of each continuation after its context, under this mode's gist mask.
+
+        The context holds :data:`GIST_MARKER`; the sequence is ``[BOS] prompt G after continuation``
+        (``truncate``: ``prompt[-K:] after continuation``, plainly causal), one forward per batch.
+
+        Returns:
+            List[Tuple[float, bool]]: ``(logprob, is_greedy)`` per request (greedy with the gist ids
+            never chosen, as in generation).
+        """
+        rows = [self._sequence(*request.args) for request in requests]
+        for i, (row, start) in enumerate(rows):
+            if start == len(row):
+                raise ValueError(f"request {i}: the continuation to score is empty")
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]), reverse=True)
+        results: List[Optional[Tuple[float, bool]]] = [None] * len(rows)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            for i, result in zip(chunk, self._score([rows[i] for i in chunk])):
+                results[i] = result
+                self.cache_hook.add_partial("loglikelihood", requests[i].args, result)
+        return results
+
+    def loglikelihood_rolling(self, requests: List[Instance], disable_tqdm: bool = False) -> List[float]:
+        """Not supported: rolling perplexity has no prompt to compress into gist tokens."""
+        raise NotImplementedError(
+            "torchtune_gist does not implement loglikelihood_rolling: perplexity tasks have no prompt to compress "
+            "into gist tokens; use generate_until or loglikelihood tasks whose context holds the gist marker"
+        )

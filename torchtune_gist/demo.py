@@ -1,0 +1,269 @@
+"""``make demo``: the whole gist pipeline on a laptop CPU in minutes.
+
+1. Makes the tiny assets: a byte-level Llama 3 tokenizer and a ~1.1M-parameter Llama 3.1-shaped model.
+2. Stage 1: trains that base from scratch, with plain causal attention, to find a passkey in its
+   context (answer loss + 0.2 x language-modelling loss on the whole example).
+3. Stage 2: freezes the base and trains K gist rows + LoRA with ``tune run gist_lora_single_device``
+   under the gist mask, so the passkey must travel through the K gist tokens; the positive control
+   is the same recipe with ``mask_mode=pos_control`` (the full context stays visible).
+4. Evaluates held-out passkeys with the lm-eval integration: gist, positive control, negative
+   control (no context) and truncation (the context's last K tokens), with accuracy, context
+   tokens, K, compression ratio and the KV bytes held per example.
+5. Writes ``results.json``, ``results.md`` and a PNG plot under ``outputs/demo/``.
+
+Stages whose outputs exist are reused, so an interrupted demo picks up where it stopped
+(``--fresh`` starts over). Deterministic given ``--seed``.
+
+Stage 1 uses a short loop of its own: torchtune's full fine-tuning recipe writes ``.bin`` files with
+``torch.save``, and everything this project writes is safetensors.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch.utils.data import DataLoader
+from torchtune.models.llama3 import llama3_tokenizer
+from torchtune.models.llama3_1 import llama3_1
+from torchtune.training.lr_schedulers import get_cosine_schedule_with_warmup
+from tqdm import tqdm
+
+from torchtune_gist._io import atomic_save_safetensors, atomic_write_json, atomic_write_text
+from torchtune_gist.data import gist_passkey_dataset, padded_gist_collate
+from torchtune_gist.gist_tokens import gist_token_ids
+from torchtune_gist.tiny import TINY_LLAMA3_1_ARGS, write_tiny_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = REPO / "configs" / "tiny" / "gist_lora_single_device.yaml"
+
+#: The demo's base: 4 layers of width 128, 4 heads / 2 KV heads, MLP 512 (about 1.1M parameters).
+DEMO_SIZES: Dict[str, int] = dict(num_layers=4, embed_dim=128, num_heads=4, num_kv_heads=2, intermediate_dim=512)
+
+
+@dataclass
+class DemoSettings:
+    """What the demo trains and evaluates. The defaults reach the issue's targets on a 2-core CPU."""
+
+    out: Path = REPO / "outputs" / "demo"
+    seed: int = 0
+    context_tokens: int = 128
+    passkey_digits: int = 5
+    num_gist_tokens: int = 8
+    base_steps: int = 300
+    base_lr: float = 2e-3
+    gist_steps: int = 240
+    control_steps: int = 120
+    gist_lr: float = 2e-3
+    batch_size: int = 32
+    eval_samples: int = 200
+    eval_seed: int = 12345
+
+
+def _tokenizer(assets: Path) -> Any:
+    return llama3_tokenizer(str(assets / "tiny_tokenizer.model"), special_tokens_path=str(assets / "tiny_special_tokens.json"))
+
+
+def train_base(settings: DemoSettings, assets: Path, out_dir: Path) -> List[Tuple[int, float]]:
+    """Stage 1: train the tiny base from scratch with causal attention; write ``model.safetensors``.
+
+    Returns:
+        List[Tuple[int, float]]: ``(step, loss)`` pairs (also written beside the checkpoint).
+    """
+    torch.manual_seed(settings.seed)
+    tokenizer = _tokenizer(assets)
+    model = llama3_1(**{**TINY_LLAMA3_1_ARGS, **DEMO_SIZES})
+    data = gist_passkey_dataset(
+        tokenizer, num_gist_tokens=0, num_samples=settings.base_steps * settings.batch_size,
+        context_tokens=settings.context_tokens, passkey_digits=settings.passkey_digits, seed=settings.seed + 1,
+    )
+    collate = partial(padded_gist_collate, gist_token_ids=gist_token_ids(tokenizer, 1), pad_id=tokenizer.pad_id, mask_mode="pos_control")
+    loader = DataLoader(data, batch_size=settings.batch_size, shuffle=True, collate_fn=collate,
+                        generator=torch.Generator().manual_seed(settings.seed))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.base_lr, weight_decay=0.0)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=20, num_training_steps=settings.base_steps)
+    history = []
+    for step, batch in enumerate(tqdm(loader, desc="stage 1: causal base", total=settings.base_steps), start=1):
+        logits = model(batch["tokens"], mask=batch["mask"], input_pos=batch["input_pos"])[:, :-1]
+        answer = F.cross_entropy(logits.transpose(1, 2), batch["labels"][:, 1:], ignore_index=-100)
+        lm_targets = batch["tokens"][:, 1:].masked_fill(batch["tokens"][:, 1:] == tokenizer.pad_id, -100)
+        loss = answer + 0.2 * F.cross_entropy(logits.transpose(1, 2), lm_targets, ignore_index=-100)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        history.append((step, float(answer)))
+    atomic_save_safetensors(model.state_dict(), out_dir / "model.safetensors", metadata={"loss_history": json.dumps(history)})
+    return history
+
+
+def run_gist_recipe(settings: DemoSettings, assets: Path, base_dir: Path, out_dir: Path, mask_mode: str, steps: int) -> None:
+    """Stage 2 through torchtune's CLI: ``tune run gist_lora_single_device`` on the tiny config."""
+    overrides = {
+        "assets_dir": assets, "output_dir": out_dir, "checkpointer.checkpoint_dir": base_dir,
+        "num_gist_tokens": settings.num_gist_tokens, "mask_mode": mask_mode,
+        "dataset.num_samples": steps * settings.batch_size, "dataset.context_tokens": settings.context_tokens,
+        "dataset.passkey_digits": settings.passkey_digits, "dataset.seed": settings.seed + 2,
+        "validation_dataset.context_tokens": settings.context_tokens, "batch_size": settings.batch_size,
+        "optimizer.lr": settings.gist_lr, "lr_scheduler.num_warmup_steps": 10, "seed": settings.seed,
+        "save_merged_hf": False, "log_every_n_steps": 10, **{f"model.{k}": v for k, v in DEMO_SIZES.items()},
+    }
+    tune = Path(sys.executable).parent / "tune"
+    cmd = [str(tune), "run", "gist_lora_single_device", "--config", str(TINY_CONFIG), *(f"{k}={v}" for k, v in overrides.items())]
+    print(f"\n$ tune run gist_lora_single_device --config {TINY_CONFIG.relative_to(REPO)} mask_mode={mask_mode} ...", flush=True)
+    subprocess.run(cmd, cwd=REPO, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def recipe_loss_history(run_dir: Path) -> List[Tuple[int, float]]:
+    """The ``(step, loss)`` history stored in a gist run's final recipe state."""
+    with safe_open(str(run_dir / "epoch_0" / "recipe_state.safetensors"), framework="pt") as f:
+        return [tuple(x) for x in json.loads(f.metadata()["progress"])["loss_history"]]
+
+
+def base_loss_history(base_dir: Path) -> List[Tuple[int, float]]:
+    with safe_open(str(base_dir / "model.safetensors"), framework="pt") as f:
+        return [tuple(x) for x in json.loads(f.metadata()["loss_history"])]
+
+
+def evaluate(settings: DemoSettings, assets: Path, base_dir: Path, run_dir: Path, mode: str) -> Dict[str, Any]:
+    """Score held-out passkeys through lm-eval in ``mode``; returns accuracy and the gist statistics."""
+    import lm_eval
+
+    from torchtune_gist.checkpointing import load_gist_adapter
+    from torchtune_gist.eval import TorchtuneGistLM, gist_task_manager
+    from torchtune_gist.models import lora_gist_llama3_1_tiny
+
+    tokenizer = _tokenizer(assets)
+    model = lora_gist_llama3_1_tiny(
+        ["q_proj", "k_proj", "v_proj", "output_proj"], lora_rank=16, lora_alpha=32,
+        num_gist_tokens=settings.num_gist_tokens, **DEMO_SIZES,
+    )
+    with safe_open(str(base_dir / "model.safetensors"), framework="pt") as f:
+        model.load_state_dict({k: f.get_tensor(k) for k in f.keys()}, strict=False)
+    load_gist_adapter(model, run_dir / "epoch_0")
+    lm = TorchtuneGistLM(model=model, tokenizer=tokenizer, mode=mode, batch_size=50, max_gen_toks=settings.passkey_digits + 2)
+    manager = gist_task_manager(
+        tokenizer=tokenizer, context_tokens=settings.context_tokens, num_samples=settings.eval_samples,
+        passkey_digits=settings.passkey_digits, seed=settings.eval_seed, num_gist_tokens=settings.num_gist_tokens,
+    )
+    results = lm_eval.simple_evaluate(model=lm, tasks=["gist_passkey"], task_manager=manager, log_samples=False, verbosity="ERROR")
+    metrics = results["results"]["gist_passkey"]
+    stats = lm.stats
+    return {
+        "mode": mode,
+        "accuracy": metrics["acc,none"],
+        "context_tokens": stats["mean_prompt_tokens"],
+        "num_gist_tokens": settings.num_gist_tokens,
+        "compression_ratio": stats["mean_compression_ratio"],
+        "kv_bytes": stats["mean_kv_bytes"],
+    }
+
+
+def results_table(rows: List[Dict[str, Any]]) -> str:
+    """A Markdown table of the evaluation rows."""
+    lines = [
+        "| mode | model | exact match | context tokens | K | compression | KV bytes held / example |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['mode']} | {r['model']} | {100 * r['accuracy']:.1f}% | {r['context_tokens']:.0f} | {r['num_gist_tokens']} "
+            f"| {r['compression_ratio']:.1f}x | {r['kv_bytes']:,.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: List[Dict[str, Any]], curves: Dict[str, List[Tuple[int, float]]], path: Path) -> Path:
+    """Accuracy by mode (with compression ratios) beside the training loss curves, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    colors = {"gist": "tab:green", "pos_control": "tab:blue", "neg_control": "tab:red", "truncate": "tab:orange"}
+    bars = ax1.bar([r["mode"] for r in rows], [100 * r["accuracy"] for r in rows], color=[colors[r["mode"]] for r in rows])
+    for bar, r in zip(bars, rows):
+        kv = f"{r['kv_bytes'] / 1024:.0f} KiB KV"
+        ratio = f"{r['compression_ratio']:.0f}x, " if r["mode"] in ("gist", "truncate") else ""
+        ax1.annotate(f"{100 * r['accuracy']:.1f}%\n{ratio}{kv}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                     ha="center", va="bottom", fontsize=9)
+    ax1.set_ylim(0, 119)
+    ax1.set_ylabel("passkey exact match (%)")
+    ax1.set_title("Held-out passkeys: context compressed into K gist tokens")
+    for name, curve in curves.items():
+        ax2.plot([s for s, _ in curve], [l for _, l in curve], label=name)
+    ax2.set_yscale("log")
+    ax2.set_xlabel("optimizer step")
+    ax2.set_ylabel("training loss (answer tokens)")
+    ax2.set_title("Training loss")
+    ax2.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def run(settings: DemoSettings, fresh: bool = False) -> Dict[str, Any]:
+    """Run (or resume) every stage; returns the results written to ``results.json``."""
+    out = Path(settings.out)
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    assets, base_dir = out / "assets", out / "base"
+    start = time.perf_counter()
+    write_tiny_tokenizer(assets)
+    if not (base_dir / "model.safetensors").exists():
+        train_base(settings, assets, base_dir)
+    runs = {"gist": (out / "gist", "gist", settings.gist_steps), "pos_control": (out / "pos_control", "pos_control", settings.control_steps)}
+    for run_dir, mask_mode, steps in runs.values():
+        if not (run_dir / "epoch_0" / "gist_adapter.safetensors").exists():
+            run_gist_recipe(settings, assets, base_dir, run_dir, mask_mode, steps)
+    print("\nEvaluating held-out passkeys through lm-eval ...", flush=True)
+    plan = [("gist", "gist", "gist-trained"), ("pos_control", "pos_control", "pos_control-trained"),
+            ("gist", "neg_control", "gist-trained"), ("gist", "truncate", "gist-trained")]
+    rows = []
+    for run_name, mode, label in tqdm(plan, desc="evaluation"):
+        rows.append({**evaluate(settings, assets, base_dir, runs[run_name][0], mode), "model": label})
+    curves = {"stage 1: causal base": base_loss_history(base_dir),
+              "stage 2: gist": recipe_loss_history(runs["gist"][0]),
+              "stage 2: pos_control": recipe_loss_history(runs["pos_control"][0])}
+    png = plot(rows, curves, out / "demo.png")
+    table = results_table(rows)
+    results = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()},
+               "rows": rows, "seconds": time.perf_counter() - start}
+    atomic_write_json(results, out / "results.json")
+    atomic_write_text(table + "\n", out / "results.md")
+    print("\n" + table)
+    print(f"\nPlot: {png}\nResults: {out / 'results.json'} ({results['seconds']:.0f} s)")
+    return results
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """``python -m torchtune_gist.demo [--out DIR] [--fresh] [--seed N] [--quick]``."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=DemoSettings.out)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fresh", action="store_true", help="delete earlier outputs and start over")
+    parser.add_argument("--quick", action="store_true", help="a few steps of everything (a smoke test, not a result)")
+    args = parser.parse_args(argv)
+    settings = DemoSettings(out=args.out, seed=args.seed)
+    if args.quick:
+        settings = DemoSettings(out=args.out, seed=args.seed, base_steps=30, gist_steps=20, control_steps=10, eval_samples=40)
+    run(settings, fresh=args.fresh)
+
+
+if __name__ == "__main__":
+    main()

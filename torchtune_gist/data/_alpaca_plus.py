@@ -112,7 +112,8 @@ def split_alpaca_plus(
     return {"train": train, "validation_seen": seen, "validation_unseen": unseen}
 
 
-def _read_json_list(path: Path) -> List[Any]:
+def read_json_list(path: Path) -> List[Any]:
+    """Read a JSON file holding a list of records; a clear ValueError naming the file otherwise."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
@@ -171,7 +172,7 @@ def build_alpaca_plus_train(
     if existing and not overwrite:
         raise ValueError(f"output files exist: {', '.join(existing)} (pass overwrite=True / --overwrite)")
     splits = split_alpaca_plus(
-        _read_json_list(Path(alpaca_json)),
+        read_json_list(Path(alpaca_json)),
         _read_jsonl(Path(self_instruct_jsonl)),
         num_validation_seen=num_validation_seen,
         num_validation_unseen=num_validation_unseen,

@@ -20,7 +20,6 @@ Metrics (all aggregated with a mean):
   passkey record's own ``compression_ratio`` is used when the task was given ``num_gist_tokens``.
 """
 
-import json
 import os
 import re
 from pathlib import Path
@@ -32,6 +31,7 @@ from lm_eval.api.task import ConfigurableTask
 from rouge_score import rouge_scorer
 
 from torchtune_gist.data import alpaca_plus_filename, make_passkey_samples
+from torchtune_gist.data._alpaca_plus import read_json_list
 
 #: Where the gist tokens go in a task's prompt; the model splits the prompt here.
 GIST_MARKER = "<GIST>"
@@ -91,12 +91,7 @@ def _read_alpaca_plus(location: str, split: str) -> List[Dict[str, Any]]:
             f"Alpaca+ file {path} not found: set the task metadata data_dir (--metadata data_dir=DIR) or "
             f"${ALPACA_PLUS_ENV} to a directory holding {name}, or to a URL prefix such as {ALPACA_PLUS_URL}"
         )
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(records, list):
-        raise ValueError(f"{path} must hold a JSON list of records, got {type(records).__name__}")
+    records = read_json_list(path)
     for i, record in enumerate(records):
         bad = [f for f in ("instruction", "input", "output") if not isinstance(record, dict) or not isinstance(record.get(f), str)]
         if bad:

@@ -62,8 +62,8 @@ class DemoSettings:
     num_gist_tokens: int = 8
     base_steps: int = 300
     base_lr: float = 2e-3
-    gist_steps: int = 240
-    control_steps: int = 120
+    gist_steps: int = 450
+    control_steps: int = 40
     gist_lr: float = 2e-3
     batch_size: int = 32
     eval_samples: int = 200

@@ -24,6 +24,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 from omegaconf import DictConfig, ListConfig
 from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -265,8 +266,6 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
         resume = self._find_resume_checkpoint()
         adapter_sd: Dict[str, torch.Tensor] = {}
         if resume is not None:
-            from safetensors.torch import load_file
-
             adapter_sd = load_file(str(resume / ADAPTER_FILE))
             self._log_info(f"Resuming from {resume}")
         base_sd = self._load_base_state_dict(cfg.checkpointer)

@@ -1,0 +1,103 @@
+"""Smoke tests of the benchmark scripts: they run and write their outputs (no timing goals are checked here)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bench_quick")
+    proc = _run(str(BENCH / "bench_cpu.py"), "--quick", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def test_quick_writes_json_with_every_section(quick_run: Path) -> None:
+    res = json.loads((quick_run / "results_cpu.json").read_text())
+    assert res["meta"]["quick"] is True
+    assert res["meta"]["machine"]["torch_threads"] == 1
+    for section in ("training", "packing", "inference", "masks"):
+        assert section in res, section
+    train = res["training"]["shapes"][0]
+    assert set(train["tokens_per_s"]) == {"gist", "causal_none", "causal_dense"}
+    variants = res["packing"]["variants"]
+    assert variants["batch_size_1"]["padding_fraction"] == 0
+    assert any(name.startswith("packed_") for name in variants)
+    for v in variants.values():  # every variant holds the same real tokens
+        assert v["token_slots"] * (1 - v["padding_fraction"]) == pytest.approx(res["packing"]["real_tokens"])
+    assert res["inference"]["stock"] and res["inference"]["reuse"]["variants"]
+    assert res["masks"]["sizes"]
+    assert {g["met"] for g in res["goals"]} <= {True, False} and len(res["goals"]) >= 4
+
+
+def test_quick_kv_ratio_is_exact(quick_run: Path) -> None:
+    res = json.loads((quick_run / "results_cpu.json").read_text())
+    cells = res["inference"]["shapes"]["gqa"]["cells"] + res["inference"]["shapes"]["mha"]["cells"]
+    assert cells
+    for c in cells:
+        n, p, k = c["kv_ratio"]["n"], c["prompt_len"], c["k"]
+        assert c["gist"]["kv_bytes"] * (p + k + n) == c["full"]["kv_bytes"] * (k + n)
+        assert c["truncate"]["kv_bytes"] == c["gist"]["kv_bytes"]
+        assert c["gist"]["cache_bytes"] < c["gist"]["kv_bytes"]
+
+
+def test_quick_writes_markdown_and_plots(quick_run: Path) -> None:
+    report = (quick_run / "RESULTS.md").read_text()
+    assert "## CPU" in report and "### Goals" in report and "torch.set_num_threads(1)" in report
+    assert "No GPU was lent" in report
+    res = json.loads((quick_run / "results_cpu.json").read_text())
+    expected = {"train_throughput.png", "packing.png", "kv_bytes.png", "decode.png", "reuse_many.png"}
+    assert set(res["plots"]) == expected
+    for name in expected:
+        assert (quick_run / name).read_bytes()[:8] == PNG_MAGIC, name
+        assert f"({name})" in report
+    assert not list(quick_run.glob(".*tmp*")), "temporary files left behind"
+
+
+def test_render_only_rebuilds_the_report_from_json(quick_run: Path) -> None:
+    (quick_run / "RESULTS.md").unlink()
+    before = json.loads((quick_run / "results_cpu.json").read_text())
+    proc = _run(str(BENCH / "bench_cpu.py"), "--render-only", "--out", str(quick_run))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    after = json.loads((quick_run / "results_cpu.json").read_text())
+    assert after["inference"] == before["inference"] and after["goals"] == before["goals"]
+    assert "### Goals" in (quick_run / "RESULTS.md").read_text()
+
+
+def test_bench_cpu_rejects_unknown_section(tmp_path: Path) -> None:
+    proc = _run(str(BENCH / "bench_cpu.py"), "--quick", "--only", "nonsense", "--out", str(tmp_path))
+    assert proc.returncode == 2 and "unknown sections" in proc.stderr
+
+
+def test_bench_gpu_dry_run() -> None:
+    proc = _run(str(BENCH / "bench_gpu.py"), "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "dry run: nothing measured" in proc.stdout
+    if not torch.cuda.is_available():
+        assert "no GPU" in proc.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_bench_gpu_measures_nothing_without_gpu(tmp_path: Path) -> None:
+    proc = _run(str(BENCH / "bench_gpu.py"), "--out", str(tmp_path))
+    assert proc.returncode == 2
+    assert "no CUDA GPU" in proc.stderr
+    assert not (tmp_path / "results_gpu.json").exists()
+
+
+def test_bench_gpu_rejects_bad_shapes() -> None:
+    proc = _run(str(BENCH / "bench_gpu.py"), "--dry-run", "--train-shapes", "2x")
+    assert proc.returncode == 2 and "BATCHxSEQ" in proc.stderr

@@ -11,7 +11,7 @@ from torchtune_gist.demo import DemoSettings, run
 @pytest.mark.slow
 def test_short_demo_produces_table_and_plot_and_gist_beats_negative_control(tmp_path: Path, capsys):
     settings = DemoSettings(
-        out=tmp_path / "demo", context_tokens=32, passkey_digits=3, num_gist_tokens=4,
+        out=tmp_path / "demo", context_tokens=64, passkey_digits=3, num_gist_tokens=4,
         base_steps=200, gist_steps=200, control_steps=20, eval_samples=60,
     )
     results = run(settings)

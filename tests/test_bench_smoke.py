@@ -52,6 +52,9 @@ def test_quick_kv_ratio_is_exact(quick_run: Path) -> None:
         assert c["gist"]["kv_bytes"] * (p + k + n) == c["full"]["kv_bytes"] * (k + n)
         assert c["truncate"]["kv_bytes"] == c["gist"]["kv_bytes"]
         assert c["gist"]["cache_bytes"] < c["gist"]["kv_bytes"]
+    b = res["inference"]["batched"]
+    n = b["rows"] * res["inference"]["shapes"]["gqa"]["n"]
+    assert b["full"]["kv_bytes"] * (b["k"] * b["rows"] + n) == b["gist"]["kv_bytes"] * ((b["prompt_len"] + b["k"]) * b["rows"] + n)
 
 
 def test_quick_writes_markdown_and_plots(quick_run: Path) -> None:

@@ -22,7 +22,7 @@ from torchtune_gist.data._alpaca_plus import main as alpaca_plus_main
 from torchtune_gist.gist_tokens import gist_token_ids
 
 IGNORE = -100
-ALPACA_PLUS_DIR = Path("/work/shared/data/alpaca_plus")
+ALPACA_PLUS_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_plus"
 
 
 def b(text: str) -> List[int]:

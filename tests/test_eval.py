@@ -39,7 +39,7 @@ from torchtune_gist.models import gist_llama3_1_tiny, lora_gist_llama3_1_tiny
 from torchtune_gist.tiny import TINY_LLAMA3_1_ARGS
 
 K = 2
-SHARED_ALPACA_PLUS = Path("/work/shared/data/alpaca_plus")
+SHARED_ALPACA_PLUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_plus"
 PASSKEY_SETTINGS = dict(num_samples=4, context_tokens=[128, 160], depths=[0.5], seed=3)
 ALL_TASKS = ["gist_passkey", "gist_passkey_ko", "alpaca_plus"]
 
@@ -59,7 +59,7 @@ def tiny_model() -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def alpaca_plus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The official validation files from /work/shared/data, or a small stand-in where they are absent."""
+    """The official validation files from ../shared/data, or a small stand-in where they are absent."""
     if SHARED_ALPACA_PLUS.is_dir():
         return SHARED_ALPACA_PLUS
     directory = tmp_path_factory.mktemp("alpaca_plus")

@@ -1,5 +1,6 @@
 """The gist recipes: by name through ``tune run``, loss goes down, resume is exact, the mask reaches the model."""
 
+import json
 import os
 import subprocess
 import sys
@@ -120,6 +121,42 @@ def test_mask_mode_from_config_reaches_the_model(assets, tmp_path):
     recipe = run_in_process(cfg, lambda m, a, k: seen.append(k["mask"]))
     tokens = next(iter(recipe._dataloader))["tokens"]
     assert seen and torch.equal(seen[0], make_gist_mask(tokens, recipe._gist_ids, pad_id=recipe._tokenizer.pad_id, mode="neg_control"))
+
+
+def _write_alpaca_plus_split(directory: Path, split: str, n: int) -> None:
+    records = [{"instruction": f"Repeat the number {i}.", "input": "", "output": str(i), "source": "alpaca"} for i in range(n)]
+    (directory / f"alpaca_plus_{split}.json").write_text(json.dumps(records))
+
+
+def test_packed_rows_reach_the_model_with_document_masks(assets, tmp_path):
+    _write_alpaca_plus_split(tmp_path, "validation_seen", 64)
+    seen: List[Dict[str, Any]] = []
+    cfg = load_cfg(SINGLE, overrides(assets, tmp_path / "run", max_steps_per_epoch=1, save_merged_hf=False, batch_size=2))
+    cfg.dataset = OmegaConf.create(
+        {"_component_": "torchtune_gist.data.alpaca_plus_dataset", "data_dir": str(tmp_path), "split": "validation_seen",
+         "num_gist_tokens": cfg.num_gist_tokens, "max_seq_len": 256, "packed": True}
+    )
+    del cfg.collate_fn
+    recipe = run_in_process(cfg, lambda m, a, k: seen.append({"tokens": a[0] if a else k["tokens"], **k}))
+    tokens, mask, input_pos = seen[0]["tokens"], seen[0]["mask"], seen[0]["input_pos"]
+    starts = (input_pos[0] == 0).nonzero().flatten().tolist()
+    assert len(starts) > 2, "a packed row holds several documents"
+    document_ids = torch.cumsum((input_pos == 0).long(), dim=1) - 1
+    document_ids[tokens == recipe._tokenizer.pad_id] = int(document_ids.max()) + 1
+    expected = make_gist_mask(tokens, recipe._gist_ids, pad_id=recipe._tokenizer.pad_id, document_ids=document_ids)
+    assert torch.equal(mask, expected)
+    assert not mask[0, starts[1] :, : starts[1]].any(), "no attention across documents"
+
+
+def test_packed_dataset_with_the_padded_collate_is_a_clear_error(assets, tmp_path):
+    _write_alpaca_plus_split(tmp_path, "validation_seen", 16)
+    cfg = load_cfg(SINGLE, overrides(assets, tmp_path / "run", max_steps_per_epoch=1, save_merged_hf=False))
+    cfg.dataset = OmegaConf.create(
+        {"_component_": "torchtune_gist.data.alpaca_plus_dataset", "data_dir": str(tmp_path), "split": "validation_seen",
+         "num_gist_tokens": cfg.num_gist_tokens, "max_seq_len": 256, "packed": True}
+    )
+    with pytest.raises(ValueError, match="packed_gist_collate"):
+        GistLoRAFinetuneRecipeSingleDevice(cfg).setup(cfg)
 
 
 @pytest.mark.slow

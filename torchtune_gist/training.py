@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from torchtune_gist._io import atomic_save_safetensors
 from torchtune_gist.checkpointing import export_merged_hf, gist_adapter_state_dict, save_gist_adapter
+from torchtune_gist.data import PackedGistDataset, padded_gist_collate
 from torchtune_gist.gist_tokens import gist_token_ids
 from torchtune_gist.masks import MASK_MODES
 from torchtune_gist.modules import get_gist_embedding, initial_gist_rows
@@ -325,11 +326,22 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
         return checkpointer.load_checkpoint()[training.MODEL_KEY]
 
     def _setup_data(self, cfg_dataset: Any, batch_size: int, *, shuffle: bool, collate: Optional[str]) -> StatefulDataLoader:
-        if isinstance(cfg_dataset, ListConfig):
-            ds = ConcatDataset([config.instantiate(c, self._tokenizer) for c in cfg_dataset])
-        else:
-            ds = config.instantiate(cfg_dataset, self._tokenizer)
-        collate_fn = _get_component_from_path(collate or "torchtune_gist.data.padded_gist_collate")
+        parts = [config.instantiate(c, self._tokenizer) for c in cfg_dataset] if isinstance(cfg_dataset, ListConfig) else [
+            config.instantiate(cfg_dataset, self._tokenizer)
+        ]
+        packed = {isinstance(d, PackedGistDataset) for d in parts}
+        if len(packed) > 1:
+            raise ValueError("the datasets must be all packed or all unpacked (set `packed` the same in each)")
+        packed_rows = packed.pop()
+        ds = ConcatDataset(parts) if len(parts) > 1 else parts[0]
+        collate_kwargs: Dict[str, Any] = {} if packed_rows else {"ignore_idx": self._loss_fn.ignore_index}
+        default_collate = "torchtune_gist.data.packed_gist_collate" if packed_rows else "torchtune_gist.data.padded_gist_collate"
+        collate_fn = _get_component_from_path(collate or default_collate)
+        if packed_rows and collate_fn is padded_gist_collate:
+            raise ValueError(
+                "packed datasets need torchtune_gist.data.packed_gist_collate (or no collate_fn), "
+                "not padded_gist_collate: it would let documents in a row attend to each other"
+            )
         sampler = StatefulDistributedSampler(ds, num_replicas=self.world_size, rank=self.rank, shuffle=shuffle, seed=self.seed)
         return StatefulDataLoader(
             dataset=ds,
@@ -339,9 +351,9 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
                 collate_fn,
                 gist_token_ids=self._gist_ids,
                 pad_id=self._tokenizer.pad_id,
-                ignore_idx=self._loss_fn.ignore_index,
                 mask_mode=self._mask_mode,
                 block_mask=self._device.type == "cuda" and _SUPPORTS_FLEX_ATTENTION,
+                **collate_kwargs,
             ),
             drop_last=True,
         )

@@ -1,0 +1,565 @@
+"""A small real quality study of gist compression on SmolLM2-135M-Instruct, on a CPU.
+
+Two parts, each a few LoRA-gist trainings (``tune run gist_lora_single_device``) and lm-eval evaluations
+(``torchtune_gist.eval``) with greedy decoding::
+
+    python benchmarks/smollm2_study.py                    # everything, then the report
+    python benchmarks/smollm2_study.py --parts alpaca     # one part
+    python benchmarks/smollm2_study.py --report-only      # tables and plots from what exists
+
+1. ``alpaca``: instruction compression. Train on Alpaca+ ``validation_seen`` (1000 records), evaluate
+   ROUGE on the first ``--unseen-limit`` / ``--human-limit`` records of ``validation_unseen`` and
+   ``validation_human`` (instructions never seen in training). Models: gist-1 (``mask_mode=gist``), the positive control
+   (``pos_control``: the full prompt stays visible) and the negative control (``neg_control``: no
+   prompt), each trained with the same recipe and evaluated in its own mode; also the untrained base
+   with the full prompt.
+2. ``passkey``: compress a haystack of 64, 128 or 256 tokens into K=8 gist tokens (8x, 16x, 32x),
+   then answer "What is the pass key?". Exact-match accuracy per length of the gist model with
+   compression, and of the same model with the full context (positive control), with no context
+   (negative control), and with only the context's last K tokens (``truncate``); the untrained base
+   with the full context.
+
+Every stage is skipped when its output exists (trainings: ``<run>/epoch_0/gist_adapter.safetensors``;
+evaluations: ``eval/<model>_<mode>.json``, redone when its sample sizes differ from the command
+line's), so an interrupted study resumes where it stopped; a
+training that stopped midway resumes from its last ``step_N`` checkpoint when it has one.
+Outputs go under ``--out`` (default ``outputs/smollm2``); plots to ``benchmarks/smollm2_*.png``.
+Everything runs on one thread (other jobs share this CPU); trainings run as ``tune run`` subprocesses.
+"""
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH_DIR = ROOT / "benchmarks"
+ALPACA_CONFIG = "configs/smollm2/gist_lora_alpaca.yaml"
+PASSKEY_CONFIG = "configs/smollm2/gist_lora_passkey.yaml"
+ADAPTER = "epoch_0/gist_adapter.safetensors"
+BASE = "base"
+ALPACA_TASKS = ("alpaca_plus_unseen", "alpaca_plus_human")
+
+# Mu et al. (2023), Table 1, LLaMA-7B, ROUGE-L on seen / unseen / human.
+PAPER_LLAMA_7B = {
+    "pos_control": {"seen": 58.0, "unseen": 48.1, "human": 27.0},
+    "gist1": {"seen": 57.8, "unseen": 46.6, "human": 23.9},
+    "neg_control": {"seen": 31.5, "unseen": 31.4, "human": 14.4},
+}
+
+
+@dataclass(frozen=True)
+class Training:
+    """One ``tune run gist_lora_single_device`` training.
+
+    Args:
+        name (str): folder name under the part's output folder.
+        config (str): the torchtune config.
+        overrides (Dict[str, Any]): ``key=value`` overrides (``num_gist_tokens``, ``mask_mode``, ...).
+    """
+
+    name: str
+    config: str
+    overrides: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One lm-eval evaluation of a model (a training's ``name``, or :data:`BASE`) in a generation mode."""
+
+    model: str
+    mode: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}_{self.mode}"
+
+
+@dataclass(frozen=True)
+class Part:
+    """A part of the study: its trainings and evaluations."""
+
+    name: str
+    config: str
+    trainings: Tuple[Training, ...]
+    evaluations: Tuple[Evaluation, ...]
+
+
+PARTS = {
+    "alpaca": Part(
+        "alpaca",
+        ALPACA_CONFIG,
+        (
+            Training("gist1", ALPACA_CONFIG, {"num_gist_tokens": 1, "mask_mode": "gist"}),
+            Training("pos1", ALPACA_CONFIG, {"num_gist_tokens": 1, "mask_mode": "pos_control"}),
+            Training("neg1", ALPACA_CONFIG, {"num_gist_tokens": 1, "mask_mode": "neg_control"}),
+        ),
+        (
+            Evaluation("gist1", "gist"),
+            Evaluation("pos1", "pos_control"),
+            Evaluation("neg1", "neg_control"),
+            Evaluation(BASE, "pos_control"),
+        ),
+    ),
+    "passkey": Part(
+        "passkey",
+        PASSKEY_CONFIG,
+        (Training("gist8", PASSKEY_CONFIG, {"num_gist_tokens": 8, "mask_mode": "gist"}),),
+        (
+            Evaluation("gist8", "gist"),
+            Evaluation("gist8", "pos_control"),
+            Evaluation("gist8", "neg_control"),
+            Evaluation("gist8", "truncate"),
+            Evaluation(BASE, "pos_control"),
+        ),
+    ),
+}
+
+
+def _atomic_json(obj: Any, path: Path) -> None:
+    from torchtune_gist._io import atomic_write_json
+
+    atomic_write_json(obj, path)
+
+
+# ------------------------------------------------------------------------------------ training
+
+
+def train(training: Training, out_dir: Path) -> Path:
+    """Run one training unless its final adapter exists; resume from a ``step_N`` checkpoint if any.
+
+    The log (``train.log``) gets ``start <unix time>`` / ``end <unix time> rc <code> cpu <seconds>``
+    lines around the recipe's output (cpu: the subprocess's user + system time); each (re)start appends.
+
+    Returns:
+        Path: the run's output folder.
+
+    Raises:
+        RuntimeError: if the recipe fails (see ``train.log``).
+    """
+    from torchtune_gist.training import latest_checkpoint
+
+    run_dir = out_dir / training.name
+    if (run_dir / ADAPTER).is_file():
+        print(f"[skip] training {run_dir} (done)")
+        return run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    overrides = {"output_dir": str(run_dir), **training.overrides}
+    if latest_checkpoint(run_dir) is not None:
+        overrides["resume_from_checkpoint"] = True
+    cmd = [str(Path(sys.executable).parent / "tune"), "run", "gist_lora_single_device", "--config", training.config]
+    cmd += [f"{k}={v}" for k, v in overrides.items()]
+    print(f"[run] {' '.join(cmd)}  (log: {run_dir / 'train.log'})", flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with open(run_dir / "train.log", "a") as log:
+        log.write(f"start {time.time():.0f}\n")
+        log.flush()
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+        log.write(f"end {time.time():.0f} rc {rc} cpu {cpu:.0f}\n")
+    if rc != 0 or not (run_dir / ADAPTER).is_file():
+        raise RuntimeError(f"training {training.name} failed (exit code {rc}); see {run_dir / 'train.log'}")
+    return run_dir
+
+
+def train_seconds(run_dir: Path) -> Tuple[Optional[float], Optional[float]]:
+    """Wall-clock and CPU seconds of the training's (re)starts that ended, from the ``start`` / ``end``
+    lines (CPU ``None`` when a line lacks it)."""
+    wall, cpu, start = 0.0, 0.0, None
+    log = run_dir / "train.log"
+    if not log.is_file():
+        return None, None
+    for line in log.read_text(errors="replace").splitlines():
+        words = line.split()
+        if len(words) >= 2 and words[0] == "start" and words[1].isdigit():
+            start = float(words[1])
+        elif len(words) >= 2 and words[0] == "end" and words[1].isdigit() and start is not None:
+            wall, start = wall + float(words[1]) - start, None
+            cpu = cpu + float(words[5]) if cpu is not None and len(words) >= 6 and words[4] == "cpu" else None
+    return wall or None, cpu or None
+
+
+def loss_history(run_dir: Path) -> List[Tuple[int, float]]:
+    """``(step, training loss)`` of a finished run, from its final recipe state (survives resumes)."""
+    from safetensors import safe_open
+
+    with safe_open(str(run_dir / "epoch_0" / "recipe_state.safetensors"), framework="pt") as f:
+        progress = json.loads((f.metadata() or {})["progress"])
+    return [(int(s), float(v)) for s, v in progress["loss_history"]]
+
+
+# ---------------------------------------------------------------------------------- evaluation
+
+
+def _samples(result: Dict[str, Any], task: str, metrics: Sequence[str]) -> List[Dict[str, Any]]:
+    rows = []
+    for s in result["samples"][task]:
+        resp = s["filtered_resps"][0]
+        rows.append(
+            {
+                "doc_id": s["doc_id"],
+                "prediction": str(resp),
+                "target": s["target"],
+                "prompt_tokens": getattr(resp, "prompt_tokens", None),
+                **{m: s[m] for m in metrics if m in s},
+            }
+        )
+    return sorted(rows, key=lambda r: r["doc_id"])
+
+
+def evaluate(part: Part, evaluation: Evaluation, out_dir: Path, args: argparse.Namespace) -> Path:
+    """Run one evaluation unless its JSON exists; write metrics, per-example outputs and timings.
+
+    Returns:
+        Path: ``<out_dir>/eval/<model>_<mode>.json``.
+    """
+    import lm_eval
+    import torch
+
+    from torchtune_gist.eval import TorchtuneGistLM, gist_task_manager
+
+    path = out_dir / "eval" / f"{evaluation.name}.json"
+    limits = _limits(part, args)
+    if path.is_file() and json.loads(path.read_text()).get("limits") == limits:
+        print(f"[skip] evaluation {path} (done)")
+        return path
+    torch.set_num_threads(1)
+    checkpoint = None if evaluation.model == BASE else str(out_dir / evaluation.model / "epoch_0")
+    overrides = next((t.overrides for t in part.trainings if t.name == evaluation.model), part.trainings[0].overrides)
+    config = _config_with(part.config, {"num_gist_tokens": overrides["num_gist_tokens"]}, out_dir)
+    start = time.perf_counter()
+    lm = TorchtuneGistLM(
+        config=str(config),
+        checkpoint_dir=checkpoint,
+        mode=evaluation.mode,
+        batch_size=args.eval_batch_size,
+        max_gen_toks=args.max_gen_toks,
+    )
+    record: Dict[str, Any] = {
+        "model": evaluation.model,
+        "mode": evaluation.mode,
+        "checkpoint": checkpoint,
+        "num_gist_tokens": lm.num_gist_tokens,
+        "max_gen_toks": args.max_gen_toks,
+        "limits": limits,
+        "tasks": {},
+    }
+    if part.name == "alpaca":
+        tm = gist_task_manager(data_dir=args.data_dir)
+        for task in ALPACA_TASKS:
+            t0 = time.perf_counter()
+            result = lm_eval.simple_evaluate(
+                model=lm, tasks=[task], task_manager=tm, limit=limits[task], log_samples=True
+            )
+            record["tasks"][task] = {
+                "metrics": _metrics(result["results"][task]),
+                "samples": _samples(result, task, ("rouge1", "rouge2", "rougeL")),
+                "seconds": time.perf_counter() - t0,
+            }
+    else:
+        tm = gist_task_manager(
+            tokenizer=lm.tokenizer,
+            context_tokens=list(args.passkey_context_tokens),
+            depths=[0.0, 0.25, 0.5, 0.75, 1.0],
+            num_samples=args.passkey_samples,
+            passkey_digits=5,
+            seed=args.passkey_eval_seed,
+            num_gist_tokens=lm.num_gist_tokens,
+        )
+        t0 = time.perf_counter()
+        result = lm_eval.simple_evaluate(model=lm, tasks=["gist_passkey"], task_manager=tm, log_samples=True)
+        samples = _samples(result, "gist_passkey", ("acc",))
+        depth = {int(s["doc_id"]): s["doc"]["depth"] for s in result["samples"]["gist_passkey"]}
+        length = {int(s["doc_id"]): s["doc"]["target_context_tokens"] for s in result["samples"]["gist_passkey"]}
+        for s in samples:
+            s["depth"], s["target_context_tokens"] = depth[int(s["doc_id"])], length[int(s["doc_id"])]
+        record["tasks"]["gist_passkey"] = {
+            "metrics": _metrics(result["results"]["gist_passkey"]),
+            "samples": samples,
+            "seconds": time.perf_counter() - t0,
+        }
+    record["stats"] = lm.stats
+    record["seconds"] = time.perf_counter() - start
+    _atomic_json(record, path)
+    print(f"[done] {path} in {record['seconds']:.0f} s", flush=True)
+    return path
+
+
+def _limits(part: Part, args: argparse.Namespace) -> Dict[str, Any]:
+    """The sample sizes an evaluation of ``part`` uses (what decides whether a saved one is reused)."""
+    if part.name == "alpaca":
+        return {"alpaca_plus_unseen": args.unseen_limit, "alpaca_plus_human": args.human_limit}
+    return {"gist_passkey": args.passkey_samples, "context_tokens": list(args.passkey_context_tokens), "seed": args.passkey_eval_seed}
+
+
+def _metrics(results: Mapping[str, Any]) -> Dict[str, float]:
+    return {k.split(",")[0]: float(v) for k, v in results.items() if "," in k and isinstance(v, (int, float))}
+
+
+def _config_with(config: str, values: Mapping[str, Any], out_dir: Path) -> Path:
+    """A copy of ``config`` with top-level ``values`` set (what a ``key=value`` override does)."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(ROOT / config)
+    for k, v in values.items():
+        cfg[k] = v
+    path = out_dir / "configs" / f"{Path(config).stem}_k{values['num_gist_tokens']}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from torchtune_gist._io import atomic_write_text
+
+    atomic_write_text(OmegaConf.to_yaml(cfg), path)
+    return path
+
+
+# -------------------------------------------------------------------------------------- report
+
+
+def _load(out_dir: Path, name: str) -> Optional[Dict[str, Any]]:
+    path = out_dir / "eval" / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def gap_share(gist: Sequence[float], pos: Sequence[float], neg: Sequence[float], *, n_boot: int = 2000, seed: int = 0) -> Dict[str, float]:
+    """``(gist - neg) / (pos - neg)`` of per-example scores (same examples), with a paired 95% bootstrap interval."""
+    n = len(gist)
+    if not (n == len(pos) == len(neg)) or n == 0:
+        raise ValueError("gist, pos and neg need the same, non-zero number of examples")
+
+    def share(idx: Sequence[int]) -> float:
+        g, p, q = (sum(x[i] for i in idx) / len(idx) for x in (gist, pos, neg))
+        return (g - q) / (p - q) if p != q else float("nan")
+
+    rng = random.Random(seed)
+    boots = sorted(share([rng.randrange(n) for _ in range(n)]) for _ in range(n_boot))
+    boots = [b for b in boots if b == b]
+    lo, hi = (boots[int(0.025 * len(boots))], boots[int(0.975 * len(boots)) - 1]) if boots else (float("nan"),) * 2
+    return {"share": share(range(n)), "lo": lo, "hi": hi}
+
+
+def alpaca_report(out_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
+    """Tables (printed as Markdown) and numbers of the Alpaca+ part."""
+    rows = [("neg1_neg_control", "negative control (trained, no prompt)"), ("gist1_gist", "gist-1 (trained, prompt compressed)"),
+            ("pos1_pos_control", "positive control (trained, full prompt)"), ("base_pos_control", "base, untrained, full prompt")]
+    summary: Dict[str, Any] = {"rows": {}}
+    print("\n| model | split | ROUGE-1 | ROUGE-2 | ROUGE-L | compression (prompt tok / K) | KV MB/example | eval s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, label in rows:
+        rec = _load(out_dir, name)
+        if rec is None:
+            continue
+        summary["rows"][name] = {}
+        for task in ALPACA_TASKS:
+            t = rec["tasks"][task]
+            m = t["metrics"]
+            summary["rows"][name][task] = m
+            print(
+                f"| {label} | {task.split('_')[-1]} (n={len(t['samples'])}) | {100 * m['rouge1']:.1f} | {100 * m['rouge2']:.1f} "
+                f"| {100 * m['rougeL']:.1f} ± {100 * m['rougeL_stderr']:.1f} | {m.get('compression_ratio', float('nan')):.1f} "
+                f"| {m.get('kv_bytes', float('nan')) / 1e6:.2f} | {t['seconds']:.0f} |"
+            )
+    g, p, q = (_load(out_dir, n) for n in ("gist1_gist", "pos1_pos_control", "neg1_neg_control"))
+    if g and p and q:
+        print("\n| split | neg | gist-1 | pos | share of the control gap kept (95% bootstrap) | LLaMA-7B (paper) |")
+        print("|---|---|---|---|---|---|")
+        summary["share"] = {}
+        for task in ALPACA_TASKS:
+            split = task.split("_")[-1]
+            per = [[s["rougeL"] for s in r["tasks"][task]["samples"]] for r in (g, p, q)]
+            sh = gap_share(*per)
+            summary["share"][task] = sh
+            paper = PAPER_LLAMA_7B
+            paper_share = (paper["gist1"][split] - paper["neg_control"][split]) / (paper["pos_control"][split] - paper["neg_control"][split])
+            print(
+                f"| {split} | {100 * sum(per[2]) / len(per[2]):.1f} | {100 * sum(per[0]) / len(per[0]):.1f} | "
+                f"{100 * sum(per[1]) / len(per[1]):.1f} | {100 * sh['share']:.0f}% [{100 * sh['lo']:.0f}%, {100 * sh['hi']:.0f}%] | "
+                f"{100 * paper_share:.0f}% ({paper['neg_control'][split]} / {paper['gist1'][split]} / {paper['pos_control'][split]}) |"
+            )
+    return summary
+
+
+def passkey_report(out_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
+    """Tables (printed as Markdown) and numbers of the passkey part: accuracy per haystack length and per depth."""
+    rows = [("gist8_neg_control", "negative control: no context"), ("gist8_truncate", "truncate: the context's last K tokens"),
+            ("gist8_gist", "gist-8: context compressed into 8 gists"), ("gist8_pos_control", "positive control: full context (gist-trained model)"),
+            ("base_pos_control", "base, untrained, full context")]
+    summary: Dict[str, Any] = {"rows": {}}
+    depths = (0.0, 0.25, 0.5, 0.75, 1.0)
+    recs = {name: _load(out_dir, name) for name, _ in rows}
+    if not any(recs.values()):
+        return summary
+    lengths = sorted({s["target_context_tokens"] for r in recs.values() if r for s in r["tasks"]["gist_passkey"]["samples"]})
+    k = next((r["num_gist_tokens"] for r in recs.values() if r), 1)
+
+    def acc(samples: List[Dict[str, Any]]) -> Optional[float]:
+        return sum(s["acc"] for s in samples) / len(samples) if samples else None
+
+    def pct(x: Optional[float]) -> str:
+        return "-" if x is None else f"{100 * x:.0f}%"
+
+    print("\n| mode | all | " + " | ".join(f"{n} tok ({n / k:.0f}x)" for n in lengths) + " | "
+          + " | ".join(f"depth {d}" for d in depths) + " | KV MB/example | eval s |")
+    print("|---|---|" + "---|" * (len(lengths) + len(depths)) + "---|---|")
+    for name, label in rows:
+        rec = recs[name]
+        if rec is None:
+            continue
+        t = rec["tasks"]["gist_passkey"]
+        samples = t["samples"]
+        by_len = {n: acc([s for s in samples if s["target_context_tokens"] == n]) for n in lengths}
+        by_depth = {d: acc([s for s in samples if abs(s["depth"] - d) < 1e-9]) for d in depths}
+        m = t["metrics"]
+        summary["rows"][name] = {
+            **m, "n": len(samples), "by_length": {str(n): v for n, v in by_len.items()},
+            "by_depth": {str(d): v for d, v in by_depth.items()},
+        }
+        print(
+            f"| {label} | {pct(m['acc'])} (n={len(samples)}) | " + " | ".join(pct(v) for v in by_len.values()) + " | "
+            + " | ".join(pct(v) for v in by_depth.values())
+            + f" | {m.get('kv_bytes', float('nan')) / 1e6:.2f} | {t['seconds']:.0f} |"
+        )
+    summary["lengths"], summary["num_gist_tokens"] = lengths, k
+    return summary
+
+
+def plots(out_dir: Path, summary: Dict[str, Any]) -> None:
+    """``benchmarks/smollm2_rouge.png``, ``smollm2_passkey.png`` and ``smollm2_loss.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    alpaca = summary.get("alpaca", {}).get("rows", {})
+    if alpaca:
+        names = [n for n in ("neg1_neg_control", "gist1_gist", "pos1_pos_control", "base_pos_control") if n in alpaca]
+        labels = {"neg1_neg_control": "neg control", "gist1_gist": "gist-1", "pos1_pos_control": "pos control", "base_pos_control": "base (untrained)"}
+        fig, ax = plt.subplots(figsize=(7, 4))
+        width = 0.8 / len(names)
+        for i, n in enumerate(names):
+            vals = [100 * alpaca[n][t]["rougeL"] for t in ALPACA_TASKS]
+            errs = [100 * alpaca[n][t]["rougeL_stderr"] for t in ALPACA_TASKS]
+            ax.bar([x + i * width for x in range(len(ALPACA_TASKS))], vals, width, yerr=errs, capsize=3, label=labels[n])
+        ax.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(ALPACA_TASKS))])
+        ax.set_xticklabels([t.replace("alpaca_plus_", "") for t in ALPACA_TASKS])
+        ax.set_ylabel("ROUGE-L")
+        ax.set_title("SmolLM2-135M-Instruct, Alpaca+ (trained on validation_seen)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(BENCH_DIR / "smollm2_rouge.png", dpi=110)
+        plt.close(fig)
+    passkey = summary.get("passkey", {}).get("rows", {})
+    if passkey:
+        labels = {"gist8_gist": "gist-8 (compressed)", "gist8_pos_control": "full context (pos. control)",
+                  "gist8_truncate": "last 8 tokens only", "gist8_neg_control": "no context (neg. control)",
+                  "base_pos_control": "untrained base, full context"}
+        lengths, k = summary["passkey"]["lengths"], summary["passkey"]["num_gist_tokens"]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for name, label in labels.items():
+            if name in passkey:
+                ys = [passkey[name]["by_length"][str(n)] for n in lengths]
+                ax.plot([n / k for n in lengths], [100 * y for y in ys], marker="o", label=label,
+                         linestyle="-" if name == "gist8_gist" else "--")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([n / k for n in lengths])
+        ax.set_xticklabels([f"{n / k:.0f}x\n({n} tok)" for n in lengths])
+        ax.set_ylim(-5, 105)
+        ax.set_xlabel("compression ratio (haystack tokens / K)")
+        ax.set_ylabel("passkey exact match (%)")
+        ax.set_title(f"SmolLM2-135M-Instruct, passkey, K={k}")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(BENCH_DIR / "smollm2_passkey.png", dpi=110)
+        plt.close(fig)
+    runs = [(part, t) for part in PARTS.values() for t in part.trainings if (out_dir / part.name / t.name / ADAPTER).is_file()]
+    if runs:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for part, t in runs:
+            hist = loss_history(out_dir / part.name / t.name)
+            ax = axes[0 if part.name == "alpaca" else 1]
+            steps, losses = zip(*hist)
+            window = 5
+            smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1]) for i in range(len(losses))]
+            line, = ax.plot(steps, losses, alpha=0.25)
+            ax.plot(steps, smooth, color=line.get_color(), label=f"{t.name} ({t.overrides['mask_mode']})")
+        for ax, title in zip(axes, ("Alpaca+ seen (loss per output token)", "passkey (loss per answer token)")):
+            ax.set_title(title)
+            ax.set_xlabel("step")
+            ax.set_ylabel("training loss (5-step mean)")
+            if ax.lines:
+                ax.legend()
+        fig.tight_layout()
+        fig.savefig(BENCH_DIR / "smollm2_loss.png", dpi=110)
+        plt.close(fig)
+
+
+def report(out_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
+    """Print the tables, write ``summary.json`` and the plots."""
+    summary: Dict[str, Any] = {}
+    if (out_dir / "alpaca").is_dir():
+        summary["alpaca"] = alpaca_report(out_dir / "alpaca", args)
+    if (out_dir / "passkey").is_dir():
+        summary["passkey"] = passkey_report(out_dir / "passkey", args)
+    summary["trainings"] = {}
+    for part in PARTS.values():
+        for t in part.trainings:
+            run_dir = out_dir / part.name / t.name
+            if (run_dir / ADAPTER).is_file():
+                hist = loss_history(run_dir)
+                first, last = hist[: min(5, len(hist))], hist[-min(5, len(hist)) :]
+                wall, cpu = train_seconds(run_dir)
+                summary["trainings"][f"{part.name}/{t.name}"] = {
+                    "steps": len(hist),
+                    "seconds": wall,
+                    "cpu_seconds": cpu,
+                    "loss_first5": sum(v for _, v in first) / len(first),
+                    "loss_last5": sum(v for _, v in last) / len(last),
+                }
+    print("\n| training | steps | wall s | CPU s | loss (first 5 steps) | loss (last 5 steps) |\n|---|---|---|---|---|---|")
+    for name, t in summary["trainings"].items():
+        wall, cpu = (f"{x:.0f}" if x else "-" for x in (t["seconds"], t["cpu_seconds"]))
+        print(f"| {name} | {t['steps']} | {wall} | {cpu} | {t['loss_first5']:.3f} | {t['loss_last5']:.3f} |")
+    _atomic_json(summary, out_dir / "summary.json")
+    plots(out_dir, summary)
+    return summary
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", nargs="+", choices=sorted(PARTS), default=["alpaca", "passkey"])
+    parser.add_argument("--out", default="outputs/smollm2", help="output folder (relative to the repository)")
+    parser.add_argument("--only", nargs="*", default=None, help="only these stages (training names or <model>_<mode>)")
+    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--unseen-limit", type=int, default=200, help="first N records of validation_unseen")
+    parser.add_argument("--human-limit", type=int, default=100, help="first N records of validation_human")
+    parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "alpaca_plus"),
+                        help="folder with the Alpaca+ validation files")
+    parser.add_argument("--max-gen-toks", type=int, default=128)
+    parser.add_argument("--eval-batch-size", type=int, default=16)
+    parser.add_argument("--passkey-samples", type=int, default=150, help="spread evenly over lengths and depths")
+    parser.add_argument("--passkey-context-tokens", type=int, nargs="+", default=[64, 128, 256])
+    parser.add_argument("--passkey-eval-seed", type=int, default=1234)
+    args = parser.parse_args(argv)
+    os.chdir(ROOT)  # the configs' paths are relative to the repository
+    out_dir = ROOT / args.out
+    if not args.report_only:
+        for name in args.parts:
+            part = PARTS[name]
+            for t in part.trainings:
+                if args.only is None or t.name in args.only:
+                    train(t, out_dir / part.name)
+            for e in part.evaluations:
+                if args.only is None or e.name in args.only:
+                    evaluate(part, e, out_dir / part.name, args)
+    report(out_dir, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -19,7 +19,7 @@ Two parts, each a few LoRA-gist trainings (``tune run gist_lora_single_device``)
    (negative control), and with only the context's last K tokens (``truncate``); the untrained base
    with the full context.
 
-Every stage is skipped when its output exists (trainings: ``<run>/epoch_0/gist_adapter.safetensors``;
+Every stage is skipped when its output exists (trainings: the last epoch's ``gist_adapter.safetensors``;
 evaluations: ``eval/<model>_<mode>.json``, redone when its sample sizes differ from the command
 line's), so an interrupted study resumes where it stopped; a
 training that stopped midway resumes from its last ``step_N`` checkpoint when it has one.
@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH_DIR = ROOT / "benchmarks"
 ALPACA_CONFIG = "configs/smollm2/gist_lora_alpaca.yaml"
 PASSKEY_CONFIG = "configs/smollm2/gist_lora_passkey.yaml"
-ADAPTER = "epoch_0/gist_adapter.safetensors"
+ADAPTER = "gist_adapter.safetensors"
 BASE = "base"
 ALPACA_TASKS = ("alpaca_plus_unseen", "alpaca_plus_human")
 
@@ -68,6 +68,13 @@ class Training:
     name: str
     config: str
     overrides: Dict[str, Any] = field(default_factory=dict)
+
+    def final_dir(self, run_dir: Path) -> Path:
+        """The last epoch's checkpoint folder under ``run_dir`` (``epochs`` from the overrides or the config)."""
+        from omegaconf import OmegaConf
+
+        epochs = self.overrides.get("epochs", OmegaConf.load(ROOT / self.config).epochs)
+        return run_dir / f"epoch_{int(epochs) - 1}"
 
 
 @dataclass(frozen=True)
@@ -100,12 +107,14 @@ PARTS = {
             Training("gist1", ALPACA_CONFIG, {"num_gist_tokens": 1, "mask_mode": "gist"}),
             Training("pos1", ALPACA_CONFIG, {"num_gist_tokens": 1, "mask_mode": "pos_control"}),
             Training("neg1", ALPACA_CONFIG, {"num_gist_tokens": 1, "mask_mode": "neg_control"}),
+            Training("gist1_3ep", ALPACA_CONFIG, {"num_gist_tokens": 1, "mask_mode": "gist", "epochs": 3}),
         ),
         (
             Evaluation("gist1", "gist"),
             Evaluation("pos1", "pos_control"),
             Evaluation("neg1", "neg_control"),
             Evaluation(BASE, "pos_control"),
+            Evaluation("gist1_3ep", "gist"),
         ),
     ),
     "passkey": Part(
@@ -147,7 +156,7 @@ def train(training: Training, out_dir: Path) -> Path:
     from torchtune_gist.training import latest_checkpoint
 
     run_dir = out_dir / training.name
-    if (run_dir / ADAPTER).is_file():
+    if (training.final_dir(run_dir) / ADAPTER).is_file():
         print(f"[skip] training {run_dir} (done)")
         return run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -166,7 +175,7 @@ def train(training: Training, out_dir: Path) -> Path:
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
         log.write(f"end {time.time():.0f} rc {rc} cpu {cpu:.0f}\n")
-    if rc != 0 or not (run_dir / ADAPTER).is_file():
+    if rc != 0 or not (training.final_dir(run_dir) / ADAPTER).is_file():
         raise RuntimeError(f"training {training.name} failed (exit code {rc}); see {run_dir / 'train.log'}")
     return run_dir
 
@@ -188,11 +197,11 @@ def train_seconds(run_dir: Path) -> Tuple[Optional[float], Optional[float]]:
     return wall or None, cpu or None
 
 
-def loss_history(run_dir: Path) -> List[Tuple[int, float]]:
+def loss_history(final_dir: Path) -> List[Tuple[int, float]]:
     """``(step, training loss)`` of a finished run, from its final recipe state (survives resumes)."""
     from safetensors import safe_open
 
-    with safe_open(str(run_dir / "epoch_0" / "recipe_state.safetensors"), framework="pt") as f:
+    with safe_open(str(final_dir / "recipe_state.safetensors"), framework="pt") as f:
         progress = json.loads((f.metadata() or {})["progress"])
     return [(int(s), float(v)) for s, v in progress["loss_history"]]
 
@@ -233,8 +242,9 @@ def evaluate(part: Part, evaluation: Evaluation, out_dir: Path, args: argparse.N
         print(f"[skip] evaluation {path} (done)")
         return path
     torch.set_num_threads(1)
-    checkpoint = None if evaluation.model == BASE else str(out_dir / evaluation.model / "epoch_0")
-    overrides = next((t.overrides for t in part.trainings if t.name == evaluation.model), part.trainings[0].overrides)
+    training = next((t for t in part.trainings if t.name == evaluation.model), part.trainings[0])
+    checkpoint = None if evaluation.model == BASE else str(training.final_dir(out_dir / evaluation.model))
+    overrides = training.overrides
     config = _config_with(part.config, {"num_gist_tokens": overrides["num_gist_tokens"]}, out_dir)
     start = time.perf_counter()
     lm = TorchtuneGistLM(
@@ -348,6 +358,7 @@ def gap_share(gist: Sequence[float], pos: Sequence[float], neg: Sequence[float],
 def alpaca_report(out_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
     """Tables (printed as Markdown) and numbers of the Alpaca+ part."""
     rows = [("neg1_neg_control", "negative control (trained, no prompt)"), ("gist1_gist", "gist-1 (trained, prompt compressed)"),
+            ("gist1_3ep_gist", "gist-1, 3 epochs (trained 3x longer than the rest)"),
             ("pos1_pos_control", "positive control (trained, full prompt)"), ("base_pos_control", "base, untrained, full prompt")]
     summary: Dict[str, Any] = {"rows": {}}
     print("\n| model | split | ROUGE-1 | ROUGE-2 | ROUGE-L | compression (prompt tok / K) | KV MB/example | eval s |")
@@ -366,23 +377,25 @@ def alpaca_report(out_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
                 f"| {100 * m['rougeL']:.1f} ± {100 * m['rougeL_stderr']:.1f} | {m.get('compression_ratio', float('nan')):.1f} "
                 f"| {m.get('kv_bytes', float('nan')) / 1e6:.2f} | {t['seconds']:.0f} |"
             )
-    g, p, q = (_load(out_dir, n) for n in ("gist1_gist", "pos1_pos_control", "neg1_neg_control"))
-    if g and p and q:
-        print("\n| split | neg | gist-1 | pos | share of the control gap kept (95% bootstrap) | LLaMA-7B (paper) |")
-        print("|---|---|---|---|---|---|")
+    p, q = (_load(out_dir, n) for n in ("pos1_pos_control", "neg1_neg_control"))
+    gists = [(n, g) for n in ("gist1_gist", "gist1_3ep_gist") for g in [_load(out_dir, n)] if g]
+    if p and q and gists:
+        print("\n| gist model | split | neg | gist | pos | share of the control gap kept (95% bootstrap) | LLaMA-7B gist-1 (paper) |")
+        print("|---|---|---|---|---|---|---|")
         summary["share"] = {}
-        for task in ALPACA_TASKS:
-            split = task.split("_")[-1]
-            per = [[s["rougeL"] for s in r["tasks"][task]["samples"]] for r in (g, p, q)]
-            sh = gap_share(*per)
-            summary["share"][task] = sh
-            paper = PAPER_LLAMA_7B
-            paper_share = (paper["gist1"][split] - paper["neg_control"][split]) / (paper["pos_control"][split] - paper["neg_control"][split])
-            print(
-                f"| {split} | {100 * sum(per[2]) / len(per[2]):.1f} | {100 * sum(per[0]) / len(per[0]):.1f} | "
-                f"{100 * sum(per[1]) / len(per[1]):.1f} | {100 * sh['share']:.0f}% [{100 * sh['lo']:.0f}%, {100 * sh['hi']:.0f}%] | "
-                f"{100 * paper_share:.0f}% ({paper['neg_control'][split]} / {paper['gist1'][split]} / {paper['pos_control'][split]}) |"
-            )
+        for name, g in gists:
+            for task in ALPACA_TASKS:
+                split = task.split("_")[-1]
+                per = [[s["rougeL"] for s in r["tasks"][task]["samples"]] for r in (g, p, q)]
+                sh = gap_share(*per)
+                summary["share"].setdefault(name, {})[task] = sh
+                paper = PAPER_LLAMA_7B
+                paper_share = (paper["gist1"][split] - paper["neg_control"][split]) / (paper["pos_control"][split] - paper["neg_control"][split])
+                print(
+                    f"| {name.removesuffix('_gist')} | {split} | {100 * sum(per[2]) / len(per[2]):.1f} | {100 * sum(per[0]) / len(per[0]):.1f} | "
+                    f"{100 * sum(per[1]) / len(per[1]):.1f} | {100 * sh['share']:.0f}% [{100 * sh['lo']:.0f}%, {100 * sh['hi']:.0f}%] | "
+                    f"{100 * paper_share:.0f}% ({paper['neg_control'][split]} / {paper['gist1'][split]} / {paper['pos_control'][split]}) |"
+                )
     return summary
 
 
@@ -439,8 +452,9 @@ def plots(out_dir: Path, summary: Dict[str, Any]) -> None:
 
     alpaca = summary.get("alpaca", {}).get("rows", {})
     if alpaca:
-        names = [n for n in ("neg1_neg_control", "gist1_gist", "pos1_pos_control", "base_pos_control") if n in alpaca]
-        labels = {"neg1_neg_control": "neg control", "gist1_gist": "gist-1", "pos1_pos_control": "pos control", "base_pos_control": "base (untrained)"}
+        names = [n for n in ("neg1_neg_control", "gist1_gist", "gist1_3ep_gist", "pos1_pos_control", "base_pos_control") if n in alpaca]
+        labels = {"neg1_neg_control": "neg control", "gist1_gist": "gist-1", "gist1_3ep_gist": "gist-1, 3 epochs",
+                  "pos1_pos_control": "pos control", "base_pos_control": "base (untrained)"}
         fig, ax = plt.subplots(figsize=(7, 4))
         width = 0.8 / len(names)
         for i, n in enumerate(names):
@@ -478,11 +492,12 @@ def plots(out_dir: Path, summary: Dict[str, Any]) -> None:
         fig.tight_layout()
         fig.savefig(BENCH_DIR / "smollm2_passkey.png", dpi=110)
         plt.close(fig)
-    runs = [(part, t) for part in PARTS.values() for t in part.trainings if (out_dir / part.name / t.name / ADAPTER).is_file()]
+    runs = [(part, t) for part in PARTS.values() for t in part.trainings
+            if (t.final_dir(out_dir / part.name / t.name) / ADAPTER).is_file()]
     if runs:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         for part, t in runs:
-            hist = loss_history(out_dir / part.name / t.name)
+            hist = loss_history(t.final_dir(out_dir / part.name / t.name))
             ax = axes[0 if part.name == "alpaca" else 1]
             steps, losses = zip(*hist)
             window = 5
@@ -511,8 +526,8 @@ def report(out_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
     for part in PARTS.values():
         for t in part.trainings:
             run_dir = out_dir / part.name / t.name
-            if (run_dir / ADAPTER).is_file():
-                hist = loss_history(run_dir)
+            if (t.final_dir(run_dir) / ADAPTER).is_file():
+                hist = loss_history(t.final_dir(run_dir))
                 first, last = hist[: min(5, len(hist))], hist[-min(5, len(hist)) :]
                 wall, cpu = train_seconds(run_dir)
                 summary["trainings"][f"{part.name}/{t.name}"] = {

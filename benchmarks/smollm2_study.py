@@ -9,15 +9,18 @@ Two parts, each a few LoRA-gist trainings (``tune run gist_lora_single_device``)
 
 1. ``alpaca``: instruction compression. Train on Alpaca+ ``validation_seen`` (1000 records), evaluate
    ROUGE on the first ``--unseen-limit`` / ``--human-limit`` records of ``validation_unseen`` and
-   ``validation_human`` (instructions never seen in training). Models: gist-1 (``mask_mode=gist``), the positive control
-   (``pos_control``: the full prompt stays visible) and the negative control (``neg_control``: no
-   prompt), each trained with the same recipe and evaluated in its own mode; also the untrained base
-   with the full prompt.
+   ``validation_human`` (instructions never seen in training). Models, each trained one epoch with the
+   same recipe and evaluated in its own mode: gist-1, gist-2, gist-5 (``mask_mode=gist``), the positive
+   control (``pos_control``: the full prompt stays visible) and the negative control (``neg_control``:
+   no prompt); also gist-1 trained three epochs, and the untrained base with the full prompt.
 2. ``passkey``: compress a haystack of 64, 128 or 256 tokens into K=8 gist tokens (8x, 16x, 32x),
-   then answer "What is the pass key?". Exact-match accuracy per length of the gist model with
-   compression, and of the same model with the full context (positive control), with no context
-   (negative control), and with only the context's last K tokens (``truncate``); the untrained base
-   with the full context.
+   then answer "What is the pass key?". Exact-match accuracy per length and depth of the gist model
+   with compression, with no context (negative control), with only the context's last K tokens
+   (``truncate``) and with the full context; the positive control (trained and evaluated with the full
+   context); the untrained base with the full context.
+
+Each part takes about an hour of one core on a 2-core CPU; the two parts can run side by side
+(``--parts alpaca`` and ``--parts passkey`` in two shells).
 
 Every stage is skipped when its output exists (trainings: the last epoch's ``gist_adapter.safetensors``;
 evaluations: ``eval/<model>_<mode>.json``, redone when its sample sizes differ from the command
@@ -107,6 +110,8 @@ PARTS = {
             Training("gist1", ALPACA_CONFIG, {"num_gist_tokens": 1, "mask_mode": "gist"}),
             Training("pos1", ALPACA_CONFIG, {"num_gist_tokens": 1, "mask_mode": "pos_control"}),
             Training("neg1", ALPACA_CONFIG, {"num_gist_tokens": 1, "mask_mode": "neg_control"}),
+            Training("gist2", ALPACA_CONFIG, {"num_gist_tokens": 2, "mask_mode": "gist"}),
+            Training("gist5", ALPACA_CONFIG, {"num_gist_tokens": 5, "mask_mode": "gist"}),
             Training("gist1_3ep", ALPACA_CONFIG, {"num_gist_tokens": 1, "mask_mode": "gist", "epochs": 3}),
         ),
         (
@@ -114,18 +119,24 @@ PARTS = {
             Evaluation("pos1", "pos_control"),
             Evaluation("neg1", "neg_control"),
             Evaluation(BASE, "pos_control"),
+            Evaluation("gist2", "gist"),
+            Evaluation("gist5", "gist"),
             Evaluation("gist1_3ep", "gist"),
         ),
     ),
     "passkey": Part(
         "passkey",
         PASSKEY_CONFIG,
-        (Training("gist8", PASSKEY_CONFIG, {"num_gist_tokens": 8, "mask_mode": "gist"}),),
+        (
+            Training("gist8", PASSKEY_CONFIG, {"num_gist_tokens": 8, "mask_mode": "gist"}),
+            Training("pos8", PASSKEY_CONFIG, {"num_gist_tokens": 8, "mask_mode": "pos_control"}),
+        ),
         (
             Evaluation("gist8", "gist"),
             Evaluation("gist8", "pos_control"),
             Evaluation("gist8", "neg_control"),
             Evaluation("gist8", "truncate"),
+            Evaluation("pos8", "pos_control"),
             Evaluation(BASE, "pos_control"),
         ),
     ),
@@ -358,6 +369,7 @@ def gap_share(gist: Sequence[float], pos: Sequence[float], neg: Sequence[float],
 def alpaca_report(out_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
     """Tables (printed as Markdown) and numbers of the Alpaca+ part."""
     rows = [("neg1_neg_control", "negative control (trained, no prompt)"), ("gist1_gist", "gist-1 (trained, prompt compressed)"),
+            ("gist2_gist", "gist-2 (trained, prompt compressed)"), ("gist5_gist", "gist-5 (trained, prompt compressed)"),
             ("gist1_3ep_gist", "gist-1, 3 epochs (trained 3x longer than the rest)"),
             ("pos1_pos_control", "positive control (trained, full prompt)"), ("base_pos_control", "base, untrained, full prompt")]
     summary: Dict[str, Any] = {"rows": {}}
@@ -378,7 +390,7 @@ def alpaca_report(out_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
                 f"| {m.get('kv_bytes', float('nan')) / 1e6:.2f} | {t['seconds']:.0f} |"
             )
     p, q = (_load(out_dir, n) for n in ("pos1_pos_control", "neg1_neg_control"))
-    gists = [(n, g) for n in ("gist1_gist", "gist1_3ep_gist") for g in [_load(out_dir, n)] if g]
+    gists = [(n, g) for n in ("gist1_gist", "gist2_gist", "gist5_gist", "gist1_3ep_gist") for g in [_load(out_dir, n)] if g]
     if p and q and gists:
         print("\n| gist model | split | neg | gist | pos | share of the control gap kept (95% bootstrap) | LLaMA-7B gist-1 (paper) |")
         print("|---|---|---|---|---|---|---|")
@@ -402,7 +414,8 @@ def alpaca_report(out_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
 def passkey_report(out_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
     """Tables (printed as Markdown) and numbers of the passkey part: accuracy per haystack length and per depth."""
     rows = [("gist8_neg_control", "negative control: no context"), ("gist8_truncate", "truncate: the context's last K tokens"),
-            ("gist8_gist", "gist-8: context compressed into 8 gists"), ("gist8_pos_control", "positive control: full context (gist-trained model)"),
+            ("gist8_gist", "gist-8: context compressed into 8 gists"), ("gist8_pos_control", "full context, gist-trained model"),
+            ("pos8_pos_control", "positive control: full context, trained with it"),
             ("base_pos_control", "base, untrained, full context")]
     summary: Dict[str, Any] = {"rows": {}}
     depths = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -452,8 +465,10 @@ def plots(out_dir: Path, summary: Dict[str, Any]) -> None:
 
     alpaca = summary.get("alpaca", {}).get("rows", {})
     if alpaca:
-        names = [n for n in ("neg1_neg_control", "gist1_gist", "gist1_3ep_gist", "pos1_pos_control", "base_pos_control") if n in alpaca]
-        labels = {"neg1_neg_control": "neg control", "gist1_gist": "gist-1", "gist1_3ep_gist": "gist-1, 3 epochs",
+        names = [n for n in ("neg1_neg_control", "gist1_gist", "gist2_gist", "gist5_gist", "gist1_3ep_gist", "pos1_pos_control",
+                               "base_pos_control") if n in alpaca]
+        labels = {"neg1_neg_control": "neg control", "gist1_gist": "gist-1", "gist2_gist": "gist-2", "gist5_gist": "gist-5",
+                  "gist1_3ep_gist": "gist-1, 3 epochs",
                   "pos1_pos_control": "pos control", "base_pos_control": "base (untrained)"}
         fig, ax = plt.subplots(figsize=(7, 4))
         width = 0.8 / len(names)
@@ -471,7 +486,8 @@ def plots(out_dir: Path, summary: Dict[str, Any]) -> None:
         plt.close(fig)
     passkey = summary.get("passkey", {}).get("rows", {})
     if passkey:
-        labels = {"gist8_gist": "gist-8 (compressed)", "gist8_pos_control": "full context (pos. control)",
+        labels = {"gist8_gist": "gist-8 (compressed)", "gist8_pos_control": "full context, gist-trained model",
+                  "pos8_pos_control": "full context (pos. control, trained)",
                   "gist8_truncate": "last 8 tokens only", "gist8_neg_control": "no context (neg. control)",
                   "base_pos_control": "untrained base, full context"}
         lengths, k = summary["passkey"]["lengths"], summary["passkey"]["num_gist_tokens"]

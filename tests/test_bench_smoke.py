@@ -104,3 +104,32 @@ def test_bench_gpu_measures_nothing_without_gpu(tmp_path: Path) -> None:
 def test_bench_gpu_rejects_bad_shapes() -> None:
     proc = _run(str(BENCH / "bench_gpu.py"), "--dry-run", "--train-shapes", "2x")
     assert proc.returncode == 2 and "BATCHxSEQ" in proc.stderr
+
+
+def _study_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("smollm2_study", BENCH / "smollm2_study.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_study_gap_share_and_its_interval() -> None:
+    study = _study_module()
+    pos, neg = [1.0, 0.8, 0.9, 0.7] * 10, [0.2, 0.1, 0.3, 0.2] * 10
+    gist = [n + 0.5 * (p - n) for p, n in zip(pos, neg)]
+    got = study.gap_share(gist, pos, neg)
+    assert got["share"] == pytest.approx(0.5)
+    assert got["lo"] <= 0.5 <= got["hi"]
+    assert study.gap_share(pos, pos, neg)["share"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="same"):
+        study.gap_share(gist[:3], pos, neg)
+
+
+def test_study_final_checkpoint_follows_epochs(tmp_path: Path) -> None:
+    study = _study_module()
+    one = study.Training("a", study.ALPACA_CONFIG, {"num_gist_tokens": 1})
+    three = study.Training("b", study.ALPACA_CONFIG, {"num_gist_tokens": 1, "epochs": 3})
+    assert one.final_dir(tmp_path) == tmp_path / "epoch_0"
+    assert three.final_dir(tmp_path) == tmp_path / "epoch_2"

@@ -19,7 +19,8 @@ Two parts, each a few LoRA-gist trainings (``tune run gist_lora_single_device``)
    (``truncate``) and with the full context; the positive control (trained and evaluated with the full
    context); the untrained base with the full context.
 
-Each part takes about an hour of one core on a 2-core CPU; the two parts can run side by side
+Each part takes one and a half to two hours of one core on a 2-core CPU with the other core busy
+(``benchmarks/smollm2_study.md`` has the measured costs); the two parts can run side by side
 (``--parts alpaca`` and ``--parts passkey`` in two shells).
 
 Every stage is skipped when its output exists (trainings: the last epoch's ``gist_adapter.safetensors``;

@@ -27,7 +27,8 @@ Every stage is skipped when its output exists (trainings: the last epoch's ``gis
 evaluations: ``eval/<model>_<mode>.json``, redone when its sample sizes differ from the command
 line's), so an interrupted study resumes where it stopped; a
 training that stopped midway resumes from its last ``step_N`` checkpoint when it has one.
-Outputs go under ``--out`` (default ``outputs/smollm2``); plots to ``benchmarks/smollm2_*.png``.
+Outputs go under ``--out`` (default ``outputs/smollm2``); plots to ``benchmarks/smollm2_*.png`` for the default
+``--out``, else beside the outputs (``--plots-dir`` to choose).
 Everything runs on one thread (other jobs share this CPU); trainings run as ``tune run`` subprocesses.
 """
 
@@ -45,6 +46,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_DIR = ROOT / "benchmarks"
+DEFAULT_OUT = "outputs/smollm2"
 ALPACA_CONFIG = "configs/smollm2/gist_lora_alpaca.yaml"
 PASSKEY_CONFIG = "configs/smollm2/gist_lora_passkey.yaml"
 ADAPTER = "gist_adapter.safetensors"
@@ -457,8 +459,8 @@ def passkey_report(out_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
     return summary
 
 
-def plots(out_dir: Path, summary: Dict[str, Any]) -> None:
-    """``benchmarks/smollm2_rouge.png``, ``smollm2_passkey.png`` and ``smollm2_loss.png``."""
+def plots(out_dir: Path, summary: Dict[str, Any], plots_dir: Path) -> None:
+    """``smollm2_rouge.png``, ``smollm2_passkey.png`` and ``smollm2_loss.png`` in ``plots_dir``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -483,7 +485,7 @@ def plots(out_dir: Path, summary: Dict[str, Any]) -> None:
         ax.set_title("SmolLM2-135M-Instruct, Alpaca+ (trained on validation_seen)")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(BENCH_DIR / "smollm2_rouge.png", dpi=110)
+        fig.savefig(plots_dir / "smollm2_rouge.png", dpi=110)
         plt.close(fig)
     passkey = summary.get("passkey", {}).get("rows", {})
     if passkey:
@@ -507,7 +509,7 @@ def plots(out_dir: Path, summary: Dict[str, Any]) -> None:
         ax.set_title(f"SmolLM2-135M-Instruct, passkey, K={k}")
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(BENCH_DIR / "smollm2_passkey.png", dpi=110)
+        fig.savefig(plots_dir / "smollm2_passkey.png", dpi=110)
         plt.close(fig)
     runs = [(part, t) for part in PARTS.values() for t in part.trainings
             if (t.final_dir(out_dir / part.name / t.name) / ADAPTER).is_file()]
@@ -528,7 +530,7 @@ def plots(out_dir: Path, summary: Dict[str, Any]) -> None:
             if ax.lines:
                 ax.legend()
         fig.tight_layout()
-        fig.savefig(BENCH_DIR / "smollm2_loss.png", dpi=110)
+        fig.savefig(plots_dir / "smollm2_loss.png", dpi=110)
         plt.close(fig)
 
 
@@ -559,14 +561,15 @@ def report(out_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
         wall, cpu = (f"{x:.0f}" if x else "-" for x in (t["seconds"], t["cpu_seconds"]))
         print(f"| {name} | {t['steps']} | {wall} | {cpu} | {t['loss_first5']:.3f} | {t['loss_last5']:.3f} |")
     _atomic_json(summary, out_dir / "summary.json")
-    plots(out_dir, summary)
+    plots(out_dir, summary, Path(args.plots_dir) if args.plots_dir else BENCH_DIR if out_dir == ROOT / DEFAULT_OUT else out_dir)
     return summary
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="+", choices=sorted(PARTS), default=["alpaca", "passkey"])
-    parser.add_argument("--out", default="outputs/smollm2", help="output folder (relative to the repository)")
+    parser.add_argument("--out", default=DEFAULT_OUT, help="output folder (relative to the repository)")
+    parser.add_argument("--plots-dir", default=None, help="where the PNGs go (default: benchmarks/ for the default --out, else --out)")
     parser.add_argument("--only", nargs="*", default=None, help="only these stages (training names or <model>_<mode>)")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--unseen-limit", type=int, default=200, help="first N records of validation_unseen")

@@ -534,6 +534,16 @@ def plots(out_dir: Path, summary: Dict[str, Any], plots_dir: Path) -> None:
         plt.close(fig)
 
 
+def _plots_dir(out_dir: Path, args: argparse.Namespace) -> Path:
+    """``--plots-dir`` if given; else ``benchmarks/`` for the default ``--out`` (the committed plots), else ``out_dir``."""
+    if args.plots_dir:
+        plots_dir = Path(args.plots_dir)
+    else:
+        plots_dir = BENCH_DIR if out_dir == ROOT / DEFAULT_OUT else out_dir
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    return plots_dir
+
+
 def report(out_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
     """Print the tables, write ``summary.json`` and the plots."""
     summary: Dict[str, Any] = {}
@@ -561,7 +571,7 @@ def report(out_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
         wall, cpu = (f"{x:.0f}" if x else "-" for x in (t["seconds"], t["cpu_seconds"]))
         print(f"| {name} | {t['steps']} | {wall} | {cpu} | {t['loss_first5']:.3f} | {t['loss_last5']:.3f} |")
     _atomic_json(summary, out_dir / "summary.json")
-    plots(out_dir, summary, Path(args.plots_dir) if args.plots_dir else BENCH_DIR if out_dir == ROOT / DEFAULT_OUT else out_dir)
+    plots(out_dir, summary, _plots_dir(out_dir, args))
     return summary
 
 

@@ -30,7 +30,7 @@ smollm2: setup
 
 # The SmolLM2 gist study (benchmarks/smollm2_study.md): trainings + evaluations, resumable; hours on a 2-core CPU.
 smollm2-study: smollm2
-	OMP_NUM_THREADS=1 $(PY) benchmarks/smollm2_study.py
+	$(PY) benchmarks/smollm2_study.py
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -133,3 +133,14 @@ def test_study_final_checkpoint_follows_epochs(tmp_path: Path) -> None:
     three = study.Training("b", study.ALPACA_CONFIG, {"num_gist_tokens": 1, "epochs": 3})
     assert one.final_dir(tmp_path) == tmp_path / "epoch_0"
     assert three.final_dir(tmp_path) == tmp_path / "epoch_2"
+
+
+def test_study_runs_extras_only_when_asked() -> None:
+    study = _study_module()
+    args = study.argparse.Namespace(only=None, extras=False)
+    chosen = [t.name for t in study.PARTS["alpaca"].trainings if study._selected(t.name, t.extra, args)]
+    assert chosen == ["gist1", "pos1", "neg1"]
+    args.extras = True
+    assert all(study._selected(t.name, t.extra, args) for t in study.PARTS["alpaca"].trainings)
+    args.only = ["gist5"]
+    assert [t.name for t in study.PARTS["alpaca"].trainings if study._selected(t.name, t.extra, args)] == ["gist5"]

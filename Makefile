@@ -28,7 +28,7 @@ bench: setup
 smollm2: setup
 	$(PY) -m torchtune_gist.models.smollm2.convert --output-dir .cache/smollm2
 
-# The SmolLM2 gist study (benchmarks/smollm2_study.md): trainings + evaluations, resumable; hours on a 2-core CPU.
+# The SmolLM2 gist study (benchmarks/smollm2_study.md): trainings + evaluations, resumable; about two hours on a 2-core CPU.
 smollm2-study: smollm2
 	$(PY) benchmarks/smollm2_study.py
 

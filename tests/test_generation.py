@@ -347,6 +347,29 @@ def test_stop_tokens_and_sampling(model):
     assert runs[0] == runs[1]
 
 
+def test_finished_rows_leave_the_decoding_batch(model):
+    examples = [_example(6 + i, 2 + i, 20 + i) for i in range(8)]
+    prompts, conts = [p for p, _ in examples], [c for _, c in examples]
+    cache = compress(model, prompts, gist_token_ids=IDS)
+    greedy = generate_from_cache(model, cache, conts, max_new_tokens=8, return_logits=True)
+    # Row 0 stops at its 2nd token and would emit a stop token again at its 3rd (its length must stay 2);
+    # rows 1 and 2 stop at their 5th, and then three of eight rows have finished.
+    stops = greedy.tokens[0][1:3] + [greedy.tokens[1][4], greedy.tokens[2][4]]
+    batch_sizes: List[int] = []
+    hook = model.layers[0].register_forward_pre_hook(lambda _, args: batch_sizes.append(args[0].shape[0]))
+    try:
+        stopped = generate_from_cache(model, cache, conts, max_new_tokens=8, stop_tokens=stops, return_logits=True)
+    finally:
+        hook.remove()
+    assert len(stopped.tokens[0]) == 2
+    for row, full, logits, full_logits in zip(stopped.tokens, greedy.tokens, stopped.logits, greedy.logits):
+        n = min([full.index(t) + 1 for t in stops if t in full], default=len(full))
+        assert row == full[:n]
+        torch.testing.assert_close(logits, full_logits[:n], atol=ATOL, rtol=0)
+    assert batch_sizes[0] == 8 and batch_sizes[-1] < 8  # the stopped rows were dropped, not decoded on
+    assert stopped.kv_bytes == greedy.kv_bytes
+
+
 def test_lora_and_nf4_layers_are_used_as_they_are():
     torch.manual_seed(0)
     args = {**TINY_LLAMA3_1_ARGS, "embed_dim": 256, "intermediate_dim": 512}

@@ -96,6 +96,12 @@ class KVStore:
         self.valid[:, self.fill : self.fill + n] = True
         self.fill += n
 
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only batch rows ``rows`` (long ``[b']``, in the new order), freeing the others' entries."""
+        self.keys = [k.index_select(0, rows) for k in self.keys]
+        self.values = [v.index_select(0, rows) for v in self.values]
+        self.valid = self.valid.index_select(0, rows)
+
     def attention_mask(self, new_valid: torch.Tensor) -> torch.Tensor:
         """Record which of the next ``s`` slots are real tokens and build their attention mask.
 

@@ -117,15 +117,21 @@ def _decode(
     rng: Optional[torch.Generator],
     return_logits: bool,
 ) -> GenerationOutput:
-    """Feed ``rows`` (row ``i`` at positions ``start_pos[i] + j``) after what ``store`` holds, then decode."""
+    """Feed ``rows`` (row ``i`` at positions ``start_pos[i] + j``) after what ``store`` holds, then decode.
+
+    Rows that emit a stop token leave the batch (and the store) once a quarter of the rows still
+    decoding have finished, so a batch no longer runs every row until its longest answer ends.
+    """
     device = store.valid.device
     b = len(rows)
+    kv_bytes = store.nbytes
     tokens, input_pos, valid = left_pad(rows, start_pos, pad_id, device)
     next_pos = input_pos[:, -1] + 1
     stop = torch.tensor(sorted(set(stop_tokens or ())), dtype=torch.long, device=device)
-    new_tokens, step_logits = [], []
     lengths = torch.full((b,), max_new_tokens, dtype=torch.long, device=device)
     done = torch.zeros(b, dtype=torch.bool, device=device)
+    active = torch.arange(b, device=device)  # the batch rows still decoding, in the store's row order
+    steps: List[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = []
     with store_attention(model, store):
         logits = last_logits(model, forward_through_store(model, store, tokens, input_pos, valid))
         suppress = torch.tensor(
@@ -133,26 +139,35 @@ def _decode(
         )
         for step in range(max_new_tokens):
             token = _next_token(logits, suppress, temperature, top_k, rng)
-            new_tokens.append(token)
-            if return_logits:
-                step_logits.append(logits)
-            stopped = torch.isin(token, stop) & ~done
+            steps.append((active, token, logits if return_logits else None))
+            stopped = active[torch.isin(token, stop) & ~done[active]]
             lengths[stopped] = step + 1
-            done |= stopped
+            done[stopped] = True
             if step == max_new_tokens - 1 or bool(done.all()):
                 break
+            live = ~done[active]
+            if 4 * int(live.sum()) <= 3 * len(active):
+                # A quarter of the rows or more have finished: drop them from the store and the batch.
+                keep = live.nonzero().squeeze(1)
+                store.keep_rows(keep)
+                active, token = active[keep], token[keep]
+            n = len(active)
             h = forward_through_store(
-                model, store, token[:, None], (next_pos + step)[:, None], torch.ones(b, 1, dtype=torch.bool, device=device)
+                model, store, token[:, None], (next_pos[active] + step)[:, None], torch.ones(n, 1, dtype=torch.bool, device=device)
             )
             logits = last_logits(model, h)
-    out = torch.stack(new_tokens, 1).tolist()
-    n = lengths.tolist()
+    out = torch.full((b, len(steps)), pad_id, dtype=torch.long, device=device)
+    for step, (rows_at, token, _) in enumerate(steps):
+        out[rows_at, step] = token
+    n_new = lengths.tolist()
     logits_out = None
     if return_logits:
-        stacked = torch.stack(step_logits, 1)
-        logits_out = [stacked[i, : n[i]] for i in range(b)]
+        stacked = torch.zeros(b, len(steps), steps[0][2].shape[-1], dtype=steps[0][2].dtype, device=device)
+        for step, (rows_at, _, step_logits) in enumerate(steps):
+            stacked[rows_at, step] = step_logits
+        logits_out = [stacked[i, : n_new[i]] for i in range(b)]
     return GenerationOutput(
-        tokens=[row[: n[i]] for i, row in enumerate(out)], kv_bytes=store.nbytes, kv_slots=store.capacity, logits=logits_out
+        tokens=[row[: n_new[i]] for i, row in enumerate(out.tolist())], kv_bytes=kv_bytes, kv_slots=store.capacity, logits=logits_out
     )
 
 

@@ -41,7 +41,7 @@ from torchtune_gist.checkpointing import export_merged_hf, gist_adapter_state_di
 from torchtune_gist.data import PackedGistDataset, padded_gist_collate
 from torchtune_gist.gist_tokens import gist_token_ids
 from torchtune_gist.masks import MASK_MODES
-from torchtune_gist.modules import get_gist_embedding, initial_gist_rows
+from torchtune_gist.modules import get_gist_embedding, initial_gist_rows, output_at
 
 log = utils.get_logger("INFO")
 
@@ -113,15 +113,21 @@ def masked_loss(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Forward a gist batch (mask and positions included) and return ``(sum of losses, tokens)``.
 
-    Labels are aligned with tokens and shifted here, torchtune's convention.
+    Labels are aligned with tokens and shifted here, torchtune's convention. The output projection
+    runs only where a label is (:func:`~torchtune_gist.modules.output_at`), unless the model returns
+    chunked logits for ``CEWithChunkedOutputLoss``. ``loss_fn`` averages over its labelled positions.
     """
     labels = batch["labels"]
     labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], ignore_index)], dim=1)
-    num_tokens = (labels != ignore_index).sum()
-    logits = model(**model_inputs(batch))
-    if not isinstance(logits, list):
-        logits, labels = logits.reshape(-1, logits.size(-1)), labels.reshape(-1)
-    return loss_fn(logits, labels) * num_tokens, num_tokens
+    labelled = labels != ignore_index
+    num_tokens = labelled.sum()
+    if getattr(model, "num_output_chunks", 0):
+        return loss_fn(model(**model_inputs(batch)), labels) * num_tokens, num_tokens
+    with output_at(model, labelled):
+        logits = model(**model_inputs(batch))
+    if logits.shape[0] == 0:
+        return logits.sum(), num_tokens
+    return loss_fn(logits, labels[labelled]) * num_tokens, num_tokens
 
 
 def _flatten_optimizer_state(state: Dict[str, Any]) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:

@@ -32,10 +32,13 @@ def test_quick_writes_json_with_every_section(quick_run: Path) -> None:
     for section in ("training", "packing", "inference", "masks"):
         assert section in res, section
     train = res["training"]["shapes"][0]
-    assert set(train["tokens_per_s"]) == {"gist", "causal_none", "causal_dense"}
+    assert set(train["tokens_per_s"]) == {"gist", "gist_segments", "causal_none", "causal_dense"}
     variants = res["packing"]["variants"]
     assert variants["batch_size_1"]["padding_fraction"] == 0
     assert any(name.startswith("packed_") for name in variants)
+    for name, v in variants.items():  # segments compute each document alone: less attention than the dense packed row
+        if name.endswith("_segments"):
+            assert v["qk_pairs"] < variants[name.removesuffix("_segments")]["qk_pairs"]
     for v in variants.values():  # every variant holds the same real tokens
         assert v["token_slots"] * (1 - v["padding_fraction"]) == pytest.approx(res["packing"]["real_tokens"])
     assert res["inference"]["stock"] and res["inference"]["reuse"]["variants"]

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchtune_gist.checkpointing import load_gist_adapter, load_merged_hf, read_gist_adapter_metadata
 from torchtune_gist.masks import make_gist_mask
 from torchtune_gist.models import lora_gist_llama3_1_tiny
+from torchtune_gist.segment_masks import GistSegmentMask
 from torchtune_gist.tiny import write_tiny_base_checkpoint, write_tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,38 +90,51 @@ def test_single_device_by_name(assets, tmp_path):
 def test_distributed_by_name_two_processes(assets, tmp_path):
     out = tmp_path / "run"
     tune_run(
-        ["--nproc_per_node", "2", "gist_lora_distributed", "--config", str(DISTRIBUTED), *overrides(assets, out, max_steps_per_epoch=3)]
+        ["--nproc_per_node", "2", "gist_lora_distributed", "--config", str(DISTRIBUTED),
+         *overrides(assets, out, max_steps_per_epoch=3, mask_format="segments")]
     )
     assert_checkpoint_loads(out / "epoch_0", 4)
 
 
-def test_batches_reaching_the_model_carry_the_gist_mask(assets, tmp_path):
+def _real_rows(mask: Any, tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """What the real (non-padding) queries may attend, ``[n_real, s]``, from a dense or segment mask."""
+    return (mask.dense() if isinstance(mask, GistSegmentMask) else mask)[tokens != pad_id]
+
+
+@pytest.mark.parametrize("mask_format", ["auto", "segments"])
+def test_batches_reaching_the_model_carry_the_gist_mask(assets, tmp_path, mask_format):
     seen: List[Dict[str, Any]] = []
 
     def hook(module, args, kwargs):
         seen.append({"tokens": args[0] if args else kwargs["tokens"], **kwargs})
 
-    cfg = load_cfg(SINGLE, overrides(assets, tmp_path, max_steps_per_epoch=2, save_merged_hf=False))
+    cfg = load_cfg(SINGLE, overrides(assets, tmp_path, max_steps_per_epoch=2, save_merged_hf=False, mask_format=mask_format))
     recipe = run_in_process(cfg, hook)
     assert len(seen) == 2
-    ids = recipe._gist_ids
+    ids, pad_id = recipe._gist_ids, recipe._tokenizer.pad_id
     for call in seen:
         tokens, mask = call["tokens"], call["mask"]
+        # On CPU, auto means the dense [b, s, s] tensor.
+        assert isinstance(mask, GistSegmentMask) == (mask_format == "segments")
         assert isinstance(mask, torch.Tensor) and mask.shape == (*tokens.shape, tokens.shape[1])
-        assert torch.equal(mask, make_gist_mask(tokens, ids, pad_id=recipe._tokenizer.pad_id))
+        assert torch.equal(_real_rows(mask, tokens, pad_id), make_gist_mask(tokens, ids, pad_id=pad_id)[tokens != pad_id])
         row = tokens[0].tolist()
         last_gist = max(i for i, t in enumerate(row) if t in ids)
         first_gist = last_gist - len(ids) + 1
-        assert not mask[0, last_gist + 1 :, 1:first_gist].any(), "tokens after the gists must not see the prompt"
+        dense = mask.dense() if isinstance(mask, GistSegmentMask) else mask
+        assert not dense[0, last_gist + 1 :, 1:first_gist].any(), "tokens after the gists must not see the prompt"
         assert "input_pos" in call
 
 
 def test_mask_mode_from_config_reaches_the_model(assets, tmp_path):
     seen = []
-    cfg = load_cfg(SINGLE, overrides(assets, tmp_path, max_steps_per_epoch=1, save_merged_hf=False, mask_mode="neg_control"))
+    cfg = load_cfg(SINGLE, overrides(assets, tmp_path, max_steps_per_epoch=1, save_merged_hf=False, mask_mode="neg_control",
+                                     mask_format="segments"))
     recipe = run_in_process(cfg, lambda m, a, k: seen.append(k["mask"]))
     tokens = next(iter(recipe._dataloader))["tokens"]
-    assert seen and torch.equal(seen[0], make_gist_mask(tokens, recipe._gist_ids, pad_id=recipe._tokenizer.pad_id, mode="neg_control"))
+    pad_id = recipe._tokenizer.pad_id
+    expected = make_gist_mask(tokens, recipe._gist_ids, pad_id=pad_id, mode="neg_control")[tokens != pad_id]
+    assert seen and seen[0].mode == "neg_control" and torch.equal(_real_rows(seen[0], tokens, pad_id), expected)
 
 
 def _write_alpaca_plus_split(directory: Path, split: str, n: int) -> None:
@@ -131,7 +145,8 @@ def _write_alpaca_plus_split(directory: Path, split: str, n: int) -> None:
 def test_packed_rows_reach_the_model_with_document_masks(assets, tmp_path):
     _write_alpaca_plus_split(tmp_path, "validation_seen", 64)
     seen: List[Dict[str, Any]] = []
-    cfg = load_cfg(SINGLE, overrides(assets, tmp_path / "run", max_steps_per_epoch=1, save_merged_hf=False, batch_size=2))
+    cfg = load_cfg(SINGLE, overrides(assets, tmp_path / "run", max_steps_per_epoch=1, save_merged_hf=False, batch_size=2,
+                                     mask_format="segments"))
     cfg.dataset = OmegaConf.create(
         {"_component_": "torchtune_gist.data.alpaca_plus_dataset", "data_dir": str(tmp_path), "split": "validation_seen",
          "num_gist_tokens": cfg.num_gist_tokens, "max_seq_len": 256, "packed": True}
@@ -143,9 +158,10 @@ def test_packed_rows_reach_the_model_with_document_masks(assets, tmp_path):
     assert len(starts) > 2, "a packed row holds several documents"
     document_ids = torch.cumsum((input_pos == 0).long(), dim=1) - 1
     document_ids[tokens == recipe._tokenizer.pad_id] = int(document_ids.max()) + 1
-    expected = make_gist_mask(tokens, recipe._gist_ids, pad_id=recipe._tokenizer.pad_id, document_ids=document_ids)
-    assert torch.equal(mask, expected)
-    assert not mask[0, starts[1] :, : starts[1]].any(), "no attention across documents"
+    pad_id = recipe._tokenizer.pad_id
+    expected = make_gist_mask(tokens, recipe._gist_ids, pad_id=pad_id, document_ids=document_ids)
+    assert torch.equal(_real_rows(mask, tokens, pad_id), expected[tokens != pad_id])
+    assert not mask.dense()[0, starts[1] :, : starts[1]].any(), "no attention across documents"
 
 
 def test_packed_dataset_with_the_padded_collate_is_a_clear_error(assets, tmp_path):
@@ -188,6 +204,10 @@ def test_clear_errors_for_configurations_that_cannot_work(assets, tmp_path):
 
     with pytest.raises(ValueError, match="mask_mode='causal'"):
         setup(mask_mode="causal")
+    with pytest.raises(ValueError, match="mask_format='sparse'"):
+        setup(mask_format="sparse")
+    with pytest.raises(ValueError, match="FlexAttention, which torchtune uses on CUDA only"):
+        setup(mask_format="block")
     with pytest.raises(ValueError, match="the model has 2 gist tokens but num_gist_tokens=4"):
         setup(**{"model.num_gist_tokens": 2})
     with pytest.raises(TypeError, match="not gist-aware"):

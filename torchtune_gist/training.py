@@ -49,6 +49,8 @@ ADAPTER_FILE = "gist_adapter.safetensors"
 RECIPE_STATE_FILE = "recipe_state.safetensors"
 _TRAINABLE_KEY_PARTS = ("lora_a", "lora_b", "magnitude", "gist_embeddings")
 _MODEL_INPUTS = ("tokens", "mask", "input_pos")
+# How the gist mask reaches attention: dense [b, s, s], FlexAttention BlockMask, or causal segments.
+MASK_FORMATS = ("dense", "block", "segments")
 
 
 def check_gist_setup(model: nn.Module, tokenizer: Any, num_gist_tokens: int, mask_mode: str) -> List[int]:
@@ -196,7 +198,9 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
 
     Gist settings (top-level config keys): ``num_gist_tokens`` (K; interpolate it into
     ``model.num_gist_tokens`` and ``dataset.num_gist_tokens``), ``mask_mode`` (``gist`` /
-    ``pos_control`` / ``neg_control``), ``train_lora`` (False: gist rows alone).
+    ``pos_control`` / ``neg_control``), ``train_lora`` (False: gist rows alone), ``mask_format``
+    (``auto``: FlexAttention ``block`` masks on CUDA, else ``dense``; ``segments``: causal SDPA per
+    segment, faster than dense on CPU for rows of about 512 tokens and more).
     """
 
     def __init__(self, cfg: DictConfig) -> None:
@@ -211,6 +215,7 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
         self._mask_mode = str(cfg.get("mask_mode", "gist"))
         if self._mask_mode not in MASK_MODES:
             raise ValueError(f"mask_mode={self._mask_mode!r} is not one of {', '.join(MASK_MODES)}")
+        self._mask_format = self._resolve_mask_format(str(cfg.get("mask_format", "auto")))
         self._train_lora = bool(cfg.get("train_lora", True))
         self._log_every_n_steps = int(cfg.get("log_every_n_steps", 1))
         self._log_peak_memory_stats = bool(cfg.get("log_peak_memory_stats", False)) and self._device.type == "cuda"
@@ -232,6 +237,17 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
         self.loss_history: List[Tuple[int, float]] = []
 
     # Hooks for the recipes.
+    def _resolve_mask_format(self, mask_format: str) -> str:
+        """``auto``: FlexAttention ``BlockMask``s where torchtune uses FlexAttention (CUDA), else dense."""
+        flex = self._device.type == "cuda" and _SUPPORTS_FLEX_ATTENTION
+        if mask_format == "auto":
+            return "block" if flex else "dense"
+        if mask_format not in MASK_FORMATS:
+            raise ValueError(f"mask_format={mask_format!r} is not one of auto, {', '.join(MASK_FORMATS)}")
+        if mask_format == "block" and not flex:
+            raise ValueError("mask_format=block needs FlexAttention, which torchtune uses on CUDA only: use segments or dense")
+        return mask_format
+
     def _setup_model(
         self, cfg_model: DictConfig, base_state_dict: Dict[str, torch.Tensor], adapter_state_dict: Dict[str, torch.Tensor]
     ) -> nn.Module:
@@ -358,7 +374,8 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
                 gist_token_ids=self._gist_ids,
                 pad_id=self._tokenizer.pad_id,
                 mask_mode=self._mask_mode,
-                block_mask=self._device.type == "cuda" and _SUPPORTS_FLEX_ATTENTION,
+                block_mask=self._mask_format == "block",
+                segment_mask=self._mask_format == "segments",
                 **collate_kwargs,
             ),
             drop_last=True,

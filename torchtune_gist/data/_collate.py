@@ -3,8 +3,10 @@
 Both collators return exactly ``tokens [b, s]``, ``labels [b, s]``, ``mask`` and ``input_pos [b, s]``
 (so a recipe can call ``model(**batch)`` after popping ``labels``). ``mask`` is the dense bool
 ``[b, s, s]`` mask from :func:`~torchtune_gist.masks.make_gist_mask` (causality and padding included),
-or a FlexAttention ``BlockMask`` from :func:`~torchtune_gist.masks.make_gist_block_mask` with
-``block_mask=True`` (CUDA only for training). Use them as a config ``collate_fn`` through
+a FlexAttention ``BlockMask`` from :func:`~torchtune_gist.masks.make_gist_block_mask` with
+``block_mask=True`` (CUDA only for training), or a
+:class:`~torchtune_gist.segment_masks.GistSegmentMask` with ``segment_mask=True`` (causal SDPA per
+segment: the fast choice where FlexAttention is not available, e.g. on CPU). Use them as a config ``collate_fn`` through
 ``functools.partial(padded_gist_collate, gist_token_ids=..., pad_id=..., mask_mode=...)``.
 """
 
@@ -16,6 +18,9 @@ from torch.nn.utils.rnn import pad_sequence
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 
 from torchtune_gist.masks import MASK_MODES, make_gist_block_mask, make_gist_mask
+from torchtune_gist.segment_masks import GistSegmentMask, make_gist_segment_mask
+
+_Mask = Union[torch.Tensor, BlockMask, GistSegmentMask]
 
 
 def _check_settings(gist_token_ids: Collection[int], pad_id: int, mask_mode: str) -> List[int]:
@@ -32,9 +37,11 @@ def _check_settings(gist_token_ids: Collection[int], pad_id: int, mask_mode: str
 
 
 def _mask(
-    tokens: torch.Tensor, ids: List[int], pad_id: int, mask_mode: str, block_mask: bool, **kwargs: Any
-) -> Union[torch.Tensor, BlockMask]:
-    build = make_gist_block_mask if block_mask else make_gist_mask
+    tokens: torch.Tensor, ids: List[int], pad_id: int, mask_mode: str, block_mask: bool, segment_mask: bool, **kwargs: Any
+) -> _Mask:
+    if block_mask and segment_mask:
+        raise ValueError("ask for either block_mask or segment_mask, not both")
+    build = make_gist_block_mask if block_mask else make_gist_segment_mask if segment_mask else make_gist_mask
     return build(tokens, ids, pad_id=pad_id, mode=mask_mode, **kwargs)
 
 
@@ -46,7 +53,8 @@ def padded_gist_collate(
     ignore_idx: int = CROSS_ENTROPY_IGNORE_IDX,
     mask_mode: str = "gist",
     block_mask: bool = False,
-) -> Dict[str, Union[torch.Tensor, BlockMask]]:
+    segment_mask: bool = False,
+) -> Dict[str, _Mask]:
     """Right-pad a batch of examples and build the gist mask (each row its own gist span, or none).
 
     Args:
@@ -57,10 +65,11 @@ def padded_gist_collate(
         ignore_idx (int): label padding. Default -100.
         mask_mode (str): ``"gist"``, ``"pos_control"`` or ``"neg_control"``.
         block_mask (bool): return a FlexAttention ``BlockMask`` instead of a dense mask.
+        segment_mask (bool): return a ``GistSegmentMask`` instead of a dense mask.
 
     Returns:
-        Dict[str, Union[torch.Tensor, BlockMask]]: ``tokens [b, s]``, ``labels [b, s]``,
-        ``mask [b, s, s]`` (or ``BlockMask``), ``input_pos [b, s]`` (``0..s-1`` per row).
+        Dict[str, _Mask]: ``tokens [b, s]``, ``labels [b, s]``,
+        ``mask [b, s, s]`` (or ``BlockMask`` / ``GistSegmentMask``), ``input_pos [b, s]`` (``0..s-1`` per row).
 
     Raises:
         ValueError: on an empty batch, bad settings, mismatched tokens/labels, or a broken gist span.
@@ -82,7 +91,7 @@ def padded_gist_collate(
     return {
         "tokens": tokens,
         "labels": labels,
-        "mask": _mask(tokens, ids, pad_id, mask_mode, block_mask),
+        "mask": _mask(tokens, ids, pad_id, mask_mode, block_mask, segment_mask),
         "input_pos": torch.arange(s).expand(b, s).clone(),
     }
 
@@ -94,7 +103,8 @@ def packed_gist_collate(
     pad_id: int,
     mask_mode: str = "gist",
     block_mask: bool = False,
-) -> Dict[str, Union[torch.Tensor, BlockMask]]:
+    segment_mask: bool = False,
+) -> Dict[str, _Mask]:
     """Stack rows of :class:`~torchtune_gist.data.PackedGistDataset` and build the packed gist mask.
 
     No attention crosses documents; each document has its own gist span (or none).
@@ -106,10 +116,11 @@ def packed_gist_collate(
         pad_id (int): padding token id.
         mask_mode (str): ``"gist"``, ``"pos_control"`` or ``"neg_control"``.
         block_mask (bool): return a FlexAttention ``BlockMask`` instead of a dense mask.
+        segment_mask (bool): return a ``GistSegmentMask`` instead of a dense mask.
 
     Returns:
-        Dict[str, Union[torch.Tensor, BlockMask]]: ``tokens``, ``labels``, ``input_pos`` ``[b, s]``
-        (positions restart at 0 per document) and ``mask`` ``[b, s, s]`` (or ``BlockMask``).
+        Dict[str, _Mask]: ``tokens``, ``labels``, ``input_pos`` ``[b, s]``
+        (positions restart at 0 per document) and ``mask`` ``[b, s, s]`` (or ``BlockMask`` / ``GistSegmentMask``).
 
     Raises:
         ValueError: on an empty batch, bad settings, or rows of different lengths.
@@ -125,5 +136,5 @@ def packed_gist_collate(
         for key in ("tokens", "labels", "input_pos", "document_ids")
     }
     document_ids = out.pop("document_ids")
-    out["mask"] = _mask(out["tokens"], ids, pad_id, mask_mode, block_mask, document_ids=document_ids)
+    out["mask"] = _mask(out["tokens"], ids, pad_id, mask_mode, block_mask, segment_mask, document_ids=document_ids)
     return out

@@ -28,7 +28,7 @@ bench: setup
 smollm2: setup
 	$(PY) -m torchtune_gist.models.smollm2.convert --output-dir .cache/smollm2
 
-# The SmolLM2 gist study (benchmarks/smollm2_study.md): trainings + evaluations, resumable; about two hours on a 2-core CPU.
+# The SmolLM2 gist study (benchmarks/smollm2_study.md): trainings + evaluations, resumable; about 32 min on a 2-core Xeon (107 min on a 2-core EPYC on 2026-11-30).
 smollm2-study: smollm2
 	$(PY) benchmarks/smollm2_study.py
 

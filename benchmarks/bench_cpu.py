@@ -833,7 +833,7 @@ def make_plots(res: Dict[str, Any], out: Path) -> List[str]:
     files = []
     if "training" in res:
         shapes = res["training"]["shapes"]
-        fig, axes = plt.subplots(1, len(shapes), figsize=(4.5 * len(shapes), 3.6), squeeze=False)
+        fig, axes = plt.subplots(1, len(shapes), figsize=(5.6 * len(shapes), 3.8), squeeze=False)
         labels = {"causal_none": "causal\nmask=None", "causal_dense": "causal\ndense mask", "gist": "gist\ndense mask",
                   "gist_segments": "gist\nsegments"}
         for ax, row in zip(axes[0], shapes):
@@ -845,6 +845,7 @@ def make_plots(res: Dict[str, Any], out: Path) -> List[str]:
                 ax.text(bar.get_x() + bar.get_width() / 2, v, f"{v / base:.2f}x", ha="center", va="bottom")
             ax.set_title(f"{row['name']}\nbatch {row['batch'][0]}x{row['batch'][1]}", fontsize=9)
             ax.set_ylabel("training tokens/s (real tokens)")
+            ax.tick_params(axis="x", labelsize=8)
         fig.suptitle("Training step throughput (CPU, fp32)", y=1.08)
         files.append(save_png(fig, out / "train_throughput.png").name)
     if "packing" in res:
@@ -861,7 +862,8 @@ def make_plots(res: Dict[str, Any], out: Path) -> List[str]:
         a2.axhline(10, color="k", ls="--", lw=0.8)
         a2.set_ylabel("padding %")
         for ax in (a1, a2):
-            ax.tick_params(axis="x", labelsize=8, labelrotation=30)
+            ax.tick_params(axis="x", labelsize=8, labelrotation=40)
+            plt.setp(ax.get_xticklabels(), ha="right", rotation_mode="anchor")
         fig.suptitle(f"Same {res['packing']['examples']} examples ({res['packing']['real_tokens']:,} real tokens)")
         files.append(save_png(fig, out / "packing.png").name)
     if "inference" in res:

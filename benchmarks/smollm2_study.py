@@ -19,9 +19,10 @@ Two parts, each a few LoRA-gist trainings (``tune run gist_lora_single_device``)
    (``truncate``) and with the full context; the positive control (trained and evaluated with the full
    context); the untrained base with the full context.
 
-Each part takes about 55 minutes alone on a 2-core CPU with both threads (``--threads``, default every
-core; ``benchmarks/smollm2_study.md`` has the measured costs); two parts can also run side by side with
-``--threads 1`` each, at about twice the time.
+Each part takes about 16 minutes alone on a 2-core Xeon with both threads (``--threads``, default every
+core; ``benchmarks/smollm2_study.md`` has the measured costs, and 53-54 minutes on a slower 2-core EPYC
+before the loss and decoding speed-ups); two parts can also run side by side with ``--threads 1`` each,
+at about twice the time.
 
 Every stage is skipped when its output exists (trainings: the last epoch's ``gist_adapter.safetensors``;
 evaluations: ``eval/<model>_<mode>.json``, redone when its sample sizes differ from the command

@@ -162,7 +162,7 @@ def _atomic_json(obj: Any, path: Path) -> None:
 # ------------------------------------------------------------------------------------ training
 
 
-def train(training: Training, out_dir: Path, threads: int) -> Path:
+def train(training: Training, out_dir: Path, threads: int, dtype: str = "fp32") -> Path:
     """Run one training unless its final adapter exists; resume from a ``step_N`` checkpoint if any.
 
     The log (``train.log``) gets ``start <unix time>`` / ``end <unix time> rc <code> cpu <seconds>``
@@ -181,7 +181,7 @@ def train(training: Training, out_dir: Path, threads: int) -> Path:
         print(f"[skip] training {run_dir} (done)")
         return run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    overrides = {"output_dir": str(run_dir), **training.overrides}
+    overrides = {"output_dir": str(run_dir), "dtype": dtype, **training.overrides}
     if latest_checkpoint(run_dir) is not None:
         overrides["resume_from_checkpoint"] = True
     cmd = [str(Path(sys.executable).parent / "tune"), "run", "gist_lora_single_device", "--config", training.config]
@@ -274,6 +274,7 @@ def evaluate(part: Part, evaluation: Evaluation, out_dir: Path, args: argparse.N
         mode=evaluation.mode,
         batch_size=args.eval_batch_size,
         max_gen_toks=args.max_gen_toks,
+        dtype=args.dtype,
     )
     record: Dict[str, Any] = {
         "model": evaluation.model,
@@ -281,6 +282,7 @@ def evaluate(part: Part, evaluation: Evaluation, out_dir: Path, args: argparse.N
         "checkpoint": checkpoint,
         "num_gist_tokens": lm.num_gist_tokens,
         "max_gen_toks": args.max_gen_toks,
+        "dtype": args.dtype,
         "limits": limits,
         "tasks": {},
     }
@@ -603,6 +605,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         help="requests decoded together (batch-1 CPU decoding is bound by reading the weights)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="CPU threads of each training and evaluation (1 when two parts run side by side)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                        help="training and evaluation dtype (bf16: use another --out; CPUs with AMX run it faster)")
     parser.add_argument("--extras", action="store_true",
                         help="also the extra stages: gist-2, gist-5, gist-1 for 3 epochs, the untrained base on Alpaca+")
     parser.add_argument("--passkey-samples", type=int, default=150, help="spread evenly over lengths and depths")
@@ -618,7 +622,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             part = PARTS[name]
             for t in part.trainings:
                 if _selected(t.name, t.extra, args):
-                    train(t, out_dir / part.name, args.threads)
+                    train(t, out_dir / part.name, args.threads, args.dtype)
             for e in part.evaluations:
                 if _selected(e.name, e.extra, args):
                     evaluate(part, e, out_dir / part.name, args)

@@ -147,3 +147,18 @@ def test_study_runs_extras_only_when_asked() -> None:
     assert all(study._selected(t.name, t.extra, args) for t in study.PARTS["alpaca"].trainings)
     args.only = ["gist5"]
     assert [t.name for t in study.PARTS["alpaca"].trainings if study._selected(t.name, t.extra, args)] == ["gist5"]
+
+
+def test_study_training_gets_the_dtype(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    study = _study_module()
+    commands = []
+
+    def fake_run(cmd, **kwargs):
+        commands.append(cmd)
+        return study.subprocess.CompletedProcess(cmd, 1)
+
+    monkeypatch.setattr(study.subprocess, "run", fake_run)
+    training = study.Training("gist1", study.ALPACA_CONFIG, {"num_gist_tokens": 1})
+    with pytest.raises(RuntimeError, match="failed"):
+        study.train(training, tmp_path, threads=1, dtype="bf16")
+    assert "dtype=bf16" in commands[0]

@@ -978,8 +978,9 @@ def render_cpu_markdown(res: Dict[str, Any]) -> str:
             "mask it computes every block and applies the mask, so both dense masks cost the same and the gap to `mask=None` "
             "grows with the attention share of the step (longer rows, wider models). Segments cut the gist mask into causal "
             "SDPA calls per row (prompt and gists; gists and what follows), which skip the masked blocks too: for rows of "
-            "512 tokens and more they match `mask=None`; for short rows the per-row calls cost more than they skip and the "
-            "dense mask is the faster choice (the recipe's default on CPU). On CUDA the gist mask goes through FlexAttention "
+            "512 tokens and more they come close to `mask=None`; for short rows the per-row calls cost more than they skip "
+            "and the dense mask is the faster choice (the recipe's `mask_format: auto` picks segments from 512 positions on "
+            "CPU, dense below). On CUDA the gist mask goes through FlexAttention "
             "`BlockMask`s, which skip masked blocks (see the GPU section).",
             "",
             "![training throughput](train_throughput.png)",

@@ -111,11 +111,13 @@ def test_batches_reaching_the_model_carry_the_gist_mask(assets, tmp_path, mask_f
     cfg = load_cfg(SINGLE, overrides(assets, tmp_path, max_steps_per_epoch=2, save_merged_hf=False, mask_format=mask_format))
     recipe = run_in_process(cfg, hook)
     assert len(seen) == 2
+    collate = recipe._dataloader.collate_fn.keywords
+    assert collate["segment_mask"] and collate["segment_min_len"] == (512 if mask_format == "auto" else 0)
     ids, pad_id = recipe._gist_ids, recipe._tokenizer.pad_id
     for call in seen:
         tokens, mask = call["tokens"], call["mask"]
-        # On CPU, auto means the dense [b, s, s] tensor.
-        assert isinstance(mask, GistSegmentMask) == (mask_format == "segments")
+        # On CPU, auto means segments from 512 positions: these short rows get the dense [b, s, s] tensor.
+        assert tokens.shape[1] < 512 and isinstance(mask, GistSegmentMask) == (mask_format == "segments")
         assert isinstance(mask, torch.Tensor) and mask.shape == (*tokens.shape, tokens.shape[1])
         assert torch.equal(_real_rows(mask, tokens, pad_id), make_gist_mask(tokens, ids, pad_id=pad_id)[tokens != pad_id])
         row = tokens[0].tolist()

@@ -142,3 +142,10 @@ def test_bad_layouts_and_unsupported_uses_are_clear_errors():
     with pytest.raises(ValueError, match="is_causal"):
         q = torch.randn(4, 2, 14, 8)
         F.scaled_dot_product_attention(q, q, q, attn_mask=mask[:, None], is_causal=True)
+
+
+def test_segment_min_len_chooses_per_batch():
+    examples = [{"tokens": row[row != PAD].tolist(), "labels": row[row != PAD].tolist()} for row in _padded_tokens()]
+    short = padded_gist_collate(examples, gist_token_ids=GIST, pad_id=PAD, segment_mask=True, segment_min_len=15)
+    long = padded_gist_collate(examples, gist_token_ids=GIST, pad_id=PAD, segment_mask=True, segment_min_len=14)
+    assert not isinstance(short["mask"], GistSegmentMask) and isinstance(long["mask"], GistSegmentMask)

@@ -51,6 +51,9 @@ _TRAINABLE_KEY_PARTS = ("lora_a", "lora_b", "magnitude", "gist_embeddings")
 _MODEL_INPUTS = ("tokens", "mask", "input_pos")
 # How the gist mask reaches attention: dense [b, s, s], FlexAttention BlockMask, or causal segments.
 MASK_FORMATS = ("dense", "block", "segments")
+# mask_format=auto without FlexAttention: segments from this row length (CPU SDPA's causal kernel skips key
+# blocks of 512, so shorter rows gain nothing from segments and pay their per-row calls), dense below.
+SEGMENT_MIN_LEN = 512
 
 
 def check_gist_setup(model: nn.Module, tokenizer: Any, num_gist_tokens: int, mask_mode: str) -> List[int]:
@@ -199,8 +202,8 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
     Gist settings (top-level config keys): ``num_gist_tokens`` (K; interpolate it into
     ``model.num_gist_tokens`` and ``dataset.num_gist_tokens``), ``mask_mode`` (``gist`` /
     ``pos_control`` / ``neg_control``), ``train_lora`` (False: gist rows alone), ``mask_format``
-    (``auto``: FlexAttention ``block`` masks on CUDA, else ``dense``; ``segments``: causal SDPA per
-    segment, faster than dense on CPU for rows of about 512 tokens and more).
+    (``auto``: FlexAttention ``block`` masks on CUDA, else causal ``segments`` for batches of 512
+    positions and more and ``dense`` below; or one of ``dense``, ``segments``, ``block`` always).
     """
 
     def __init__(self, cfg: DictConfig) -> None:
@@ -238,10 +241,11 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
 
     # Hooks for the recipes.
     def _resolve_mask_format(self, mask_format: str) -> str:
-        """``auto``: FlexAttention ``BlockMask``s where torchtune uses FlexAttention (CUDA), else dense."""
+        """``auto``: FlexAttention ``BlockMask``s where torchtune uses FlexAttention (CUDA), else ``auto``
+        (segments for batches of ``SEGMENT_MIN_LEN`` positions and more, dense below)."""
         flex = self._device.type == "cuda" and _SUPPORTS_FLEX_ATTENTION
         if mask_format == "auto":
-            return "block" if flex else "dense"
+            return "block" if flex else "auto"
         if mask_format not in MASK_FORMATS:
             raise ValueError(f"mask_format={mask_format!r} is not one of auto, {', '.join(MASK_FORMATS)}")
         if mask_format == "block" and not flex:
@@ -375,7 +379,8 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
                 pad_id=self._tokenizer.pad_id,
                 mask_mode=self._mask_mode,
                 block_mask=self._mask_format == "block",
-                segment_mask=self._mask_format == "segments",
+                segment_mask=self._mask_format in ("segments", "auto"),
+                segment_min_len=SEGMENT_MIN_LEN if self._mask_format == "auto" else 0,
                 **collate_kwargs,
             ),
             drop_last=True,

@@ -37,11 +37,19 @@ def _check_settings(gist_token_ids: Collection[int], pad_id: int, mask_mode: str
 
 
 def _mask(
-    tokens: torch.Tensor, ids: List[int], pad_id: int, mask_mode: str, block_mask: bool, segment_mask: bool, **kwargs: Any
+    tokens: torch.Tensor,
+    ids: List[int],
+    pad_id: int,
+    mask_mode: str,
+    block_mask: bool,
+    segment_mask: bool,
+    segment_min_len: int,
+    **kwargs: Any,
 ) -> _Mask:
     if block_mask and segment_mask:
         raise ValueError("ask for either block_mask or segment_mask, not both")
-    build = make_gist_block_mask if block_mask else make_gist_segment_mask if segment_mask else make_gist_mask
+    segments = segment_mask and tokens.shape[1] >= segment_min_len
+    build = make_gist_block_mask if block_mask else make_gist_segment_mask if segments else make_gist_mask
     return build(tokens, ids, pad_id=pad_id, mode=mask_mode, **kwargs)
 
 
@@ -54,6 +62,7 @@ def padded_gist_collate(
     mask_mode: str = "gist",
     block_mask: bool = False,
     segment_mask: bool = False,
+    segment_min_len: int = 0,
 ) -> Dict[str, _Mask]:
     """Right-pad a batch of examples and build the gist mask (each row its own gist span, or none).
 
@@ -65,7 +74,9 @@ def padded_gist_collate(
         ignore_idx (int): label padding. Default -100.
         mask_mode (str): ``"gist"``, ``"pos_control"`` or ``"neg_control"``.
         block_mask (bool): return a FlexAttention ``BlockMask`` instead of a dense mask.
-        segment_mask (bool): return a ``GistSegmentMask`` instead of a dense mask.
+        segment_mask (bool): return a ``GistSegmentMask`` instead of a dense mask, for batches of at
+            least ``segment_min_len`` positions.
+        segment_min_len (int): below this many positions, the dense mask even with ``segment_mask``. Default 0.
 
     Returns:
         Dict[str, _Mask]: ``tokens [b, s]``, ``labels [b, s]``,
@@ -91,7 +102,7 @@ def padded_gist_collate(
     return {
         "tokens": tokens,
         "labels": labels,
-        "mask": _mask(tokens, ids, pad_id, mask_mode, block_mask, segment_mask),
+        "mask": _mask(tokens, ids, pad_id, mask_mode, block_mask, segment_mask, segment_min_len),
         "input_pos": torch.arange(s).expand(b, s).clone(),
     }
 
@@ -104,6 +115,7 @@ def packed_gist_collate(
     mask_mode: str = "gist",
     block_mask: bool = False,
     segment_mask: bool = False,
+    segment_min_len: int = 0,
 ) -> Dict[str, _Mask]:
     """Stack rows of :class:`~torchtune_gist.data.PackedGistDataset` and build the packed gist mask.
 
@@ -116,7 +128,9 @@ def packed_gist_collate(
         pad_id (int): padding token id.
         mask_mode (str): ``"gist"``, ``"pos_control"`` or ``"neg_control"``.
         block_mask (bool): return a FlexAttention ``BlockMask`` instead of a dense mask.
-        segment_mask (bool): return a ``GistSegmentMask`` instead of a dense mask.
+        segment_mask (bool): return a ``GistSegmentMask`` instead of a dense mask, for batches of at
+            least ``segment_min_len`` positions.
+        segment_min_len (int): below this many positions, the dense mask even with ``segment_mask``. Default 0.
 
     Returns:
         Dict[str, _Mask]: ``tokens``, ``labels``, ``input_pos`` ``[b, s]``
@@ -136,5 +150,7 @@ def packed_gist_collate(
         for key in ("tokens", "labels", "input_pos", "document_ids")
     }
     document_ids = out.pop("document_ids")
-    out["mask"] = _mask(out["tokens"], ids, pad_id, mask_mode, block_mask, segment_mask, document_ids=document_ids)
+    out["mask"] = _mask(
+        out["tokens"], ids, pad_id, mask_mode, block_mask, segment_mask, segment_min_len, document_ids=document_ids
+    )
     return out

@@ -347,16 +347,19 @@ def packing_plans(
     real_total = sum(len(ex["tokens"]) for ex in examples)
     stats: Dict[str, Dict[str, Any]] = {}
     for name, plan in plans.items():
-        tokens = [make()["tokens"] for make in plan]
-        slots = sum(x.numel() for x in tokens)
-        real = sum(int((x != pad).sum()) for x in tokens)
+        slots = real = qk_pairs = 0
+        for make in plan:
+            batch = make()
+            slots += batch["tokens"].numel()
+            real += int((batch["tokens"] != pad).sum())
+            qk_pairs += _qk_pairs(batch)
         if real != real_total:
             raise AssertionError(f"{name} holds {real} real tokens, expected {real_total}")
         stats[name] = {
             "steps": len(plan),
             "token_slots": slots,
             "padding_fraction": 1 - real / slots,
-            "qk_pairs": sum(_qk_pairs(make()) for make in plan),
+            "qk_pairs": qk_pairs,
         }
     return plans, stats
 

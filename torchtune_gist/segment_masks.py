@@ -66,20 +66,11 @@ class GistSegmentMask(torch.Tensor):
         heads_dim: bool = False,
     ) -> "GistSegmentMask":
         shape = (len(spans), 1, seq_len, seq_len) if heads_dim else (len(spans), seq_len, seq_len)
-        return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=torch.bool, device=device)
-
-    def __init__(
-        self,
-        spans: Sequence[Sequence[Span]],
-        pad_start: Sequence[int],
-        mode: str,
-        seq_len: int,
-        device: torch.device,
-        heads_dim: bool = False,
-    ) -> None:
+        self = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=torch.bool, device=device)
         self.spans = tuple(tuple(row) for row in spans)
         self.pad_start = tuple(pad_start)
         self.mode = mode
+        return self
 
     def _with(self, *, device: Optional[torch.device] = None, heads_dim: Optional[bool] = None) -> "GistSegmentMask":
         return GistSegmentMask(

@@ -133,9 +133,11 @@ FULL = Settings(
     train_shapes=(
         ("demo (4L, d128, 4/2 heads), Alpaca+", DEMO_SHAPE, 8, None),
         ("wide (4L, d512, 8/2 heads), Alpaca+", WIDE_SHAPE, 2, None),
+        ("demo (4L, d128, 4/2 heads), passkey 384", DEMO_SHAPE, 2, 384),
+        ("demo (4L, d128, 4/2 heads), passkey 512", DEMO_SHAPE, 2, 512),
         ("demo (4L, d128, 4/2 heads), passkey 1024", DEMO_SHAPE, 2, 1024),
     ),
-    train_reps=(10, 4, 5),
+    train_reps=(10, 4, 8, 8, 5),
     demo_shape=DEMO_SHAPE,
     max_example_len=512,
     num_gist_tokens_train=4,
@@ -836,10 +838,14 @@ def make_plots(res: Dict[str, Any], out: Path) -> List[str]:
     files = []
     if "training" in res:
         shapes = res["training"]["shapes"]
-        fig, axes = plt.subplots(1, len(shapes), figsize=(5.6 * len(shapes), 3.8), squeeze=False)
+        cols = min(3, len(shapes))
+        rows = -(-len(shapes) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(5.6 * cols, 4.2 * rows), squeeze=False, layout="constrained")
+        for ax in axes.flat[len(shapes):]:
+            ax.axis("off")
         labels = {"causal_none": "causal\nmask=None", "causal_dense": "causal\ndense mask", "gist": "gist\ndense mask",
                   "gist_segments": "gist\nsegments"}
-        for ax, row in zip(axes[0], shapes):
+        for ax, row in zip(axes.flat, shapes):
             names = list(labels)
             vals = [row["tokens_per_s"][n] for n in names]
             bars = ax.bar([labels[n] for n in names], vals, color=["#888", "#aab", "#c44", "#e83"])
@@ -849,7 +855,7 @@ def make_plots(res: Dict[str, Any], out: Path) -> List[str]:
             ax.set_title(f"{row['name']}\nbatch {row['batch'][0]}x{row['batch'][1]}", fontsize=9)
             ax.set_ylabel("training tokens/s (real tokens)")
             ax.tick_params(axis="x", labelsize=8)
-        fig.suptitle("Training step throughput (CPU, fp32)", y=1.08)
+        fig.suptitle("Training step throughput (CPU, fp32)")
         files.append(save_png(fig, out / "train_throughput.png").name)
     if "packing" in res:
         pk = res["packing"]["variants"]

@@ -14,9 +14,10 @@ pos_control   ``[a, e)`` (also any document without gists)
 
 so a gist step computes less attention than a causal one, and a packed row no more than its
 documents would alone. CPU SDPA's causal kernel skips key blocks of 512, so this pays for rows of
-about 512 positions and more (``benchmarks/RESULTS.md``: passkey rows of 1,058 tokens train at 0.94x
-of plain causal attention's throughput, with the dense gist mask at 0.77x); for short rows the dense
-mask is as fast, and the recipes' ``mask_format: auto`` keeps it there. :class:`GistSegmentMask` carries this layout as a ``[b, s, s]`` bool tensor
+about 512 positions and more (``benchmarks/RESULTS.md``: passkey rows of 1,058 tokens train nearly
+as fast as with plain causal attention, where the dense gist mask loses about a quarter of the
+throughput; the crossover lies between 418 and 546 positions); for short rows the dense mask is as
+fast, and the recipes' ``mask_format: auto`` keeps it there. :class:`GistSegmentMask` carries this layout as a ``[b, s, s]`` bool tensor
 subclass without storage: torchtune passes it to ``F.scaled_dot_product_attention`` as ``attn_mask``
 (after ``mask[:, None]``), which it intercepts the way :class:`torch.nn.attention.bias.CausalBias`
 does. Non-padding queries get exactly the dense mask's attention

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from torch.nn.attention.flex_attention import BlockMask
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate_sft
 from torchtune.generation import generate as torchtune_generate
 from torchtune.models.llama3 import llama3_tokenizer
@@ -321,11 +322,12 @@ def bench_training(s: Settings, tokenizer: Any, data_dir: Path) -> Dict[str, Any
 
 
 def packing_plans(
-    examples: List[Dict[str, Any]], ids: List[int], pad: int, *, batch_size: int, row_lens: Sequence[int], block_mask: bool = False,
-    segment_row_lens: Sequence[int] = (),
+    examples: List[Dict[str, Any]], ids: List[int], pad: int, *, batch_size: int, row_lens: Sequence[int],
+    segment_row_lens: Sequence[int] = (), block_mask_device: Optional[torch.device] = None,
 ) -> Tuple[Dict[str, List[Callable[[], Dict[str, Any]]]], Dict[str, Dict[str, Any]]]:
     """Batch size 1, padded batches (data order) and packed rows of each length over the same examples;
-    packed rows of ``segment_row_lens`` also with segment masks (``packed_<L>_segments``).
+    packed rows of ``segment_row_lens`` also with segment masks (``packed_<L>_segments``). With
+    ``block_mask_device``, every mask is a ``BlockMask`` built on that device (the GPU benchmark's).
 
     Returns:
         Tuple: per variant, the list of its steps (each collates its batch when called), and per
@@ -335,8 +337,9 @@ def packing_plans(
     Raises:
         AssertionError: if a variant does not hold exactly the examples' real tokens.
     """
-    pcollate = partial(padded_gist_collate, gist_token_ids=ids, pad_id=pad, block_mask=block_mask)
-    kcollate = partial(packed_gist_collate, gist_token_ids=ids, pad_id=pad, block_mask=block_mask)
+    blocks = {"block_mask": block_mask_device is not None, "block_mask_device": block_mask_device}
+    pcollate = partial(padded_gist_collate, gist_token_ids=ids, pad_id=pad, **blocks)
+    kcollate = partial(packed_gist_collate, gist_token_ids=ids, pad_id=pad, **blocks)
     plans: Dict[str, List[Callable[[], Dict[str, Any]]]] = {
         "batch_size_1": [partial(pcollate, [ex]) for ex in examples],
         f"padded_bs{batch_size}": [partial(pcollate, examples[i : i + batch_size]) for i in range(0, len(examples), batch_size)],
@@ -367,10 +370,14 @@ def packing_plans(
 
 
 def _qk_pairs(batch: Dict[str, Any]) -> int:
-    """Query-key pairs the attention calls of a batch span: ``b * s^2`` for a dense mask, the blocks' squares for segments."""
+    """Query-key pairs the attention calls of a batch span: ``b * s^2`` for a dense mask, the blocks' squares
+    for segments, the computed (partial and full) blocks' areas for a ``BlockMask``."""
     mask = batch["mask"]
     if isinstance(mask, GistSegmentMask):
         return sum((end - ka) ** 2 for _, _, ka, end in mask.blocks())
+    if isinstance(mask, BlockMask):
+        blocks = mask.kv_num_blocks.sum() + (mask.full_kv_num_blocks.sum() if mask.full_kv_num_blocks is not None else 0)
+        return int(blocks) * mask.BLOCK_SIZE[0] * mask.BLOCK_SIZE[1]
     b, s = batch["tokens"].shape
     return b * s * s
 

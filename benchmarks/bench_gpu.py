@@ -68,6 +68,11 @@ TINY_ARGS: Dict[str, Any] = dict(
     vocab_size=512, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=256, max_seq_len=4096,
     intermediate_dim=512, attn_dropout=0.0, norm_eps=1e-5, rope_base=500_000,
 )
+#: ``--tiny``: smaller defaults for the options left unset, so the check takes about a minute on a CPU.
+TINY_DEFAULTS: Dict[str, Any] = dict(
+    train_shapes=[[1, 512], [1, 1024]], reps=2, pack_examples=16, pack_row_lens=[1024, 2048],
+    qlora_shapes=[[1, 512]], passkey_context=1000, prompt_lens=[256, 1024], decode_batch=[1, 2], new_tokens=8,
+)
 #: The LoRA settings of ``configs/llama3_1/8B_gist_qlora_single_device.yaml``.
 QLORA_KWARGS: Dict[str, Any] = dict(
     lora_attn_modules=["q_proj", "k_proj", "v_proj", "output_proj"], apply_lora_to_mlp=True,
@@ -100,7 +105,7 @@ def _parse_ints(text: str) -> List[int]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry-run", action="store_true", help="print the plan and whether a CUDA GPU is present; measure nothing")
-    p.add_argument("--tiny", action="store_true", help="tiny shapes on any device (checks the script; writes to outputs/bench_gpu_tiny)")
+    p.add_argument("--tiny", action="store_true", help="tiny model and shapes on any device (checks the script in about a minute; writes to outputs/bench_gpu_tiny)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/, or outputs/bench_gpu_tiny with --tiny)")
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections (default all: {','.join(SECTIONS)})")
     p.add_argument("--layers", type=int, default=32, help="decoder layers of the 8B-shaped stack for attention/decode (default 32, the full depth)")
@@ -322,7 +327,8 @@ def bench_packing(args: argparse.Namespace, device: torch.device) -> Dict[str, A
         opt.zero_grad(set_to_none=True)
         _sync(device)
 
-    plans, stats = packing_plans(examples, ids, pad, batch_size=8, row_lens=args.pack_row_lens, block_mask=device.type == "cuda")
+    plans, stats = packing_plans(examples, ids, pad, batch_size=8, row_lens=args.pack_row_lens,
+                                  block_mask_device=device if device.type == "cuda" else None)
     times = run_plans(plans, step, rounds=4, desc="packing")
     real_total = sum(len(ex["tokens"]) for ex in examples)
     return {"data": source, "examples": len(examples), "real_tokens": real_total, "arch": arch, "dtype": str(dtype),
@@ -346,7 +352,7 @@ def _passkey_batch(args: argparse.Namespace, device: torch.device) -> Dict[str, 
     ids = _gist_ids(_arch(args)["vocab_size"], k)
     batch = padded_gist_collate(
         [{"tokens": remap(ex["tokens"]), "labels": remap(ex["labels"])}], gist_token_ids=ids,
-        pad_id=tok.pad_id + shift, block_mask=device.type == "cuda",
+        pad_id=tok.pad_id + shift, block_mask=device.type == "cuda", block_mask_device=device,
     )
     return {k_: (v.to(device) if isinstance(v, torch.Tensor) else v) for k_, v in batch.items()}
 
@@ -644,11 +650,16 @@ def render_gpu_markdown(res: Optional[Dict[str, Any]]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.tiny:
+        for name, value in TINY_DEFAULTS.items():
+            if getattr(args, name) == parser.get_default(name):
+                setattr(args, name, value)
     only = [x.strip() for x in args.only.split(",") if x.strip()]
     unknown = sorted(set(only) - set(SECTIONS))
     if unknown:
-        build_parser().error(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
+        parser.error(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
     has_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if has_gpu else "cpu")
     print(f"CUDA GPU: {torch.cuda.get_device_name(0) if has_gpu else 'none (no GPU: nothing to measure without --tiny)'}")

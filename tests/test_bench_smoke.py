@@ -104,6 +104,16 @@ def test_bench_gpu_measures_nothing_without_gpu(tmp_path: Path) -> None:
     assert not (tmp_path / "results_gpu.json").exists()
 
 
+@pytest.mark.slow
+def test_bench_gpu_tiny_runs_every_section(tmp_path: Path) -> None:
+    """The GPU script, whole, at tiny sizes on this device: it must not first break on the lent GPU."""
+    proc = _run(str(BENCH / "bench_gpu.py"), "--tiny", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "results_gpu.json").read_text())
+    assert res["meta"]["tiny"] is True and {"attention", "packing", "memory", "decode"} <= set(res)
+    assert "tiny shapes: a check of the script" in (tmp_path / "RESULTS.md").read_text()
+
+
 def test_bench_gpu_rejects_bad_shapes() -> None:
     proc = _run(str(BENCH / "bench_gpu.py"), "--dry-run", "--train-shapes", "2x")
     assert proc.returncode == 2 and "BATCHxSEQ" in proc.stderr

@@ -199,6 +199,39 @@ def test_resume_equals_uninterrupted(assets, tmp_path):
     assert latest.loss_history == full.loss_history and latest.global_step == 12
 
 
+@pytest.mark.slow
+def test_compiled_training_matches_eager(assets, tmp_path):
+    """``compile=True`` (model layers and loss): the same losses as eager, through the dense gist mask
+    (``mask_format: auto`` picks dense when compiling off CUDA: segment spans would recompile every batch)."""
+    common = dict(max_steps_per_epoch=3, save_merged_hf=False)
+    eager = run_in_process(load_cfg(SINGLE, overrides(assets, tmp_path / "eager", **common)))
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    try:
+        compiled = run_in_process(load_cfg(SINGLE, overrides(assets, tmp_path / "compiled", compile=True, **common)))
+    finally:
+        torch._dynamo.reset()
+    assert counters["stats"]["unique_graphs"] > 0 and compiled._mask_format == "dense"
+    assert [step for step, _ in compiled.loss_history] == [step for step, _ in eager.loss_history]
+    torch.testing.assert_close([loss for _, loss in compiled.loss_history], [loss for _, loss in eager.loss_history], atol=1e-4, rtol=1e-4)
+
+
+def test_block_masks_are_built_on_the_training_device(assets, tmp_path, monkeypatch):
+    """With ``mask_format: block`` (CUDA's), the data loader builds each BlockMask on the recipe's device:
+    ``batch_to_device`` moves a BlockMask's tables but not the tensors its ``mask_mod`` reads."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    monkeypatch.setattr(GistLoRAFinetuneRecipeSingleDevice, "_resolve_mask_format", lambda self, fmt: "block")
+    cfg = load_cfg(SINGLE, overrides(assets, tmp_path, save_merged_hf=False))
+    recipe = GistLoRAFinetuneRecipeSingleDevice(cfg)
+    recipe.setup(cfg)
+    collate = recipe._dataloader.collate_fn.keywords
+    assert collate["block_mask"] and not collate["segment_mask"] and collate["block_mask_device"] == recipe._device
+    mask = next(iter(recipe._dataloader))["mask"]
+    assert isinstance(mask, BlockMask)
+    recipe.cleanup()
+
+
 def test_clear_errors_for_configurations_that_cannot_work(assets, tmp_path):
     def setup(**extra):
         cfg = load_cfg(SINGLE, overrides(assets, extra.pop("output_dir", tmp_path), **extra))
@@ -210,6 +243,8 @@ def test_clear_errors_for_configurations_that_cannot_work(assets, tmp_path):
         setup(mask_format="sparse")
     with pytest.raises(ValueError, match="FlexAttention, which torchtune uses on CUDA only"):
         setup(mask_format="block")
+    with pytest.raises(ValueError, match="mask_format=segments does not compile"):
+        setup(mask_format="segments", compile=True)
     with pytest.raises(ValueError, match="the model has 2 gist tokens but num_gist_tokens=4"):
         setup(**{"model.num_gist_tokens": 2})
     with pytest.raises(TypeError, match="not gist-aware"):

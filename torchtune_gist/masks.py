@@ -180,16 +180,18 @@ def gist_mask_mod(
     pad_id: Optional[int] = None,
     mode: MaskMode = "gist",
     document_ids: Optional[torch.Tensor] = None,
+    device: Optional[Union[str, torch.device]] = None,
 ) -> _MaskMod:
     """The gist mask as a FlexAttention ``mask_mod(b, h, q_idx, kv_idx) -> bool``.
 
     Same arguments and semantics as :func:`make_gist_mask`; the returned function closes over
-    ``[b, s]`` tensors on ``tokens.device``.
+    ``[b, s]`` tensors on ``device`` (default ``tokens.device``).
     """
     _check_inputs(tokens, gist_token_ids, mode, document_ids)
-    first, last = gist_span_bounds(tokens, gist_token_ids, document_ids=document_ids)
-    not_pad = tokens != pad_id if pad_id is not None else None
-    docs = document_ids
+    device = device if device is not None else tokens.device
+    first, last = (t.to(device) for t in gist_span_bounds(tokens, gist_token_ids, document_ids=document_ids))
+    not_pad = (tokens != pad_id).to(device) if pad_id is not None else None
+    docs = document_ids.to(device) if document_ids is not None else None
 
     def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
         allowed = _allowed(q_idx, kv_idx, first[b, q_idx], last[b, q_idx], mode)
@@ -210,17 +212,25 @@ def make_gist_block_mask(
     mode: MaskMode = "gist",
     document_ids: Optional[torch.Tensor] = None,
     block_size: Union[int, Tuple[int, int]] = 128,
+    device: Optional[Union[str, torch.device]] = None,
 ) -> BlockMask:
     """The gist mask as a FlexAttention ``BlockMask`` (for CUDA training with FlexAttention).
 
     Same arguments and semantics as :func:`make_gist_mask`. The mask is shared by all heads.
+    Build it on the device attention runs on: ``BlockMask.to`` moves the block tables but not the
+    ``[b, s]`` tensors its ``mask_mod`` reads, so a mask built on the CPU and moved to a GPU fails there.
+
+    Args:
+        device (Optional[Union[str, torch.device]]): where the mask and the tensors its ``mask_mod``
+            reads live. Default ``tokens.device``.
 
     Returns:
-        BlockMask: for ``[b, 1, s, s]`` attention on ``tokens.device``.
+        BlockMask: for ``[b, 1, s, s]`` attention on ``device``.
     """
-    mask_mod = gist_mask_mod(tokens, gist_token_ids, pad_id=pad_id, mode=mode, document_ids=document_ids)
+    mask_mod = gist_mask_mod(tokens, gist_token_ids, pad_id=pad_id, mode=mode, document_ids=document_ids, device=device)
     b, s = tokens.shape
-    return create_block_mask(mask_mod, b, None, s, s, device=tokens.device, BLOCK_SIZE=block_size)
+    device = device if device is not None else tokens.device
+    return create_block_mask(mask_mod, b, None, s, s, device=device, BLOCK_SIZE=block_size)
 
 
 def document_ids_from_lengths(seq_lens: Sequence[Sequence[int]], seq_len: Optional[int] = None) -> torch.Tensor:

@@ -218,6 +218,7 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
         self._mask_mode = str(cfg.get("mask_mode", "gist"))
         if self._mask_mode not in MASK_MODES:
             raise ValueError(f"mask_mode={self._mask_mode!r} is not one of {', '.join(MASK_MODES)}")
+        self._compile = bool(cfg.get("compile", False))
         self._mask_format = self._resolve_mask_format(str(cfg.get("mask_format", "auto")))
         self._train_lora = bool(cfg.get("train_lora", True))
         self._log_every_n_steps = int(cfg.get("log_every_n_steps", 1))
@@ -232,7 +233,6 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
         self._run_val_every_n_steps = cfg.get("run_val_every_n_steps", None)
         self._resume_from_checkpoint = cfg.get("resume_from_checkpoint", False)
         self._enable_activation_checkpointing = bool(cfg.get("enable_activation_checkpointing", False))
-        self._compile = bool(cfg.get("compile", False))
         self._base_model_name = str(cfg.get("base_model_name", cfg.model._component_))
         self.epochs_run = 0
         self.global_step = 0
@@ -241,15 +241,20 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
 
     # Hooks for the recipes.
     def _resolve_mask_format(self, mask_format: str) -> str:
-        """``auto``: FlexAttention ``BlockMask``s where torchtune uses FlexAttention (CUDA), else ``auto``
-        (segments for batches of ``SEGMENT_MIN_LEN`` positions and more, dense below)."""
+        """``auto``: FlexAttention ``BlockMask``s where torchtune uses FlexAttention (CUDA); else, compiled,
+        dense; else ``auto`` (segments for batches of ``SEGMENT_MIN_LEN`` positions and more, dense below)."""
         flex = self._device.type == "cuda" and _SUPPORTS_FLEX_ATTENTION
         if mask_format == "auto":
-            return "block" if flex else "auto"
+            return "block" if flex else "dense" if self._compile else "auto"
         if mask_format not in MASK_FORMATS:
             raise ValueError(f"mask_format={mask_format!r} is not one of auto, {', '.join(MASK_FORMATS)}")
         if mask_format == "block" and not flex:
             raise ValueError("mask_format=block needs FlexAttention, which torchtune uses on CUDA only: use segments or dense")
+        if mask_format == "segments" and self._compile:
+            raise ValueError(
+                "mask_format=segments does not compile (its per-row spans would recompile every batch): "
+                "use mask_format=dense (or auto) with compile=True, or compile=False"
+            )
         return mask_format
 
     def _setup_model(
@@ -379,6 +384,7 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
                 pad_id=self._tokenizer.pad_id,
                 mask_mode=self._mask_mode,
                 block_mask=self._mask_format == "block",
+                block_mask_device=self._device if self._mask_format == "block" else None,
                 segment_mask=self._mask_format in ("segments", "auto"),
                 segment_min_len=SEGMENT_MIN_LEN if self._mask_format == "auto" else 0,
                 **collate_kwargs,

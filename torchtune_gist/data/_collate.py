@@ -4,13 +4,13 @@ Both collators return exactly ``tokens [b, s]``, ``labels [b, s]``, ``mask`` and
 (so a recipe can call ``model(**batch)`` after popping ``labels``). ``mask`` is the dense bool
 ``[b, s, s]`` mask from :func:`~torchtune_gist.masks.make_gist_mask` (causality and padding included),
 a FlexAttention ``BlockMask`` from :func:`~torchtune_gist.masks.make_gist_block_mask` with
-``block_mask=True`` (CUDA only for training), or a
+``block_mask=True`` (CUDA only for training; build it there with ``block_mask_device``), or a
 :class:`~torchtune_gist.segment_masks.GistSegmentMask` with ``segment_mask=True`` (causal SDPA per
 segment: the fast choice where FlexAttention is not available, e.g. on CPU). Use them as a config ``collate_fn`` through
 ``functools.partial(padded_gist_collate, gist_token_ids=..., pad_id=..., mask_mode=...)``.
 """
 
-from typing import Any, Collection, Dict, List, Mapping, Sequence, Union
+from typing import Any, Collection, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask
@@ -44,12 +44,14 @@ def _mask(
     block_mask: bool,
     segment_mask: bool,
     segment_min_len: int,
+    block_mask_device: Optional[Union[str, torch.device]],
     **kwargs: Any,
 ) -> _Mask:
     if block_mask and segment_mask:
         raise ValueError("ask for either block_mask or segment_mask, not both")
-    segments = segment_mask and tokens.shape[1] >= segment_min_len
-    build = make_gist_block_mask if block_mask else make_gist_segment_mask if segments else make_gist_mask
+    if block_mask:
+        return make_gist_block_mask(tokens, ids, pad_id=pad_id, mode=mask_mode, device=block_mask_device, **kwargs)
+    build = make_gist_segment_mask if segment_mask and tokens.shape[1] >= segment_min_len else make_gist_mask
     return build(tokens, ids, pad_id=pad_id, mode=mask_mode, **kwargs)
 
 
@@ -63,6 +65,7 @@ def padded_gist_collate(
     block_mask: bool = False,
     segment_mask: bool = False,
     segment_min_len: int = 0,
+    block_mask_device: Optional[Union[str, torch.device]] = None,
 ) -> Dict[str, _Mask]:
     """Right-pad a batch of examples and build the gist mask (each row its own gist span, or none).
 
@@ -77,6 +80,9 @@ def padded_gist_collate(
         segment_mask (bool): return a ``GistSegmentMask`` instead of a dense mask, for batches of at
             least ``segment_min_len`` positions.
         segment_min_len (int): below this many positions, the dense mask even with ``segment_mask``. Default 0.
+        block_mask_device (Optional[Union[str, torch.device]]): the device to build the ``BlockMask`` on,
+            the one attention runs on (``BlockMask.to`` does not move what its ``mask_mod`` reads).
+            Default: the tokens' device (the CPU in a data loader).
 
     Returns:
         Dict[str, _Mask]: ``tokens [b, s]``, ``labels [b, s]``,
@@ -102,7 +108,7 @@ def padded_gist_collate(
     return {
         "tokens": tokens,
         "labels": labels,
-        "mask": _mask(tokens, ids, pad_id, mask_mode, block_mask, segment_mask, segment_min_len),
+        "mask": _mask(tokens, ids, pad_id, mask_mode, block_mask, segment_mask, segment_min_len, block_mask_device),
         "input_pos": torch.arange(s).expand(b, s).clone(),
     }
 
@@ -116,6 +122,7 @@ def packed_gist_collate(
     block_mask: bool = False,
     segment_mask: bool = False,
     segment_min_len: int = 0,
+    block_mask_device: Optional[Union[str, torch.device]] = None,
 ) -> Dict[str, _Mask]:
     """Stack rows of :class:`~torchtune_gist.data.PackedGistDataset` and build the packed gist mask.
 
@@ -131,6 +138,9 @@ def packed_gist_collate(
         segment_mask (bool): return a ``GistSegmentMask`` instead of a dense mask, for batches of at
             least ``segment_min_len`` positions.
         segment_min_len (int): below this many positions, the dense mask even with ``segment_mask``. Default 0.
+        block_mask_device (Optional[Union[str, torch.device]]): the device to build the ``BlockMask`` on,
+            the one attention runs on (``BlockMask.to`` does not move what its ``mask_mod`` reads).
+            Default: the tokens' device (the CPU in a data loader).
 
     Returns:
         Dict[str, _Mask]: ``tokens``, ``labels``, ``input_pos`` ``[b, s]``
@@ -151,6 +161,7 @@ def packed_gist_collate(
     }
     document_ids = out.pop("document_ids")
     out["mask"] = _mask(
-        out["tokens"], ids, pad_id, mask_mode, block_mask, segment_mask, segment_min_len, document_ids=document_ids
+        out["tokens"], ids, pad_id, mask_mode, block_mask, segment_mask, segment_min_len, block_mask_device,
+        document_ids=document_ids,
     )
     return out

@@ -30,7 +30,7 @@ from torchtune import config, training, utils
 from torchtune_gist.checkpointing import load_gist_adapter
 from torchtune_gist.generation import GistCache, compress, generate_from_cache
 from torchtune_gist.modules import init_gist_embeddings
-from torchtune_gist.training import check_base_keys, check_gist_setup
+from torchtune_gist.training import check_base_keys, check_gist_setup, get_device
 
 log = utils.get_logger("INFO")
 
@@ -46,7 +46,7 @@ class GistGenerateRecipe:
     ``dtype``, ``seed``."""
 
     def __init__(self, cfg: DictConfig) -> None:
-        self._device = utils.get_device(device=cfg.device)
+        self._device = get_device(cfg.device)
         self._dtype = training.get_dtype(dtype=cfg.dtype, device=self._device)
         self._seed = training.set_seed(seed=cfg.get("seed", None))
 

@@ -245,6 +245,9 @@ def test_clear_errors_for_configurations_that_cannot_work(assets, tmp_path):
         setup(mask_format="block")
     with pytest.raises(ValueError, match="mask_format=segments does not compile"):
         setup(mask_format="segments", compile=True)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA GPU: run on one, or set device=cpu"):
+            setup(device="cuda")
     with pytest.raises(ValueError, match="the model has 2 gist tokens but num_gist_tokens=4"):
         setup(**{"model.num_gist_tokens": 2})
     with pytest.raises(TypeError, match="not gist-aware"):

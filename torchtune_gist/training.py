@@ -56,6 +56,14 @@ MASK_FORMATS = ("dense", "block", "segments")
 SEGMENT_MIN_LEN = 512
 
 
+def get_device(device: Optional[str]) -> torch.device:
+    """torchtune's ``utils.get_device``, but ``cuda`` on a machine without CUDA is a clear error (torchtune
+    falls back to the CPU, where a bf16 config then fails with a message about bf16)."""
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device={device} but this machine has no CUDA GPU: run on one, or set device=cpu")
+    return utils.get_device(device=device)
+
+
 def check_gist_setup(model: nn.Module, tokenizer: Any, num_gist_tokens: int, mask_mode: str) -> List[int]:
     """Check that model, tokenizer and configuration agree on the gist tokens; return the gist ids.
 
@@ -207,7 +215,7 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
     """
 
     def __init__(self, cfg: DictConfig) -> None:
-        self._device = utils.get_device(device=cfg.device)
+        self._device = get_device(cfg.device)
         self._dtype = training.get_dtype(cfg.dtype, device=self._device)
         if self._dtype == torch.float16:
             raise ValueError("fp16 training is not supported: use bf16 or fp32")

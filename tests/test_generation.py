@@ -329,6 +329,22 @@ def test_grouped_query_attention_matches_expanded_heads():
     torch.testing.assert_close(grouped_query_attention(q, k, v, mask), expanded, atol=1e-6, rtol=0)
 
 
+def test_grouped_query_attention_takes_the_cuda_efficient_kernels_layout(monkeypatch):
+    """CUDA's memory-efficient SDPA kernel (what a bool mask gets) returns ``[b, h, m, d]`` with ``[b, m, h, d]``
+    strides; folding the query groups back must not assume a contiguous result."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def transposed_layout(*args, **kwargs):
+        return sdpa(*args, **kwargs).transpose(1, 2).contiguous().transpose(1, 2)
+
+    q, k, v = torch.randn(2, 8, 3, 16), torch.randn(2, 2, 5, 16), torch.randn(2, 2, 5, 16)
+    mask = torch.rand(2, 3, 5) > 0.3
+    mask[..., 0] = True
+    want = grouped_query_attention(q, k, v, mask)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", transposed_layout)
+    torch.testing.assert_close(grouped_query_attention(q, k, v, mask), want, atol=0, rtol=0)
+
+
 def test_stop_tokens_and_sampling(model):
     examples = [_example(6, 2, 3), _example(9, 4, 4)]
     prompts, conts = [p for p, _ in examples], [c for _, c in examples]

@@ -250,6 +250,23 @@ def test_gist_models_extend_the_vocabulary(
     assert lora_gist.tok_embeddings.gist_token_ids == [49152, 49153]
 
 
+def test_loglikelihood_with_gist_ids_past_the_output_vocabulary(
+    base_state_dict: Dict[str, torch.Tensor], tokenizer: SmolLM2Tokenizer
+) -> None:
+    """SmolLM2's gist ids lie past its output projection: lm-eval scoring has no gist logit to suppress."""
+    from lm_eval.api.instance import Instance
+
+    from torchtune_gist.eval import TorchtuneGistLM
+
+    gist = gist_smollm2_135m(num_gist_tokens=2).eval()
+    gist.load_state_dict(base_state_dict, strict=False)
+    init_gist_embeddings(gist)
+    lm = TorchtuneGistLM(model=gist, tokenizer=tokenizer, mode="pos_control")
+    request = Instance(request_type="loglikelihood", doc={}, arguments=("The capital of France is<GIST>", " Paris"), idx=0)
+    [(logprob, is_greedy)] = lm.loglikelihood([request])
+    assert -20 < logprob < 0 and isinstance(is_greedy, bool)
+
+
 def test_hf_checkpoint_loader_and_cli(
     tmp_path: Path, base_state_dict: Dict[str, torch.Tensor], smollm2_dir: Path
 ) -> None:

@@ -28,7 +28,7 @@ from torchtune.modules import RotaryPositionalEmbeddings, TiedLinear
 from torchtune.modules.peft import DoRALinear, LoRALinear, get_merged_lora_ckpt
 
 from torchtune_gist._io import atomic_save_safetensors, atomic_write_json
-from torchtune_gist.modules import GIST_PARAM_NAME, get_gist_embedding, trainable_gist_params
+from torchtune_gist.modules import GIST_PARAM_NAME, get_gist_embedding, state_dict_name, trainable_gist_params
 
 ADAPTER_FILE = "gist_adapter.safetensors"
 ADAPTER_FORMAT = "torchtune-gist"
@@ -278,7 +278,8 @@ def _arch(model: nn.Module) -> Dict[str, Any]:
 
 
 def _model_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """The model's parameters by name (NF4 weights stay NF4; torchtune's state-dict hooks are skipped)."""
+    """The model's parameters by state-dict name, on the CPU (NF4 weights stay NF4; the merge runs there, not on
+    a GPU that still holds the training state; torchtune's state-dict hooks are skipped)."""
     state = {}
     for name, p in model.named_parameters():
         if isinstance(p, DTensor):
@@ -286,7 +287,7 @@ def _model_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
                 "the model is sharded: gather a full state dict on every rank first (e.g. "
                 "torchtune.training.gather_cpu_state_dict) and pass it as state_dict="
             )
-        state[name] = p.detach()
+        state[state_dict_name(name)] = p.detach().cpu()
     return state
 
 

@@ -41,7 +41,7 @@ from torchtune_gist.checkpointing import export_merged_hf, gist_adapter_state_di
 from torchtune_gist.data import PackedGistDataset, padded_gist_collate
 from torchtune_gist.gist_tokens import gist_token_ids
 from torchtune_gist.masks import MASK_MODES
-from torchtune_gist.modules import get_gist_embedding, initial_gist_rows, output_at
+from torchtune_gist.modules import get_gist_embedding, initial_gist_rows, output_at, state_dict_name
 
 log = utils.get_logger("INFO")
 
@@ -109,7 +109,7 @@ def check_adapter_state(model: nn.Module, adapter_state_dict: Dict[str, torch.Te
             checkpoint trained with another K).
     """
     get_gist_embedding(model)
-    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    shapes = {state_dict_name(n): tuple(p.shape) for n, p in model.named_parameters()}
     unknown = [k for k in adapter_state_dict if k not in shapes]
     wrong = [f"{k}: checkpoint {tuple(v.shape)} vs model {shapes[k]}" for k, v in adapter_state_dict.items() if k in shapes and tuple(v.shape) != shapes[k]]
     if unknown or wrong:

@@ -405,7 +405,7 @@ class TorchtuneGistLM(LM):
         if isinstance(logits, list):
             logits = torch.cat(logits, dim=1)
         logprobs = F.log_softmax(logits.float(), dim=-1)
-        suppress = torch.tensor([t for t in self.gist_token_ids if t < logits.shape[-1]], device=self._device)
+        suppress = torch.tensor([t for t in self.gist_token_ids if t < logits.shape[-1]], dtype=torch.long, device=self._device)
         greedy = logits.float().index_fill(-1, suppress, float("-inf")).argmax(-1)
         results = []
         for b, (row, start) in enumerate(rows):

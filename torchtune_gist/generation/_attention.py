@@ -158,7 +158,7 @@ def grouped_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
     q = q.reshape(b, n_kv, g * s, h_d)
     mask = mask[:, None, None].expand(b, 1, g, s, t).reshape(b, 1, g * s, t)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return out.view(b, n_h, s, h_d)
+    return out.reshape(b, n_h, s, h_d)  # not view: CUDA's memory-efficient kernel returns a transposed layout
 
 
 class StoreAttention(nn.Module):

@@ -7,6 +7,7 @@ from torchtune_gist.modules.gist_embedding import (
     init_gist_embeddings,
     initial_gist_rows,
     set_trainable_params,
+    state_dict_name,
     trainable_gist_params,
 )
 from torchtune_gist.modules.output import SelectedOutput, output_at
@@ -20,5 +21,6 @@ __all__ = [
     "initial_gist_rows",
     "output_at",
     "set_trainable_params",
+    "state_dict_name",
     "trainable_gist_params",
 ]

@@ -16,6 +16,7 @@ from typing import Dict, List, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torchtune.modules.peft import get_adapter_params
 
@@ -203,17 +204,26 @@ def init_gist_embeddings(model_or_module: nn.Module) -> None:
     gist.copy_(rows)
 
 
+def state_dict_name(name: str) -> str:
+    """A parameter name from ``named_parameters`` as the model's state dict spells it.
+
+    Activation checkpointing wraps layers, so ``named_parameters`` says ``layers.0._checkpoint_wrapped_module.attn...``
+    where ``state_dict`` (and every checkpoint) says ``layers.0.attn...``.
+    """
+    return name.replace(_CHECKPOINT_PREFIX, "")
+
+
 def trainable_gist_params(model: nn.Module, *, train_lora: bool = True) -> Dict[str, nn.Parameter]:
     """The parameters a gist recipe trains: the gist rows, and LoRA/DoRA weights if ``train_lora``.
 
     Returns:
-        Dict[str, nn.Parameter]: fully qualified names to parameters.
+        Dict[str, nn.Parameter]: state-dict names (:func:`state_dict_name`) to parameters.
 
     Raises:
         TypeError: if the model is not gist-aware.
     """
     get_gist_embedding(model)
-    params = get_adapter_params(model)
+    params = {state_dict_name(k): v for k, v in get_adapter_params(model).items()}
     if not train_lora:
         params = {k: v for k, v in params.items() if k.rsplit(".", 1)[-1] == GIST_PARAM_NAME}
     return params
@@ -227,5 +237,5 @@ def set_trainable_params(model: nn.Module, *, train_lora: bool = True) -> Dict[s
     """
     params = trainable_gist_params(model, train_lora=train_lora)
     for name, p in model.named_parameters():
-        p.requires_grad_(name in params)
+        p.requires_grad_(state_dict_name(name) in params)
     return params

@@ -78,7 +78,7 @@ from torchtune_gist.models import gist_llama3_1, lora_gist_llama3_1
 from torchtune_gist.segment_masks import GistSegmentMask
 from torchtune_gist.modules import init_gist_embeddings, set_trainable_params
 from torchtune_gist.tiny import TINY_LLAMA3_1_ARGS, write_tiny_tokenizer
-from torchtune_gist.training import masked_loss
+from torchtune_gist.training import FLEX_BLOCK_SIZE, masked_loss
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH_DIR = Path(__file__).resolve().parent
@@ -338,7 +338,9 @@ def packing_plans(
         AssertionError: if a variant does not hold exactly the examples' real tokens.
     """
     blocks = {"block_mask": block_mask_device is not None, "block_mask_device": block_mask_device}
-    pcollate = partial(padded_gist_collate, gist_token_ids=ids, pad_id=pad, **blocks)
+    # As the recipe: BlockMask batches padded to FlexAttention's block size (one compile per multiple of 128).
+    pcollate = partial(padded_gist_collate, gist_token_ids=ids, pad_id=pad, **blocks,
+                       pad_to_multiple_of=FLEX_BLOCK_SIZE if block_mask_device is not None else 1)
     kcollate = partial(packed_gist_collate, gist_token_ids=ids, pad_id=pad, **blocks)
     plans: Dict[str, List[Callable[[], Dict[str, Any]]]] = {
         "batch_size_1": [partial(pcollate, [ex]) for ex in examples],

@@ -341,6 +341,7 @@ def _passkey_batch(args: argparse.Namespace, device: torch.device) -> Dict[str, 
 
     from torchtune_gist.data import gist_passkey_dataset, padded_gist_collate
     from torchtune_gist.tiny import write_tiny_tokenizer
+    from torchtune_gist.training import FLEX_BLOCK_SIZE
 
     k = args.passkey_k
     with tempfile.TemporaryDirectory() as tmp:
@@ -353,6 +354,7 @@ def _passkey_batch(args: argparse.Namespace, device: torch.device) -> Dict[str, 
     batch = padded_gist_collate(
         [{"tokens": remap(ex["tokens"]), "labels": remap(ex["labels"])}], gist_token_ids=ids,
         pad_id=tok.pad_id + shift, block_mask=device.type == "cuda", block_mask_device=device,
+        pad_to_multiple_of=FLEX_BLOCK_SIZE if device.type == "cuda" else 1,  # as the recipe pads BlockMask batches
     )
     return {k_: (v.to(device) if isinstance(v, torch.Tensor) else v) for k_, v in batch.items()}
 
@@ -506,13 +508,15 @@ def bench_decode(args: argparse.Namespace, device: torch.device) -> Dict[str, An
                             del cache
                         else:
                             slots = args.stock_cache_len or arch["max_seq_len"]
-                            model.setup_caches(batch_size=bsz, dtype=dtype, decoder_max_seq_len=slots)
-                            kv = sum(l.attn.kv_cache.k_cache.nbytes + l.attn.kv_cache.v_cache.nbytes for l in model.layers)
                             try:
+                                with device:  # torchtune's KVCache allocates on the default device
+                                    model.setup_caches(batch_size=bsz, dtype=dtype, decoder_max_seq_len=slots)
+                                kv = sum(l.attn.kv_cache.k_cache.nbytes + l.attn.kv_cache.v_cache.nbytes for l in model.layers)
                                 torchtune_generate(model, torch.tensor([a + c for a, c in zip(prompts, conts)], device=device),
                                                    max_generated_tokens=t_new, pad_id=-1, temperature=0.0)
                             finally:
-                                delete_kv_caches(model)
+                                if model.caches_are_setup():  # also after an out-of-memory error half-way through
+                                    delete_kv_caches(model)
                             extra = {"cache_slots": slots}
                         sync()
                         t1 = time.perf_counter()
@@ -678,10 +682,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     res: Dict[str, Any] = {"meta": {"machine": machine_info(torch.get_num_threads()), "command": command_line(),
                                     "tiny": args.tiny, "load_before": load_average()}}
     runs = {"attention": bench_attention, "packing": bench_packing, "memory": bench_memory, "decode": bench_decode}
+    # torchtune compiles flex_attention with dynamic=False: one compile per shape, and the attention section
+    # alone has 8; past the limit dynamo would run FlexAttention unfused and the figures would not be its own.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for name in SECTIONS:
         if name in only:
             res[name] = runs[name](args, device)
             _free(device)  # the section's models are gone with its frame
+            torch._dynamo.reset()
+            write_json(res, out / GPU_JSON)  # a later section's crash keeps this one's figures
     res["meta"]["duration_s"] = time.perf_counter() - t_start
     res["plots"] = make_gpu_plots(res, out)
     write_json(res, out / GPU_JSON)

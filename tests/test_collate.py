@@ -71,6 +71,21 @@ def test_padded_block_mask_agrees_with_dense():
     assert torch.equal(create_mask(out["mask"].mask_mod, b, 1, s, s, device="cpu")[:, 0], dense)
 
 
+def test_pad_to_multiple_of():
+    out = padded_gist_collate(BATCH, gist_token_ids=GIST, pad_id=PAD, pad_to_multiple_of=8, block_mask=True)
+    plain = padded_gist_collate(BATCH, gist_token_ids=GIST, pad_id=PAD)
+    b, s = plain["tokens"].shape
+    assert out["tokens"].shape == (b, 16) and s < 16
+    assert torch.equal(out["tokens"][:, :s], plain["tokens"]) and (out["tokens"][:, s:] == PAD).all()
+    assert torch.equal(out["labels"][:, :s], plain["labels"]) and (out["labels"][:, s:] == -100).all()
+    assert out["mask"].shape == (b, 1, 16, 16)
+    dense = create_mask(out["mask"].mask_mod, b, 1, 16, 16, device="cpu")[:, 0]
+    assert torch.equal(dense[:, :s, :s], plain["mask"]) and not dense[:, :s, s:].any()
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="pad_to_multiple_of"):
+            padded_gist_collate(BATCH, gist_token_ids=GIST, pad_id=PAD, pad_to_multiple_of=bad)
+
+
 def test_collate_in_a_dataloader_with_partial(tiny_tokenizer):
     records = [
         {"instruction": "Add.", "input": "1, 2", "output": "3"},

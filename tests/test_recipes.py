@@ -221,18 +221,23 @@ def test_compiled_training_matches_eager(assets, tmp_path):
 
 
 def test_block_masks_are_built_on_the_training_device(assets, tmp_path, monkeypatch):
-    """With ``mask_format: block`` (CUDA's), the data loader builds each BlockMask on the recipe's device:
-    ``batch_to_device`` moves a BlockMask's tables but not the tensors its ``mask_mod`` reads."""
+    """With ``mask_format: block`` (CUDA's), the data loader builds each BlockMask on the recipe's device
+    (``batch_to_device`` moves a BlockMask's tables but not the tensors its ``mask_mod`` reads) and pads
+    batches to multiples of FlexAttention's block size."""
     from torch.nn.attention.flex_attention import BlockMask
 
     monkeypatch.setattr(GistLoRAFinetuneRecipeSingleDevice, "_resolve_mask_format", lambda self, fmt: "block")
-    cfg = load_cfg(SINGLE, overrides(assets, tmp_path, save_merged_hf=False))
+    cfg = load_cfg(SINGLE, overrides(assets, tmp_path, save_merged_hf=False, **{"tokenizer.max_seq_len": 2048}))
     recipe = GistLoRAFinetuneRecipeSingleDevice(cfg)
-    recipe.setup(cfg)
+    with torch._dynamo.config.patch(recompile_limit=8):
+        recipe.setup(cfg)
+        # Compiled FlexAttention compiles once per batch length: lengths come in multiples of 128 (below), and
+        # dynamo may compile each of the 2048 / 128 lengths, for training and for validation batches.
+        assert torch._dynamo.config.recompile_limit == 32
     collate = recipe._dataloader.collate_fn.keywords
     assert collate["block_mask"] and not collate["segment_mask"] and collate["block_mask_device"] == recipe._device
-    mask = next(iter(recipe._dataloader))["mask"]
-    assert isinstance(mask, BlockMask)
+    batch = next(iter(recipe._dataloader))
+    assert isinstance(batch["mask"], BlockMask) and batch["tokens"].shape[1] % 128 == 0
     recipe.cleanup()
 
 

@@ -16,6 +16,7 @@ Checkpoint layout (every file written to a temporary name, then renamed)::
 """
 
 import json
+import math
 import time
 from functools import partial
 from pathlib import Path
@@ -54,6 +55,9 @@ MASK_FORMATS = ("dense", "block", "segments")
 # mask_format=auto without FlexAttention: segments from this row length (CPU SDPA's causal kernel skips key
 # blocks of 512, so shorter rows gain nothing from segments and pay their per-row calls), dense below.
 SEGMENT_MIN_LEN = 512
+# mask_format=block: padded batches are padded to a multiple of FlexAttention's block size, so that torchtune's
+# compiled flex_attention (dynamic=False) compiles once per multiple, not once per batch length.
+FLEX_BLOCK_SIZE = 128
 
 
 def get_device(device: Optional[str]) -> torch.device:
@@ -330,6 +334,8 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
             if cfg.get("validation_dataset") is not None
             else None
         )
+        if self._mask_format == "block":
+            self._allow_flex_recompiles(cfg.tokenizer.get("max_seq_len") or self._model.max_seq_len)
         self._steps_per_epoch = len(self._dataloader) // self._gradient_accumulation_steps
         if self.max_steps_per_epoch is not None:
             self._steps_per_epoch = min(self._steps_per_epoch, int(self.max_steps_per_epoch))
@@ -373,7 +379,11 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
             raise ValueError("the datasets must be all packed or all unpacked (set `packed` the same in each)")
         packed_rows = packed.pop()
         ds = ConcatDataset(parts) if len(parts) > 1 else parts[0]
-        collate_kwargs: Dict[str, Any] = {} if packed_rows else {"ignore_idx": self._loss_fn.ignore_index}
+        collate_kwargs: Dict[str, Any] = {}
+        if not packed_rows:
+            collate_kwargs["ignore_idx"] = self._loss_fn.ignore_index
+            if self._mask_format == "block":
+                collate_kwargs["pad_to_multiple_of"] = FLEX_BLOCK_SIZE
         default_collate = "torchtune_gist.data.packed_gist_collate" if packed_rows else "torchtune_gist.data.padded_gist_collate"
         collate_fn = _get_component_from_path(collate or default_collate)
         if packed_rows and collate_fn is padded_gist_collate:
@@ -399,6 +409,17 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
             ),
             drop_last=True,
         )
+
+    def _allow_flex_recompiles(self, max_seq_len: int) -> None:
+        """Let torchtune's compiled flex_attention (``dynamic=False``) compile for every padded batch length.
+
+        Batches come in up to ``max_seq_len / 128`` lengths (and the validation batches' as many again); past
+        ``torch._dynamo.config.recompile_limit`` (8) dynamo would run FlexAttention unfused, scores materialised.
+        """
+        lengths = 2 * math.ceil(max_seq_len / FLEX_BLOCK_SIZE)
+        if torch._dynamo.config.recompile_limit < lengths:
+            torch._dynamo.config.recompile_limit = lengths
+            self._log_info(f"torch._dynamo.config.recompile_limit raised to {lengths}: one flex_attention compile per length")
 
     def _restore(self, path: Path) -> None:
         optim_sd, progress, rng = load_recipe_state(path / RECIPE_STATE_FILE)

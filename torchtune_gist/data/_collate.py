@@ -13,6 +13,7 @@ segment: the fast choice where FlexAttention is not available, e.g. on CPU). Use
 from typing import Any, Collection, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 from torch.nn.utils.rnn import pad_sequence
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
@@ -66,6 +67,7 @@ def padded_gist_collate(
     segment_mask: bool = False,
     segment_min_len: int = 0,
     block_mask_device: Optional[Union[str, torch.device]] = None,
+    pad_to_multiple_of: int = 1,
 ) -> Dict[str, _Mask]:
     """Right-pad a batch of examples and build the gist mask (each row its own gist span, or none).
 
@@ -83,6 +85,8 @@ def padded_gist_collate(
         block_mask_device (Optional[Union[str, torch.device]]): the device to build the ``BlockMask`` on,
             the one attention runs on (``BlockMask.to`` does not move what its ``mask_mod`` reads).
             Default: the tokens' device (the CPU in a data loader).
+        pad_to_multiple_of (int): pad ``s`` up to a multiple of this (as torchtune's ``padded_collate_sft``):
+            compiled FlexAttention compiles once per distinct ``s``, so BlockMask batches use 128. Default 1.
 
     Returns:
         Dict[str, _Mask]: ``tokens [b, s]``, ``labels [b, s]``,
@@ -94,6 +98,8 @@ def padded_gist_collate(
     ids = _check_settings(gist_token_ids, pad_id, mask_mode)
     if len(batch) == 0:
         raise ValueError("cannot collate an empty batch")
+    if isinstance(pad_to_multiple_of, bool) or not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1:
+        raise ValueError(f"pad_to_multiple_of must be a positive integer, got {pad_to_multiple_of!r}")
     for i, example in enumerate(batch):
         n_tok, n_lab = len(example["tokens"]), len(example["labels"])
         if n_tok == 0 or n_tok != n_lab:
@@ -104,6 +110,10 @@ def padded_gist_collate(
     labels = pad_sequence(
         [torch.as_tensor(ex["labels"], dtype=torch.long) for ex in batch], batch_first=True, padding_value=ignore_idx
     )
+    extra = -tokens.shape[1] % pad_to_multiple_of
+    if extra:
+        tokens = F.pad(tokens, (0, extra), value=pad_id)
+        labels = F.pad(labels, (0, extra), value=ignore_idx)
     b, s = tokens.shape
     return {
         "tokens": tokens,

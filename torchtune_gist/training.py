@@ -171,23 +171,24 @@ def _unflatten_optimizer_state(tensors: Dict[str, torch.Tensor], meta: Dict[str,
 
 
 def save_recipe_state(
-    path: Path, *, optimizer_state: Dict[str, Any], progress: Dict[str, Any], rng_state: torch.Tensor
+    path: Path, *, optimizer_state: Dict[str, Any], progress: Dict[str, Any], rng_states: Dict[str, torch.Tensor]
 ) -> None:
-    """Write optimizer state, RNG state and progress (JSON) to one safetensors file, atomically."""
+    """Write optimizer state, RNG states (``cpu``, and ``cuda`` when training there) and progress (JSON) to one
+    safetensors file, atomically."""
     tensors, optim_meta = _flatten_optimizer_state(optimizer_state)
-    tensors["rng_state"] = rng_state
+    tensors.update({f"rng_state.{device}": state for device, state in rng_states.items()})
     metadata = {"format": "torchtune-gist-recipe-state", "progress": json.dumps(progress), "optim": json.dumps(optim_meta)}
     atomic_save_safetensors(tensors, path, metadata=metadata)
 
 
-def load_recipe_state(path: Path) -> Tuple[Dict[str, Any], Dict[str, Any], torch.Tensor]:
-    """Read ``(optimizer_state, progress, rng_state)`` written by :func:`save_recipe_state`."""
+def load_recipe_state(path: Path) -> Tuple[Dict[str, Any], Dict[str, Any], Dict[str, torch.Tensor]]:
+    """Read ``(optimizer_state, progress, rng_states)`` written by :func:`save_recipe_state`."""
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         if meta.get("format") != "torchtune-gist-recipe-state":
             raise ValueError(f"{path} is not a torchtune-gist recipe state file")
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    rng = tensors.pop("rng_state")
+    rng = {k.split(".", 1)[1]: tensors.pop(k) for k in list(tensors) if k.startswith("rng_state.")}
     return _unflatten_optimizer_state(tensors, json.loads(meta["optim"])), json.loads(meta["progress"]), rng
 
 
@@ -421,12 +422,21 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
             torch._dynamo.config.recompile_limit = lengths
             self._log_info(f"torch._dynamo.config.recompile_limit raised to {lengths}: one flex_attention compile per length")
 
+    def _rng_states(self) -> Dict[str, torch.Tensor]:
+        """The generators a resumed run must continue: the CPU's, and this rank's GPU's (LoRA dropout there)."""
+        states = {"cpu": torch.get_rng_state()}
+        if self._device.type == "cuda":
+            states["cuda"] = torch.cuda.get_rng_state(self._device)
+        return states
+
     def _restore(self, path: Path) -> None:
         optim_sd, progress, rng = load_recipe_state(path / RECIPE_STATE_FILE)
         if progress["num_gist_tokens"] != self._num_gist_tokens:
             raise ValueError(f"{path} was trained with K={progress['num_gist_tokens']}, the config says {self._num_gist_tokens}")
         self._load_optimizer_state_dict(optim_sd)
-        torch.set_rng_state(rng)
+        torch.set_rng_state(rng["cpu"])
+        if self._device.type == "cuda" and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], self._device)
         self.epochs_run, self.global_step = progress["epochs_run"], progress["global_step"]
         self._batches_into_epoch = progress["batches_into_epoch"]
         self.loss_history = [tuple(x) for x in progress.get("loss_history", [])]
@@ -538,7 +548,7 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
             "loss_history": self.loss_history,
             "dataloader": None if end_of_epoch else self._dataloader.state_dict(),
         }
-        save_recipe_state(directory / RECIPE_STATE_FILE, optimizer_state=optim_sd, progress=progress, rng_state=torch.get_rng_state())
+        save_recipe_state(directory / RECIPE_STATE_FILE, optimizer_state=optim_sd, progress=progress, rng_states=self._rng_states())
         if end_of_epoch and self._save_merged_hf:
             export_merged_hf(self._model, directory / "hf_merged", state_dict=full_sd, base_model=self._base_model_name)
         self._log_info(f"Saved checkpoint to {directory}")

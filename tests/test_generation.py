@@ -26,6 +26,7 @@ from torchtune_gist.generation import (
     compress,
     generate,
     generate_from_cache,
+    model_fingerprint,
     grouped_query_attention,
     store_attention,
 )
@@ -149,6 +150,19 @@ def test_controls_match_their_full_sequence_references(model):
     assert runs["gist"].kv_slots == K + 7 + 4
     assert runs["truncate"].kv_slots == max(len(p[:-K][-K:]) + len(c) for p, c in examples) + 4
     assert runs["gist"].kv_bytes < runs["pos_control"].kv_bytes
+
+
+def test_fingerprint_samples_large_weights_and_still_tells_models_apart(monkeypatch):
+    """Large weights are hashed through an even sample (cheap per ``compress``); a retrained model still differs."""
+    import torchtune_gist.generation._cache as cache_module
+
+    monkeypatch.setattr(cache_module, "_FINGERPRINT_SAMPLE", 100)  # every tiny weight is "large" here
+    model = _tiny()
+    first = model_fingerprint(model, IDS)["weights_sha256"]
+    assert model_fingerprint(model, IDS)["weights_sha256"] == first
+    with torch.no_grad():
+        model.layers[0].attn.q_proj.weight.mul_(1.01)  # as any fine-tune: every value moves
+    assert model_fingerprint(model, IDS)["weights_sha256"] != first
 
 
 def test_cache_holds_k_entries_per_layer_equal_to_torchtunes_kv_cache(model):

@@ -39,8 +39,19 @@ CACHE_FORMAT_VERSION = "1"
 _ARCH_KEYS = ("num_layers", "num_heads", "num_kv_heads", "head_dim")
 
 
+#: Weights of more values than this enter the fingerprint through an even sample of about this many
+#: (Llama 3.1 8B's first and last attention: 32 MiB hashed per call instead of 336 MiB; 0.06 s instead of 0.6 s on a CPU).
+_FINGERPRINT_SAMPLE = 1 << 20
+
+
 def _tensor_bytes(t: torch.Tensor) -> bytes:
-    return t.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes()
+    values = t.detach()
+    if type(values) is not torch.Tensor:  # a tensor subclass (NF4): dequantise whole
+        values = values.to(dtype=torch.float32)
+    values = values.reshape(-1)
+    if values.numel() > _FINGERPRINT_SAMPLE:
+        values = values[:: values.numel() // _FINGERPRINT_SAMPLE]
+    return values.to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes()
 
 
 @torch.no_grad()
@@ -51,7 +62,8 @@ def model_fingerprint(
 
     Holds the attention shape and a SHA-256 over a few weights: the embeddings of the gist ids
     (the trained gist rows of a gist model) and every parameter (LoRA included, NF4 dequantised)
-    of the first and last layers' attention, read as float32.
+    of the first and last layers' attention, read as float32 (an even sample of the large ones: a
+    fine-tune or another model changes them throughout).
 
     Args:
         model (TransformerDecoder): the model.

@@ -355,6 +355,15 @@ def test_loads_base_adapter_and_merged_export(checkpoints: Tuple[Path, Path, tor
     assert merged.loglikelihood(requests)[0][0] == pytest.approx(theirs, abs=1e-4)
 
 
+def test_dtype_defaults_to_the_configs(checkpoints: Tuple[Path, Path, torch.nn.Module], tmp_path: Path) -> None:
+    config, ckpt, _ = checkpoints
+    bf16 = tmp_path / "bf16.yaml"
+    bf16.write_text(config.read_text() + "\ndtype: bf16\n")
+    assert next(TorchtuneGistLM(config=str(bf16), checkpoint_dir=str(ckpt)).model.parameters()).dtype == torch.bfloat16
+    lm = TorchtuneGistLM(config=str(bf16), checkpoint_dir=str(ckpt), dtype="fp32")
+    assert next(lm.model.parameters()).dtype == torch.float32
+
+
 def test_bad_settings_give_clear_errors(
     checkpoints: Tuple[Path, Path, torch.nn.Module], tiny_model: torch.nn.Module, tiny_tokenizer: Any,
     task_manager: Any, tmp_path: Path,
@@ -405,7 +414,7 @@ def test_cli_runs_a_task(checkpoints: Tuple[Path, Path, torch.nn.Module], tmp_pa
     cmd = [
         sys.executable, "-m", "torchtune_gist.eval", "run", "--model", "torchtune_gist",
         "--model_args", f"config={config},checkpoint_dir={ckpt},mode=gist,max_gen_toks=4",
-        "--tasks", "gist_passkey", "--limit", "2", "--device", "cpu", "--output_path", str(out_dir),
+        "--tasks", "gist_passkey", "--limit", "2", "--device", "cpu", "--batch_size", "2", "--output_path", str(out_dir),
         "--metadata", json.dumps({"num_samples": 2, "context_tokens": [96], "depths": [0.5]}),
     ]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
@@ -414,7 +423,8 @@ def test_cli_runs_a_task(checkpoints: Tuple[Path, Path, torch.nn.Module], tmp_pa
     assert "gist_passkey" in proc.stdout
     files = list(out_dir.rglob("results_*.json"))
     assert len(files) == 1
-    result = json.loads(files[0].read_text())["results"]["gist_passkey"]
-    assert result["sample_len"] == 2
+    saved = json.loads(files[0].read_text())
+    result = saved["results"]["gist_passkey"]
+    assert result["sample_len"] == 2 and int(saved["config"]["batch_size"]) == 2  # as README: --batch_size, not in model_args
     assert 0.0 <= result["acc,none"] <= 1.0 and 0.0 <= result["acc_96,none"] <= 1.0
     assert 40 < result["compression_ratio,none"] <= 96 / K

@@ -200,7 +200,7 @@ class TorchtuneGistLM(LM):
         batch_size (Union[int, str]): requests per forward. Default 1.
         device (Optional[str]): with ``config``; CUDA falls back to the CPU (with a warning) when
             absent. A given ``model`` stays where it is.
-        dtype (str): with ``config``: ``fp32``, ``bf16``, ``fp16``. Default ``fp32``.
+        dtype (Optional[str]): with ``config``: ``fp32``, ``bf16``, ``fp16``. Default: the config's ``dtype`` (else ``fp32``).
         max_gen_toks (Union[int, str]): new tokens per request when the request sets none. Default 512.
 
     Raises:
@@ -220,7 +220,7 @@ class TorchtuneGistLM(LM):
         mode: str = "gist",
         batch_size: Union[int, str] = 1,
         device: Optional[str] = None,
-        dtype: str = "fp32",
+        dtype: Optional[str] = None,
         max_gen_toks: Union[int, str] = 512,
     ) -> None:
         super().__init__()
@@ -234,6 +234,7 @@ class TorchtuneGistLM(LM):
         if model is None:
             cfg = load_config(config)
             self._device = _resolve_device(device)
+            dtype = dtype or cfg.get("dtype", "fp32")
             with training.set_default_dtype(training.get_dtype(dtype, self._device)), self._device:
                 model = tt_config.instantiate(cfg.model)
             _load_weights(model, cfg, checkpoint_dir, mode)

@@ -325,7 +325,7 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
         self._optimizer = config.instantiate(cfg.optimizer, [p for p in self._model.parameters() if p.requires_grad])
         self._loss_fn = config.instantiate(cfg.loss)
         if self._compile:
-            training.compile_loss(self._loss_fn, verbose=self._is_rank_zero)
+            self._loss_fn = training.compile_loss(self._loss_fn, verbose=self._is_rank_zero)
         if self._loss_fn.__class__.__name__ == "CEWithChunkedOutputLoss":
             self._model.set_num_output_chunks(self._loss_fn.num_output_chunks)
 

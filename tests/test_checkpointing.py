@@ -31,7 +31,7 @@ from torchtune_gist.models import (
     qlora_gist_llama3_1_tiny,
 )
 from torchtune_gist.modules import init_gist_embeddings
-from torchtune_gist.tiny import TINY_LLAMA3_1_ARGS
+from torchtune_gist.tiny import TINY_LLAMA3_1_ARGS, TINY_VOCAB_SIZE
 
 GIST_IDS = [510, 511]
 LORA_MODULES = ["q_proj", "k_proj", "v_proj"]
@@ -158,6 +158,24 @@ def test_merged_export_matches_the_gist_model(tmp_path: Path, kwargs):
     plain.load_state_dict(load_merged_hf(tmp_path), strict=True)
     tokens = _tokens()
     torch.testing.assert_close(_logits(plain, tokens), _logits(model, tokens), atol=1e-5, rtol=1e-5)
+
+
+def test_merged_export_carries_the_base_folders_token_ids_and_files(tmp_path: Path):
+    """As torchtune's checkpointer: the export names the base's special tokens and brings its tokenizer along."""
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"bos_token_id": 128000, "eos_token_id": [128001, 128009], "vocab_size": 9}))
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        (base / name).write_text("{}")
+    for name in ("model-00001-of-00004.safetensors", "model.safetensors.index.json", "pytorch_model.bin"):
+        (base / name).write_text("weights")
+    (base / "original").mkdir()
+    out = export_merged_hf(gist_llama3_1_tiny(), tmp_path / "out", base_dir=base, extra_config={"eos_token_id": 128009})
+    config = json.loads((out / "config.json").read_text())
+    assert config["bos_token_id"] == 128000 and config["eos_token_id"] == 128009 and config["vocab_size"] == TINY_VOCAB_SIZE
+    assert sorted(f.name for f in out.iterdir()) == sorted(
+        ["config.json", "gist_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"]
+    )
 
 
 def test_merged_export_of_a_qlora_model(tmp_path: Path):

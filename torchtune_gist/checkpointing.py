@@ -27,7 +27,7 @@ from torchtune.models.llama3_1._position_embeddings import Llama3ScaledRoPE
 from torchtune.modules import RotaryPositionalEmbeddings, TiedLinear
 from torchtune.modules.peft import DoRALinear, LoRALinear, get_merged_lora_ckpt
 
-from torchtune_gist._io import atomic_save_safetensors, atomic_write_json
+from torchtune_gist._io import atomic_copy, atomic_save_safetensors, atomic_write_json
 from torchtune_gist.modules import GIST_PARAM_NAME, get_gist_embedding, state_dict_name, trainable_gist_params
 
 ADAPTER_FILE = "gist_adapter.safetensors"
@@ -300,8 +300,8 @@ def merged_hf_state_dict(
 ) -> Dict[str, Any]:
     """Merge LoRA and the gist rows into a plain Llama state dict (torchtune names).
 
-    LoRA/DoRA is merged in fp32 with torchtune's ``get_merged_lora_ckpt``; NF4 weights are
-    dequantised. The gist rows overwrite the embedding rows of the gist ids; ids beyond the
+    LoRA/DoRA is merged in fp32, one module at a time, with torchtune's ``get_merged_lora_ckpt``;
+    NF4 weights are dequantised. The gist rows overwrite the embedding rows of the gist ids; ids beyond the
     vocabulary enlarge the embedding to ``max(ids) + 1`` rows (unused rows zero). The output head
     keeps the vocabulary: a tied model is untied (``output.weight`` = the original vocabulary), and
     an enlarged vocabulary gets zero output rows, so the logits of the original V tokens are
@@ -333,10 +333,12 @@ def merged_hf_state_dict(
     if lora_keys:
         if not settings:
             raise ValueError(f"the state dict has LoRA weights ({lora_keys[0]}, ...) but the model has no LoRA")
-        modules = {k.rsplit(".lora_", 1)[0] if ".lora_" in k else k[: -len(".magnitude")] for k in lora_keys}
-        work = {k: state.pop(k).to(torch.float32).clone() for k in lora_keys}
-        work.update({f"{m}.weight": state.pop(f"{m}.weight").to(torch.float32).clone() for m in modules})
-        state.update(get_merged_lora_ckpt(work, rank=settings["lora_rank"], alpha=settings["lora_alpha"]))
+        modules = sorted({k.rsplit(".lora_", 1)[0] if ".lora_" in k else k[: -len(".magnitude")] for k in lora_keys})
+        for m in modules:  # one module at a time: an 8B model's fp32 copies all at once would take ~28 GB
+            work = {k: state.pop(k).to(torch.float32).clone() for k in lora_keys if k.startswith(f"{m}.")}
+            work[f"{m}.weight"] = state.pop(f"{m}.weight").to(torch.float32).clone()
+            merged_module = get_merged_lora_ckpt(work, rank=settings["lora_rank"], alpha=settings["lora_alpha"])
+            state.update({k: v.to(dtype) for k, v in merged_module.items()})
     merged = {k: v.to(dtype).cpu() for k, v in state.items()}
     base_vocab, width = vocab.shape
     new_vocab = max(base_vocab, max(emb.gist_token_ids) + 1)
@@ -364,6 +366,7 @@ def export_merged_hf(
     dim: Optional[int] = None,
     base_model: Optional[str] = None,
     extra_config: Optional[Dict[str, Any]] = None,
+    base_dir: Optional[Union[str, Path]] = None,
 ) -> Path:
     """Write a standard Hugging Face Llama checkpoint with LoRA and the gist rows merged in.
 
@@ -384,6 +387,9 @@ def export_merged_hf(
         base_model (Optional[str]): recorded in ``gist_config.json``.
         extra_config (Optional[Dict[str, Any]]): more ``config.json`` fields (e.g. ``bos_token_id``,
             ``eos_token_id``); they override the inferred ones.
+        base_dir (Optional[Union[str, Path]]): the base model's Hugging Face folder: the special-token ids
+            of its ``config.json`` carry over (``extra_config`` still wins) and its other non-weight files
+            (tokenizer, generation config) are copied beside the export, as torchtune's checkpointer does.
 
     Returns:
         Path: ``directory``.
@@ -406,6 +412,10 @@ def export_merged_hf(
         tie_word_embeddings=False,
         torch_dtype=str(weights["tok_embeddings.weight"].dtype).removeprefix("torch."),
     )
+    base_files = _base_model_files(Path(base_dir)) if base_dir is not None else []
+    if base_dir is not None and (Path(base_dir) / HF_CONFIG_FILE).is_file():
+        base_config = json.loads((Path(base_dir) / HF_CONFIG_FILE).read_text())
+        config.update({k: base_config[k] for k in _SPECIAL_TOKEN_KEYS if k in base_config})
     config.update(extra_config or {})
     hf = tune_to_hf(
         weights,
@@ -428,7 +438,22 @@ def export_merged_hf(
         },
         directory / GIST_CONFIG_FILE,
     )
+    for file in base_files:
+        atomic_copy(file, directory / file.name)
     return directory
+
+
+_SPECIAL_TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".gguf")
+
+
+def _base_model_files(base_dir: Path) -> List[Path]:
+    """The base folder's top-level files an export should carry: not weights, weight indexes or the configs it writes."""
+    own = {HF_CONFIG_FILE, GIST_CONFIG_FILE}
+    return sorted(
+        f for f in base_dir.iterdir()
+        if f.is_file() and f.name not in own and not f.name.endswith(_WEIGHT_SUFFIXES) and not f.name.endswith(".index.json")
+    )
 
 
 def load_merged_hf(directory: Union[str, Path]) -> Dict[str, torch.Tensor]:

@@ -247,6 +247,7 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
         self._resume_from_checkpoint = cfg.get("resume_from_checkpoint", False)
         self._enable_activation_checkpointing = bool(cfg.get("enable_activation_checkpointing", False))
         self._base_model_name = str(cfg.get("base_model_name", cfg.model._component_))
+        self._base_checkpoint_dir = cfg.checkpointer.get("checkpoint_dir")
         self.epochs_run = 0
         self.global_step = 0
         self._batches_into_epoch = 0
@@ -550,7 +551,8 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
         }
         save_recipe_state(directory / RECIPE_STATE_FILE, optimizer_state=optim_sd, progress=progress, rng_states=self._rng_states())
         if end_of_epoch and self._save_merged_hf:
-            export_merged_hf(self._model, directory / "hf_merged", state_dict=full_sd, base_model=self._base_model_name)
+            export_merged_hf(self._model, directory / "hf_merged", state_dict=full_sd, base_model=self._base_model_name,
+                             base_dir=self._base_checkpoint_dir)
         self._log_info(f"Saved checkpoint to {directory}")
 
     def cleanup(self) -> None:

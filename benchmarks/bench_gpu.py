@@ -9,11 +9,11 @@ Sections (each figure measured in one run beside its baseline, variants interlea
 2. ``packing``: the CPU benchmark's batching comparison (batch size 1 vs padded batches vs packed
    rows of the same Alpaca+ records, collated as the recipe does on CUDA: ``BlockMask``s) on the
    8B-shaped stack, where packing is expected to pay.
-3. ``memory``: peak memory of the 8B QLoRA single-device setup (``qlora_gist_llama3_1_8b``, LoRA on
-   q/k/v/output and the MLP, rank 16, activation checkpointing, chunked loss, random weights)
-   beside torchtune's stock ``qlora_llama3_1_8b`` with the same shapes, at seq 2048 and at the
-   config's 4 x 512; and a passkey batch as ``configs/llama3_1/8B_gist_passkey_qlora_single_device.yaml``
-   trains on (batch 1, a ~3000-token context, K = 16).
+3. ``memory``: peak memory (allocated and reserved) of ``configs/llama3_1/8B_gist_qlora_single_device.yaml``'s
+   model and loss (random weights, activation checkpointing) beside torchtune's stock
+   ``llama3_1/8B_qlora_single_device.yaml``'s with the same shapes, at seq 2048 and at the config's
+   4 x 512; and a passkey batch as ``configs/llama3_1/8B_gist_passkey_qlora_single_device.yaml``
+   trains on (batch 1, a ~3000-token context, K = 16; stock: the same tokens, unpadded).
 4. ``decode``: gist-cached vs full-prompt decode on 8B-shaped layers through
    :mod:`torchtune_gist.generation`, and torchtune's stock ``generate`` with ``setup_caches`` at the
    model's full length.
@@ -35,7 +35,7 @@ import tempfile
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -73,11 +73,9 @@ TINY_DEFAULTS: Dict[str, Any] = dict(
     train_shapes=[[1, 512], [1, 1024]], reps=2, pack_examples=16, pack_row_lens=[1024, 2048],
     qlora_shapes=[[1, 512]], passkey_context=1000, prompt_lens=[256, 1024], decode_batch=[1, 2], new_tokens=8,
 )
-#: The LoRA settings of ``configs/llama3_1/8B_gist_qlora_single_device.yaml``.
-QLORA_KWARGS: Dict[str, Any] = dict(
-    lora_attn_modules=["q_proj", "k_proj", "v_proj", "output_proj"], apply_lora_to_mlp=True,
-    apply_lora_to_output=False, lora_rank=16, lora_alpha=32,
-)
+#: The configs whose model and loss the memory section builds (torchtune's stock one: :func:`stock_qlora_config`).
+GIST_QLORA_CONFIG = REPO / "configs" / "llama3_1" / "8B_gist_qlora_single_device.yaml"
+GIST_PASSKEY_CONFIG = REPO / "configs" / "llama3_1" / "8B_gist_passkey_qlora_single_device.yaml"
 #: Llama 3's special ids start at 128000; the tiny byte tokenizer puts them at 256 (``torchtune_gist.tiny``).
 _TINY_TO_LLAMA3 = 128000 - 256
 
@@ -132,6 +130,10 @@ def _sync(device: torch.device) -> None:
 
 def _peak_gib(device: torch.device) -> Optional[float]:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def _peak_reserved_gib(device: torch.device) -> Optional[float]:
+    return torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else None
 
 
 def _reset_peak(device: torch.device) -> None:
@@ -335,8 +337,10 @@ def bench_packing(args: argparse.Namespace, device: torch.device) -> Dict[str, A
             "block_mask": device.type == "cuda", "variants": packing_summary(stats, times, real_total)}
 
 
-def _passkey_batch(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
-    """A passkey example of ``--passkey-context`` tokens (byte tokenizer text), ids moved to Llama 3's layout."""
+def _passkey_batch(args: argparse.Namespace, device: torch.device, *, gist: bool) -> Dict[str, Any]:
+    """A passkey example of ``--passkey-context`` tokens (byte tokenizer text), ids moved to Llama 3's layout:
+    collated as the gist recipe does (``gist``; on CUDA a BlockMask, padded to 128) or as torchtune's stock
+    recipe would (tokens and labels only, unpadded)."""
     from torchtune.models.llama3 import llama3_tokenizer
 
     from torchtune_gist.data import gist_passkey_dataset, padded_gist_collate
@@ -351,19 +355,21 @@ def _passkey_batch(args: argparse.Namespace, device: torch.device) -> Dict[str, 
     shift = 0 if args.tiny else _TINY_TO_LLAMA3  # specials (BOS, EOS, gists) keep their Llama 3 roles
     remap = lambda seq: [t + shift if t >= 256 else t for t in seq]  # noqa: E731
     ids = _gist_ids(_arch(args)["vocab_size"], k)
+    blocks = gist and device.type == "cuda"
     batch = padded_gist_collate(
         [{"tokens": remap(ex["tokens"]), "labels": remap(ex["labels"])}], gist_token_ids=ids,
-        pad_id=tok.pad_id + shift, block_mask=device.type == "cuda", block_mask_device=device,
-        pad_to_multiple_of=FLEX_BLOCK_SIZE if device.type == "cuda" else 1,  # as the recipe pads BlockMask batches
+        pad_id=tok.pad_id + shift, block_mask=blocks, block_mask_device=device,
+        pad_to_multiple_of=FLEX_BLOCK_SIZE if blocks else 1,  # as the recipe pads BlockMask batches
     )
+    if not gist:
+        batch = {"tokens": batch["tokens"], "labels": batch["labels"]}
     return {k_: (v.to(device) if isinstance(v, torch.Tensor) else v) for k_, v in batch.items()}
 
 
 def _qlora_peak(builder: Callable[[], torch.nn.Module], make_batch: Callable[[], Dict[str, Any]], device: torch.device,
-                *, gist: bool, steps: int = 3) -> Dict[str, Any]:
+                *, gist: bool, loss_fn: torch.nn.Module, steps: int = 3) -> Dict[str, Any]:
     """Peak memory and step time of a QLoRA model (built by ``builder``) over ``steps`` optimizer steps."""
     from torchtune import modules, training
-    from torchtune.modules.loss import CEWithChunkedOutputLoss
     from torchtune.modules.peft import get_adapter_params, set_trainable_params
 
     from torchtune_gist.modules import set_trainable_params as set_gist_trainable
@@ -385,8 +391,8 @@ def _qlora_peak(builder: Callable[[], torch.nn.Module], make_batch: Callable[[],
     build_s = time.perf_counter() - t0
     model_gib = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
     opt = torch.optim.AdamW(params.values(), lr=2e-4, fused=device.type == "cuda")
-    loss_fn = CEWithChunkedOutputLoss()
-    model.set_num_output_chunks(loss_fn.num_output_chunks)
+    if hasattr(loss_fn, "num_output_chunks"):
+        model.set_num_output_chunks(loss_fn.num_output_chunks)
     _reset_peak(device)
     times = []
     try:
@@ -399,8 +405,8 @@ def _qlora_peak(builder: Callable[[], torch.nn.Module], make_batch: Callable[[],
             opt.zero_grad(set_to_none=True)
             _sync(device)
             times.append(time.perf_counter() - t1)
-        result = {"model_gib": model_gib, "peak_gib": _peak_gib(device), "build_s": build_s, "step_s": times,
-                  "median_step_s": median(times[1:] or times)}
+        result = {"model_gib": model_gib, "peak_gib": _peak_gib(device), "peak_reserved_gib": _peak_reserved_gib(device),
+                  "build_s": build_s, "step_s": times, "median_step_s": median(times[1:] or times)}
     except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
         if not _is_oom(err):
             raise
@@ -415,21 +421,40 @@ def _print_memory_row(row: Dict[str, Any]) -> None:
     print(f"[memory] {row['batch'][0]}x{row['batch'][1]}: " + "; ".join(items), flush=True)
 
 
+def _model_and_loss(path: Path, tiny: bool, **model_overrides: Any) -> Tuple[Callable[[], torch.nn.Module], torch.nn.Module, Dict[str, Any]]:
+    """A config's model builder (its LoRA settings; ``tiny``: on the tiny shape) and loss, and the LoRA settings."""
+    from omegaconf import OmegaConf
+    from torchtune import config as tt_config
+    from torchtune.config._utils import _get_component_from_path
+
+    cfg = OmegaConf.load(path)
+    kwargs = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=False).items() if k not in ("_component_", "num_gist_tokens")}
+    kwargs.update(model_overrides)
+    component = str(cfg.model._component_)
+    if tiny:  # the same family's generic builder on the tiny shape (8B -> TINY_ARGS), NF4 as the config
+        generic = component.replace("qlora_gist_llama3_1_8b", "lora_gist_llama3_1").replace("qlora_llama3_1_8b", "lora_llama3_1")
+        return partial(_get_component_from_path(generic), **TINY_ARGS, quantize_base=True, **kwargs), tt_config.instantiate(cfg.loss), kwargs
+    return partial(_get_component_from_path(component), **kwargs), tt_config.instantiate(cfg.loss), kwargs
+
+
+def stock_qlora_config() -> Path:
+    """torchtune's own ``llama3_1/8B_qlora_single_device.yaml`` (installed with torchtune's recipes)."""
+    import torchtune
+
+    return Path(torchtune.__file__).resolve().parents[1] / "recipes" / "configs" / "llama3_1" / "8B_qlora_single_device.yaml"
+
+
 def bench_memory(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
-    """Peak memory: gist QLoRA 8B vs torchtune's stock QLoRA 8B, same shapes; and the passkey batch."""
-    from torchtune.models.llama3_1 import lora_llama3_1, qlora_llama3_1_8b
+    """Peak memory: our 8B gist QLoRA config vs torchtune's stock 8B QLoRA config, same shapes; and the passkey batch.
 
+    Each side as its config trains: its LoRA settings and its loss (ours: ``CrossEntropyLoss`` through
+    ``masked_loss``, the output projection only at labelled positions; stock: ``CEWithChunkedOutputLoss`` over
+    every position); activation checkpointing for both (both configs enable it)."""
     from torchtune_gist.masks import make_gist_block_mask, make_gist_mask
-    from torchtune_gist.models import lora_gist_llama3_1, qlora_gist_llama3_1_8b
 
-    if args.tiny:
-        arch = {k: v for k, v in TINY_ARGS.items()}
-        gist_builder = lambda k: partial(lora_gist_llama3_1, **QLORA_KWARGS, **arch, quantize_base=True, num_gist_tokens=k)  # noqa: E731
-        stock_builder = partial(lora_llama3_1, **QLORA_KWARGS, **arch, quantize_base=True)
-    else:
-        gist_builder = lambda k: partial(qlora_gist_llama3_1_8b, **QLORA_KWARGS, num_gist_tokens=k)  # noqa: E731
-        stock_builder = partial(qlora_llama3_1_8b, **QLORA_KWARGS)
     vocab = _arch(args)["vocab_size"]
+    gist_path, passkey_path, stock_path = GIST_QLORA_CONFIG, GIST_PASSKEY_CONFIG, stock_qlora_config()
+    stock_builder, stock_loss, stock_lora = _model_and_loss(stock_path, args.tiny)
     gen = torch.Generator().manual_seed(1)
     rows = []
     for b, s in args.qlora_shapes:
@@ -437,6 +462,7 @@ def bench_memory(args: argparse.Namespace, device: torch.device) -> Dict[str, An
         tokens, labels = tokens.to(device), labels.to(device)
         ids = _gist_ids(vocab, 1)
         build_mask = make_gist_block_mask if device.type == "cuda" else make_gist_mask
+        gist_builder, gist_loss, gist_lora = _model_and_loss(gist_path, args.tiny, num_gist_tokens=1)
 
         def gist_batch() -> Dict[str, Any]:
             return {"tokens": tokens, "labels": labels, "input_pos": torch.arange(s, device=device).expand(b, s),
@@ -444,22 +470,24 @@ def bench_memory(args: argparse.Namespace, device: torch.device) -> Dict[str, An
 
         row = {
             "batch": [b, s],
-            "gist (qlora_gist_llama3_1_8b, K=1, gist BlockMask)": _qlora_peak(gist_builder(1), gist_batch, device, gist=True),
-            "stock (torchtune qlora_llama3_1_8b, mask=None)": _qlora_peak(stock_builder, lambda: {"tokens": tokens, "labels": labels}, device, gist=False),
+            f"gist ({gist_path.name}, K=1)": _qlora_peak(gist_builder, gist_batch, device, gist=True, loss_fn=gist_loss),
+            f"stock ({stock_path.name}, mask=None)": _qlora_peak(
+                stock_builder, lambda: {"tokens": tokens, "labels": labels}, device, gist=False, loss_fn=stock_loss
+            ),
         }
         _print_memory_row(row)
         rows.append(row)
-    passkey = _passkey_batch(args, device)
-    pb, ps = passkey["tokens"].shape
-    stock_pk = {"tokens": passkey["tokens"], "labels": passkey["labels"]}
+    passkey, stock_pk = _passkey_batch(args, device, gist=True), _passkey_batch(args, device, gist=False)
+    pk_builder, pk_loss, _ = _model_and_loss(passkey_path, args.tiny, num_gist_tokens=args.passkey_k)
     rows.append({
-        "batch": [int(pb), int(ps)],
-        "passkey": f"context {args.passkey_context} tokens, K={args.passkey_k}",
-        f"gist (qlora_gist_llama3_1_8b, K={args.passkey_k}, gist BlockMask)": _qlora_peak(gist_builder(args.passkey_k), lambda: passkey, device, gist=True),
-        "stock (torchtune qlora_llama3_1_8b, mask=None)": _qlora_peak(stock_builder, lambda: stock_pk, device, gist=False),
+        "batch": [int(n) for n in passkey["tokens"].shape],
+        "passkey": f"context {args.passkey_context} tokens, K={args.passkey_k}; stock unpadded: {stock_pk['tokens'].shape[1]} tokens",
+        f"gist ({passkey_path.name}, K={args.passkey_k})": _qlora_peak(pk_builder, lambda: passkey, device, gist=True, loss_fn=pk_loss),
+        f"stock ({stock_path.name}, mask=None)": _qlora_peak(stock_builder, lambda: stock_pk, device, gist=False, loss_fn=stock_loss),
     })
     _print_memory_row(rows[-1])
-    return {"lora": QLORA_KWARGS, "activation_checkpointing": True, "loss": "CEWithChunkedOutputLoss", "rows": rows}
+    return {"lora": {"gist": gist_lora, "stock": stock_lora}, "activation_checkpointing": True,
+            "loss": {"gist": type(gist_loss).__name__, "stock": type(stock_loss).__name__}, "rows": rows}
 
 
 def bench_decode(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
@@ -634,9 +662,11 @@ def render_gpu_markdown(res: Optional[Dict[str, Any]]) -> str:
             for n, v in r.items():
                 if isinstance(v, dict):
                     rows.append([f"{r['batch'][0]}x{r['batch'][1]}" + (f" ({r['passkey']})" if "passkey" in r else ""), n,
-                                 v.get("model_gib"), v.get("peak_gib"), v.get("median_step_s"), v.get("error")])
-        out += ["### Peak memory, 8B QLoRA single device (random weights, activation checkpointing, chunked loss)", "",
-                table(["batch", "model", "after build GiB", "peak GiB", "step s", "note"], rows), ""]
+                                 v.get("model_gib"), v.get("peak_gib"), v.get("peak_reserved_gib"), v.get("median_step_s"), v.get("error")])
+        mem = res["memory"]
+        out += ["### Peak memory, 8B QLoRA single device (random weights, activation checkpointing; each side its "
+                f"config's LoRA settings and loss: gist {mem['loss']['gist']}, stock {mem['loss']['stock']})", "",
+                table(["batch", "config", "after build GiB", "peak allocated GiB", "peak reserved GiB", "step s", "note"], rows), ""]
     if "decode" in res:
         d = res["decode"]
         out += [

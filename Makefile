@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup test demo bench clean smollm2 smollm2-study
+.PHONY: setup test demo bench clean smollm2 smollm2-study gpu-kit
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ smollm2: setup
 # The SmolLM2 gist study (benchmarks/smollm2_study.md): trainings + evaluations, resumable; about 32 min on a 2-core Xeon (107 min on a 2-core EPYC on 2026-11-30).
 smollm2-study: smollm2
 	$(PY) benchmarks/smollm2_study.py
+
+# The wheels benchmarks/device_check.sh needs on a lent GPU machine (its Python 3.12 image has torch but not these).
+gpu-kit:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any \
+		-d .whl -r benchmarks/gpu_kit.txt
 
 clean:
 	rm -rf outputs .pytest_cache

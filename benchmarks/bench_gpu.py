@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the plan and whether a CUDA GPU is present; measure nothing")
     p.add_argument("--tiny", action="store_true", help="tiny model and shapes on any device (checks the script in about a minute; writes to outputs/bench_gpu_tiny)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/, or outputs/bench_gpu_tiny with --tiny)")
-    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections (default all: {','.join(SECTIONS)})")
+    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections, run in this order (default all: {','.join(SECTIONS)})")
     p.add_argument("--layers", type=int, default=32, help="decoder layers of the 8B-shaped stack for attention/decode (default 32, the full depth)")
     p.add_argument("--train-shapes", type=_parse_shapes, default=[[1, 2048], [1, 8192]], help="BATCHxSEQ of the attention section (default 1x2048,1x8192)")
     p.add_argument("--doc-len", type=int, default=256, help="document length of the packed rows (default 256)")
@@ -715,12 +715,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # torchtune compiles flex_attention with dynamic=False: one compile per shape, and the attention section
     # alone has 8; past the limit dynamo would run FlexAttention unfused and the figures would not be its own.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    for name in SECTIONS:
-        if name in only:
-            res[name] = runs[name](args, device)
-            _free(device)  # the section's models are gone with its frame
-            torch._dynamo.reset()
-            write_json(res, out / GPU_JSON)  # a later section's crash keeps this one's figures
+    for name in only:  # in the order given: a run cut short keeps the sections that came first
+        res[name] = runs[name](args, device)
+        _free(device)  # the section's models are gone with its frame
+        torch._dynamo.reset()
+        write_json(res, out / GPU_JSON)  # a later section's crash keeps this one's figures
     res["meta"]["duration_s"] = time.perf_counter() - t_start
     res["plots"] = make_gpu_plots(res, out)
     write_json(res, out / GPU_JSON)

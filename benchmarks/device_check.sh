@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The GPU checks, in one call of the device tool, for a session that is lent a GPU (one H200 here):
+#
+#   make gpu-kit        # here, once: the wheels the device image lacks, into .whl/ (about 13 MB)
+#   device run:  command="bash benchmarks/device_check.sh", carry=[".whl"], timeout_s=600
+#
+# 1. benchmarks/gpu_smoke.py: BlockMask training equals the dense mask (loss, gradients; every mode, padded
+#    and packed), grouped-query generation in bf16, an NF4 QLoRA step with activation checkpointing.
+# 2. The recipes by name on CUDA in bf16 (tiny model, mask_format auto = FlexAttention BlockMasks, activation
+#    checkpointing): single device, resumed, FSDP2 with NCCL (one process), and gist_generate from the result.
+# 3. benchmarks/bench_gpu.py sized to the time left: the 8B QLoRA memory beside torchtune's stock config, then
+#    attention throughput, decode and packing on 8 layers of the 8B shape (sections in that order; each one's
+#    results are written as soon as it ends).
+#
+# Everything lands in $OUT: log.txt, summary.txt (one line per step: exit status and seconds), results_gpu.json,
+# RESULTS.md and the plots. Back here: copy results_gpu.json to benchmarks/ and run
+# `python benchmarks/bench_cpu.py --render-only` to put the GPU section into benchmarks/RESULTS.md.
+# To check the script on a CPU: PY=.venv/bin/python DEVICE=cpu DTYPE=fp32 BENCH_ARGS=--tiny bash benchmarks/device_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-outputs/device_check}
+PY=${PY:-python3}
+DEVICE=${DEVICE:-cuda}
+DTYPE=${DTYPE:-bf16}
+BENCH_ARGS=${BENCH_ARGS:---layers 8 --qlora-shapes 4x512 --reps 5 --train-shapes 1x2048,1x8192 --pack-examples 32 --prompt-lens 4096,16384 --decode-batch 1,8 --new-tokens 16}
+mkdir -p "$OUT"
+exec > >(tee "$OUT/log.txt") 2>&1
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+
+if ! "$PY" -c "import torchtune" 2>/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD:$PWD/recipes"
+
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, record its exit status and duration
+    local name=$1 limit=$2 start=$SECONDS
+    shift 2
+    echo "=== $name"
+    timeout "$limit" "$@"
+    echo "$name rc=$? $((SECONDS - start))s" | tee -a "$OUT/summary.txt"
+}
+
+nvidia-smi -L 2>/dev/null
+"$PY" -c "import torch, torchtune, torchao; print('torch', torch.__version__, 'torchtune', torchtune.__version__, 'torchao', torchao.__version__)"
+
+TINY=/tmp/device_check_tiny
+rm -rf "$TINY"
+TUNE=("$PY" -m torchtune._cli.tune run)
+ON=(device="$DEVICE" dtype="$DTYPE" assets_dir="$TINY/assets" enable_activation_checkpointing=True)
+step smoke 150 "$PY" benchmarks/gpu_smoke.py
+step tiny_assets 60 "$PY" -m torchtune_gist.tiny --out "$TINY/assets"
+step single_device 120 "${TUNE[@]}" gist_lora_single_device --config configs/tiny/gist_lora_single_device.yaml \
+    "${ON[@]}" output_dir="$TINY/single" max_steps_per_epoch=20 log_peak_memory_stats=True
+step resume 90 "${TUNE[@]}" gist_lora_single_device --config configs/tiny/gist_lora_single_device.yaml \
+    "${ON[@]}" output_dir="$TINY/single" max_steps_per_epoch=20 epochs=2 resume_from_checkpoint=True
+step distributed 120 "${TUNE[@]}" --nproc_per_node 1 gist_lora_distributed --config configs/tiny/gist_lora_distributed.yaml \
+    "${ON[@]}" output_dir="$TINY/distributed" max_steps_per_epoch=10
+step generate 60 "${TUNE[@]}" gist_generate --config configs/tiny/gist_generate.yaml device="$DEVICE" dtype="$DTYPE" \
+    assets_dir="$TINY/assets" gist_checkpoint_dir="$TINY/single/epoch_1"
+# The rest of the device tool's 600 s, less a margin for the files' trip back.
+# shellcheck disable=SC2086
+step bench $((SECONDS < 510 ? 570 - SECONDS : 60)) "$PY" benchmarks/bench_gpu.py --out "$OUT" --only memory,attention,decode,packing $BENCH_ARGS
+cat "$OUT/summary.txt"

@@ -610,16 +610,17 @@ def render_gpu_markdown(res: Optional[Dict[str, Any]]) -> str:
         return (
             "## GPU\n\n"
             "**No GPU was lent in the session that wrote these benchmarks, so `benchmarks/bench_gpu.py` has not been run. "
-            "No GPU figure is given here, and none is estimated or invented.** The script is ready for a session with a "
-            "CUDA GPU (written for one H100): `python benchmarks/bench_gpu.py` (check first with `--dry-run`, or the "
-            "whole script at tiny sizes with `--tiny`); it needs a CUDA build of torch with the project's pins. It "
-            "measures: the gist mask as FlexAttention `BlockMask`s vs dense SDPA masks vs torchtune's plain causal path "
-            "in bf16 LoRA steps on a Llama 3.1 8B-shaped stack (32 layers by default, `--layers N` otherwise); batch "
-            "size 1 vs padded batches vs packed rows (BlockMasks) of the same Alpaca+ records on that stack; peak "
-            "memory of `qlora_gist_llama3_1_8b` (random weights, seq 2048 and the config's 4 x 512) beside torchtune's "
-            "stock `qlora_llama3_1_8b` with the same shapes, and the passkey config's batch (`8B_gist_passkey_qlora_single_device.yaml`: one ~3000-token context, K = 16); "
-            "gist-cached vs full-prompt decode on 8B-shaped layers, beside torchtune's stock cache. Its numbers land "
-            "in `results_gpu.json` and in this section.\n"
+            "No GPU figure is given here, and none is estimated or invented.** A session lent one runs "
+            "`benchmarks/device_check.sh` in one call (after `make gpu-kit` here; it was checked end to end on a CPU): "
+            "correctness of the CUDA-only paths (`benchmarks/gpu_smoke.py`: BlockMask training against the dense mask, "
+            "grouped-query generation, NF4 QLoRA), the recipes by name on CUDA, then this script in the time left. The "
+            "script measures: peak memory (allocated and reserved) of `configs/llama3_1/8B_gist_qlora_single_device.yaml`'s "
+            "model and loss (random weights) beside torchtune's stock `llama3_1/8B_qlora_single_device.yaml`'s on the "
+            "same shapes, and the passkey config's batch (one ~3000-token context, K = 16); the gist mask as FlexAttention "
+            "`BlockMask`s vs dense SDPA masks vs torchtune's plain causal path in bf16 LoRA steps on a Llama 3.1 "
+            "8B-shaped stack (`--layers N`); gist-cached vs full-prompt decode on 8B-shaped layers, beside torchtune's "
+            "stock cache; batch size 1 vs padded batches vs packed rows (BlockMasks). Its numbers land in "
+            "`results_gpu.json` and in this section.\n"
         )
     m = res["meta"]
     mach = m["machine"]

@@ -187,7 +187,6 @@ def _example_tokens(b: int, s: int, k: int, vocab: int, *, doc_len: Optional[int
 def bench_attention(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
     """bf16 LoRA training steps: gist BlockMask vs dense gist SDPA vs mask=None vs causal BlockMask."""
     from torchtune import training
-    from torchtune.modules.loss import CEWithChunkedOutputLoss
     from torchtune.utils._import_guard import _SUPPORTS_FLEX_ATTENTION
 
     from torchtune_gist.masks import make_gist_block_mask, make_gist_mask
@@ -204,8 +203,7 @@ def bench_attention(args: argparse.Namespace, device: torch.device) -> Dict[str,
         )
     params = set_trainable_params(model)
     opt = torch.optim.AdamW(params.values(), lr=1e-5, fused=device.type == "cuda")
-    loss_fn = CEWithChunkedOutputLoss()
-    model.set_num_output_chunks(loss_fn.num_output_chunks)
+    loss_fn = torch.nn.CrossEntropyLoss(ignore_index=-100)  # the 8B configs' loss: projections at labelled positions only
     ids = _gist_ids(arch["vocab_size"], k)
     gen = torch.Generator().manual_seed(0)
     out: Dict[str, Any] = {
@@ -295,7 +293,6 @@ def bench_packing(args: argparse.Namespace, device: torch.device) -> Dict[str, A
     """Batch size 1 vs padded vs packed rows (BlockMasks on CUDA) on the 8B-shaped LoRA stack, same examples."""
     from torchtune import training, utils
     from torchtune.models.llama3 import llama3_tokenizer
-    from torchtune.modules.loss import CEWithChunkedOutputLoss
 
     from bench_cpu import DEFAULT_DATA_DIR, load_examples, packing_plans, packing_summary, run_plans
     from torchtune_gist.models import lora_gist_llama3_1
@@ -318,8 +315,7 @@ def bench_packing(args: argparse.Namespace, device: torch.device) -> Dict[str, A
         model = lora_gist_llama3_1(["q_proj", "k_proj", "v_proj", "output_proj"], **arch, lora_rank=16, lora_alpha=32, num_gist_tokens=k)
     params = set_trainable_params(model)
     opt = torch.optim.AdamW(params.values(), lr=1e-5, fused=device.type == "cuda")
-    loss_fn = CEWithChunkedOutputLoss()
-    model.set_num_output_chunks(loss_fn.num_output_chunks)
+    loss_fn = torch.nn.CrossEntropyLoss(ignore_index=-100)  # the 8B configs' loss: projections at labelled positions only
 
     def step(batch: Dict[str, Any]) -> None:
         utils.batch_to_device(batch, device)
@@ -455,6 +451,7 @@ def bench_memory(args: argparse.Namespace, device: torch.device) -> Dict[str, An
     vocab = _arch(args)["vocab_size"]
     gist_path, passkey_path, stock_path = GIST_QLORA_CONFIG, GIST_PASSKEY_CONFIG, stock_qlora_config()
     stock_builder, stock_loss, stock_lora = _model_and_loss(stock_path, args.tiny)
+    gist_builder, gist_loss, gist_lora = _model_and_loss(gist_path, args.tiny, num_gist_tokens=1)
     gen = torch.Generator().manual_seed(1)
     rows = []
     for b, s in args.qlora_shapes:
@@ -462,7 +459,6 @@ def bench_memory(args: argparse.Namespace, device: torch.device) -> Dict[str, An
         tokens, labels = tokens.to(device), labels.to(device)
         ids = _gist_ids(vocab, 1)
         build_mask = make_gist_block_mask if device.type == "cuda" else make_gist_mask
-        gist_builder, gist_loss, gist_lora = _model_and_loss(gist_path, args.tiny, num_gist_tokens=1)
 
         def gist_batch() -> Dict[str, Any]:
             return {"tokens": tokens, "labels": labels, "input_pos": torch.arange(s, device=device).expand(b, s),
@@ -629,7 +625,8 @@ def render_gpu_markdown(res: Optional[Dict[str, Any]]) -> str:
         "",
         f"- Date: {mach['date']}; device: {mach['cuda'] or 'cpu'}; host CPU {mach['cpu_model']} ({mach['cores']} cores); "
         f"torch {mach['torch']}",
-        f"- Command: `{m['command']}` ({fmt(m['duration_s'])} s)",
+        f"- Command: `{m['command']}` ("
+        + (f"{fmt(m['duration_s'])} s)" if "duration_s" in m else "cut short: the sections below finished, the rest did not)"),
         "",
     ]
     if "attention" in res:

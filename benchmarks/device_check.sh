@@ -4,8 +4,8 @@
 #   make gpu-kit        # here, once: the wheels the device image lacks, into .whl/ (about 13 MB)
 #   device run:  command="bash benchmarks/device_check.sh", carry=[".whl"], timeout_s=600
 #
-# 1. benchmarks/gpu_smoke.py: BlockMask training equals the dense mask (loss, gradients; every mode, padded
-#    and packed), grouped-query generation in bf16, an NF4 QLoRA step with activation checkpointing.
+# 1. benchmarks/gpu_smoke.py: BlockMask training equals the dense mask (loss, gradients; every mode on padded batches,
+#    the gist mode on packed rows), grouped-query generation in bf16, an NF4 QLoRA step with activation checkpointing.
 # 2. The recipes by name on CUDA in bf16 (tiny model, mask_format auto = FlexAttention BlockMasks, activation
 #    checkpointing): single device, resumed, FSDP2 with NCCL (one process), and gist_generate from the result.
 # 3. benchmarks/bench_gpu.py sized to the time left: the 8B QLoRA memory beside torchtune's stock config, then
@@ -24,6 +24,7 @@ DEVICE=${DEVICE:-cuda}
 DTYPE=${DTYPE:-bf16}
 BENCH_ARGS=${BENCH_ARGS:---layers 8 --qlora-shapes 4x512 --reps 5 --train-shapes 1x2048,1x8192 --pack-examples 32 --prompt-lens 4096,16384 --decode-batch 1,8 --new-tokens 16}
 mkdir -p "$OUT"
+: > "$OUT/summary.txt"
 exec > >(tee "$OUT/log.txt") 2>&1
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 
@@ -33,12 +34,15 @@ if ! "$PY" -c "import torchtune" 2>/dev/null; then
 fi
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD:$PWD/recipes"
 
+failed=0
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, record its exit status and duration
-    local name=$1 limit=$2 start=$SECONDS
+    local name=$1 limit=$2 start=$SECONDS rc
     shift 2
     echo "=== $name"
-    timeout "$limit" "$@"
-    echo "$name rc=$? $((SECONDS - start))s" | tee -a "$OUT/summary.txt"
+    timeout -k 10 "$limit" "$@"
+    rc=$?
+    [ "$rc" -eq 0 ] || failed=1
+    echo "$name rc=$rc $((SECONDS - start))s" | tee -a "$OUT/summary.txt"
 }
 
 nvidia-smi -L 2>/dev/null
@@ -48,7 +52,7 @@ TINY=/tmp/device_check_tiny
 rm -rf "$TINY"
 TUNE=("$PY" -m torchtune._cli.tune run)
 ON=(device="$DEVICE" dtype="$DTYPE" assets_dir="$TINY/assets" enable_activation_checkpointing=True)
-step smoke 150 "$PY" benchmarks/gpu_smoke.py
+step smoke 200 "$PY" benchmarks/gpu_smoke.py --only generation,qlora,block_mask  # block_mask compiles FlexAttention: last
 step tiny_assets 60 "$PY" -m torchtune_gist.tiny --out "$TINY/assets"
 step single_device 120 "${TUNE[@]}" gist_lora_single_device --config configs/tiny/gist_lora_single_device.yaml \
     "${ON[@]}" output_dir="$TINY/single" max_steps_per_epoch=20 log_peak_memory_stats=True
@@ -59,6 +63,12 @@ step distributed 120 "${TUNE[@]}" --nproc_per_node 1 gist_lora_distributed --con
 step generate 60 "${TUNE[@]}" gist_generate --config configs/tiny/gist_generate.yaml device="$DEVICE" dtype="$DTYPE" \
     assets_dir="$TINY/assets" gist_checkpoint_dir="$TINY/single/epoch_1"
 # The rest of the device tool's 600 s, less a margin for the files' trip back.
-# shellcheck disable=SC2086
-step bench $((SECONDS < 510 ? 570 - SECONDS : 60)) "$PY" benchmarks/bench_gpu.py --out "$OUT" --only memory,attention,decode,packing $BENCH_ARGS
+if [ "$SECONDS" -lt 480 ]; then
+    # shellcheck disable=SC2086
+    step bench $((570 - SECONDS)) "$PY" benchmarks/bench_gpu.py --out "$OUT" --only memory,attention,decode,packing $BENCH_ARGS
+else
+    echo "bench skipped: ${SECONDS}s used, too little of the 600 s left" | tee -a "$OUT/summary.txt"
+    failed=1
+fi
 cat "$OUT/summary.txt"
+exit "$failed"

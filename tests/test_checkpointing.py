@@ -167,8 +167,9 @@ def test_merged_export_carries_the_base_folders_token_ids_and_files(tmp_path: Pa
     (base / "config.json").write_text(json.dumps({"bos_token_id": 128000, "eos_token_id": [128001, 128009], "vocab_size": 9}))
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         (base / name).write_text("{}")
-    for name in ("model-00001-of-00004.safetensors", "model.safetensors.index.json", "pytorch_model.bin"):
-        (base / name).write_text("weights")
+    for name in ("model-00001-of-00004.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "adapter_config.json", ".tokenizer.json.tmp123", "README.md"):
+        (base / name).write_text("not for the export")
     (base / "original").mkdir()
     out = export_merged_hf(gist_llama3_1_tiny(), tmp_path / "out", base_dir=base, extra_config={"eos_token_id": 128009})
     config = json.loads((out / "config.json").read_text())

@@ -161,7 +161,7 @@ def test_fingerprint_samples_large_weights_and_still_tells_models_apart(monkeypa
     first = model_fingerprint(model, IDS)["weights_sha256"]
     assert model_fingerprint(model, IDS)["weights_sha256"] == first
     with torch.no_grad():
-        model.layers[0].attn.q_proj.weight.mul_(1.01)  # as any fine-tune: every value moves
+        model.layers[0].attn.q_proj.weight[-1].add_(0.01)  # the last row only: the sample spans the whole weight
     assert model_fingerprint(model, IDS)["weights_sha256"] != first
 
 

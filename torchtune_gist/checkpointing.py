@@ -14,6 +14,7 @@ matrix at the gist ids, and a ``gist_config.json`` (K, ids) so the gist mask can
 """
 
 import json
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
@@ -444,15 +445,15 @@ def export_merged_hf(
 
 
 _SPECIAL_TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".gguf")
+# What a Hugging Face model folder holds besides weights and config.json that a merged export needs to be used.
+_BASE_FILE_PATTERNS = ("tokenizer*", "special_tokens_map.json", "generation_config.json", "*.jinja", "*.tiktoken")
 
 
 def _base_model_files(base_dir: Path) -> List[Path]:
-    """The base folder's top-level files an export should carry: not weights, weight indexes or the configs it writes."""
-    own = {HF_CONFIG_FILE, GIST_CONFIG_FILE}
+    """The base folder's tokenizer and generation files (top level), for a merged export to carry."""
     return sorted(
         f for f in base_dir.iterdir()
-        if f.is_file() and f.name not in own and not f.name.endswith(_WEIGHT_SUFFIXES) and not f.name.endswith(".index.json")
+        if f.is_file() and not f.name.startswith(".") and any(fnmatch(f.name, pat) for pat in _BASE_FILE_PATTERNS)
     )
 
 

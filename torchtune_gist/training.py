@@ -189,6 +189,8 @@ def load_recipe_state(path: Path) -> Tuple[Dict[str, Any], Dict[str, Any], Dict[
             raise ValueError(f"{path} is not a torchtune-gist recipe state file")
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     rng = {k.split(".", 1)[1]: tensors.pop(k) for k in list(tensors) if k.startswith("rng_state.")}
+    if "rng_state" in tensors:  # files written before the GPU's state was saved too
+        rng["cpu"] = tensors.pop("rng_state")
     return _unflatten_optimizer_state(tensors, json.loads(meta["optim"])), json.loads(meta["progress"]), rng
 
 
@@ -337,6 +339,11 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
             else None
         )
         if self._mask_format == "block":
+            if self._model.max_seq_len % FLEX_BLOCK_SIZE:
+                raise ValueError(
+                    f"mask_format=block pads batches to multiples of {FLEX_BLOCK_SIZE}, beyond the model's "
+                    f"max_seq_len={self._model.max_seq_len}: use a multiple of {FLEX_BLOCK_SIZE}, or mask_format=dense"
+                )
             self._allow_flex_recompiles(cfg.tokenizer.get("max_seq_len") or self._model.max_seq_len)
         self._steps_per_epoch = len(self._dataloader) // self._gradient_accumulation_steps
         if self.max_steps_per_epoch is not None:
@@ -424,7 +431,8 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
             self._log_info(f"torch._dynamo.config.recompile_limit raised to {lengths}: one flex_attention compile per length")
 
     def _rng_states(self) -> Dict[str, torch.Tensor]:
-        """The generators a resumed run must continue: the CPU's, and this rank's GPU's (LoRA dropout there)."""
+        """The generators a resumed single-device run continues: the CPU's, and the GPU's (LoRA dropout there).
+        Only rank 0 saves, so a distributed run resumes with each rank's generators seeded afresh."""
         states = {"cpu": torch.get_rng_state()}
         if self._device.type == "cuda":
             states["cuda"] = torch.cuda.get_rng_state(self._device)
@@ -435,9 +443,10 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
         if progress["num_gist_tokens"] != self._num_gist_tokens:
             raise ValueError(f"{path} was trained with K={progress['num_gist_tokens']}, the config says {self._num_gist_tokens}")
         self._load_optimizer_state_dict(optim_sd)
-        torch.set_rng_state(rng["cpu"])
-        if self._device.type == "cuda" and "cuda" in rng:
-            torch.cuda.set_rng_state(rng["cuda"], self._device)
+        if self.world_size == 1:  # rank 0's generators: other ranks keep their own seeded ones
+            torch.set_rng_state(rng["cpu"])
+            if self._device.type == "cuda" and "cuda" in rng:
+                torch.cuda.set_rng_state(rng["cuda"], self._device)
         self.epochs_run, self.global_step = progress["epochs_run"], progress["global_step"]
         self._batches_into_epoch = progress["batches_into_epoch"]
         self.loss_history = [tuple(x) for x in progress.get("loss_history", [])]

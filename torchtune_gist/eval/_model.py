@@ -198,8 +198,8 @@ class TorchtuneGistLM(LM):
         tokenizer (Any): its tokenizer (with ``model``).
         mode (str): ``gist``, ``pos_control``, ``neg_control`` or ``truncate``. Default ``gist``.
         batch_size (Union[int, str]): requests per forward. Default 1.
-        device (Optional[str]): with ``config``; CUDA falls back to the CPU (with a warning) when
-            absent. A given ``model`` stays where it is.
+        device (Optional[str]): with ``config``; default the config's ``device`` (else the CPU); CUDA falls
+            back to the CPU (with a warning) when absent. A given ``model`` stays where it is.
         dtype (Optional[str]): with ``config``: ``fp32``, ``bf16``, ``fp16``. Default: the config's ``dtype`` (else ``fp32``).
         max_gen_toks (Union[int, str]): new tokens per request when the request sets none. Default 512.
 
@@ -233,7 +233,7 @@ class TorchtuneGistLM(LM):
             raise ValueError("give either config=<torchtune config> (with checkpoint_dir) or model= and tokenizer=")
         if model is None:
             cfg = load_config(config)
-            self._device = _resolve_device(device)
+            self._device = _resolve_device(device or cfg.get("device"))
             dtype = dtype or cfg.get("dtype", "fp32")
             with training.set_default_dtype(training.get_dtype(dtype, self._device)), self._device:
                 model = tt_config.instantiate(cfg.model)

@@ -35,7 +35,7 @@ from torchtune_gist.generation._inputs import (
 )
 
 CACHE_FORMAT = "torchtune-gist-cache"
-CACHE_FORMAT_VERSION = "1"
+CACHE_FORMAT_VERSION = "2"  # 2: large weights enter the fingerprint through a sample
 _ARCH_KEYS = ("num_layers", "num_heads", "num_kv_heads", "head_dim")
 
 

@@ -241,6 +241,22 @@ def test_block_masks_are_built_on_the_training_device(assets, tmp_path, monkeypa
     recipe.cleanup()
 
 
+def test_recipe_state_round_trip_and_files_from_before_the_gpu_rng(tmp_path):
+    from torchtune_gist._io import atomic_save_safetensors
+    from torchtune_gist.training import load_recipe_state, save_recipe_state
+
+    optim = {"state": {"w": {"step": torch.tensor(3.0), "exp_avg": torch.ones(2)}}, "param_groups": [{"lr": 0.1, "params": ["w"]}]}
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.arange(4, dtype=torch.uint8)}
+    save_recipe_state(tmp_path / "new.safetensors", optimizer_state=optim, progress={"global_step": 3}, rng_states=rng)
+    loaded_optim, progress, loaded_rng = load_recipe_state(tmp_path / "new.safetensors")
+    assert progress == {"global_step": 3} and torch.equal(loaded_optim["state"]["w"]["exp_avg"], torch.ones(2))
+    assert loaded_rng.keys() == rng.keys() and all(torch.equal(loaded_rng[k], rng[k]) for k in rng)
+    # A file of an earlier version: one CPU state under "rng_state".
+    atomic_save_safetensors({"rng_state": rng["cpu"]}, tmp_path / "old.safetensors",
+                            metadata={"format": "torchtune-gist-recipe-state", "progress": "{}", "optim": '{"param_groups": [], "scalars": {}}'})
+    assert torch.equal(load_recipe_state(tmp_path / "old.safetensors")[2]["cpu"], rng["cpu"])
+
+
 def test_clear_errors_for_configurations_that_cannot_work(assets, tmp_path):
     def setup(**extra):
         cfg = load_cfg(SINGLE, overrides(assets, extra.pop("output_dir", tmp_path), **extra))

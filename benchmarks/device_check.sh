@@ -48,7 +48,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, record its exit
 nvidia-smi -L 2>/dev/null
 "$PY" -c "import torch, torchtune, torchao; print('torch', torch.__version__, 'torchtune', torchtune.__version__, 'torchao', torchao.__version__)"
 
-TINY=/tmp/device_check_tiny
+TINY=${TINY:-/tmp/device_check_tiny}
 rm -rf "$TINY"
 TUNE=("$PY" -m torchtune._cli.tune run)
 ON=(device="$DEVICE" dtype="$DTYPE" assets_dir="$TINY/assets" enable_activation_checkpointing=True)

@@ -1,6 +1,7 @@
 """Smoke tests of the benchmark scripts: they run and write their outputs (no timing goals are checked here)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -105,13 +106,20 @@ def test_bench_gpu_measures_nothing_without_gpu(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_bench_gpu_tiny_runs_every_section(tmp_path: Path) -> None:
-    """The GPU script, whole, at tiny sizes on this device: it must not first break on the lent GPU."""
-    proc = _run(str(BENCH / "bench_gpu.py"), "--tiny", "--out", str(tmp_path))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    res = json.loads((tmp_path / "results_gpu.json").read_text())
+def test_device_check_runs_every_step(tmp_path: Path) -> None:
+    """The one-call GPU check (smoke checks, recipes by name, bench_gpu.py), whole, on this device at tiny sizes:
+    it must not first break on a lent GPU."""
+    env = {**os.environ, "PY": sys.executable, "DEVICE": "cuda" if torch.cuda.is_available() else "cpu",
+           "DTYPE": "bf16" if torch.cuda.is_available() else "fp32", "BENCH_ARGS": "--tiny", "OUT": str(tmp_path / "out"), "TINY": str(tmp_path / "tiny")}
+    proc = subprocess.run(["bash", str(BENCH / "device_check.sh")], cwd=REPO, capture_output=True, text=True, env=env, timeout=900)
+    out = tmp_path / "out"
+    summary = (out / "summary.txt").read_text()
+    assert proc.returncode == 0, summary + proc.stdout[-3000:]
+    steps = ["smoke", "tiny_assets", "single_device", "resume", "distributed", "generate", "bench"]
+    assert [line.split()[:2] for line in summary.splitlines()] == [[step, "rc=0"] for step in steps]
+    res = json.loads((out / "results_gpu.json").read_text())
     assert res["meta"]["tiny"] is True and {"attention", "packing", "memory", "decode"} <= set(res)
-    assert "tiny shapes: a check of the script" in (tmp_path / "RESULTS.md").read_text()
+    assert "tiny shapes: a check of the script" in (out / "RESULTS.md").read_text()
 
 
 def test_bench_gpu_rejects_bad_shapes() -> None:

@@ -333,10 +333,10 @@ def bench_packing(args: argparse.Namespace, device: torch.device) -> Dict[str, A
             "block_mask": device.type == "cuda", "variants": packing_summary(stats, times, real_total)}
 
 
-def _passkey_batch(args: argparse.Namespace, device: torch.device, *, gist: bool) -> Dict[str, Any]:
-    """A passkey example of ``--passkey-context`` tokens (byte tokenizer text), ids moved to Llama 3's layout:
-    collated as the gist recipe does (``gist``; on CUDA a BlockMask, padded to 128) or as torchtune's stock
-    recipe would (tokens and labels only, unpadded)."""
+def _passkey_batches(args: argparse.Namespace, device: torch.device) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """A passkey example of ``--passkey-context`` tokens (byte tokenizer text), ids moved to Llama 3's layout,
+    as two batches: collated as the gist recipe does (on CUDA a BlockMask, padded to 128) and as torchtune's
+    stock recipe would (tokens and labels only, unpadded)."""
     from torchtune.models.llama3 import llama3_tokenizer
 
     from torchtune_gist.data import gist_passkey_dataset, padded_gist_collate
@@ -351,15 +351,15 @@ def _passkey_batch(args: argparse.Namespace, device: torch.device, *, gist: bool
     shift = 0 if args.tiny else _TINY_TO_LLAMA3  # specials (BOS, EOS, gists) keep their Llama 3 roles
     remap = lambda seq: [t + shift if t >= 256 else t for t in seq]  # noqa: E731
     ids = _gist_ids(_arch(args)["vocab_size"], k)
-    blocks = gist and device.type == "cuda"
-    batch = padded_gist_collate(
-        [{"tokens": remap(ex["tokens"]), "labels": remap(ex["labels"])}], gist_token_ids=ids,
-        pad_id=tok.pad_id + shift, block_mask=blocks, block_mask_device=device,
-        pad_to_multiple_of=FLEX_BLOCK_SIZE if blocks else 1,  # as the recipe pads BlockMask batches
-    )
-    if not gist:
-        batch = {"tokens": batch["tokens"], "labels": batch["labels"]}
-    return {k_: (v.to(device) if isinstance(v, torch.Tensor) else v) for k_, v in batch.items()}
+    collate = partial(padded_gist_collate, [{"tokens": remap(ex["tokens"]), "labels": remap(ex["labels"])}],
+                      gist_token_ids=ids, pad_id=tok.pad_id + shift)
+    blocks = device.type == "cuda"
+    gist = collate(block_mask=blocks, block_mask_device=device,
+                   pad_to_multiple_of=FLEX_BLOCK_SIZE if blocks else 1)  # as the recipe pads BlockMask batches
+    stock = collate()
+    stock = {"tokens": stock["tokens"], "labels": stock["labels"]}
+    to_device = lambda batch: {k_: (v.to(device) if isinstance(v, torch.Tensor) else v) for k_, v in batch.items()}  # noqa: E731
+    return to_device(gist), to_device(stock)
 
 
 def _qlora_peak(builder: Callable[[], torch.nn.Module], make_batch: Callable[[], Dict[str, Any]], device: torch.device,
@@ -429,8 +429,10 @@ def _model_and_loss(path: Path, tiny: bool, **model_overrides: Any) -> Tuple[Cal
     component = str(cfg.model._component_)
     if tiny:  # the same family's generic builder on the tiny shape (8B -> TINY_ARGS), NF4 as the config
         generic = component.replace("qlora_gist_llama3_1_8b", "lora_gist_llama3_1").replace("qlora_llama3_1_8b", "lora_llama3_1")
-        return partial(_get_component_from_path(generic), **TINY_ARGS, quantize_base=True, **kwargs), tt_config.instantiate(cfg.loss), kwargs
-    return partial(_get_component_from_path(component), **kwargs), tt_config.instantiate(cfg.loss), kwargs
+        builder = partial(_get_component_from_path(generic), **TINY_ARGS, quantize_base=True, **kwargs)
+    else:
+        builder = partial(_get_component_from_path(component), **kwargs)
+    return builder, tt_config.instantiate(cfg.loss), kwargs
 
 
 def stock_qlora_config() -> Path:
@@ -473,7 +475,7 @@ def bench_memory(args: argparse.Namespace, device: torch.device) -> Dict[str, An
         }
         _print_memory_row(row)
         rows.append(row)
-    passkey, stock_pk = _passkey_batch(args, device, gist=True), _passkey_batch(args, device, gist=False)
+    passkey, stock_pk = _passkey_batches(args, device)
     pk_builder, pk_loss, _ = _model_and_loss(passkey_path, args.tiny, num_gist_tokens=args.passkey_k)
     rows.append({
         "batch": [int(n) for n in passkey["tokens"].shape],

@@ -227,9 +227,9 @@ def make_gist_block_mask(
     Returns:
         BlockMask: for ``[b, 1, s, s]`` attention on ``device``.
     """
+    device = device if device is not None else tokens.device
     mask_mod = gist_mask_mod(tokens, gist_token_ids, pad_id=pad_id, mode=mode, document_ids=document_ids, device=device)
     b, s = tokens.shape
-    device = device if device is not None else tokens.device
     return create_block_mask(mask_mod, b, None, s, s, device=device, BLOCK_SIZE=block_size)
 
 

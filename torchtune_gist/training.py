@@ -411,7 +411,7 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
                 pad_id=self._tokenizer.pad_id,
                 mask_mode=self._mask_mode,
                 block_mask=self._mask_format == "block",
-                block_mask_device=self._device if self._mask_format == "block" else None,
+                block_mask_device=self._device,
                 segment_mask=self._mask_format in ("segments", "auto"),
                 segment_min_len=SEGMENT_MIN_LEN if self._mask_format == "auto" else 0,
                 **collate_kwargs,

@@ -28,3 +28,40 @@ def test_short_demo_produces_table_and_plot_and_gist_beats_negative_control(tmp_
     pos = next(r for r in results["rows"] if r["mode"] == "pos_control")
     assert gist["compression_ratio"] == pytest.approx(gist["context_tokens"] / 4)
     assert gist["kv_bytes"] < pos["kv_bytes"]
+
+
+def test_demo_refuses_a_folder_trained_with_other_settings(tmp_path: Path):
+    from torchtune_gist.demo import _tokenizer, check_settings
+    from torchtune_gist.tiny import write_tiny_tokenizer
+
+    tokenizer = _tokenizer(write_tiny_tokenizer(tmp_path / "assets")[0].parent)
+    check_settings(DemoSettings(out=tmp_path / "demo"), tokenizer)
+    check_settings(DemoSettings(out=tmp_path / "demo", eval_samples=7), tokenizer)
+    with pytest.raises(ValueError, match=r"context_tokens: 128 -> 256.*--fresh"):
+        check_settings(DemoSettings(out=tmp_path / "demo", context_tokens=256), tokenizer)
+
+
+def test_demo_refuses_contexts_longer_than_the_model(tmp_path: Path):
+    from torchtune_gist.demo import _tokenizer, check_settings
+    from torchtune_gist.tiny import write_tiny_tokenizer
+
+    tokenizer = _tokenizer(write_tiny_tokenizer(tmp_path / "assets")[0].parent)
+    with pytest.raises(ValueError, match="holds 2048 positions"):
+        check_settings(DemoSettings(out=tmp_path / "demo", context_tokens=2040), tokenizer)
+    assert not (tmp_path / "demo" / "settings.json").exists()
+
+
+def test_demo_cli_rejects_a_bad_count(capsys):
+    from torchtune_gist.demo import main
+
+    with pytest.raises(SystemExit):
+        main(["--context-tokens", "0"])
+    assert "--context-tokens must be at least 1" in capsys.readouterr().err
+
+
+def test_long_demo_contexts_learn_the_task_short_first():
+    from torchtune_gist.demo import base_phases
+
+    assert base_phases(DemoSettings(context_tokens=64)) == [(64, 300, 2e-3)]
+    assert base_phases(DemoSettings(context_tokens=128)) == [(128, 300, 2e-3)]
+    assert base_phases(DemoSettings(context_tokens=1024, long_base_steps=150)) == [(128, 300, 2e-3), (1024, 150, 1e-3)]

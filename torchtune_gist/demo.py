@@ -2,7 +2,8 @@
 
 1. Makes the tiny assets: a byte-level Llama 3 tokenizer and a ~1.1M-parameter Llama 3.1-shaped model.
 2. Stage 1: trains that base from scratch, with plain causal attention, to find a passkey in its
-   context (answer loss + 0.2 x language-modelling loss on the whole example).
+   context (answer loss + 0.2 x language-modelling loss on the whole example); at 128-token
+   contexts first, then at ``--context-tokens`` when that is longer.
 3. Stage 2: freezes the base and trains K gist rows + LoRA with ``tune run gist_lora_single_device``
    under the gist mask, so the passkey must travel through the K gist tokens; the positive control
    is the same recipe with ``mask_mode=pos_control`` (the full context stays visible).
@@ -25,7 +26,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -34,18 +35,21 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from torch.utils.data import DataLoader
+from torchtune.data import padded_collate_sft
 from torchtune.models.llama3 import llama3_tokenizer
 from torchtune.models.llama3_1 import llama3_1
 from torchtune.training.lr_schedulers import get_cosine_schedule_with_warmup
 from tqdm import tqdm
 
 from torchtune_gist._io import atomic_save_safetensors, atomic_write_json, atomic_write_text
-from torchtune_gist.data import gist_passkey_dataset, padded_gist_collate
-from torchtune_gist.gist_tokens import gist_token_ids
+from torchtune_gist.data import gist_passkey_dataset
 from torchtune_gist.tiny import TINY_LLAMA3_1_ARGS, write_tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "tiny" / "gist_lora_single_device.yaml"
+
+#: Stage 1 learns the task at contexts up to this long before any longer ``context_tokens``.
+SHORT_CONTEXT_TOKENS = 128
 
 #: The demo's base: 4 layers of width 128, 4 heads / 2 KV heads, MLP 512 (about 1.1M parameters).
 DEMO_SIZES: Dict[str, int] = dict(num_layers=4, embed_dim=128, num_heads=4, num_kv_heads=2, intermediate_dim=512)
@@ -62,6 +66,7 @@ class DemoSettings:
     num_gist_tokens: int = 8
     base_steps: int = 300
     base_lr: float = 2e-3
+    long_base_steps: int = 150
     gist_steps: int = 450
     control_steps: int = 40
     gist_lr: float = 2e-3
@@ -74,36 +79,54 @@ def _tokenizer(assets: Path) -> Any:
     return llama3_tokenizer(str(assets / "tiny_tokenizer.model"), special_tokens_path=str(assets / "tiny_special_tokens.json"))
 
 
+def base_phases(settings: DemoSettings) -> List[Tuple[int, int, float]]:
+    """Stage 1's curriculum: ``(context tokens, steps, peak lr)`` per phase.
+
+    The base learns the task at contexts of at most ``SHORT_CONTEXT_TOKENS`` first; a longer demo context
+    continues from there for ``long_base_steps`` at half the lr (trained from scratch at 1,024 tokens,
+    400 steps left the answer at chance; from the short base it is learnt within 20 steps).
+    """
+    short = min(settings.context_tokens, SHORT_CONTEXT_TOKENS)
+    phases = [(short, settings.base_steps, settings.base_lr)]
+    if settings.context_tokens > short:
+        phases.append((settings.context_tokens, settings.long_base_steps, settings.base_lr / 2))
+    return phases
+
+
 def train_base(settings: DemoSettings, assets: Path, out_dir: Path) -> List[Tuple[int, float]]:
     """Stage 1: train the tiny base from scratch with causal attention; write ``model.safetensors``.
 
+    Plain causal training (torchtune's ``padded_collate_sft``, no mask), answer loss + 0.2 x the
+    language-modelling loss, through the phases of ``base_phases``.
+
     Returns:
-        List[Tuple[int, float]]: ``(step, loss)`` pairs (also written beside the checkpoint).
+        List[Tuple[int, float]]: ``(step, answer loss)`` pairs (also written beside the checkpoint).
     """
     torch.manual_seed(settings.seed)
     tokenizer = _tokenizer(assets)
     model = llama3_1(**{**TINY_LLAMA3_1_ARGS, **DEMO_SIZES})
-    data = gist_passkey_dataset(
-        tokenizer, num_gist_tokens=0, num_samples=settings.base_steps * settings.batch_size,
-        context_tokens=settings.context_tokens, passkey_digits=settings.passkey_digits, seed=settings.seed + 1,
-    )
-    collate = partial(padded_gist_collate, gist_token_ids=gist_token_ids(tokenizer, 1), pad_id=tokenizer.pad_id, mask_mode="pos_control")
-    loader = DataLoader(data, batch_size=settings.batch_size, shuffle=True, collate_fn=collate,
-                        generator=torch.Generator().manual_seed(settings.seed))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.base_lr, weight_decay=0.0)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=20, num_training_steps=settings.base_steps)
-    history = []
-    for step, batch in enumerate(tqdm(loader, desc="stage 1: causal base", total=settings.base_steps), start=1):
-        logits = model(batch["tokens"], mask=batch["mask"], input_pos=batch["input_pos"])[:, :-1]
-        answer = F.cross_entropy(logits.transpose(1, 2), batch["labels"][:, 1:], ignore_index=-100)
-        lm_targets = batch["tokens"][:, 1:].masked_fill(batch["tokens"][:, 1:] == tokenizer.pad_id, -100)
-        loss = answer + 0.2 * F.cross_entropy(logits.transpose(1, 2), lm_targets, ignore_index=-100)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        history.append((step, float(answer)))
+    collate = partial(padded_collate_sft, padding_idx=tokenizer.pad_id)
+    history: List[Tuple[int, float]] = []
+    for phase, (context_tokens, steps, lr) in enumerate(base_phases(settings)):
+        data = gist_passkey_dataset(
+            tokenizer, num_gist_tokens=0, num_samples=steps * settings.batch_size, context_tokens=context_tokens,
+            passkey_digits=settings.passkey_digits, seed=settings.seed + 1 + 2 * phase,
+        )
+        loader = DataLoader(data, batch_size=settings.batch_size, shuffle=True, collate_fn=collate,
+                            generator=torch.Generator().manual_seed(settings.seed))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=20, num_training_steps=steps)
+        for batch in tqdm(loader, desc=f"stage 1: causal base, {context_tokens}-token contexts", total=steps):
+            logits = model(batch["tokens"])[:, :-1]
+            answer = F.cross_entropy(logits.transpose(1, 2), batch["labels"][:, 1:], ignore_index=-100)
+            lm_targets = batch["tokens"][:, 1:].masked_fill(batch["tokens"][:, 1:] == tokenizer.pad_id, -100)
+            loss = answer + 0.2 * F.cross_entropy(logits.transpose(1, 2), lm_targets, ignore_index=-100)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            history.append((len(history) + 1, float(answer)))
     atomic_save_safetensors(model.state_dict(), out_dir / "model.safetensors", metadata={"loss_history": json.dumps(history)})
     return history
 
@@ -217,6 +240,46 @@ def plot(rows: List[Dict[str, Any]], curves: Dict[str, List[Tuple[int, float]]],
     return path
 
 
+def _training_settings(settings: DemoSettings) -> Dict[str, Any]:
+    """The settings that shape the trained weights (evaluation settings may change between runs)."""
+    skip = {"out", "eval_samples", "eval_seed"}
+    return {k: v for k, v in asdict(settings).items() if k not in skip}
+
+
+def check_settings(settings: DemoSettings, tokenizer: Any) -> None:
+    """Refuse settings the tiny model cannot hold, and outputs of a run with other settings.
+
+    Stages whose outputs exist are reused, so a run in a folder trained with other settings would
+    silently mix them; ``settings.json`` records what the folder's weights were trained with.
+
+    Raises:
+        ValueError: an example longer than the model's ``max_seq_len``, or ``settings.out`` holding
+            the outputs of a run with other training settings.
+    """
+    example = gist_passkey_dataset(
+        tokenizer, num_gist_tokens=settings.num_gist_tokens, num_samples=1, context_tokens=settings.context_tokens,
+        passkey_digits=settings.passkey_digits, seed=settings.seed,
+    )[0]
+    max_seq_len = TINY_LLAMA3_1_ARGS["max_seq_len"]
+    if len(example["tokens"]) > max_seq_len:
+        raise ValueError(
+            f"context_tokens={settings.context_tokens} makes {len(example['tokens'])}-token examples; the demo model "
+            f"holds {max_seq_len} positions: use a shorter context"
+        )
+    record = Path(settings.out) / "settings.json"
+    wanted = _training_settings(settings)
+    if record.exists():
+        found = json.loads(record.read_text())
+        if found != wanted:
+            changed = ", ".join(f"{k}: {found.get(k)!r} -> {v!r}" for k, v in wanted.items() if found.get(k) != v)
+            raise ValueError(
+                f"{settings.out} holds a demo trained with other settings ({changed}); "
+                "pass --fresh to start over, or another --out"
+            )
+    else:
+        atomic_write_json(wanted, record)
+
+
 def run(settings: DemoSettings, fresh: bool = False) -> Dict[str, Any]:
     """Run (or resume) every stage; returns the results written to ``results.json``."""
     out = Path(settings.out)
@@ -225,6 +288,7 @@ def run(settings: DemoSettings, fresh: bool = False) -> Dict[str, Any]:
     assets, base_dir = out / "assets", out / "base"
     start = time.perf_counter()
     write_tiny_tokenizer(assets)
+    check_settings(settings, _tokenizer(assets))
     if not (base_dir / "model.safetensors").exists():
         train_base(settings, assets, base_dir)
     runs = {"gist": (out / "gist", "gist", settings.gist_steps), "pos_control": (out / "pos_control", "pos_control", settings.control_steps)}
@@ -252,16 +316,30 @@ def run(settings: DemoSettings, fresh: bool = False) -> Dict[str, Any]:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    """``python -m torchtune_gist.demo [--out DIR] [--fresh] [--seed N] [--quick]``."""
+    """``python -m torchtune_gist.demo [--out DIR] [--fresh] [--seed N] [--quick] [--context-tokens N] ...``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=DemoSettings.out)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=DemoSettings.seed)
     parser.add_argument("--fresh", action="store_true", help="delete earlier outputs and start over")
     parser.add_argument("--quick", action="store_true", help="a few steps of everything (a smoke test, not a result)")
+    parser.add_argument("--context-tokens", type=int, default=DemoSettings.context_tokens, help="haystack length in tokens")
+    parser.add_argument("--num-gist-tokens", type=int, default=DemoSettings.num_gist_tokens, help="K")
+    parser.add_argument("--batch-size", type=int, default=DemoSettings.batch_size)
+    parser.add_argument("--base-steps", type=int, default=DemoSettings.base_steps, help="stage 1 (causal base) steps")
+    parser.add_argument("--long-base-steps", type=int, default=DemoSettings.long_base_steps,
+                        help="stage 1 steps at --context-tokens after the 128-token ones (when longer)")
+    parser.add_argument("--gist-steps", type=int, default=DemoSettings.gist_steps, help="stage 2 (gist) steps")
     args = parser.parse_args(argv)
-    settings = DemoSettings(out=args.out, seed=args.seed)
+    for name in ("context_tokens", "num_gist_tokens", "batch_size", "base_steps", "long_base_steps", "gist_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    settings = DemoSettings(
+        out=args.out, seed=args.seed, context_tokens=args.context_tokens, num_gist_tokens=args.num_gist_tokens,
+        batch_size=args.batch_size, base_steps=args.base_steps, long_base_steps=args.long_base_steps,
+        gist_steps=args.gist_steps,
+    )
     if args.quick:
-        settings = DemoSettings(out=args.out, seed=args.seed, base_steps=30, gist_steps=20, control_steps=10, eval_samples=40)
+        settings = replace(settings, base_steps=30, long_base_steps=10, gist_steps=20, control_steps=10, eval_samples=40)
     run(settings, fresh=args.fresh)
 
 

@@ -242,3 +242,19 @@ def test_fsdp2_sharded_init_save_and_load(tmp_path: Path):
         assert all(torch.equal(resaved[k], reference[k]) for k in reference)
     finally:
         dist.destroy_process_group()
+
+
+def test_saved_checkpoints_are_readable_like_any_new_file(tmp_path: Path):
+    """safetensors creates files ``0o600``; a checkpoint gets the mode the umask gives a new file."""
+    import os
+
+    from torchtune_gist._io import atomic_save_safetensors
+
+    old = os.umask(0o022)
+    try:
+        path = atomic_save_safetensors({"w": torch.ones(2)}, tmp_path / "a.safetensors")
+    finally:
+        os.umask(old)
+    assert os.stat(path).st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]
+    assert load_file(path)["w"].tolist() == [1.0, 1.0]

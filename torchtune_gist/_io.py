@@ -10,6 +10,13 @@ import torch
 from safetensors.torch import save_file
 
 
+def _new_file_mode() -> int:
+    """The mode ``open`` gives a new file under the process's umask (safetensors writes ``0o600``)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_save_safetensors(
     tensors: Dict[str, torch.Tensor], path: Union[str, Path], metadata: Optional[Dict[str, str]] = None
 ) -> Path:
@@ -21,6 +28,7 @@ def atomic_save_safetensors(
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, _new_file_mode())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

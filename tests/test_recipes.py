@@ -10,10 +10,12 @@ from typing import Any, Dict, List
 import pytest
 import torch
 from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file
 
 from torchtune_gist.checkpointing import load_gist_adapter, load_merged_hf, read_gist_adapter_metadata
 from torchtune_gist.masks import make_gist_mask
 from torchtune_gist.models import lora_gist_llama3_1_tiny
+from torchtune_gist.modules import state_dict_name
 from torchtune_gist.segment_masks import GistSegmentMask
 from torchtune_gist.tiny import write_tiny_base_checkpoint, write_tiny_tokenizer
 
@@ -279,3 +281,27 @@ def test_clear_errors_for_configurations_that_cannot_work(assets, tmp_path):
         setup(**{"model._component_": "test_recipes.plain_tiny_lora"})
     with pytest.raises(ValueError, match="no complete checkpoint"):
         setup(resume_from_checkpoint=True, output_dir=tmp_path / "empty")
+
+
+def test_initial_adapter_starts_from_trained_weights_with_a_fresh_schedule(assets, tmp_path):
+    common = {"max_steps_per_epoch": 2, "save_merged_hf": False, "lr_scheduler.num_warmup_steps": 0}
+    first = run_in_process(load_cfg(SINGLE, overrides(assets, tmp_path / "short", **common)))
+    trained = load_file(str(tmp_path / "short" / "epoch_0" / "gist_adapter.safetensors"))
+    assert all(v.abs().sum() > 0 for k, v in trained.items() if "lora_b" in k)
+    cfg = load_cfg(SINGLE, overrides(assets, tmp_path / "long", initial_adapter=tmp_path / "short" / "epoch_0", **common))
+    recipe = GistLoRAFinetuneRecipeSingleDevice(cfg)
+    recipe.setup(cfg)
+    state = {state_dict_name(n): p.detach() for n, p in recipe._model.named_parameters()}
+    for name, value in trained.items():
+        torch.testing.assert_close(state[name], value, rtol=0, atol=0)
+    recipe.train()
+    assert recipe.global_step == first.global_step == 2
+
+    def setup(**extra):
+        bad = load_cfg(SINGLE, overrides(assets, tmp_path / "bad", **extra))
+        GistLoRAFinetuneRecipeSingleDevice(bad).setup(bad)
+
+    with pytest.raises(ValueError, match="holds K=4 gist rows; this run has num_gist_tokens=2"):
+        setup(initial_adapter=tmp_path / "short" / "epoch_0", num_gist_tokens=2)
+    with pytest.raises(ValueError, match="initial_adapter: no gist adapter at"):
+        setup(initial_adapter=tmp_path / "nowhere")

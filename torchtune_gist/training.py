@@ -38,7 +38,7 @@ from torchtune.utils._import_guard import _SUPPORTS_FLEX_ATTENTION
 from tqdm import tqdm
 
 from torchtune_gist._io import atomic_save_safetensors
-from torchtune_gist.checkpointing import export_merged_hf, gist_adapter_state_dict, save_gist_adapter
+from torchtune_gist.checkpointing import export_merged_hf, gist_adapter_state_dict, read_gist_adapter_metadata, save_gist_adapter
 from torchtune_gist.data import PackedGistDataset, padded_gist_collate
 from torchtune_gist.gist_tokens import gist_token_ids
 from torchtune_gist.masks import MASK_MODES
@@ -218,7 +218,9 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
     ``model.num_gist_tokens`` and ``dataset.num_gist_tokens``), ``mask_mode`` (``gist`` /
     ``pos_control`` / ``neg_control``), ``train_lora`` (False: gist rows alone), ``mask_format``
     (``auto``: FlexAttention ``block`` masks on CUDA, else causal ``segments`` for batches of 512
-    positions and more and ``dense`` below; or one of ``dense``, ``segments``, ``block`` always).
+    positions and more and ``dense`` below; or one of ``dense``, ``segments``, ``block`` always),
+    ``initial_adapter`` (a gist adapter file or checkpoint directory whose weights this run starts from,
+    with a fresh optimizer and schedule: train on short contexts first, then on long ones).
     """
 
     def __init__(self, cfg: DictConfig) -> None:
@@ -316,6 +318,8 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
         if resume is not None:
             adapter_sd = load_file(str(resume / ADAPTER_FILE))
             self._log_info(f"Resuming from {resume}")
+        elif cfg.get("initial_adapter"):
+            adapter_sd = self._load_initial_adapter(cfg.initial_adapter)
         base_sd = self._load_base_state_dict(cfg.checkpointer)
         if not adapter_sd:
             if "tok_embeddings.weight" not in base_sd:
@@ -362,6 +366,24 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
             last_epoch=self.global_step - 1,
         )
         self._ignore_index = self._loss_fn.ignore_index
+
+    def _load_initial_adapter(self, path_or_dir: str) -> Dict[str, torch.Tensor]:
+        """Gist rows and LoRA weights to start from (a curriculum: short contexts first, then long ones).
+
+        Only the weights: the optimizer, the lr schedule and the step count start afresh.
+
+        Raises:
+            ValueError: a file that is not a gist adapter, or one trained with another K.
+        """
+        path = Path(path_or_dir)
+        path = path / ADAPTER_FILE if path.is_dir() else path
+        if not path.is_file():
+            raise ValueError(f"initial_adapter: no gist adapter at {path}")
+        k = read_gist_adapter_metadata(path).get("num_gist_tokens")
+        if k != self._num_gist_tokens:
+            raise ValueError(f"initial_adapter {path} holds K={k} gist rows; this run has num_gist_tokens={self._num_gist_tokens}")
+        self._log_info(f"Starting from the gist adapter {path}")
+        return load_file(str(path))
 
     def _find_resume_checkpoint(self) -> Optional[Path]:
         setting = self._resume_from_checkpoint

@@ -65,3 +65,11 @@ def test_long_demo_contexts_learn_the_task_short_first():
     assert base_phases(DemoSettings(context_tokens=64)) == [(64, 300, 2e-3)]
     assert base_phases(DemoSettings(context_tokens=128)) == [(128, 300, 2e-3)]
     assert base_phases(DemoSettings(context_tokens=1024, long_base_steps=150)) == [(128, 300, 2e-3), (1024, 150, 1e-3)]
+
+
+def test_long_demo_contexts_find_the_gist_route_short_first():
+    from torchtune_gist.demo import gist_phases
+
+    assert gist_phases(DemoSettings(context_tokens=128)) == [("gist", 128, 450, 2e-3)]
+    assert gist_phases(DemoSettings(context_tokens=1024, long_gist_steps=150)) == [
+        ("gist_short", 128, 450, 2e-3), ("gist", 1024, 150, 1e-3)]

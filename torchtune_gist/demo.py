@@ -6,7 +6,9 @@
    contexts first, then at ``--context-tokens`` when that is longer.
 3. Stage 2: freezes the base and trains K gist rows + LoRA with ``tune run gist_lora_single_device``
    under the gist mask, so the passkey must travel through the K gist tokens; the positive control
-   is the same recipe with ``mask_mode=pos_control`` (the full context stays visible).
+   is the same recipe with ``mask_mode=pos_control`` (the full context stays visible). A longer
+   ``--context-tokens`` is learnt at 128 tokens first, then continued from that adapter
+   (the recipe's ``initial_adapter``).
 4. Evaluates held-out passkeys with the lm-eval integration: gist, positive control, negative
    control (no context) and truncation (the context's last K tokens), with accuracy, context
    tokens, K, compression ratio and the KV bytes held per example.
@@ -68,6 +70,7 @@ class DemoSettings:
     base_lr: float = 2e-3
     long_base_steps: int = 150
     gist_steps: int = 450
+    long_gist_steps: int = 150
     control_steps: int = 40
     gist_lr: float = 2e-3
     batch_size: int = 32
@@ -131,20 +134,40 @@ def train_base(settings: DemoSettings, assets: Path, out_dir: Path) -> List[Tupl
     return history
 
 
-def run_gist_recipe(settings: DemoSettings, assets: Path, base_dir: Path, out_dir: Path, mask_mode: str, steps: int) -> None:
+def gist_phases(settings: DemoSettings) -> List[Tuple[str, int, int, float]]:
+    """Stage 2's curriculum: ``(run name, context tokens, steps, peak lr)`` per phase.
+
+    As in stage 1, the gist route is found at contexts of at most ``SHORT_CONTEXT_TOKENS`` first; a
+    longer demo context continues from that adapter (the recipe's ``initial_adapter``) for
+    ``long_gist_steps`` at half the lr. The last phase's run is named ``gist``.
+    """
+    short = min(settings.context_tokens, SHORT_CONTEXT_TOKENS)
+    if settings.context_tokens == short:
+        return [("gist", short, settings.gist_steps, settings.gist_lr)]
+    return [("gist_short", short, settings.gist_steps, settings.gist_lr),
+            ("gist", settings.context_tokens, settings.long_gist_steps, settings.gist_lr / 2)]
+
+
+def run_gist_recipe(
+    settings: DemoSettings, assets: Path, base_dir: Path, out_dir: Path, mask_mode: str, steps: int,
+    context_tokens: int, lr: float, initial_adapter: Optional[Path] = None,
+) -> None:
     """Stage 2 through torchtune's CLI: ``tune run gist_lora_single_device`` on the tiny config."""
     overrides = {
         "assets_dir": assets, "output_dir": out_dir, "checkpointer.checkpoint_dir": base_dir,
         "num_gist_tokens": settings.num_gist_tokens, "mask_mode": mask_mode,
-        "dataset.num_samples": steps * settings.batch_size, "dataset.context_tokens": settings.context_tokens,
+        "dataset.num_samples": steps * settings.batch_size, "dataset.context_tokens": context_tokens,
         "dataset.passkey_digits": settings.passkey_digits, "dataset.seed": settings.seed + 2,
-        "validation_dataset.context_tokens": settings.context_tokens, "batch_size": settings.batch_size,
-        "optimizer.lr": settings.gist_lr, "lr_scheduler.num_warmup_steps": 10, "seed": settings.seed,
+        "validation_dataset.context_tokens": context_tokens, "batch_size": settings.batch_size,
+        "optimizer.lr": lr, "lr_scheduler.num_warmup_steps": 10, "seed": settings.seed,
         "save_merged_hf": False, "log_every_n_steps": 10, **{f"model.{k}": v for k, v in DEMO_SIZES.items()},
     }
+    if initial_adapter is not None:
+        overrides["initial_adapter"] = initial_adapter
     tune = Path(sys.executable).parent / "tune"
     cmd = [str(tune), "run", "gist_lora_single_device", "--config", str(TINY_CONFIG), *(f"{k}={v}" for k, v in overrides.items())]
-    print(f"\n$ tune run gist_lora_single_device --config {TINY_CONFIG.relative_to(REPO)} mask_mode={mask_mode} ...", flush=True)
+    print(f"\n$ tune run gist_lora_single_device --config {TINY_CONFIG.relative_to(REPO)} mask_mode={mask_mode} "
+          f"dataset.context_tokens={context_tokens} ...", flush=True)
     subprocess.run(cmd, cwd=REPO, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
@@ -291,19 +314,27 @@ def run(settings: DemoSettings, fresh: bool = False) -> Dict[str, Any]:
     check_settings(settings, _tokenizer(assets))
     if not (base_dir / "model.safetensors").exists():
         train_base(settings, assets, base_dir)
-    runs = {"gist": (out / "gist", "gist", settings.gist_steps), "pos_control": (out / "pos_control", "pos_control", settings.control_steps)}
-    for run_dir, mask_mode, steps in runs.values():
+    previous: Optional[Path] = None
+    gist_curve: List[Tuple[int, float]] = []
+    for name, context_tokens, steps, lr in gist_phases(settings):
+        run_dir = out / name
         if not (run_dir / "epoch_0" / "gist_adapter.safetensors").exists():
-            run_gist_recipe(settings, assets, base_dir, run_dir, mask_mode, steps)
+            run_gist_recipe(settings, assets, base_dir, run_dir, "gist", steps, context_tokens, lr, initial_adapter=previous)
+        previous = run_dir / "epoch_0"
+        gist_curve += [(len(gist_curve) + 1, loss) for _, loss in recipe_loss_history(run_dir)]
+    runs = {"gist": out / "gist", "pos_control": out / "pos_control"}
+    if not (runs["pos_control"] / "epoch_0" / "gist_adapter.safetensors").exists():
+        run_gist_recipe(settings, assets, base_dir, runs["pos_control"], "pos_control", settings.control_steps,
+                        settings.context_tokens, settings.gist_lr)
     print("\nEvaluating held-out passkeys through lm-eval ...", flush=True)
     plan = [("gist", "gist", "gist-trained"), ("pos_control", "pos_control", "pos_control-trained"),
             ("gist", "neg_control", "gist-trained"), ("gist", "truncate", "gist-trained")]
     rows = []
     for run_name, mode, label in tqdm(plan, desc="evaluation"):
-        rows.append({**evaluate(settings, assets, base_dir, runs[run_name][0], mode), "model": label})
+        rows.append({**evaluate(settings, assets, base_dir, runs[run_name], mode), "model": label})
     curves = {"stage 1: causal base": base_loss_history(base_dir),
-              "stage 2: gist": recipe_loss_history(runs["gist"][0]),
-              "stage 2: pos_control": recipe_loss_history(runs["pos_control"][0])}
+              "stage 2: gist": gist_curve,
+              "stage 2: pos_control": recipe_loss_history(runs["pos_control"])}
     png = plot(rows, curves, out / "demo.png")
     table = results_table(rows)
     results = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()},
@@ -329,17 +360,20 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--long-base-steps", type=int, default=DemoSettings.long_base_steps,
                         help="stage 1 steps at --context-tokens after the 128-token ones (when longer)")
     parser.add_argument("--gist-steps", type=int, default=DemoSettings.gist_steps, help="stage 2 (gist) steps")
+    parser.add_argument("--long-gist-steps", type=int, default=DemoSettings.long_gist_steps,
+                        help="stage 2 steps at --context-tokens after the 128-token ones (when longer)")
     args = parser.parse_args(argv)
-    for name in ("context_tokens", "num_gist_tokens", "batch_size", "base_steps", "long_base_steps", "gist_steps"):
+    for name in ("context_tokens", "num_gist_tokens", "batch_size", "base_steps", "long_base_steps", "gist_steps",
+                 "long_gist_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     settings = DemoSettings(
         out=args.out, seed=args.seed, context_tokens=args.context_tokens, num_gist_tokens=args.num_gist_tokens,
         batch_size=args.batch_size, base_steps=args.base_steps, long_base_steps=args.long_base_steps,
-        gist_steps=args.gist_steps,
+        gist_steps=args.gist_steps, long_gist_steps=args.long_gist_steps,
     )
     if args.quick:
-        settings = replace(settings, base_steps=30, long_base_steps=10, gist_steps=20, control_steps=10, eval_samples=40)
+        settings = replace(settings, base_steps=30, long_base_steps=10, gist_steps=20, long_gist_steps=10, control_steps=10, eval_samples=40)
     run(settings, fresh=args.fresh)
 
 

@@ -73,3 +73,11 @@ def test_long_demo_contexts_find_the_gist_route_short_first():
     assert gist_phases(DemoSettings(context_tokens=128)) == [("gist", 128, 450, 2e-3)]
     assert gist_phases(DemoSettings(context_tokens=1024, long_gist_steps=150)) == [
         ("gist_short", 128, 450, 2e-3), ("gist", 1024, 150, 1e-3)]
+
+
+def test_demo_cli_reports_impossible_settings_without_a_traceback(tmp_path: Path, capsys):
+    from torchtune_gist.demo import main
+
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "demo"), "--context-tokens", "2040"])
+    assert "the demo model holds 2048 positions" in capsys.readouterr().err

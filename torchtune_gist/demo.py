@@ -263,6 +263,10 @@ def plot(rows: List[Dict[str, Any]], curves: Dict[str, List[Tuple[int, float]]],
     return path
 
 
+class DemoSettingsError(ValueError):
+    """Settings the demo cannot run with (the command line reports them without a traceback)."""
+
+
 def _training_settings(settings: DemoSettings) -> Dict[str, Any]:
     """The settings that shape the trained weights (evaluation settings may change between runs)."""
     skip = {"out", "eval_samples", "eval_seed"}
@@ -276,8 +280,8 @@ def check_settings(settings: DemoSettings, tokenizer: Any) -> None:
     silently mix them; ``settings.json`` records what the folder's weights were trained with.
 
     Raises:
-        ValueError: an example longer than the model's ``max_seq_len``, or ``settings.out`` holding
-            the outputs of a run with other training settings.
+        DemoSettingsError: an example longer than the model's ``max_seq_len``, or ``settings.out``
+            holding the outputs of a run with other training settings.
     """
     example = gist_passkey_dataset(
         tokenizer, num_gist_tokens=settings.num_gist_tokens, num_samples=1, context_tokens=settings.context_tokens,
@@ -285,7 +289,7 @@ def check_settings(settings: DemoSettings, tokenizer: Any) -> None:
     )[0]
     max_seq_len = TINY_LLAMA3_1_ARGS["max_seq_len"]
     if len(example["tokens"]) > max_seq_len:
-        raise ValueError(
+        raise DemoSettingsError(
             f"context_tokens={settings.context_tokens} makes {len(example['tokens'])}-token examples; the demo model "
             f"holds {max_seq_len} positions: use a shorter context"
         )
@@ -295,7 +299,7 @@ def check_settings(settings: DemoSettings, tokenizer: Any) -> None:
         found = json.loads(record.read_text())
         if found != wanted:
             changed = ", ".join(f"{k}: {found.get(k)!r} -> {v!r}" for k, v in wanted.items() if found.get(k) != v)
-            raise ValueError(
+            raise DemoSettingsError(
                 f"{settings.out} holds a demo trained with other settings ({changed}); "
                 "pass --fresh to start over, or another --out"
             )
@@ -374,7 +378,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     )
     if args.quick:
         settings = replace(settings, base_steps=30, long_base_steps=10, gist_steps=20, long_gist_steps=10, control_steps=10, eval_samples=40)
-    run(settings, fresh=args.fresh)
+    try:
+        run(settings, fresh=args.fresh)
+    except DemoSettingsError as e:
+        parser.error(str(e))
 
 
 if __name__ == "__main__":

@@ -95,7 +95,12 @@ def gist_adapter_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     return {name: _full(p.detach()).cpu() for name, p in params.items()}
 
 
-def _adapter_path(path_or_dir: Union[str, Path]) -> Path:
+def gist_adapter_path(path_or_dir: Union[str, Path]) -> Path:
+    """The adapter file itself, or ``<dir>/gist_adapter.safetensors``.
+
+    Raises:
+        FileNotFoundError: if there is no such file.
+    """
     path = Path(path_or_dir)
     if path.is_dir():
         path = path / ADAPTER_FILE
@@ -161,7 +166,7 @@ def read_gist_adapter_metadata(path_or_dir: Union[str, Path]) -> Dict[str, Any]:
         FileNotFoundError: if there is no such file.
         ValueError: if the file is not a torchtune-gist adapter.
     """
-    path = _adapter_path(path_or_dir)
+    path = gist_adapter_path(path_or_dir)
     with safe_open(str(path), framework="pt") as f:
         raw = f.metadata() or {}
     if raw.get("format") != ADAPTER_FORMAT:
@@ -200,7 +205,7 @@ def load_gist_adapter(model: nn.Module, path_or_dir: Union[str, Path], *, strict
             rows are missing, (strict) LoRA keys are missing/unexpected or LoRA settings differ,
             or a tensor's shape differs.
     """
-    path = _adapter_path(path_or_dir)
+    path = gist_adapter_path(path_or_dir)
     meta = read_gist_adapter_metadata(path)
     emb = get_gist_embedding(model)
     if meta.get("num_gist_tokens") != emb.num_gist_tokens or meta.get("gist_token_ids") != emb.gist_token_ids:

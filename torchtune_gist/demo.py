@@ -82,6 +82,16 @@ def _tokenizer(assets: Path) -> Any:
     return llama3_tokenizer(str(assets / "tiny_tokenizer.model"), special_tokens_path=str(assets / "tiny_special_tokens.json"))
 
 
+def _curriculum(context_tokens: int, steps: int, long_steps: int, lr: float) -> List[Tuple[int, int, float]]:
+    """``(context tokens, steps, peak lr)`` per phase: ``steps`` at contexts of at most ``SHORT_CONTEXT_TOKENS``,
+    then, for a longer ``context_tokens``, ``long_steps`` at that length at half the lr."""
+    short = min(context_tokens, SHORT_CONTEXT_TOKENS)
+    phases = [(short, steps, lr)]
+    if context_tokens > short:
+        phases.append((context_tokens, long_steps, lr / 2))
+    return phases
+
+
 def base_phases(settings: DemoSettings) -> List[Tuple[int, int, float]]:
     """Stage 1's curriculum: ``(context tokens, steps, peak lr)`` per phase.
 
@@ -89,11 +99,7 @@ def base_phases(settings: DemoSettings) -> List[Tuple[int, int, float]]:
     continues from there for ``long_base_steps`` at half the lr (trained from scratch at 1,024 tokens,
     400 steps left the answer at chance; from the short base it is learnt within 20 steps).
     """
-    short = min(settings.context_tokens, SHORT_CONTEXT_TOKENS)
-    phases = [(short, settings.base_steps, settings.base_lr)]
-    if settings.context_tokens > short:
-        phases.append((settings.context_tokens, settings.long_base_steps, settings.base_lr / 2))
-    return phases
+    return _curriculum(settings.context_tokens, settings.base_steps, settings.long_base_steps, settings.base_lr)
 
 
 def train_base(settings: DemoSettings, assets: Path, out_dir: Path) -> List[Tuple[int, float]]:
@@ -141,11 +147,9 @@ def gist_phases(settings: DemoSettings) -> List[Tuple[str, int, int, float]]:
     longer demo context continues from that adapter (the recipe's ``initial_adapter``) for
     ``long_gist_steps`` at half the lr. The last phase's run is named ``gist``.
     """
-    short = min(settings.context_tokens, SHORT_CONTEXT_TOKENS)
-    if settings.context_tokens == short:
-        return [("gist", short, settings.gist_steps, settings.gist_lr)]
-    return [("gist_short", short, settings.gist_steps, settings.gist_lr),
-            ("gist", settings.context_tokens, settings.long_gist_steps, settings.gist_lr / 2)]
+    phases = _curriculum(settings.context_tokens, settings.gist_steps, settings.long_gist_steps, settings.gist_lr)
+    names = ["gist_short", "gist"][-len(phases):]
+    return [(name, *phase) for name, phase in zip(names, phases)]
 
 
 def run_gist_recipe(
@@ -367,15 +371,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--long-gist-steps", type=int, default=DemoSettings.long_gist_steps,
                         help="stage 2 steps at --context-tokens after the 128-token ones (when longer)")
     args = parser.parse_args(argv)
-    for name in ("context_tokens", "num_gist_tokens", "batch_size", "base_steps", "long_base_steps", "gist_steps",
-                 "long_gist_steps"):
+    counts = ("context_tokens", "num_gist_tokens", "batch_size", "base_steps", "long_base_steps", "gist_steps", "long_gist_steps")
+    for name in counts:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    settings = DemoSettings(
-        out=args.out, seed=args.seed, context_tokens=args.context_tokens, num_gist_tokens=args.num_gist_tokens,
-        batch_size=args.batch_size, base_steps=args.base_steps, long_base_steps=args.long_base_steps,
-        gist_steps=args.gist_steps, long_gist_steps=args.long_gist_steps,
-    )
+    settings = DemoSettings(out=args.out, seed=args.seed, **{name: getattr(args, name) for name in counts})
     if args.quick:
         settings = replace(settings, base_steps=30, long_base_steps=10, gist_steps=20, long_gist_steps=10, control_steps=10, eval_samples=40)
     try:

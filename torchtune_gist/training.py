@@ -38,7 +38,13 @@ from torchtune.utils._import_guard import _SUPPORTS_FLEX_ATTENTION
 from tqdm import tqdm
 
 from torchtune_gist._io import atomic_save_safetensors
-from torchtune_gist.checkpointing import export_merged_hf, gist_adapter_state_dict, read_gist_adapter_metadata, save_gist_adapter
+from torchtune_gist.checkpointing import (
+    export_merged_hf,
+    gist_adapter_path,
+    gist_adapter_state_dict,
+    read_gist_adapter_metadata,
+    save_gist_adapter,
+)
 from torchtune_gist.data import PackedGistDataset, padded_gist_collate
 from torchtune_gist.gist_tokens import gist_token_ids
 from torchtune_gist.masks import MASK_MODES
@@ -375,10 +381,10 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
         Raises:
             ValueError: a file that is not a gist adapter, or one trained with another K.
         """
-        path = Path(path_or_dir)
-        path = path / ADAPTER_FILE if path.is_dir() else path
-        if not path.is_file():
-            raise ValueError(f"initial_adapter: no gist adapter at {path}")
+        try:
+            path = gist_adapter_path(path_or_dir)
+        except FileNotFoundError as e:
+            raise ValueError(f"initial_adapter: {e}") from e
         k = read_gist_adapter_metadata(path).get("num_gist_tokens")
         if k != self._num_gist_tokens:
             raise ValueError(f"initial_adapter {path} holds K={k} gist rows; this run has num_gist_tokens={self._num_gist_tokens}")

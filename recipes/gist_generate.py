@@ -3,6 +3,8 @@
 Usage::
 
     tune run gist_generate --config configs/tiny/gist_generate.yaml prompt="..." input="..."
+    tune run gist_generate --config configs/tiny/gist_generate.yaml prompt_file=haystack.txt \\
+        input="What is the pass key?"
     tune run gist_generate --config configs/llama3_1/8B_gist_generate.yaml \\
         prompt="Translate to French." input="The cat sleeps." save_cache=/tmp/translate.safetensors
     tune run gist_generate --config configs/llama3_1/8B_gist_generate.yaml \\
@@ -16,12 +18,19 @@ context, ``input`` the question). Everything before the gist span is compressed;
 the continuation that is fed after the cached gist entries. A saved cache is reused with
 ``load_cache`` (``prompt`` is then ignored) after checking that it was made by this model.
 
+OmegaConf reads ``prompt=...`` / ``input=...`` on the command line as YAML: newlines fold, ``#``
+starts a comment, ``Note: x`` becomes a mapping and ``12345`` a number. Quote such text for YAML
+(``'prompt="12345"'``), or put it in a file: ``prompt_file=PATH`` / ``input_file=PATH`` (UTF-8,
+taken as is but for one final newline; a file replaces the config's ``prompt`` / ``input``).
+
 Prints the output, the compression ratio (prompt tokens / K) and the KV bytes held while
 generating, with the gist cache and as a full-prompt run would hold them.
 """
 
 import sys
 import time
+from pathlib import Path
+from typing import Optional
 
 import torch
 from omegaconf import DictConfig
@@ -30,7 +39,7 @@ from torchtune import config, training, utils
 from torchtune_gist.checkpointing import load_gist_adapter
 from torchtune_gist.generation import GistCache, compress, generate_from_cache
 from torchtune_gist.modules import init_gist_embeddings
-from torchtune_gist.training import check_base_keys, check_gist_setup, get_device
+from torchtune_gist.training import check_gist_setup, get_device, load_base_weights
 
 log = utils.get_logger("INFO")
 
@@ -39,13 +48,37 @@ def _kib(n: int) -> str:
     return f"{n / 1024:,.1f} KiB"
 
 
+def read_text_setting(cfg: DictConfig, key: str) -> Optional[str]:
+    """The text of the UTF-8 file named by ``<key>_file`` (less one final newline) if set, else of config
+    key ``key`` (``prompt`` / ``input``); ``None`` if neither is set.
+
+    Raises:
+        ValueError: if ``key`` was read as something other than text.
+        FileNotFoundError: if the ``<key>_file`` does not exist.
+    """
+    file_key = f"{key}_file"
+    value, path = cfg.get(key), cfg.get(file_key)
+    if path is not None:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{file_key}={path}: no such file")
+        return Path(path).read_text(encoding="utf-8").removesuffix("\n")
+    if value is not None and not isinstance(value, str):
+        raise ValueError(
+            f"{key} was read as {type(value).__name__} {value!r}, not text: OmegaConf parses command-line values "
+            f"as YAML; quote the text ('{key}=\"...\"') or put it in a file and pass {file_key}=PATH"
+        )
+    return value
+
+
 class GistGenerateRecipe:
     """Generation from a gist cache. Config keys: ``model``, ``tokenizer``, ``checkpointer``,
-    ``gist_checkpoint_dir``, ``num_gist_tokens``, ``prompt_transform``, ``prompt``, ``input``,
-    ``max_new_tokens``, ``temperature``, ``top_k``, ``save_cache``, ``load_cache``, ``device``,
-    ``dtype``, ``seed``."""
+    ``gist_checkpoint_dir``, ``num_gist_tokens``, ``prompt_transform``, ``prompt`` or ``prompt_file``,
+    ``input`` or ``input_file``, ``max_new_tokens``, ``temperature``, ``top_k``, ``save_cache``,
+    ``load_cache``, ``device``, ``dtype``, ``seed``."""
 
     def __init__(self, cfg: DictConfig) -> None:
+        self._prompt = read_text_setting(cfg, "prompt")
+        self._input = read_text_setting(cfg, "input") or ""
         self._device = get_device(cfg.device)
         self._dtype = training.get_dtype(dtype=cfg.dtype, device=self._device)
         self._seed = training.set_seed(seed=cfg.get("seed", None))
@@ -55,7 +88,7 @@ class GistGenerateRecipe:
         base = config.instantiate(cfg.checkpointer).load_checkpoint()[training.MODEL_KEY]
         with training.set_default_dtype(self._dtype), self._device:
             model = config.instantiate(cfg.model)
-        check_base_keys(*model.load_state_dict(base, strict=False))
+        load_base_weights(model, base)
         if cfg.get("gist_checkpoint_dir"):
             load_gist_adapter(model, cfg.gist_checkpoint_dir)
         else:
@@ -74,10 +107,10 @@ class GistGenerateRecipe:
             str: the generated text.
 
         Raises:
-            ValueError: without ``prompt`` and ``load_cache``, or for a cache made by another model.
+            ValueError: without ``prompt`` (or ``prompt_file``) and ``load_cache``, or for a cache made by another model.
         """
         k = len(self._gist_ids)
-        user_input = cfg.get("input") or ""
+        user_input = self._input
         if cfg.get("load_cache"):
             cache = GistCache.load(cfg.load_cache, device=self._device)
             cache.check_compatible(self._model)
@@ -86,9 +119,9 @@ class GistGenerateRecipe:
             encoded = self._transform.encode_prompt("", user_input)
             n_prompt = int(cache.next_pos[0]) - k
         else:
-            if not cfg.get("prompt"):
-                raise ValueError("set prompt=... (the text to compress) or load_cache=PATH")
-            encoded = self._transform.encode_prompt(cfg.prompt, user_input)
+            if not self._prompt:
+                raise ValueError("set prompt=... or prompt_file=PATH (the text to compress), or load_cache=PATH")
+            encoded = self._transform.encode_prompt(self._prompt, user_input)
             n_prompt = encoded["gist_start"]
             t0 = time.perf_counter()
             cache = compress(self._model, [encoded["tokens"][: n_prompt + k]], gist_token_ids=self._gist_ids)

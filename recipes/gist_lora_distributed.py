@@ -25,13 +25,16 @@ from torchtune import config, modules, training
 from torchtune.modules.peft import DoRALinear, LoRALinear
 
 from torchtune_gist.modules import set_trainable_params
-from torchtune_gist.training import GistFinetuneRecipeBase, check_adapter_state, check_base_keys
+from torchtune_gist.training import GistFinetuneRecipeBase, check_base_keys, initialize_dora_magnitudes
 
 
 class GistLoRAFinetuneRecipeDistributed(GistFinetuneRecipeBase):
-    """FSDP2 gist LoRA recipe. Config keys as torchtune's distributed LoRA recipe (``fsdp_cpu_offload``,
-    ``fsdp_reshard_after_forward``, ``custom_sharded_layers``), plus the gist settings of
-    :class:`GistFinetuneRecipeBase`."""
+    """FSDP2 gist LoRA recipe. Config keys: those of the single-device recipe, listed in
+    :class:`GistFinetuneRecipeBase` (components, training, checkpoint and gist settings, ``mask_format``,
+    ``initial_adapter``, ``base_model_name`` included), plus torchtune's FSDP settings ``fsdp_cpu_offload``,
+    ``fsdp_reshard_after_forward`` and ``custom_sharded_layers``; nothing else is read. torchtune's
+    ``enable_activation_offloading``, ``optimizer_in_bwd`` and ``profiler`` are not implemented (an error when
+    turned on)."""
 
     def setup(self, cfg: DictConfig) -> None:
         self._fsdp_cpu_offload = bool(cfg.get("fsdp_cpu_offload", False))
@@ -43,8 +46,7 @@ class GistLoRAFinetuneRecipeDistributed(GistFinetuneRecipeBase):
         self, cfg_model: DictConfig, base_state_dict: Dict[str, torch.Tensor], adapter_state_dict: Dict[str, torch.Tensor]
     ) -> nn.Module:
         start = time.perf_counter()
-        model = self._build_model(cfg_model, torch.device("meta"))
-        check_adapter_state(model, adapter_state_dict)
+        model = self._build_model(cfg_model, torch.device("meta"), adapter_state_dict)
         set_trainable_params(model, train_lora=self._train_lora)
         if self._compile:
             training.compile_model(model, verbose=self._is_rank_zero)
@@ -67,10 +69,8 @@ class GistLoRAFinetuneRecipeDistributed(GistFinetuneRecipeBase):
             model, base_state_dict, self._device, cpu_offload=self._fsdp_cpu_offload
         )
         check_base_keys(missing, unexpected)
+        initialize_dora_magnitudes(model)  # before the adapter loads: a resumed or initial magnitude wins
         training.load_from_full_model_state_dict(model, adapter_state_dict, self._device, cpu_offload=self._fsdp_cpu_offload)
-        for m in model.modules():
-            if hasattr(m, "initialize_dora_magnitude"):
-                m.initialize_dora_magnitude()
         training.validate_no_params_on_meta_device(model)
         self._log_info(f"Model built, sharded and loaded in {time.perf_counter() - start:.2f} s")
         if self._log_peak_memory_stats:

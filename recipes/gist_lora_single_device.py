@@ -2,7 +2,8 @@
 
 Trains K gist embeddings (and LoRA adapters, unless ``train_lora: False``) on a frozen base so that
 everything after the gist span reads the prompt only through the gists. With a QLoRA config
-(NF4 base), Llama 3.1 8B fits a 24 GB GPU.
+(NF4 base), Llama 3.1 8B is meant for one 24 GB GPU (the NF4 base holds about 5.7 GiB; the peak has not
+yet been measured on a GPU: benchmarks/RESULTS.md).
 
 Usage::
 
@@ -22,21 +23,25 @@ from torch import nn
 from torchtune import config, modules, training
 
 from torchtune_gist.modules import set_trainable_params
-from torchtune_gist.training import GistFinetuneRecipeBase, check_adapter_state, check_base_keys
+from torchtune_gist.training import GistFinetuneRecipeBase, load_base_weights
 
 
 class GistLoRAFinetuneRecipeSingleDevice(GistFinetuneRecipeBase):
-    """Single-device gist LoRA/QLoRA recipe. Config keys as torchtune's LoRA single-device recipe, plus
-    ``num_gist_tokens``, ``mask_mode``, ``train_lora``, ``save_every_n_steps``, ``save_merged_hf`` and
-    ``validation_dataset`` / ``run_val_every_n_steps`` (see :class:`GistFinetuneRecipeBase`)."""
+    """Single-device gist LoRA/QLoRA recipe. Config keys: those listed in :class:`GistFinetuneRecipeBase`
+    (``model``, ``tokenizer``, ``checkpointer``, ``dataset``, ``validation_dataset``, ``collate_fn``, ``optimizer``,
+    ``lr_scheduler``, ``loss``, ``metric_logger``, ``device``, ``dtype``, ``seed``, ``epochs``,
+    ``max_steps_per_epoch``, ``batch_size``, ``shuffle``, ``gradient_accumulation_steps``, ``clip_grad_norm``,
+    ``compile``, ``enable_activation_checkpointing``, ``run_val_every_n_steps``, ``log_every_n_steps``,
+    ``log_peak_memory_stats``, ``output_dir``, ``save_every_n_steps``, ``save_merged_hf``,
+    ``resume_from_checkpoint``, ``base_model_name``, ``initial_adapter``, ``num_gist_tokens``, ``mask_mode``,
+    ``train_lora``, ``mask_format``); nothing else is read. torchtune's ``enable_activation_offloading``,
+    ``optimizer_in_bwd`` and ``profiler`` are not implemented (an error when turned on)."""
 
     def _setup_model(
         self, cfg_model: DictConfig, base_state_dict: Dict[str, torch.Tensor], adapter_state_dict: Dict[str, torch.Tensor]
     ) -> nn.Module:
-        model = self._build_model(cfg_model, self._device)
-        missing, unexpected = model.load_state_dict(base_state_dict, strict=False)
-        check_base_keys(missing, unexpected)
-        check_adapter_state(model, adapter_state_dict)
+        model = self._build_model(cfg_model, self._device, adapter_state_dict)
+        load_base_weights(model, base_state_dict)
         model.load_state_dict(adapter_state_dict, strict=False)
         set_trainable_params(model, train_lora=self._train_lora)
         if self._enable_activation_checkpointing:

@@ -37,6 +37,7 @@ from torchtune_gist.eval import (
 from torchtune_gist.generation import GENERATION_MODES, generate
 from torchtune_gist.models import gist_llama3_1_tiny, lora_gist_llama3_1_tiny
 from torchtune_gist.tiny import TINY_LLAMA3_1_ARGS
+from torchtune_gist.training import load_base_weights
 
 K = 2
 SHARED_ALPACA_PLUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_plus"
@@ -302,13 +303,15 @@ def test_until_cuts_the_output(tiny_model: torch.nn.Module, tiny_tokenizer: Any)
 # ----------------------------------------------------------------------------- loading from a config and a checkpoint
 
 
-def _write_checkpoints(root: Path, tokenizer_files: Tuple[Path, Path]) -> Tuple[Path, Path, torch.nn.Module]:
-    """A tiny torchtune config, base weights, a gist adapter (K=2, LoRA on q/v) and its merged export."""
+def _write_checkpoints(
+    root: Path, tokenizer_files: Tuple[Path, Path], use_dora: bool = False
+) -> Tuple[Path, Path, torch.nn.Module]:
+    """A tiny torchtune config, base weights, a gist adapter (K=2, LoRA or DoRA on q/v) and its merged export."""
     torch.manual_seed(1)
     base = llama3_1(**TINY_LLAMA3_1_ARGS)
     atomic_save_safetensors(base.state_dict(), root / "base" / "model.safetensors")
-    trained = lora_gist_llama3_1_tiny(lora_attn_modules=["q_proj", "v_proj"], num_gist_tokens=K)
-    trained.load_state_dict(base.state_dict(), strict=False)
+    trained = lora_gist_llama3_1_tiny(lora_attn_modules=["q_proj", "v_proj"], num_gist_tokens=K, use_dora=use_dora)
+    load_base_weights(trained, base.state_dict())
     with torch.no_grad():
         for name, p in trained.named_parameters():
             if "lora" in name or "gist" in name:
@@ -325,6 +328,7 @@ model:
   _component_: torchtune_gist.models.lora_gist_llama3_1_tiny
   lora_attn_modules: [q_proj, v_proj]
   num_gist_tokens: {K}
+  use_dora: {use_dora}
 checkpointer:
   _component_: torchtune.training.FullModelTorchTuneCheckpointer
   checkpoint_dir: {root / "base"}
@@ -353,6 +357,27 @@ def test_loads_base_adapter_and_merged_export(checkpoints: Tuple[Path, Path, tor
     ours, theirs = lm.loglikelihood(requests)[0][0], direct.loglikelihood(requests)[0][0]
     assert ours == theirs
     assert merged.loglikelihood(requests)[0][0] == pytest.approx(theirs, abs=1e-4)
+
+
+def test_dora_loads_from_the_base_the_adapter_and_the_merged_export(
+    tmp_path: Path, tiny_tokenizer_files: Tuple[Path, Path], tiny_tokenizer: Any
+) -> None:
+    """DoRA: base weights alone give magnitude = the base's row norms (the model is the base); the adapter and
+    the merged export (DoRA switched off, its magnitude folded into the weights) score as the trained model."""
+    from torchtune.modules.peft import DoRALinear
+
+    config, ckpt, trained = _write_checkpoints(tmp_path, tiny_tokenizer_files, use_dora=True)
+    base = TorchtuneGistLM(config=str(config), mode="pos_control", device="cpu")
+    dora = {n: m for n, m in base.model.named_modules() if isinstance(m, DoRALinear)}
+    assert dora
+    for m in dora.values():
+        torch.testing.assert_close(m.magnitude, m.weight.norm(dim=1))
+    requests = [_instance("Instruction: Reverse the word.\n<GIST>\nInput: cat\nOutput:", " tac")]
+    expected = TorchtuneGistLM(model=trained, tokenizer=tiny_tokenizer).loglikelihood(requests)[0][0]
+    adapter = TorchtuneGistLM(config=str(config), checkpoint_dir=str(ckpt), device="cpu")
+    merged = TorchtuneGistLM(config=str(config), checkpoint_dir=str(ckpt / "hf_merged"), device="cpu")
+    assert adapter.loglikelihood(requests)[0][0] == expected
+    assert merged.loglikelihood(requests)[0][0] == pytest.approx(expected, abs=1e-4)
 
 
 def test_dtype_defaults_to_the_configs(checkpoints: Tuple[Path, Path, torch.nn.Module], tmp_path: Path) -> None:

@@ -485,3 +485,60 @@ def test_gist_generate_recipe_runs_by_name(tmp_path, tiny_tokenizer):
     text_again, log_again = tune_run(f"load_cache={cache_path}", "prompt=null")
     assert text_again == text
     assert f"Compression: {n_prompt} prompt tokens" in log_again and "Compressed" not in log_again
+
+
+def _generate_recipe(assets: Path, tmp_path: Path, settings: dict, dotlist: Sequence[str] = ()):
+    """``GistGenerateRecipe`` on configs/tiny/gist_generate.yaml, in this process, with ``settings`` merged in
+    (and ``dotlist`` read as the command line would be)."""
+    from gist_generate import GistGenerateRecipe  # the recipes are installed as top-level modules
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.merge(
+        OmegaConf.load(REPO / "configs/tiny/gist_generate.yaml"),
+        {"assets_dir": str(assets), "output_dir": str(tmp_path / "out"), "max_new_tokens": 4, **settings},
+        OmegaConf.from_dotlist(list(dotlist)),
+    )
+    return GistGenerateRecipe(cfg), cfg
+
+
+def test_gist_generate_reads_prompt_and_input_files_and_refuses_yaml_parsed_text(tmp_path, capsys):
+    assets = tmp_path / "assets"
+    write_tiny_tokenizer(assets)
+    write_tiny_base_checkpoint(assets)
+    prompt = "Line one.\nNote: the pass key is 12345 # not a comment\n  indented"
+    question = "What is the pass key?\n"
+    (tmp_path / "prompt.txt").write_text(prompt + "\n", encoding="utf-8")
+    (tmp_path / "input.txt").write_text(question + "\n", encoding="utf-8")
+    texts = []
+    for settings in (
+        {"prompt": prompt, "input": question},
+        {"prompt_file": str(tmp_path / "prompt.txt"), "input_file": str(tmp_path / "input.txt")},  # files replace the config's texts
+    ):
+        recipe, cfg = _generate_recipe(assets, tmp_path, settings)
+        assert (recipe._prompt, recipe._input) == (prompt, question)
+        recipe.setup(cfg)
+        texts.append(recipe.generate(cfg))
+    assert texts[0] == texts[1]
+
+    with pytest.raises(FileNotFoundError, match="prompt_file=.*missing.txt: no such file"):
+        _generate_recipe(assets, tmp_path, {"prompt_file": str(tmp_path / "missing.txt")})
+    with pytest.raises(ValueError, match="prompt was read as int 12345, not text.*prompt_file=PATH"):
+        _generate_recipe(assets, tmp_path, {}, ["prompt=12345"])
+    with pytest.raises(ValueError, match="input was read as DictConfig .*Note.*input_file=PATH"):
+        _generate_recipe(assets, tmp_path, {}, ["input=Note: x"])
+
+
+def test_gist_generate_without_an_adapter_initialises_dora_from_the_base(tmp_path):
+    """No gist_checkpoint_dir with a DoRA model: magnitude = the base's row norms, so the model is the base."""
+    from torchtune.modules.peft import DoRALinear
+
+    assets = tmp_path / "assets"
+    write_tiny_tokenizer(assets)
+    write_tiny_base_checkpoint(assets)
+    recipe, cfg = _generate_recipe(assets, tmp_path, {"model": {"use_dora": True}})
+    recipe.setup(cfg)
+    base = load_file(str(assets / "model.safetensors"))
+    dora = {n: m for n, m in recipe._model.named_modules() if isinstance(m, DoRALinear)}
+    assert dora
+    for name, m in dora.items():
+        torch.testing.assert_close(m.magnitude, base[f"{name}.weight"].norm(dim=1))

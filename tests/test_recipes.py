@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import pytest
 import torch
@@ -305,3 +305,142 @@ def test_initial_adapter_starts_from_trained_weights_with_a_fresh_schedule(asset
         setup(initial_adapter=tmp_path / "short" / "epoch_0", num_gist_tokens=2)
     with pytest.raises(ValueError, match="initial_adapter: no gist adapter at"):
         setup(initial_adapter=tmp_path / "nowhere")
+
+
+def empty_gist_dataset(tokenizer: Any, num_gist_tokens: int) -> Any:
+    """A gist dataset without examples (for the empty-validation-set error)."""
+    from torchtune_gist.data import GistPasskeyDataset, GistPasskeyTransform
+
+    return GistPasskeyDataset([], GistPasskeyTransform(tokenizer, num_gist_tokens=num_gist_tokens))
+
+
+def _dora_modules(model: torch.nn.Module) -> Dict[str, Any]:
+    from torchtune.modules.peft import DoRALinear
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, DoRALinear)}
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _assert_magnitudes_are_the_base_row_norms(model: torch.nn.Module, assets: Path) -> None:
+    base = load_file(str(assets / "model.safetensors"))
+    modules = _dora_modules(model)
+    assert modules
+    for name, m in modules.items():
+        torch.testing.assert_close(_full(m.magnitude.detach()), base[f"{state_dict_name(name)}.weight"].norm(dim=1))
+
+
+def _write_trained_dora_adapter(recipe: Any, directory: Path) -> Dict[str, torch.Tensor]:
+    """Save the recipe model's adapter with every DoRA magnitude changed; return the saved magnitudes."""
+    from torchtune_gist.checkpointing import save_gist_adapter
+
+    with torch.no_grad():
+        for m in _dora_modules(recipe._model).values():
+            m.magnitude.mul_(1.5)
+    save_gist_adapter(recipe._model, directory, base_model="tiny")
+    return {k: v for k, v in load_file(str(directory / "gist_adapter.safetensors")).items() if k.endswith("magnitude")}
+
+
+def test_dora_magnitude_starts_from_the_base_and_a_trained_one_survives(assets, tmp_path):
+    """A fresh DoRA run starts with magnitude = the base weight's row norms (DoRA = LoRA = the base at step 0);
+    an initial adapter's trained magnitude is not overwritten by that initialisation."""
+    common = {"save_merged_hf": False, "model.use_dora": True}
+    cfg = load_cfg(SINGLE, overrides(assets, tmp_path / "fresh", **common))
+    fresh = GistLoRAFinetuneRecipeSingleDevice(cfg)
+    fresh.setup(cfg)
+    _assert_magnitudes_are_the_base_row_norms(fresh._model, assets)
+    trained = _write_trained_dora_adapter(fresh, tmp_path / "trained")
+    fresh.cleanup()
+    cfg = load_cfg(SINGLE, overrides(assets, tmp_path / "next", initial_adapter=tmp_path / "trained", **common))
+    resumed = GistLoRAFinetuneRecipeSingleDevice(cfg)
+    resumed.setup(cfg)
+    state = {state_dict_name(n): p.detach() for n, p in resumed._model.named_parameters()}
+    assert all(torch.equal(state[k], v) for k, v in trained.items())
+    resumed.cleanup()
+
+
+def test_distributed_dora_magnitude_is_initialised_before_the_adapter_loads(assets, tmp_path):
+    """The FSDP2 recipe (one CPU process, gloo): the same two properties as on one device."""
+    import torch.distributed as dist
+
+    from gist_lora_distributed import GistLoRAFinetuneRecipeDistributed
+
+    common = {"save_merged_hf": False, "model.use_dora": True}
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        cfg = load_cfg(DISTRIBUTED, overrides(assets, tmp_path / "fresh", **common))
+        fresh = GistLoRAFinetuneRecipeDistributed(cfg)
+        fresh.setup(cfg)
+        _assert_magnitudes_are_the_base_row_norms(fresh._model, assets)
+        trained = _write_trained_dora_adapter(fresh, tmp_path / "trained")
+        fresh._metric_logger.close()
+        cfg = load_cfg(DISTRIBUTED, overrides(assets, tmp_path / "next", initial_adapter=tmp_path / "trained", **common))
+        resumed = GistLoRAFinetuneRecipeDistributed(cfg)
+        resumed.setup(cfg)
+        state = {state_dict_name(n): _full(p.detach()) for n, p in resumed._model.named_parameters()}
+        assert all(torch.equal(state[k], v) for k, v in trained.items())
+        resumed._metric_logger.close()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_validation_covers_every_example(assets, tmp_path):
+    """The last partial validation batch counts (a split smaller than a batch is not a loss of 0.0)."""
+    cfg = load_cfg(SINGLE, overrides(assets, tmp_path, save_merged_hf=False, batch_size=16, **{"validation_dataset.num_samples": 5}))
+    recipe = GistLoRAFinetuneRecipeSingleDevice(cfg)
+    recipe.setup(cfg)
+    assert [len(b["tokens"]) for b in recipe._val_dataloader] == [5]
+    assert recipe.validate() > 0.0
+    recipe.cleanup()
+
+
+def test_setup_refuses_configs_that_would_train_wrong(assets, tmp_path):
+    """Settings that used to train silently wrong, be ignored, or fail only later, are errors at setup."""
+    _write_alpaca_plus_split(tmp_path, "validation_seen", 16)
+
+    def setup(cfg_changes: Optional[Dict[str, Any]] = None, **extra: Any) -> None:
+        cfg = load_cfg(SINGLE, overrides(assets, tmp_path / "run", max_steps_per_epoch=1, save_merged_hf=False, **extra))
+        for key, value in (cfg_changes or {}).items():
+            OmegaConf.update(cfg, key, value, merge=False, force_add=True)
+        GistLoRAFinetuneRecipeSingleDevice(cfg).setup(cfg)
+
+    # torchtune features these recipes do not implement
+    for key in ("enable_activation_offloading", "optimizer_in_bwd", "profiler.enabled"):
+        with pytest.raises(ValueError, match=f"{key}=True is a torchtune recipe feature that the gist recipes do not implement"):
+            setup(**{key: True})
+    # validation
+    with pytest.raises(ValueError, match="run_val_every_n_steps=2 but no validation_dataset"):
+        setup({"validation_dataset": None}, run_val_every_n_steps=2)
+    with pytest.raises(ValueError, match="validation_dataset is empty"):
+        setup({"validation_dataset": {"_component_": "test_recipes.empty_gist_dataset", "num_gist_tokens": 4}})
+    # the data's gist span must be the model's
+    with pytest.raises(ValueError, match=r"dataset lays out 2 gist tokens .* the model has 4.*num_gist_tokens"):
+        setup(**{"dataset.num_gist_tokens": 2})
+    with pytest.raises(ValueError, match=r"validation_dataset lays out 3 gist tokens"):
+        setup(**{"validation_dataset.num_gist_tokens": 3})
+    packed = {"_component_": "torchtune_gist.data.alpaca_plus_dataset", "data_dir": str(tmp_path), "split": "validation_seen",
+              "num_gist_tokens": 2, "max_seq_len": 256, "packed": True}
+    with pytest.raises(ValueError, match=r"dataset\[1\].num_gist_tokens=2, but the model has 4 gist tokens"):
+        setup({"dataset": [{**packed, "num_gist_tokens": 4}, packed], "collate_fn": None})
+    # a collator that cannot build the gist mask
+    with pytest.raises(ValueError, match="collate_fn=torchtune.data.padded_collate_sft does not take gist_token_ids.*padded_gist_collate"):
+        setup(collate_fn="torchtune.data.padded_collate_sft")
+
+
+@pytest.mark.parametrize(
+    "model_kwargs, match",
+    [({"lora_alpha": 8}, "LoRA settings differ"), ({"gist_token_ids": [300, 301, 302, 303]}, "gist ids")],
+    ids=["lora_alpha", "gist_ids"],
+)
+def test_initial_adapter_metadata_is_checked_like_load_gist_adapter(assets, tmp_path, model_kwargs, match):
+    """Same K and shapes, but another LoRA alpha or other gist ids: refused, as ``load_gist_adapter`` refuses it."""
+    from torchtune_gist.checkpointing import save_gist_adapter
+
+    settings = {"lora_attn_modules": ["q_proj", "k_proj", "v_proj", "output_proj"], "lora_rank": 16, "lora_alpha": 32,
+                "num_gist_tokens": 4}
+    save_gist_adapter(lora_gist_llama3_1_tiny(**{**settings, **model_kwargs}), tmp_path / "other", base_model="tiny")
+    cfg = load_cfg(SINGLE, overrides(assets, tmp_path / "run", save_merged_hf=False, initial_adapter=tmp_path / "other"))
+    with pytest.raises(ValueError, match=f"initial_adapter: .*{match}"):
+        GistLoRAFinetuneRecipeSingleDevice(cfg).setup(cfg)

@@ -185,6 +185,54 @@ def _short(keys: List[str], n: int = 5) -> str:
     return ", ".join(keys[:n]) + more
 
 
+def check_gist_adapter(
+    model: nn.Module, path: Union[str, Path], meta: Dict[str, Any], tensors: Dict[str, torch.Tensor], *, strict: bool = True
+) -> None:
+    """Check a gist adapter (its metadata and tensors) against a gist-aware model, before loading it.
+
+    The model may still be on the meta device. ``path`` only names the adapter in the errors.
+
+    Args:
+        model (nn.Module): a gist-aware model.
+        path (Union[str, Path]): where the adapter was read from.
+        meta (Dict[str, Any]): its decoded metadata (:func:`read_gist_adapter_metadata`).
+        tensors (Dict[str, torch.Tensor]): its tensors, torchtune names.
+        strict (bool): as in :func:`load_gist_adapter`.
+
+    Raises:
+        TypeError: if the model is not gist-aware.
+        ValueError: if K or the gist ids differ, the gist rows are missing, (strict) LoRA keys are
+            missing/unexpected or the LoRA rank, alpha or DoRA differ, or a tensor's shape differs.
+    """
+    emb = get_gist_embedding(model)
+    if meta.get("num_gist_tokens") != emb.num_gist_tokens or meta.get("gist_token_ids") != emb.gist_token_ids:
+        raise ValueError(
+            f"{path} was trained with num_gist_tokens={meta.get('num_gist_tokens')} and gist ids "
+            f"{meta.get('gist_token_ids')}, but the model has num_gist_tokens={emb.num_gist_tokens} and gist ids "
+            f"{emb.gist_token_ids}"
+        )
+    params = trainable_gist_params(model, train_lora=True)
+    gist_name = next(k for k in params if k.rsplit(".", 1)[-1] == GIST_PARAM_NAME)
+    if gist_name not in tensors:
+        raise ValueError(f"{path} has no gist rows under {gist_name!r}")
+    if strict:
+        missing = sorted(set(params) - set(tensors))
+        unexpected = sorted(set(tensors) - set(params))
+        if missing or unexpected:
+            raise ValueError(
+                f"{path} does not match the model's LoRA layout: missing keys [{_short(missing)}], unexpected keys "
+                f"[{_short(unexpected)}]; build the model with the adapter's LoRA settings, or pass strict=False"
+            )
+        checked = ("lora_rank", "lora_alpha", "use_dora")
+        differ = {k: (meta.get(k), v) for k, v in lora_settings(model).items() if k in checked and meta.get(k) != v}
+        if differ:
+            raise ValueError(f"{path} LoRA settings differ from the model's (file, model): {differ}")
+    for name in sorted(set(params) & set(tensors)):
+        shape, expected = tuple(tensors[name].shape), tuple(params[name].shape)
+        if shape != expected:
+            raise ValueError(f"{path}: {name} has shape {shape}, the model expects {expected}")
+
+
 @torch.no_grad()
 def load_gist_adapter(model: nn.Module, path_or_dir: Union[str, Path], *, strict: bool = True) -> Dict[str, Any]:
     """Load gist rows (and LoRA/DoRA weights) from a gist adapter into a gist-aware model.
@@ -201,41 +249,15 @@ def load_gist_adapter(model: nn.Module, path_or_dir: Union[str, Path], *, strict
     Raises:
         FileNotFoundError: if there is no adapter file.
         TypeError: if the model is not gist-aware.
-        ValueError: if the file is not a torchtune-gist adapter, K or the gist ids differ, the gist
-            rows are missing, (strict) LoRA keys are missing/unexpected or LoRA settings differ,
-            or a tensor's shape differs.
+        ValueError: if the file is not a torchtune-gist adapter, or as :func:`check_gist_adapter`.
     """
     path = gist_adapter_path(path_or_dir)
     meta = read_gist_adapter_metadata(path)
-    emb = get_gist_embedding(model)
-    if meta.get("num_gist_tokens") != emb.num_gist_tokens or meta.get("gist_token_ids") != emb.gist_token_ids:
-        raise ValueError(
-            f"{path} was trained with num_gist_tokens={meta.get('num_gist_tokens')} and gist ids "
-            f"{meta.get('gist_token_ids')}, but the model has num_gist_tokens={emb.num_gist_tokens} and gist ids "
-            f"{emb.gist_token_ids}"
-        )
     tensors = load_file(str(path))
+    check_gist_adapter(model, path, meta, tensors, strict=strict)
     params = trainable_gist_params(model, train_lora=True)
-    gist_name = next(k for k in params if k.rsplit(".", 1)[-1] == GIST_PARAM_NAME)
-    if gist_name not in tensors:
-        raise ValueError(f"{path} has no gist rows under {gist_name!r}")
-    missing = sorted(set(params) - set(tensors))
-    unexpected = sorted(set(tensors) - set(params))
-    if strict:
-        if missing or unexpected:
-            raise ValueError(
-                f"{path} does not match the model's LoRA layout: missing keys [{_short(missing)}], unexpected keys "
-                f"[{_short(unexpected)}]; build the model with the adapter's LoRA settings, or pass strict=False"
-            )
-        ours = lora_settings(model)
-        checked = ("lora_rank", "lora_alpha", "use_dora")
-        differ = {k: (meta.get(k), v) for k, v in ours.items() if k in checked and meta.get(k) != v}
-        if differ:
-            raise ValueError(f"{path} LoRA settings differ from the model's (file, model): {differ}")
     for name in sorted(set(params) & set(tensors)):
         p, t = params[name], tensors[name]
-        if tuple(t.shape) != tuple(p.shape):
-            raise ValueError(f"{path}: {name} has shape {tuple(t.shape)}, the model expects {tuple(p.shape)}")
         if p.is_meta:
             raise ValueError(f"{name} is on the meta device: materialise the model before loading the adapter")
         t = t.to(device=p.device, dtype=p.dtype)

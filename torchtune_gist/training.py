@@ -15,15 +15,16 @@ Checkpoint layout (every file written to a temporary name, then renamed)::
         hf_merged/                    merged Hugging Face export (end of epoch, ``save_merged_hf: True``)
 """
 
+import inspect
 import json
 import math
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
@@ -39,6 +40,7 @@ from tqdm import tqdm
 
 from torchtune_gist._io import atomic_save_safetensors
 from torchtune_gist.checkpointing import (
+    check_gist_adapter,
     export_merged_hf,
     gist_adapter_path,
     gist_adapter_state_dict,
@@ -61,6 +63,8 @@ MASK_FORMATS = ("dense", "block", "segments")
 # mask_format=auto without FlexAttention: segments from this row length (CPU SDPA's causal kernel skips key
 # blocks of 512, so shorter rows gain nothing from segments and pay their per-row calls), dense below.
 SEGMENT_MIN_LEN = 512
+# torchtune recipe features (config key, the setting that turns it on) that the gist recipes do not implement.
+_UNSUPPORTED_FEATURES = (("enable_activation_offloading", True), ("optimizer_in_bwd", True), ("profiler.enabled", True))
 # mask_format=block: padded batches are padded to a multiple of FlexAttention's block size, so that torchtune's
 # compiled flex_attention (dynamic=False) compiles once per multiple, not once per batch length.
 FLEX_BLOCK_SIZE = 128
@@ -108,6 +112,83 @@ def check_base_keys(missing: List[str], unexpected: List[str]) -> None:
             f"missing base weights {bad_missing[:8]}{'...' if len(bad_missing) > 8 else ''}, "
             f"unexpected keys {list(unexpected)[:8]}{'...' if len(unexpected) > 8 else ''}"
         )
+
+
+def initialize_dora_magnitudes(model: nn.Module) -> None:
+    """Set every DoRA magnitude from the loaded base weights (and the LoRA weights), as torchtune's recipes do.
+
+    Call it after the base weights load and before an adapter loads (a trained magnitude then wins).
+    """
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "initialize_dora_magnitude"):
+                m.initialize_dora_magnitude()
+
+
+def load_base_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> None:
+    """Load base weights into a gist-aware model (gist rows and LoRA stay as they are) and initialise DoRA.
+
+    Raises:
+        ValueError: as :func:`check_base_keys`.
+    """
+    check_base_keys(*model.load_state_dict(state_dict, strict=False))
+    initialize_dora_magnitudes(model)
+
+
+def check_supported_features(cfg: DictConfig) -> None:
+    """Refuse torchtune recipe features that the gist recipes do not implement (rather than ignore them).
+
+    Raises:
+        ValueError: naming the config key to remove.
+    """
+    for key, on in _UNSUPPORTED_FEATURES:
+        if OmegaConf.select(cfg, key, default=None) == on:
+            raise ValueError(
+                f"{key}={on} is a torchtune recipe feature that the gist recipes do not implement: "
+                f"remove {key} from the config or set it to {not on}"
+            )
+    if cfg.get("run_val_every_n_steps") and cfg.get("validation_dataset") is None:
+        raise ValueError(
+            f"run_val_every_n_steps={cfg.run_val_every_n_steps} but no validation_dataset is configured: "
+            "add a validation_dataset or set run_val_every_n_steps=null"
+        )
+
+
+def check_collate_fn(collate_fn: Callable[..., Any], name: str, kwargs: Dict[str, Any]) -> None:
+    """Check that ``collate_fn`` takes the keyword arguments the gist recipes pass (``gist_token_ids``, ...).
+
+    Raises:
+        ValueError: naming ``collate_fn`` and the two gist collators.
+    """
+    params = inspect.signature(collate_fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    missing = [k for k in kwargs if k not in params]
+    if missing:
+        raise ValueError(
+            f"collate_fn={name} does not take {', '.join(missing)}: the gist recipes build the gist mask in the "
+            "collator; set collate_fn to torchtune_gist.data.padded_gist_collate (packed datasets: "
+            "torchtune_gist.data.packed_gist_collate), or remove collate_fn"
+        )
+
+
+def check_dataset_gist_ids(dataset: Any, cfg_dataset: DictConfig, key: str, model_ids: List[int]) -> None:
+    """Check that a dataset lays out the model's gist ids: its ``gist_token_ids`` (the gist datasets'), or else
+    (packed datasets) the ``num_gist_tokens`` of its config; a dataset with neither is not checked.
+
+    Raises:
+        ValueError: naming both values and the fix.
+    """
+    ids = getattr(dataset, "gist_token_ids", None)
+    fix = f"set {key}.num_gist_tokens and model.num_gist_tokens from one num_gist_tokens (${{num_gist_tokens}})"
+    if ids is not None:
+        if list(ids) != list(model_ids):
+            raise ValueError(
+                f"{key} lays out {len(ids)} gist tokens {list(ids)}, but the model has {len(model_ids)} "
+                f"{list(model_ids)}: {fix}"
+            )
+    elif cfg_dataset.get("num_gist_tokens") is not None and cfg_dataset.num_gist_tokens != len(model_ids):
+        raise ValueError(f"{key}.num_gist_tokens={cfg_dataset.num_gist_tokens}, but the model has {len(model_ids)} gist tokens: {fix}")
 
 
 def check_adapter_state(model: nn.Module, adapter_state_dict: Dict[str, torch.Tensor]) -> None:
@@ -220,16 +301,31 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
     gather optimizer and model state (:meth:`_all_reduce`, :meth:`_full_state_dict`,
     :meth:`_optimizer_state_dict`, :meth:`_load_optimizer_state_dict`).
 
-    Gist settings (top-level config keys): ``num_gist_tokens`` (K; interpolate it into
-    ``model.num_gist_tokens`` and ``dataset.num_gist_tokens``), ``mask_mode`` (``gist`` /
-    ``pos_control`` / ``neg_control``), ``train_lora`` (False: gist rows alone), ``mask_format``
-    (``auto``: FlexAttention ``block`` masks on CUDA, else causal ``segments`` for batches of 512
-    positions and more and ``dense`` below; or one of ``dense``, ``segments``, ``block`` always),
-    ``initial_adapter`` (a gist adapter file or checkpoint directory whose weights this run starts from,
-    with a fresh optimizer and schedule: train on short contexts first, then on long ones).
+    Config keys (torchtune's where they share a name; no other key is read):
+
+    - components: ``model``, ``tokenizer``, ``checkpointer`` (base weights), ``dataset`` (one or a list),
+      ``validation_dataset`` (optional), ``collate_fn`` (a gist collator: ``torchtune_gist.data.padded_gist_collate``
+      or ``packed_gist_collate``; default: the one that fits the dataset), ``optimizer``, ``lr_scheduler``,
+      ``loss``, ``metric_logger``;
+    - training: ``device``, ``dtype``, ``seed``, ``epochs``, ``max_steps_per_epoch``, ``batch_size``, ``shuffle``,
+      ``gradient_accumulation_steps``, ``clip_grad_norm``, ``compile``, ``enable_activation_checkpointing``,
+      ``run_val_every_n_steps`` (needs ``validation_dataset``), ``log_every_n_steps``, ``log_peak_memory_stats``;
+    - checkpoints: ``output_dir``, ``save_every_n_steps``, ``save_merged_hf``, ``resume_from_checkpoint``
+      (True: the latest complete checkpoint under ``output_dir``; or a checkpoint directory),
+      ``base_model_name`` (recorded in the adapter; default ``model._component_``), ``initial_adapter`` (a gist
+      adapter file or checkpoint directory whose weights this run starts from, with a fresh optimizer and
+      schedule: train on short contexts first, then on long ones);
+    - gist: ``num_gist_tokens`` (K; interpolate it into ``model.num_gist_tokens`` and ``dataset.num_gist_tokens``),
+      ``mask_mode`` (``gist`` / ``pos_control`` / ``neg_control``), ``train_lora`` (False: gist rows alone),
+      ``mask_format`` (``auto``: FlexAttention ``block`` masks on CUDA, else causal ``segments`` for batches of
+      512 positions and more and ``dense`` below; or one of ``dense``, ``segments``, ``block`` always).
+
+    torchtune features these recipes do not implement (``enable_activation_offloading``, ``optimizer_in_bwd``,
+    ``profiler.enabled``) are refused when turned on.
     """
 
     def __init__(self, cfg: DictConfig) -> None:
+        check_supported_features(cfg)
         self._device = get_device(cfg.device)
         self._dtype = training.get_dtype(cfg.dtype, device=self._device)
         if self._dtype == torch.float16:
@@ -262,6 +358,8 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
         self.global_step = 0
         self._batches_into_epoch = 0
         self.loss_history: List[Tuple[int, float]] = []
+        # (config key, file, metadata) of the adapter file the run starts from, checked against the model.
+        self._adapter_source: Optional[Tuple[str, Path, Dict[str, Any]]] = None
 
     # Hooks for the recipes.
     def _resolve_mask_format(self, mask_format: str) -> str:
@@ -287,11 +385,23 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
         """Build the model, load base weights and the gist/LoRA state, set what trains."""
         raise NotImplementedError
 
-    def _build_model(self, cfg_model: DictConfig, device: torch.device) -> nn.Module:
-        """Instantiate the model on ``device`` and check it against the tokenizer and the gist settings."""
+    def _build_model(
+        self, cfg_model: DictConfig, device: torch.device, adapter_state_dict: Dict[str, torch.Tensor]
+    ) -> nn.Module:
+        """Instantiate the model on ``device``; check it against the tokenizer, the gist settings and the adapter
+        state to load (an adapter file's metadata too: K, gist ids, LoRA rank, alpha and DoRA, as
+        :func:`~torchtune_gist.checkpointing.load_gist_adapter` checks them)."""
         with training.set_default_dtype(self._dtype), device:
             model = config.instantiate(cfg_model)
         self._gist_ids = check_gist_setup(model, self._tokenizer, self._num_gist_tokens, self._mask_mode)
+        if self._adapter_source is None:
+            check_adapter_state(model, adapter_state_dict)
+        else:
+            key, path, meta = self._adapter_source
+            try:
+                check_gist_adapter(model, path, meta, adapter_state_dict)
+            except ValueError as e:
+                raise ValueError(f"{key}: {e}") from e
         return model
 
     def _all_reduce(self, value: torch.Tensor) -> torch.Tensor:
@@ -322,7 +432,9 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
         resume = self._find_resume_checkpoint()
         adapter_sd: Dict[str, torch.Tensor] = {}
         if resume is not None:
-            adapter_sd = load_file(str(resume / ADAPTER_FILE))
+            path = resume / ADAPTER_FILE
+            adapter_sd = load_file(str(path))
+            self._adapter_source = ("resume_from_checkpoint", path, read_gist_adapter_metadata(path))
             self._log_info(f"Resuming from {resume}")
         elif cfg.get("initial_adapter"):
             adapter_sd = self._load_initial_adapter(cfg.initial_adapter)
@@ -342,9 +454,9 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
         if self._loss_fn.__class__.__name__ == "CEWithChunkedOutputLoss":
             self._model.set_num_output_chunks(self._loss_fn.num_output_chunks)
 
-        self._dataloader = self._setup_data(cfg.dataset, cfg.batch_size, shuffle=cfg.shuffle, collate=cfg.get("collate_fn"))
+        self._dataloader = self._setup_data(cfg, "dataset", shuffle=cfg.shuffle, drop_last=True)
         self._val_dataloader = (
-            self._setup_data(cfg.validation_dataset, cfg.batch_size, shuffle=False, collate=cfg.get("collate_fn"))
+            self._setup_data(cfg, "validation_dataset", shuffle=False, drop_last=False)
             if cfg.get("validation_dataset") is not None
             else None
         )
@@ -378,16 +490,20 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
 
         Only the weights: the optimizer, the lr schedule and the step count start afresh.
 
+        Its metadata is checked against the model once built (:meth:`_build_model`); K here, before the base loads.
+
         Raises:
-            ValueError: a file that is not a gist adapter, or one trained with another K.
+            ValueError: a missing file, a file that is not a gist adapter, or one trained with another K.
         """
         try:
             path = gist_adapter_path(path_or_dir)
-        except FileNotFoundError as e:
+            meta = read_gist_adapter_metadata(path)
+        except (FileNotFoundError, ValueError) as e:
             raise ValueError(f"initial_adapter: {e}") from e
-        k = read_gist_adapter_metadata(path).get("num_gist_tokens")
+        k = meta.get("num_gist_tokens")
         if k != self._num_gist_tokens:
             raise ValueError(f"initial_adapter {path} holds K={k} gist rows; this run has num_gist_tokens={self._num_gist_tokens}")
+        self._adapter_source = ("initial_adapter", path, meta)
         self._log_info(f"Starting from the gist adapter {path}")
         return load_file(str(path))
 
@@ -407,44 +523,56 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
         checkpointer = config.instantiate(cfg_checkpointer, should_load_recipe_state=False)
         return checkpointer.load_checkpoint()[training.MODEL_KEY]
 
-    def _setup_data(self, cfg_dataset: Any, batch_size: int, *, shuffle: bool, collate: Optional[str]) -> StatefulDataLoader:
-        parts = [config.instantiate(c, self._tokenizer) for c in cfg_dataset] if isinstance(cfg_dataset, ListConfig) else [
-            config.instantiate(cfg_dataset, self._tokenizer)
-        ]
+    def _setup_data(self, cfg: DictConfig, key: str, *, shuffle: bool, drop_last: bool) -> StatefulDataLoader:
+        """The loader of the dataset(s) under config key ``key``, checked against the model's gist ids.
+
+        Raises:
+            ValueError: for datasets that disagree with the model on the gist ids, mix packed and unpacked
+                rows, or are empty; or for a ``collate_fn`` that is not a gist collator (or does not fit).
+        """
+        listed = isinstance(cfg[key], ListConfig)
+        cfg_parts = list(cfg[key]) if listed else [cfg[key]]
+        names = [f"{key}[{i}]" for i in range(len(cfg_parts))] if listed else [key]
+        parts = [config.instantiate(c, self._tokenizer) for c in cfg_parts]
+        for part, cfg_part, name in zip(parts, cfg_parts, names):
+            check_dataset_gist_ids(part, cfg_part, name, self._gist_ids)
         packed = {isinstance(d, PackedGistDataset) for d in parts}
         if len(packed) > 1:
             raise ValueError("the datasets must be all packed or all unpacked (set `packed` the same in each)")
         packed_rows = packed.pop()
         ds = ConcatDataset(parts) if len(parts) > 1 else parts[0]
+        if len(ds) == 0:
+            raise ValueError(f"{key} is empty: give it examples (or remove it)")
         collate_kwargs: Dict[str, Any] = {}
         if not packed_rows:
             collate_kwargs["ignore_idx"] = self._loss_fn.ignore_index
             if self._mask_format == "block":
                 collate_kwargs["pad_to_multiple_of"] = FLEX_BLOCK_SIZE
         default_collate = "torchtune_gist.data.packed_gist_collate" if packed_rows else "torchtune_gist.data.padded_gist_collate"
-        collate_fn = _get_component_from_path(collate or default_collate)
+        collate_name = cfg.get("collate_fn") or default_collate
+        collate_fn = _get_component_from_path(collate_name)
         if packed_rows and collate_fn is padded_gist_collate:
             raise ValueError(
                 "packed datasets need torchtune_gist.data.packed_gist_collate (or no collate_fn), "
                 "not padded_gist_collate: it would let documents in a row attend to each other"
             )
+        collate_kwargs.update(
+            gist_token_ids=self._gist_ids,
+            pad_id=self._tokenizer.pad_id,
+            mask_mode=self._mask_mode,
+            block_mask=self._mask_format == "block",
+            block_mask_device=self._device,
+            segment_mask=self._mask_format in ("segments", "auto"),
+            segment_min_len=SEGMENT_MIN_LEN if self._mask_format == "auto" else 0,
+        )
+        check_collate_fn(collate_fn, collate_name, collate_kwargs)
         sampler = StatefulDistributedSampler(ds, num_replicas=self.world_size, rank=self.rank, shuffle=shuffle, seed=self.seed)
         return StatefulDataLoader(
             dataset=ds,
-            batch_size=batch_size,
+            batch_size=int(cfg.batch_size),
             sampler=sampler,
-            collate_fn=partial(
-                collate_fn,
-                gist_token_ids=self._gist_ids,
-                pad_id=self._tokenizer.pad_id,
-                mask_mode=self._mask_mode,
-                block_mask=self._mask_format == "block",
-                block_mask_device=self._device,
-                segment_mask=self._mask_format in ("segments", "auto"),
-                segment_min_len=SEGMENT_MIN_LEN if self._mask_format == "auto" else 0,
-                **collate_kwargs,
-            ),
-            drop_last=True,
+            collate_fn=partial(collate_fn, **collate_kwargs),
+            drop_last=drop_last,
         )
 
     def _allow_flex_recompiles(self, max_seq_len: int) -> None:
@@ -552,9 +680,10 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
 
     @torch.no_grad()
     def validate(self) -> float:
-        """Mean validation loss per supervised token over the validation split."""
+        """Mean validation loss per supervised token over the validation split (every example, the last
+        partial batch included)."""
         if self._val_dataloader is None:
-            raise ValueError("run_val_every_n_steps is set but no validation_dataset is configured")
+            raise ValueError("validate() needs a validation_dataset in the config")
         self._model.eval()
         total, tokens = torch.zeros((), device=self._device), torch.zeros((), device=self._device, dtype=torch.long)
         for batch in self._val_dataloader:

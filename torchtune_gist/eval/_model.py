@@ -33,7 +33,7 @@ from lm_eval.api.registry import register_model
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchtune import config as tt_config, training
-from torchtune.modules.peft import LoRALinear
+from torchtune.modules.peft import DoRALinear, LoRALinear
 
 from torchtune_gist.checkpointing import (
     ADAPTER_FILE,
@@ -49,7 +49,7 @@ from torchtune_gist.generation import GENERATION_MODES, generate
 from torchtune_gist.gist_tokens import gist_token_ids as tokenizer_gist_ids
 from torchtune_gist.masks import make_gist_mask
 from torchtune_gist.modules import get_gist_embedding, init_gist_embeddings
-from torchtune_gist.training import check_base_keys
+from torchtune_gist.training import check_base_keys, load_base_weights
 
 log = logging.getLogger(__name__)
 
@@ -109,13 +109,11 @@ def load_tokenizer(config_path: Union[str, Path]) -> Any:
 def _load_base(model: nn.Module, cfg: DictConfig) -> None:
     if "checkpointer" not in cfg:
         raise ValueError("the torchtune config has no checkpointer section to load the base weights with")
-    state = tt_config.instantiate(cfg.checkpointer).load_checkpoint()[training.MODEL_KEY]
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    check_base_keys(missing, unexpected)
+    load_base_weights(model, tt_config.instantiate(cfg.checkpointer).load_checkpoint()[training.MODEL_KEY])
 
 
 def _load_merged(model: nn.Module, directory: Path) -> None:
-    """Load a merged Hugging Face export into the config's gist-aware model (LoRA, if any, switched off)."""
+    """Load a merged Hugging Face export into the config's gist-aware model (LoRA/DoRA, if any, switched off)."""
     emb = get_gist_embedding(model)
     saved = json.loads((directory / GIST_CONFIG_FILE).read_text())
     if saved.get("gist_token_ids") != emb.gist_token_ids:
@@ -135,7 +133,7 @@ def _load_merged(model: nn.Module, directory: Path) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     check_base_keys(missing, unexpected)
     for module in model.modules():
-        if isinstance(module, LoRALinear):
+        if isinstance(module, (LoRALinear, DoRALinear)):
             module.disabled = True
 
 

@@ -1,6 +1,7 @@
 """A short variant of ``make demo``: the whole pipeline, fewer steps, smaller contexts."""
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,83 @@ def test_demo_cli_reports_impossible_settings_without_a_traceback(tmp_path: Path
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path / "demo"), "--context-tokens", "2040"])
     assert "the demo model holds 2048 positions" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [(["--context-tokens", "40"], "context_tokens=40 is too short: the needle alone is"),
+     (["--num-gist-tokens", "250"], "the tokenizer has only 245 reserved special tokens")],
+)
+def test_demo_cli_reports_what_the_data_and_tokenizer_cannot_hold(tmp_path: Path, capsys, argv, message):
+    from torchtune_gist.demo import main
+
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "demo"), *argv])
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
+
+
+def test_demo_fresh_deletes_only_a_folder_the_demo_wrote(tmp_path: Path, capsys):
+    from torchtune_gist.demo import _tokenizer, check_settings, main, remove_demo_outputs
+    from torchtune_gist.tiny import write_tiny_tokenizer
+
+    foreign = tmp_path / "repo"
+    (foreign / "src").mkdir(parents=True)
+    (foreign / "settings.json").write_text('{"editor": "vim"}')
+    with pytest.raises(SystemExit):
+        main(["--out", str(foreign), "--fresh"])
+    assert "not a demo output folder" in capsys.readouterr().err
+    assert (foreign / "src").is_dir() and (foreign / "settings.json").exists()
+
+    remove_demo_outputs(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    remove_demo_outputs(tmp_path / "empty")
+    assert (tmp_path / "empty").is_dir()
+
+    tokenizer = _tokenizer(write_tiny_tokenizer(tmp_path / "assets")[0].parent)
+    demo = tmp_path / "demo"
+    check_settings(DemoSettings(out=demo), tokenizer)
+    (demo / "base").mkdir()
+    check_settings(DemoSettings(out=demo, context_tokens=256), tokenizer, fresh=True)
+    assert not (demo / "base").exists()
+    assert json.loads((demo / "settings.json").read_text())["context_tokens"] == 256
+
+
+def test_demo_runs_stage_2_through_the_running_python(tmp_path: Path, monkeypatch, capsys):
+    import runpy
+
+    from torchtune_gist import demo
+
+    monkeypatch.setattr(sys, "argv", ["tune", "run", "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module("torchtune._cli.tune", run_name="__main__")
+    assert exit_info.value.code == 0 and "tune run" in capsys.readouterr().out
+    calls = []
+    monkeypatch.setattr(demo.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+    demo.run_gist_recipe(DemoSettings(), tmp_path, tmp_path, tmp_path / "run", "gist", 2, 64, 1e-3)
+    assert calls[0][:5] == [sys.executable, "-m", "torchtune._cli.tune", "run", "gist_lora_single_device"]
+
+
+@pytest.mark.parametrize("argv, out", [([], "outputs/demo"), (["--quick"], "outputs/demo_quick"),
+                                       (["--quick", "--out", "elsewhere"], "elsewhere")])
+def test_demo_quick_has_its_own_output_folder(monkeypatch, argv, out):
+    from torchtune_gist import demo
+
+    seen = []
+    monkeypatch.setattr(demo, "run", lambda settings, fresh: seen.append(settings))
+    demo.main(argv)
+    expected = Path(out) if out == "elsewhere" else demo.REPO / out
+    assert seen[0].out == expected
+
+
+def test_demo_table_shows_what_each_mode_keeps():
+    from torchtune_gist.demo import kept_ratio, results_table
+
+    def row(mode: str) -> dict:
+        return {"mode": mode, "model": "m", "accuracy": 1.0, "context_tokens": 128.0, "num_gist_tokens": 8,
+                "compression_ratio": kept_ratio(mode, 128.0, 8), "kv_bytes": 1024.0}
+
+    assert kept_ratio("truncate", 4.0, 8) == 1.0
+    cells = {line.split("|")[1].strip(): line.split("|")[6].strip()
+             for line in results_table([row(m) for m in ("gist", "pos_control", "neg_control", "truncate")]).splitlines()[2:]}
+    assert cells == {"gist": "16.0x", "pos_control": "1x (full)", "neg_control": "-", "truncate": "16.0x"}

@@ -11,11 +11,12 @@
    (the recipe's ``initial_adapter``).
 4. Evaluates held-out passkeys with the lm-eval integration: gist, positive control, negative
    control (no context) and truncation (the context's last K tokens), with accuracy, context
-   tokens, K, compression ratio and the KV bytes held per example.
-5. Writes ``results.json``, ``results.md`` and a PNG plot under ``outputs/demo/``.
+   tokens, K, the compression of what each mode keeps and the KV bytes held per example.
+5. Writes ``results.json``, ``results.md`` and a PNG plot under ``outputs/demo/`` (``outputs/demo_quick/``
+   for ``--quick``).
 
 Stages whose outputs exist are reused, so an interrupted demo picks up where it stopped
-(``--fresh`` starts over). Deterministic given ``--seed``.
+(``--fresh`` starts over, deleting only a folder the demo wrote). Deterministic given ``--seed``.
 
 Stage 1 uses a short loop of its own: torchtune's full fine-tuning recipe writes ``.bin`` files with
 ``torch.save``, and everything this project writes is safetensors.
@@ -27,6 +28,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from functools import partial
@@ -48,6 +50,7 @@ from torchtune_gist.data import gist_passkey_dataset
 from torchtune_gist.tiny import TINY_LLAMA3_1_ARGS, write_tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
+QUICK_OUT = REPO / "outputs" / "demo_quick"
 TINY_CONFIG = REPO / "configs" / "tiny" / "gist_lora_single_device.yaml"
 
 #: Stage 1 learns the task at contexts up to this long before any longer ``context_tokens``.
@@ -168,8 +171,8 @@ def run_gist_recipe(
     }
     if initial_adapter is not None:
         overrides["initial_adapter"] = initial_adapter
-    tune = Path(sys.executable).parent / "tune"
-    cmd = [str(tune), "run", "gist_lora_single_device", "--config", str(TINY_CONFIG), *(f"{k}={v}" for k, v in overrides.items())]
+    cmd = [sys.executable, "-m", "torchtune._cli.tune", "run", "gist_lora_single_device", "--config", str(TINY_CONFIG),
+           *(f"{k}={v}" for k, v in overrides.items())]
     print(f"\n$ tune run gist_lora_single_device --config {TINY_CONFIG.relative_to(REPO)} mask_mode={mask_mode} "
           f"dataset.context_tokens={context_tokens} ...", flush=True)
     subprocess.run(cmd, cwd=REPO, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -215,9 +218,23 @@ def evaluate(settings: DemoSettings, assets: Path, base_dir: Path, run_dir: Path
         "accuracy": metrics["acc,none"],
         "context_tokens": stats["mean_prompt_tokens"],
         "num_gist_tokens": settings.num_gist_tokens,
-        "compression_ratio": stats["mean_compression_ratio"],
+        "compression_ratio": kept_ratio(mode, stats["mean_prompt_tokens"], settings.num_gist_tokens),
         "kv_bytes": stats["mean_kv_bytes"],
     }
+
+
+def kept_ratio(mode: str, context_tokens: float, num_gist_tokens: int) -> Optional[float]:
+    """Context tokens per token ``mode`` keeps: the K gists (``gist``), the context's last K tokens
+    (``truncate``), the full context (``pos_control``: 1) or nothing (``neg_control``: ``None``)."""
+    kept = {"gist": num_gist_tokens, "truncate": min(num_gist_tokens, context_tokens), "pos_control": context_tokens}
+    return context_tokens / kept[mode] if mode in kept else None
+
+
+def compression_cell(row: Dict[str, Any]) -> str:
+    """The table's compression entry: ``1x (full)``, ``-`` (nothing kept) or the ratio."""
+    if row["compression_ratio"] is None:
+        return "-"
+    return "1x (full)" if row["mode"] == "pos_control" else f"{row['compression_ratio']:.1f}x"
 
 
 def results_table(rows: List[Dict[str, Any]]) -> str:
@@ -229,7 +246,7 @@ def results_table(rows: List[Dict[str, Any]]) -> str:
     for r in rows:
         lines.append(
             f"| {r['mode']} | {r['model']} | {100 * r['accuracy']:.1f}% | {r['context_tokens']:.0f} | {r['num_gist_tokens']} "
-            f"| {r['compression_ratio']:.1f}x | {r['kv_bytes']:,.0f} |"
+            f"| {compression_cell(r)} | {r['kv_bytes']:,.0f} |"
         )
     return "\n".join(lines)
 
@@ -277,26 +294,62 @@ def _training_settings(settings: DemoSettings) -> Dict[str, Any]:
     return {k: v for k, v in asdict(settings).items() if k not in skip}
 
 
-def check_settings(settings: DemoSettings, tokenizer: Any) -> None:
-    """Refuse settings the tiny model cannot hold, and outputs of a run with other settings.
+def _is_demo_record(path: Path) -> bool:
+    """Whether ``path`` is a ``settings.json`` the demo wrote."""
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(found, dict) and {"context_tokens", "num_gist_tokens", "base_steps", "gist_steps"} <= found.keys()
 
-    Stages whose outputs exist are reused, so a run in a folder trained with other settings would
-    silently mix them; ``settings.json`` records what the folder's weights were trained with.
+
+def remove_demo_outputs(out: Path) -> None:
+    """``--fresh``: delete ``out`` if it holds a demo's outputs (its ``settings.json``); a missing or empty folder is left.
 
     Raises:
-        DemoSettingsError: an example longer than the model's ``max_seq_len``, or ``settings.out``
-            holding the outputs of a run with other training settings.
+        DemoSettingsError: ``out`` is not a folder, or holds files but no demo ``settings.json``.
     """
-    example = gist_passkey_dataset(
-        tokenizer, num_gist_tokens=settings.num_gist_tokens, num_samples=1, context_tokens=settings.context_tokens,
-        passkey_digits=settings.passkey_digits, seed=settings.seed,
-    )[0]
+    if not out.exists() and not out.is_symlink():
+        return
+    if out.is_symlink() or not out.is_dir():
+        raise DemoSettingsError(f"--out {out} is not a folder; --fresh deletes only a folder the demo wrote")
+    if not _is_demo_record(out / "settings.json"):
+        if any(out.iterdir()):
+            raise DemoSettingsError(
+                f"--out {out} is not a demo output folder (no demo settings.json); --fresh deletes only a "
+                "folder the demo wrote: pick another --out"
+            )
+        return
+    shutil.rmtree(out)
+
+
+def check_settings(settings: DemoSettings, tokenizer: Any, fresh: bool = False) -> None:
+    """Refuse settings the data, tokenizer or tiny model cannot hold, and outputs of a run with other settings.
+
+    Stages whose outputs exist are reused, so a run in a folder trained with other settings would
+    silently mix them; ``settings.json`` records what the folder's weights were trained with. With
+    ``fresh``, earlier outputs are deleted (``remove_demo_outputs``) once the settings pass.
+
+    Raises:
+        DemoSettingsError: a context too short for the needle, more gist tokens than the tokenizer
+            reserves, an example longer than the model's ``max_seq_len``, ``settings.out`` holding the
+            outputs of a run with other training settings, or ``fresh`` on a folder the demo did not write.
+    """
+    try:
+        example = gist_passkey_dataset(
+            tokenizer, num_gist_tokens=settings.num_gist_tokens, num_samples=1, context_tokens=settings.context_tokens,
+            passkey_digits=settings.passkey_digits, seed=settings.seed,
+        )[0]
+    except ValueError as e:
+        raise DemoSettingsError(str(e)) from e
     max_seq_len = TINY_LLAMA3_1_ARGS["max_seq_len"]
     if len(example["tokens"]) > max_seq_len:
         raise DemoSettingsError(
             f"context_tokens={settings.context_tokens} makes {len(example['tokens'])}-token examples; the demo model "
             f"holds {max_seq_len} positions: use a shorter context"
         )
+    if fresh:
+        remove_demo_outputs(Path(settings.out))
     record = Path(settings.out) / "settings.json"
     wanted = _training_settings(settings)
     if record.exists():
@@ -314,12 +367,12 @@ def check_settings(settings: DemoSettings, tokenizer: Any) -> None:
 def run(settings: DemoSettings, fresh: bool = False) -> Dict[str, Any]:
     """Run (or resume) every stage; returns the results written to ``results.json``."""
     out = Path(settings.out)
-    if fresh and out.exists():
-        shutil.rmtree(out)
     assets, base_dir = out / "assets", out / "base"
     start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as scratch:
+        write_tiny_tokenizer(scratch)
+        check_settings(settings, _tokenizer(Path(scratch)), fresh=fresh)
     write_tiny_tokenizer(assets)
-    check_settings(settings, _tokenizer(assets))
     if not (base_dir / "model.safetensors").exists():
         train_base(settings, assets, base_dir)
     previous: Optional[Path] = None
@@ -357,9 +410,10 @@ def run(settings: DemoSettings, fresh: bool = False) -> Dict[str, Any]:
 def main(argv: Optional[List[str]] = None) -> None:
     """``python -m torchtune_gist.demo [--out DIR] [--fresh] [--seed N] [--quick] [--context-tokens N] ...``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=DemoSettings.out)
+    parser.add_argument("--out", type=Path, help=f"output folder (default {DemoSettings.out.relative_to(REPO)}; "
+                        f"{QUICK_OUT.relative_to(REPO)} with --quick)")
     parser.add_argument("--seed", type=int, default=DemoSettings.seed)
-    parser.add_argument("--fresh", action="store_true", help="delete earlier outputs and start over")
+    parser.add_argument("--fresh", action="store_true", help="delete earlier demo outputs in --out and start over")
     parser.add_argument("--quick", action="store_true", help="a few steps of everything (a smoke test, not a result)")
     parser.add_argument("--context-tokens", type=int, default=DemoSettings.context_tokens, help="haystack length in tokens")
     parser.add_argument("--num-gist-tokens", type=int, default=DemoSettings.num_gist_tokens, help="K")
@@ -375,7 +429,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     for name in counts:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    settings = DemoSettings(out=args.out, seed=args.seed, **{name: getattr(args, name) for name in counts})
+    out = args.out if args.out is not None else QUICK_OUT if args.quick else DemoSettings.out
+    settings = DemoSettings(out=out, seed=args.seed, **{name: getattr(args, name) for name in counts})
     if args.quick:
         settings = replace(settings, base_steps=30, long_base_steps=10, gist_steps=20, long_gist_steps=10, control_steps=10, eval_samples=40)
     try:

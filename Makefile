@@ -1,5 +1,6 @@
 # One-command set-up: `make test` and `make demo` create .venv on a fresh machine.
 PYTHON ?= python3
+TORCH_INDEX ?=
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
@@ -8,8 +9,9 @@ STAMP := $(VENV)/.installed-stamp
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	# torch first, pinned: otherwise torchtune's dependencies pull a multi-GB CUDA build.
-	$(PY) -m pip install -q torch==2.13.0
+	# torch first, pinned: otherwise torchtune's dependencies pull the newest torch. TORCH_INDEX picks an index
+	# (https://download.pytorch.org/whl/cpu for the CPU build where PyPI's is a CUDA build).
+	$(PY) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e '.[test,smollm2]'
 	touch $(STAMP)
 

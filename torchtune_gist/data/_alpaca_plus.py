@@ -223,7 +223,7 @@ def alpaca_plus_dataset(
             " (rebuild it: python -m torchtune_gist.data.alpaca_plus --alpaca alpaca_data.json "
             "--self-instruct all_instances_82K.jsonl --out DIR)"
             if split == "train"
-            else ""
+            else f" (the official file: https://raw.githubusercontent.com/jayelm/gisting/main/data/alpaca_plus/{path.name})"
         )
         raise FileNotFoundError(f"Alpaca+ {split} file not found: {path}{hint}")
     return gist_instruct_dataset(

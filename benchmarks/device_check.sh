@@ -15,13 +15,15 @@
 # Everything lands in $OUT: log.txt, summary.txt (one line per step: exit status and seconds), results_gpu.json,
 # RESULTS.md and the plots. Back here: copy results_gpu.json to benchmarks/ and run
 # `python benchmarks/bench_cpu.py --render-only` to put the GPU section into benchmarks/RESULTS.md.
-# To check the script on a CPU: PY=.venv/bin/python DEVICE=cpu DTYPE=fp32 BENCH_ARGS=--tiny bash benchmarks/device_check.sh
+# To check the script on a CPU: PY=.venv/bin/python DEVICE=cpu DTYPE=fp32 BENCH_ARGS=--tiny TIME_SCALE=4 bash benchmarks/device_check.sh
+# (TIME_SCALE multiplies every step's time limit, sized for the device tool's 600 s).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/device_check}
 PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}
 DTYPE=${DTYPE:-bf16}
+TIME_SCALE=${TIME_SCALE:-1}
 BENCH_ARGS=${BENCH_ARGS:---layers 8 --qlora-shapes 4x512 --reps 5 --train-shapes 1x2048,1x8192 --pack-examples 32 --prompt-lens 4096,16384 --decode-batch 1,8 --new-tokens 16}
 mkdir -p "$OUT"
 : > "$OUT/summary.txt"
@@ -39,7 +41,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, record its exit
     local name=$1 limit=$2 start=$SECONDS rc
     shift 2
     echo "=== $name"
-    timeout -k 10 "$limit" "$@"
+    timeout -k 10 "$((limit * TIME_SCALE))" "$@"
     rc=$?
     [ "$rc" -eq 0 ] || failed=1
     echo "$name rc=$rc $((SECONDS - start))s" | tee -a "$OUT/summary.txt"
@@ -63,9 +65,9 @@ step distributed 120 "${TUNE[@]}" --nproc_per_node 1 gist_lora_distributed --con
 step generate 60 "${TUNE[@]}" gist_generate --config configs/tiny/gist_generate.yaml device="$DEVICE" dtype="$DTYPE" \
     assets_dir="$TINY/assets" gist_checkpoint_dir="$TINY/single/epoch_1"
 # The rest of the device tool's 600 s, less a margin for the files' trip back.
-if [ "$SECONDS" -lt 480 ]; then
+if [ "$SECONDS" -lt $((480 * TIME_SCALE)) ]; then
     # shellcheck disable=SC2086
-    step bench $((570 - SECONDS)) "$PY" benchmarks/bench_gpu.py --out "$OUT" --only memory,attention,decode,packing $BENCH_ARGS
+    step bench $(((570 * TIME_SCALE - SECONDS) / TIME_SCALE)) "$PY" benchmarks/bench_gpu.py --out "$OUT" --only memory,attention,decode,packing $BENCH_ARGS
 else
     echo "bench skipped: ${SECONDS}s used, too little of the 600 s left" | tee -a "$OUT/summary.txt"
     failed=1

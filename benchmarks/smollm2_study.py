@@ -17,7 +17,10 @@ Two parts, each a few LoRA-gist trainings (``tune run gist_lora_single_device``)
    then answer "What is the pass key?". Exact-match accuracy per length and depth of the gist model
    with compression, with no context (negative control), with only the context's last K tokens
    (``truncate``) and with the full context; the positive control (trained and evaluated with the full
-   context); the untrained base with the full context.
+   context); the untrained base with the full context. With ``--extras``, the long-context curriculum:
+   the gist model trained 50 more steps on 1,024-token haystacks from its adapter (``initial_adapter``),
+   evaluated on ``--long-samples`` 1,024-token haystacks (128x) beside the same model before those steps,
+   the controls and truncation.
 
 Each part takes about 16 minutes alone on a 2-core Xeon with both threads (``--threads``, default every
 core; ``benchmarks/smollm2_study.md`` has the measured costs, and 53-54 minutes on a slower 2-core EPYC
@@ -53,6 +56,7 @@ PASSKEY_CONFIG = "configs/smollm2/gist_lora_passkey.yaml"
 ADAPTER = "gist_adapter.safetensors"
 BASE = "base"
 ALPACA_TASKS = ("alpaca_plus_unseen", "alpaca_plus_human")
+LONG_CONTEXT = 1024  # haystack tokens of the passkey part's long-context stages
 
 # Mu et al. (2023), Table 1, LLaMA-7B, ROUGE-L on seen / unseen / human.
 PAPER_LLAMA_7B = {
@@ -71,12 +75,15 @@ class Training:
         config (str): the torchtune config.
         overrides (Dict[str, Any]): ``key=value`` overrides (``num_gist_tokens``, ``mask_mode``, ...).
         extra (bool): run only with ``--extras`` (or when named by ``--only``).
+        start_from (Optional[str]): another training of the part whose final adapter this one starts from
+            (the recipe's ``initial_adapter``: its weights, a fresh optimizer and schedule).
     """
 
     name: str
     config: str
     overrides: Dict[str, Any] = field(default_factory=dict)
     extra: bool = False
+    start_from: Optional[str] = None
 
     def final_dir(self, run_dir: Path) -> Path:
         """The last epoch's checkpoint folder under ``run_dir`` (``epochs`` from the overrides or the config)."""
@@ -89,15 +96,17 @@ class Training:
 @dataclass(frozen=True)
 class Evaluation:
     """One lm-eval evaluation of a model (a training's ``name``, or :data:`BASE`) in a generation mode
-    (``extra``: run only with ``--extras`` or when named by ``--only``)."""
+    (``extra``: run only with ``--extras`` or when named by ``--only``; ``long``: passkey haystacks of
+    ``--long-context-tokens`` instead of ``--passkey-context-tokens``)."""
 
     model: str
     mode: str
     extra: bool = False
+    long: bool = False
 
     @property
     def name(self) -> str:
-        return f"{self.model}_{self.mode}"
+        return f"{self.model}_{self.mode}" + (f"_{LONG_CONTEXT}" if self.long else "")
 
 
 @dataclass(frozen=True)
@@ -140,6 +149,9 @@ PARTS = {
             # The positive control reads the passkey straight from the context: its loss is below 0.05 from
             # step 8, so 60 steps (240 examples, the same warmup and cosine decay) stand for the gist model's 300.
             Training("pos8", PASSKEY_CONFIG, {"num_gist_tokens": 8, "mask_mode": "pos_control", "dataset.num_samples": 240}),
+            # The long-context curriculum (extra): gist8's adapter, then 50 steps on 1,024-token haystacks (128x).
+            Training("gist8_long", PASSKEY_CONFIG, {"num_gist_tokens": 8, "mask_mode": "gist", "context_tokens": [LONG_CONTEXT],
+                                                    "dataset.num_samples": 200, "optimizer.lr": 1e-3}, extra=True, start_from="gist8"),
         ),
         (
             Evaluation("gist8", "gist"),
@@ -148,6 +160,11 @@ PARTS = {
             Evaluation("gist8", "truncate"),
             Evaluation("pos8", "pos_control"),
             Evaluation(BASE, "pos_control"),
+            Evaluation("gist8", "gist", extra=True, long=True),
+            Evaluation("gist8_long", "gist", extra=True, long=True),
+            Evaluation("gist8_long", "neg_control", extra=True, long=True),
+            Evaluation("gist8_long", "truncate", extra=True, long=True),
+            Evaluation("pos8", "pos_control", extra=True, long=True),
         ),
     ),
 }
@@ -162,7 +179,7 @@ def _atomic_json(obj: Any, path: Path) -> None:
 # ------------------------------------------------------------------------------------ training
 
 
-def train(training: Training, out_dir: Path, threads: int, dtype: str = "fp32") -> Path:
+def train(part: Part, training: Training, out_dir: Path, threads: int, dtype: str = "fp32") -> Path:
     """Run one training unless its final adapter exists; resume from a ``step_N`` checkpoint if any.
 
     The log (``train.log``) gets ``start <unix time>`` / ``end <unix time> rc <code> cpu <seconds>``
@@ -180,11 +197,17 @@ def train(training: Training, out_dir: Path, threads: int, dtype: str = "fp32") 
     if (training.final_dir(run_dir) / ADAPTER).is_file():
         print(f"[skip] training {run_dir} (done)")
         return run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
     overrides = {"output_dir": str(run_dir), "dtype": dtype, **training.overrides}
+    if training.start_from is not None:
+        start = next(t for t in part.trainings if t.name == training.start_from)
+        initial = start.final_dir(out_dir / start.name) / ADAPTER
+        if not initial.is_file():
+            raise RuntimeError(f"training {training.name} starts from {training.start_from}, which has not run: {initial} is missing")
+        overrides["initial_adapter"] = str(initial)
+    run_dir.mkdir(parents=True, exist_ok=True)
     if latest_checkpoint(run_dir) is not None:
         overrides["resume_from_checkpoint"] = True
-    cmd = [str(Path(sys.executable).parent / "tune"), "run", "gist_lora_single_device", "--config", training.config]
+    cmd = [sys.executable, "-m", "torchtune._cli.tune", "run", "gist_lora_single_device", "--config", training.config]
     cmd += [f"{k}={v}" for k, v in overrides.items()]
     print(f"[run] {' '.join(cmd)}  (log: {run_dir / 'train.log'})", flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
@@ -258,7 +281,7 @@ def evaluate(part: Part, evaluation: Evaluation, out_dir: Path, args: argparse.N
     from torchtune_gist.eval import TorchtuneGistLM, gist_task_manager
 
     path = out_dir / "eval" / f"{evaluation.name}.json"
-    limits = _limits(part, args)
+    limits = _limits(part, evaluation, args)
     if path.is_file() and json.loads(path.read_text()).get("limits") == limits:
         print(f"[skip] evaluation {path} (done)")
         return path
@@ -301,9 +324,9 @@ def evaluate(part: Part, evaluation: Evaluation, out_dir: Path, args: argparse.N
     else:
         tm = gist_task_manager(
             tokenizer=lm.tokenizer,
-            context_tokens=list(args.passkey_context_tokens),
+            context_tokens=limits["context_tokens"],
             depths=[0.0, 0.25, 0.5, 0.75, 1.0],
-            num_samples=args.passkey_samples,
+            num_samples=limits["gist_passkey"],
             passkey_digits=5,
             seed=args.passkey_eval_seed,
             num_gist_tokens=lm.num_gist_tokens,
@@ -327,10 +350,12 @@ def evaluate(part: Part, evaluation: Evaluation, out_dir: Path, args: argparse.N
     return path
 
 
-def _limits(part: Part, args: argparse.Namespace) -> Dict[str, Any]:
-    """The sample sizes an evaluation of ``part`` uses (what decides whether a saved one is reused)."""
+def _limits(part: Part, evaluation: Evaluation, args: argparse.Namespace) -> Dict[str, Any]:
+    """The sample sizes an evaluation uses (what decides whether a saved one is reused)."""
     if part.name == "alpaca":
         return {"alpaca_plus_unseen": args.unseen_limit, "alpaca_plus_human": args.human_limit}
+    if evaluation.long:
+        return {"gist_passkey": args.long_samples, "context_tokens": [LONG_CONTEXT], "seed": args.passkey_eval_seed}
     return {"gist_passkey": args.passkey_samples, "context_tokens": list(args.passkey_context_tokens), "seed": args.passkey_eval_seed}
 
 
@@ -428,7 +453,12 @@ def passkey_report(out_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
     rows = [("gist8_neg_control", "negative control: no context"), ("gist8_truncate", "truncate: the context's last K tokens"),
             ("gist8_gist", "gist-8: context compressed into 8 gists"), ("gist8_pos_control", "full context, gist-trained model"),
             ("pos8_pos_control", "positive control: full context, trained with it"),
-            ("base_pos_control", "base, untrained, full context")]
+            ("base_pos_control", "base, untrained, full context"),
+            (f"gist8_gist_{LONG_CONTEXT}", "gist-8 (trained on 64-256 tokens) compressing longer haystacks"),
+            (f"gist8_long_gist_{LONG_CONTEXT}", "gist-8 after the long-context curriculum: compressed into 8 gists"),
+            (f"gist8_long_neg_control_{LONG_CONTEXT}", "gist-8 after the curriculum, no context (negative control)"),
+            (f"gist8_long_truncate_{LONG_CONTEXT}", "gist-8 after the curriculum, the context's last K tokens"),
+            (f"pos8_pos_control_{LONG_CONTEXT}", "positive control (trained on 64-256 tokens), full context")]
     summary: Dict[str, Any] = {"rows": {}}
     depths = (0.0, 0.25, 0.5, 0.75, 1.0)
     recs = {name: _load(out_dir, name) for name, _ in rows}
@@ -501,14 +531,16 @@ def plots(out_dir: Path, summary: Dict[str, Any], plots_dir: Path) -> None:
         labels = {"gist8_gist": "gist-8 (compressed)", "gist8_pos_control": "full context, gist-trained model",
                   "pos8_pos_control": "full context (pos. control, trained)",
                   "gist8_truncate": "last 8 tokens only", "gist8_neg_control": "no context (neg. control)",
-                  "base_pos_control": "untrained base, full context"}
+                  "base_pos_control": "untrained base, full context",
+                  f"gist8_gist_{LONG_CONTEXT}": "gist-8 at longer haystacks, before the curriculum",
+                  f"gist8_long_gist_{LONG_CONTEXT}": "gist-8 after the long-context curriculum"}
         lengths, k = summary["passkey"]["lengths"], summary["passkey"]["num_gist_tokens"]
         fig, ax = plt.subplots(figsize=(7, 4))
         for name, label in labels.items():
             if name in passkey:
-                ys = [passkey[name]["by_length"][str(n)] for n in lengths]
-                ax.plot([n / k for n in lengths], [100 * y for y in ys], marker="o", label=label,
-                         linestyle="-" if name == "gist8_gist" else "--")
+                xy = [(n / k, 100 * y) for n in lengths for y in [passkey[name]["by_length"][str(n)]] if y is not None]
+                ax.plot(*zip(*xy), marker="*" if name.endswith(f"_{LONG_CONTEXT}") else "o", markersize=9 if len(xy) == 1 else 6,
+                        label=label, linestyle="-" if name.startswith("gist8_gist") else "--")
         ax.set_xscale("log", base=2)
         ax.set_xticks([n / k for n in lengths])
         ax.set_xticklabels([f"{n / k:.0f}x\n({n} tok)" for n in lengths])
@@ -608,10 +640,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                         help="training and evaluation dtype (bf16: use another --out; CPUs with AMX run it faster)")
     parser.add_argument("--extras", action="store_true",
-                        help="also the extra stages: gist-2, gist-5, gist-1 for 3 epochs, the untrained base on Alpaca+")
+                        help="also the extra stages: gist-2, gist-5, gist-1 for 3 epochs, the untrained base on Alpaca+; "
+                             f"the passkey curriculum to {LONG_CONTEXT}-token haystacks")
     parser.add_argument("--passkey-samples", type=int, default=150, help="spread evenly over lengths and depths")
     parser.add_argument("--passkey-context-tokens", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--passkey-eval-seed", type=int, default=1234)
+    parser.add_argument("--long-samples", type=int, default=100,
+                        help=f"passkey examples of the long-context evaluations ({LONG_CONTEXT}-token haystacks)")
     args = parser.parse_args(argv)
     if args.threads < 1 or args.eval_batch_size < 1:
         parser.error("--threads and --eval-batch-size must be positive")
@@ -622,7 +657,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             part = PARTS[name]
             for t in part.trainings:
                 if _selected(t.name, t.extra, args):
-                    train(t, out_dir / part.name, args.threads, args.dtype)
+                    train(part, t, out_dir / part.name, args.threads, args.dtype)
             for e in part.evaluations:
                 if _selected(e.name, e.extra, args):
                     evaluate(part, e, out_dir / part.name, args)

@@ -110,8 +110,9 @@ def test_device_check_runs_every_step(tmp_path: Path) -> None:
     """The one-call GPU check (smoke checks, recipes by name, bench_gpu.py), whole, on this device at tiny sizes:
     it must not first break on a lent GPU."""
     env = {**os.environ, "PY": sys.executable, "DEVICE": "cuda" if torch.cuda.is_available() else "cpu",
-           "DTYPE": "bf16" if torch.cuda.is_available() else "fp32", "BENCH_ARGS": "--tiny", "OUT": str(tmp_path / "out"), "TINY": str(tmp_path / "tiny")}
-    proc = subprocess.run(["bash", str(BENCH / "device_check.sh")], cwd=REPO, capture_output=True, text=True, env=env, timeout=900)
+           "DTYPE": "bf16" if torch.cuda.is_available() else "fp32", "BENCH_ARGS": "--tiny", "OUT": str(tmp_path / "out"), "TINY": str(tmp_path / "tiny"),
+           "TIME_SCALE": "4"}  # the steps' limits are sized for a GPU; a busy 2-core CPU needs more
+    proc = subprocess.run(["bash", str(BENCH / "device_check.sh")], cwd=REPO, capture_output=True, text=True, env=env, timeout=1800)
     out = tmp_path / "out"
     summary = (out / "summary.txt").read_text()
     assert proc.returncode == 0, summary + proc.stdout[-3000:]
@@ -178,5 +179,22 @@ def test_study_training_gets_the_dtype(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setattr(study.subprocess, "run", fake_run)
     training = study.Training("gist1", study.ALPACA_CONFIG, {"num_gist_tokens": 1})
     with pytest.raises(RuntimeError, match="failed"):
-        study.train(training, tmp_path, threads=1, dtype="bf16")
+        study.train(study.PARTS["alpaca"], training, tmp_path, threads=1, dtype="bf16")
     assert "dtype=bf16" in commands[0]
+
+
+def test_study_long_context_training_starts_from_the_short_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    study = _study_module()
+    commands = []
+    monkeypatch.setattr(study.subprocess, "run", lambda cmd, **kw: commands.append(cmd) or study.subprocess.CompletedProcess(cmd, 1))
+    part = study.PARTS["passkey"]
+    long = next(t for t in part.trainings if t.start_from is not None)
+    with pytest.raises(RuntimeError, match="has not run"):
+        study.train(part, long, tmp_path, threads=1)
+    assert commands == []
+    adapter = tmp_path / long.start_from / "epoch_0" / study.ADAPTER
+    adapter.parent.mkdir(parents=True)
+    adapter.touch()
+    with pytest.raises(RuntimeError, match="failed"):
+        study.train(part, long, tmp_path, threads=1)
+    assert f"initial_adapter={adapter}" in commands[0] and f"context_tokens=[{study.LONG_CONTEXT}]" in commands[0]

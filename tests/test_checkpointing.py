@@ -258,3 +258,21 @@ def test_saved_checkpoints_are_readable_like_any_new_file(tmp_path: Path):
     assert os.stat(path).st_mode & 0o777 == 0o644
     assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]
     assert load_file(path)["w"].tolist() == [1.0, 1.0]
+
+
+def test_every_atomic_write_reaches_the_disk_before_its_rename(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A power cut after the rename must not leave an empty config or tokenizer file: each writer fsyncs the
+    temporary file before renaming it into place."""
+    import os
+
+    from torchtune_gist import _io
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(_io.os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(_io.os, "replace", lambda a, b: (events.append("replace"), real_replace(a, b))[1])
+    _io.atomic_write_json({"k": 1}, tmp_path / "a.json")
+    _io.atomic_copy(tmp_path / "a.json", tmp_path / "b.json")
+    _io.atomic_save_safetensors({"w": torch.ones(2)}, tmp_path / "c.safetensors")
+    assert events == ["fsync", "replace"] * 3
+    assert (tmp_path / "b.json").read_text() == '{\n  "k": 1\n}\n'

@@ -36,12 +36,15 @@ def atomic_save_safetensors(
 
 
 def atomic_write_text(text: str, path: Union[str, Path]) -> Path:
-    """Write ``text`` to ``path`` atomically."""
+    """Write ``text`` (UTF-8) to ``path`` atomically (temporary file, fsync, rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        tmp.write_text(text)
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -54,12 +57,14 @@ def atomic_write_json(obj: Any, path: Union[str, Path]) -> Path:
 
 
 def atomic_copy(src: Union[str, Path], path: Union[str, Path]) -> Path:
-    """Copy the file ``src`` to ``path`` atomically."""
+    """Copy the file ``src`` to ``path`` atomically (temporary file, fsync, rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         shutil.copyfile(src, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

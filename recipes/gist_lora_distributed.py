@@ -25,7 +25,7 @@ from torchtune import config, modules, training
 from torchtune.modules.peft import DoRALinear, LoRALinear
 
 from torchtune_gist.modules import set_trainable_params
-from torchtune_gist.training import GistFinetuneRecipeBase, check_base_keys, initialize_dora_magnitudes
+from torchtune_gist.training import GistFinetuneRecipeBase, StartingAdapter, check_base_keys, initialize_dora_magnitudes
 
 
 class GistLoRAFinetuneRecipeDistributed(GistFinetuneRecipeBase):
@@ -42,11 +42,9 @@ class GistLoRAFinetuneRecipeDistributed(GistFinetuneRecipeBase):
         self._custom_sharded_layers = cfg.get("custom_sharded_layers", None)
         super().setup(cfg)
 
-    def _setup_model(
-        self, cfg_model: DictConfig, base_state_dict: Dict[str, torch.Tensor], adapter_state_dict: Dict[str, torch.Tensor]
-    ) -> nn.Module:
+    def _setup_model(self, cfg_model: DictConfig, base_state_dict: Dict[str, torch.Tensor], adapter: StartingAdapter) -> nn.Module:
         start = time.perf_counter()
-        model = self._build_model(cfg_model, torch.device("meta"), adapter_state_dict)
+        model = self._build_model(cfg_model, torch.device("meta"), adapter)
         set_trainable_params(model, train_lora=self._train_lora)
         if self._compile:
             training.compile_model(model, verbose=self._is_rank_zero)
@@ -70,7 +68,7 @@ class GistLoRAFinetuneRecipeDistributed(GistFinetuneRecipeBase):
         )
         check_base_keys(missing, unexpected)
         initialize_dora_magnitudes(model)  # before the adapter loads: a resumed or initial magnitude wins
-        training.load_from_full_model_state_dict(model, adapter_state_dict, self._device, cpu_offload=self._fsdp_cpu_offload)
+        training.load_from_full_model_state_dict(model, adapter.state_dict, self._device, cpu_offload=self._fsdp_cpu_offload)
         training.validate_no_params_on_meta_device(model)
         self._log_info(f"Model built, sharded and loaded in {time.perf_counter() - start:.2f} s")
         if self._log_peak_memory_stats:

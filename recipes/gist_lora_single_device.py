@@ -23,7 +23,7 @@ from torch import nn
 from torchtune import config, modules, training
 
 from torchtune_gist.modules import set_trainable_params
-from torchtune_gist.training import GistFinetuneRecipeBase, load_base_weights
+from torchtune_gist.training import GistFinetuneRecipeBase, StartingAdapter, load_base_weights
 
 
 class GistLoRAFinetuneRecipeSingleDevice(GistFinetuneRecipeBase):
@@ -37,12 +37,10 @@ class GistLoRAFinetuneRecipeSingleDevice(GistFinetuneRecipeBase):
     ``train_lora``, ``mask_format``); nothing else is read. torchtune's ``enable_activation_offloading``,
     ``optimizer_in_bwd`` and ``profiler`` are not implemented (an error when turned on)."""
 
-    def _setup_model(
-        self, cfg_model: DictConfig, base_state_dict: Dict[str, torch.Tensor], adapter_state_dict: Dict[str, torch.Tensor]
-    ) -> nn.Module:
-        model = self._build_model(cfg_model, self._device, adapter_state_dict)
+    def _setup_model(self, cfg_model: DictConfig, base_state_dict: Dict[str, torch.Tensor], adapter: StartingAdapter) -> nn.Module:
+        model = self._build_model(cfg_model, self._device, adapter)
         load_base_weights(model, base_state_dict)
-        model.load_state_dict(adapter_state_dict, strict=False)
+        model.load_state_dict(adapter.state_dict, strict=False)
         set_trainable_params(model, train_lora=self._train_lora)
         if self._enable_activation_checkpointing:
             training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})

@@ -19,6 +19,7 @@ import inspect
 import json
 import math
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
@@ -207,6 +208,30 @@ def check_adapter_state(model: nn.Module, adapter_state_dict: Dict[str, torch.Te
         raise ValueError(f"the gist/LoRA checkpoint does not fit the model: unknown keys {unknown[:8]}, shape mismatches {wrong[:8]}")
 
 
+@dataclass(frozen=True)
+class StartingAdapter:
+    """The gist rows and LoRA weights a run starts from.
+
+    Fresh gist rows carry no file; an ``initial_adapter`` or a resumed checkpoint also carries the config key that
+    named it, its path and its safetensors metadata (K, gist ids, LoRA rank, alpha and DoRA), checked in full.
+    """
+
+    state_dict: Dict[str, torch.Tensor]
+    key: Optional[str] = None
+    path: Optional[Path] = None
+    metadata: Optional[Dict[str, Any]] = None
+
+    def check(self, model: nn.Module) -> None:
+        """Raise ``ValueError`` (naming the config key) if ``model`` cannot load these weights."""
+        if self.path is None:
+            check_adapter_state(model, self.state_dict)
+            return
+        try:
+            check_gist_adapter(model, self.path, self.metadata or {}, self.state_dict)
+        except ValueError as e:
+            raise ValueError(f"{self.key}: {e}") from e
+
+
 def model_inputs(batch: Dict[str, Any]) -> Dict[str, Any]:
     """The keys of a gist batch that the model takes (``tokens``, ``mask``, ``input_pos``)."""
     return {k: batch[k] for k in _MODEL_INPUTS if k in batch}
@@ -358,8 +383,6 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
         self.global_step = 0
         self._batches_into_epoch = 0
         self.loss_history: List[Tuple[int, float]] = []
-        # (config key, file, metadata) of the adapter file the run starts from, checked against the model.
-        self._adapter_source: Optional[Tuple[str, Path, Dict[str, Any]]] = None
 
     # Hooks for the recipes.
     def _resolve_mask_format(self, mask_format: str) -> str:
@@ -379,29 +402,17 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
             )
         return mask_format
 
-    def _setup_model(
-        self, cfg_model: DictConfig, base_state_dict: Dict[str, torch.Tensor], adapter_state_dict: Dict[str, torch.Tensor]
-    ) -> nn.Module:
-        """Build the model, load base weights and the gist/LoRA state, set what trains."""
+    def _setup_model(self, cfg_model: DictConfig, base_state_dict: Dict[str, torch.Tensor], adapter: StartingAdapter) -> nn.Module:
+        """Build the model (:meth:`_build_model`), load base weights and ``adapter.state_dict``, set what trains."""
         raise NotImplementedError
 
-    def _build_model(
-        self, cfg_model: DictConfig, device: torch.device, adapter_state_dict: Dict[str, torch.Tensor]
-    ) -> nn.Module:
+    def _build_model(self, cfg_model: DictConfig, device: torch.device, adapter: StartingAdapter) -> nn.Module:
         """Instantiate the model on ``device``; check it against the tokenizer, the gist settings and the adapter
-        state to load (an adapter file's metadata too: K, gist ids, LoRA rank, alpha and DoRA, as
-        :func:`~torchtune_gist.checkpointing.load_gist_adapter` checks them)."""
+        to load (:meth:`StartingAdapter.check`)."""
         with training.set_default_dtype(self._dtype), device:
             model = config.instantiate(cfg_model)
         self._gist_ids = check_gist_setup(model, self._tokenizer, self._num_gist_tokens, self._mask_mode)
-        if self._adapter_source is None:
-            check_adapter_state(model, adapter_state_dict)
-        else:
-            key, path, meta = self._adapter_source
-            try:
-                check_gist_adapter(model, path, meta, adapter_state_dict)
-            except ValueError as e:
-                raise ValueError(f"{key}: {e}") from e
+        adapter.check(model)
         return model
 
     def _all_reduce(self, value: torch.Tensor) -> torch.Tensor:
@@ -430,22 +441,21 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
         self._tokenizer = config.instantiate(cfg.tokenizer)
 
         resume = self._find_resume_checkpoint()
-        adapter_sd: Dict[str, torch.Tensor] = {}
+        adapter: Optional[StartingAdapter] = None
         if resume is not None:
             path = resume / ADAPTER_FILE
-            adapter_sd = load_file(str(path))
-            self._adapter_source = ("resume_from_checkpoint", path, read_gist_adapter_metadata(path))
+            adapter = StartingAdapter(load_file(str(path)), "resume_from_checkpoint", path, read_gist_adapter_metadata(path))
             self._log_info(f"Resuming from {resume}")
         elif cfg.get("initial_adapter"):
-            adapter_sd = self._load_initial_adapter(cfg.initial_adapter)
+            adapter = self._load_initial_adapter(cfg.initial_adapter)
         base_sd = self._load_base_state_dict(cfg.checkpointer)
-        if not adapter_sd:
+        if adapter is None:
             if "tok_embeddings.weight" not in base_sd:
                 raise ValueError("the base checkpoint has no 'tok_embeddings.weight': cannot initialise the gist rows")
             rows = initial_gist_rows(base_sd["tok_embeddings.weight"], self._num_gist_tokens)
-            adapter_sd = {"tok_embeddings.gist_embeddings": rows}
-        self._model = self._setup_model(cfg.model, base_sd, adapter_sd)
-        del base_sd
+            adapter = StartingAdapter({"tok_embeddings.gist_embeddings": rows})
+        self._model = self._setup_model(cfg.model, base_sd, adapter)
+        del base_sd, adapter
 
         self._optimizer = config.instantiate(cfg.optimizer, [p for p in self._model.parameters() if p.requires_grad])
         self._loss_fn = config.instantiate(cfg.loss)
@@ -485,12 +495,13 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
         )
         self._ignore_index = self._loss_fn.ignore_index
 
-    def _load_initial_adapter(self, path_or_dir: str) -> Dict[str, torch.Tensor]:
+    def _load_initial_adapter(self, path_or_dir: str) -> StartingAdapter:
         """Gist rows and LoRA weights to start from (a curriculum: short contexts first, then long ones).
 
         Only the weights: the optimizer, the lr schedule and the step count start afresh.
 
-        Its metadata is checked against the model once built (:meth:`_build_model`); K here, before the base loads.
+        K is checked here, before the base loads; the rest of its metadata against the model once built
+        (:meth:`_build_model`).
 
         Raises:
             ValueError: a missing file, a file that is not a gist adapter, or one trained with another K.
@@ -503,9 +514,8 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
         k = meta.get("num_gist_tokens")
         if k != self._num_gist_tokens:
             raise ValueError(f"initial_adapter {path} holds K={k} gist rows; this run has num_gist_tokens={self._num_gist_tokens}")
-        self._adapter_source = ("initial_adapter", path, meta)
         self._log_info(f"Starting from the gist adapter {path}")
-        return load_file(str(path))
+        return StartingAdapter(load_file(str(path)), "initial_adapter", path, meta)
 
     def _find_resume_checkpoint(self) -> Optional[Path]:
         setting = self._resume_from_checkpoint

@@ -282,12 +282,15 @@ def evaluate(part: Part, evaluation: Evaluation, out_dir: Path, args: argparse.N
 
     path = out_dir / "eval" / f"{evaluation.name}.json"
     limits = _limits(part, evaluation, args)
-    if path.is_file() and json.loads(path.read_text()).get("limits") == limits:
+    training = next((t for t in part.trainings if t.name == evaluation.model), part.trainings[0])
+    checkpoint = None if evaluation.model == BASE else str(training.final_dir(out_dir / evaluation.model))
+    settings = {"limits": limits, "max_gen_toks": args.max_gen_toks, "dtype": args.dtype}
+    if part.name == "alpaca":
+        settings["data_dir"] = str(args.data_dir)
+    if _reusable(path, settings, checkpoint):
         print(f"[skip] evaluation {path} (done)")
         return path
     torch.set_num_threads(args.threads)
-    training = next((t for t in part.trainings if t.name == evaluation.model), part.trainings[0])
-    checkpoint = None if evaluation.model == BASE else str(training.final_dir(out_dir / evaluation.model))
     overrides = training.overrides
     config = _config_with(part.config, {"num_gist_tokens": overrides["num_gist_tokens"]}, out_dir)
     start = time.perf_counter()
@@ -304,9 +307,7 @@ def evaluate(part: Part, evaluation: Evaluation, out_dir: Path, args: argparse.N
         "mode": evaluation.mode,
         "checkpoint": checkpoint,
         "num_gist_tokens": lm.num_gist_tokens,
-        "max_gen_toks": args.max_gen_toks,
-        "dtype": args.dtype,
-        "limits": limits,
+        **settings,
         "tasks": {},
     }
     if part.name == "alpaca":
@@ -348,6 +349,18 @@ def evaluate(part: Part, evaluation: Evaluation, out_dir: Path, args: argparse.N
     _atomic_json(record, path)
     print(f"[done] {path} in {record['seconds']:.0f} s", flush=True)
     return path
+
+
+def _reusable(path: Path, settings: Mapping[str, Any], checkpoint: Optional[str]) -> bool:
+    """Whether the saved evaluation at ``path`` answers this one: the same samples, generation settings and
+    data, written after the checkpoint it read (a retrained model is evaluated again)."""
+    if not path.is_file():
+        return False
+    record = json.loads(path.read_text())
+    if any(record.get(key) != value for key, value in settings.items()):
+        return False
+    adapter = Path(checkpoint) / ADAPTER if checkpoint is not None else None
+    return adapter is None or not adapter.is_file() or path.stat().st_mtime >= adapter.stat().st_mtime
 
 
 def _limits(part: Part, evaluation: Evaluation, args: argparse.Namespace) -> Dict[str, Any]:

@@ -198,3 +198,21 @@ def test_study_long_context_training_starts_from_the_short_one(tmp_path: Path, m
     with pytest.raises(RuntimeError, match="failed"):
         study.train(part, long, tmp_path, threads=1)
     assert f"initial_adapter={adapter}" in commands[0] and f"context_tokens=[{study.LONG_CONTEXT}]" in commands[0]
+
+
+def test_study_reuses_an_evaluation_only_for_the_same_settings_and_checkpoint(tmp_path: Path) -> None:
+    study = _study_module()
+    adapter = tmp_path / "gist8" / "epoch_0" / study.ADAPTER
+    adapter.parent.mkdir(parents=True)
+    adapter.touch()
+    settings = {"limits": {"gist_passkey": 100}, "max_gen_toks": 128, "dtype": "fp32"}
+    path = tmp_path / "eval.json"
+    assert not study._reusable(path, settings, str(adapter.parent))
+    path.write_text(json.dumps({**settings, "tasks": {}}))
+    os.utime(adapter, (path.stat().st_mtime - 10,) * 2)
+    assert study._reusable(path, settings, str(adapter.parent))
+    assert study._reusable(path, settings, None)
+    assert not study._reusable(path, {**settings, "max_gen_toks": 512}, str(adapter.parent))
+    assert not study._reusable(path, {**settings, "data_dir": "/elsewhere"}, str(adapter.parent))
+    os.utime(adapter, (path.stat().st_mtime + 10,) * 2)  # retrained after the evaluation
+    assert not study._reusable(path, settings, str(adapter.parent))

@@ -175,9 +175,8 @@ def test_dataset_counts_truncated_and_dropped(tiny_tokenizer, caplog):
     [
         ({"input": "", "output": "x"}, ValueError, "record 1: missing field 'instruction'"),
         ({"instruction": "Hi", "input": ""}, ValueError, "record 1: missing field 'output'"),
-        ({"instruction": "Hi", "output": "x"}, ValueError, "record 1: missing field 'input'"),
+        ({"instruction": "Hi", "output": "x"}, ValueError, r"record 1: missing field 'input' \(data without inputs: column_map"),
         ({"instruction": "  ", "input": "", "output": "x"}, ValueError, "record 1: field 'instruction' is empty"),
-        ({"instruction": "Hi", "input": "", "output": ""}, ValueError, "record 1: field 'output' is empty"),
         ({"instruction": "Hi", "input": "", "output": 5}, TypeError, "record 1: field 'output' must be a string"),
         ({"instruction": None, "input": "", "output": "x"}, ValueError, "record 1: missing field 'instruction'"),
     ],
@@ -185,6 +184,20 @@ def test_dataset_counts_truncated_and_dropped(tiny_tokenizer, caplog):
 def test_bad_records_name_the_index(tiny_tokenizer, record, error, match):
     with pytest.raises(error, match=match):
         GistInstructDataset([RECORD, record], GistInstructTransform(tiny_tokenizer))
+
+
+def test_an_empty_output_is_learned_as_the_end_token_alone(tiny_tokenizer):
+    t = tiny_tokenizer
+    ex = GistInstructDataset([RECORD, {"instruction": "Hi", "input": "", "output": ""}], GistInstructTransform(t))[1]
+    assert ex["tokens"][ex["prompt_len"] :] == [t.eos_id]
+    assert [x for x in ex["labels"] if x != IGNORE] == [t.eos_id]
+
+
+def test_llama3_chat_strips_fields_like_torchtune(tiny_tokenizer):
+    transform = GistInstructTransform(tiny_tokenizer, num_gist_tokens=2, template="llama3_chat")
+    padded = {"instruction": "  Add the numbers.\n", "input": " 2, 3 ", "output": "5 \n"}
+    assert transform(padded) == transform(RECORD)
+    assert transform.encode_prompt(" Add the numbers. ", "2, 3\n") == transform.encode_prompt("Add the numbers.", "2, 3")
 
 
 def test_null_input_means_no_input(tiny_tokenizer):
@@ -359,6 +372,16 @@ def test_build_alpaca_plus_train_files_and_cli(tiny_tokenizer, tmp_path):
         "--out", str(out), "--num-validation-seen", "2", "--num-validation-unseen", "1", "--overwrite",
     ])
     assert cli == counts
+
+
+def test_alpaca_plus_cli_reports_bad_sources_without_a_traceback(tmp_path, capsys):
+    (tmp_path / "alpaca.json").write_text("{\"instruction\": ")
+    for alpaca, match in ((tmp_path / "missing.json", "missing.json"), (tmp_path / "alpaca.json", "not valid JSON")):
+        with pytest.raises(SystemExit) as exit_info:
+            alpaca_plus_main(["--alpaca", str(alpaca), "--self-instruct", str(tmp_path / "si.jsonl"), "--out", str(tmp_path / "o")])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "error:" in err and match in err and "Traceback" not in err
 
 
 def test_build_alpaca_plus_train_malformed_sources(tmp_path):

@@ -1,8 +1,11 @@
 """Passkey data: determinism, lengths, needle placement, token layout, labels, bad input."""
 
+import re
+from pathlib import Path
 from typing import List
 
 import pytest
+from omegaconf import OmegaConf
 
 from torchtune_gist.data import (
     NEEDLES,
@@ -12,6 +15,7 @@ from torchtune_gist.data import (
     make_passkey_sample,
     make_passkey_samples,
 )
+from torchtune_gist.eval._tasks import EVAL_SEED
 from torchtune_gist.gist_tokens import gist_token_ids
 
 IGNORE = -100
@@ -134,3 +138,28 @@ def test_bad_settings(tiny_tokenizer):
         make_passkey_samples(t, 1, context_tokens=200, depths=[])
     with pytest.raises(ValueError, match="field 'answer' is missing or empty"):
         GistPasskeyTransform(t, num_gist_tokens=1)({"context": "x", "question": "q", "answer": ""})
+
+
+def test_eval_records_never_repeat_training_records(tiny_tokenizer):
+    """The passkey tasks' seed differs from every training config's, so no eval haystack was trained on."""
+    root = Path(__file__).resolve().parents[1]
+    for task in ("gist_passkey.yaml", "gist_passkey_ko.yaml"):
+        text = (root / "torchtune_gist" / "eval" / "tasks" / task).read_text()
+        assert int(re.search(r"^  seed: (\d+)", text, re.M).group(1)) == EVAL_SEED
+    configs = [p for p in (root / "configs").rglob("*.yaml") if "gist_passkey_dataset" in p.read_text()]
+    train_seeds = {OmegaConf.load(p).dataset.seed for p in configs}
+    assert configs and EVAL_SEED not in train_seeds
+
+    def seeds(seed: int, depths=None) -> set:
+        return {r["seed"] for r in make_passkey_samples(tiny_tokenizer, 40, context_tokens=64, depths=depths, seed=seed)}
+
+    evaluation = seeds(EVAL_SEED, depths=[0.0, 0.5, 1.0])
+    for seed in train_seeds:
+        assert not evaluation & seeds(seed)
+    assert seeds(0, depths=[0.0, 0.5, 1.0]) & seeds(0)  # what one seed for both would do
+
+
+@pytest.mark.parametrize("seed", [None, 1.5, True, "0"])
+def test_seed_must_be_an_integer(tiny_tokenizer, seed):
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        make_passkey_samples(tiny_tokenizer, 2, context_tokens=64, seed=seed)

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
 from torchtune.data import Message
 from torchtune.generation import generate
 from torchtune.models.convert_weights import tune_to_hf
@@ -116,7 +117,9 @@ def test_tokenizer_special_tokens(tokenizer: SmolLM2Tokenizer) -> None:
     assert sorted(tokenizer.special_tokens.values()) == list(range(17))
     assert tokenizer.special_tokens["<|im_start|>"] == 1
     assert (tokenizer.eos_id, tokenizer.pad_id, tokenizer.stop_tokens) == (2, 0, [2, 0])
-    assert tokenizer.encode("<|im_end|>", add_eos=False) == [2]
+    for text in ("<|im_end|>", "a <|endoftext|> b"):  # special-token strings in text stay text
+        ids = tokenizer.encode(text, add_eos=False)
+        assert min(ids) >= len(tokenizer.special_tokens) and tokenizer.decode(ids) == text
     assert tokenizer.decode([1, *tokenizer.encode("hi", add_eos=False), 2]) == "hi"
 
 
@@ -132,7 +135,8 @@ def test_chatml_messages(tokenizer: SmolLM2Tokenizer) -> None:
     )
     tokens, mask = tokenizer.tokenize_messages(messages)
     assert tokenizer.decode(tokens, skip_special_tokens=False) == text
-    assert tokens == tokenizer.encode(text, add_eos=False)  # same ids as the Hugging Face template's text
+    hf = Tokenizer.from_str(tokenizer._tokenizer.to_str())  # Hugging Face's reading: special-token strings parsed
+    assert tokens == hf.encode(text, add_special_tokens=False).ids  # same ids as the Hugging Face template's text
     answer = [1] + tokenizer.encode("assistant\nRome.", add_eos=False) + [2] + tokenizer.encode("\n", add_eos=False)
     assert tokens[-len(answer) :] == answer
     assert mask == [True] * (len(tokens) - len(answer)) + [False] * len(answer)  # the whole assistant turn is trained

@@ -252,13 +252,16 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, int]:
     parser.add_argument("--num-validation-unseen", type=int, default=1000)
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     args = parser.parse_args(argv)
-    counts = build_alpaca_plus_train(
-        args.alpaca,
-        args.self_instruct,
-        args.out,
-        num_validation_seen=args.num_validation_seen,
-        num_validation_unseen=args.num_validation_unseen,
-        overwrite=args.overwrite,
-    )
+    try:
+        counts = build_alpaca_plus_train(
+            args.alpaca,
+            args.self_instruct,
+            args.out,
+            num_validation_seen=args.num_validation_seen,
+            num_validation_unseen=args.num_validation_unseen,
+            overwrite=args.overwrite,
+        )
+    except (OSError, ValueError, TypeError) as err:
+        parser.error(str(err))
     print(json.dumps(counts))
     return counts

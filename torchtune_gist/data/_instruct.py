@@ -149,22 +149,26 @@ class GistInstructTransform(Transform):
             if value is None and field == "input" and column in sample:
                 value = ""
             if value is None:
-                raise ValueError(f"missing field {column!r}{mapped}")
+                hint = " (data without inputs: column_map={'input': None})" if field == "input" else ""
+                raise ValueError(f"missing field {column!r}{mapped}{hint}")
             if not isinstance(value, str):
                 raise TypeError(f"field {column!r}{mapped} must be a string, got {type(value).__name__}")
-            if field != "input" and not value.strip():
+            if field == "instruction" and not value.strip():
                 raise ValueError(f"field {column!r}{mapped} is empty")
             values[field] = value
         return values
 
     def encode_prompt(self, instruction: str, input: str = "") -> Dict[str, Any]:
-        """Tokens of the prompt only (up to ``prompt_len``), for generation and caching.
+        """Tokens of the prompt only (up to ``prompt_len``), for generation and caching (``llama3_chat``
+        strips the instruction and input, as torchtune's Llama 3 tokenizer strips message text).
 
         Returns:
             Dict[str, Any]: ``tokens`` (List[int]), ``gist_start`` (index of the first gist id),
             ``instruction_start`` (index of the first instruction token that truncation may cut).
         """
         head = self._head
+        if self.template == "llama3_chat":
+            instruction, input = instruction.strip(), input.strip()
         if self.template == "plain":
             pre = self._encode(f"Instruction: {instruction}\n", "instruction")
             post = self._encode(f"\nInput: {input}\nOutput:" if input else "\nOutput:", "input")
@@ -185,13 +189,17 @@ class GistInstructTransform(Transform):
             Dict[str, Any]: ``tokens`` and ``labels`` (List[int], same length), ``gist_start``,
             ``prompt_len`` (tokens before the completion) and ``instruction_start``.
 
+        An empty output is learned as the end token alone (Stanford Alpaca has such records; the official
+        code trains them so). ``llama3_chat`` strips each field, as torchtune's Llama 3 tokenizer does.
+
         Raises:
-            ValueError: on a missing or empty instruction/output, or text that encodes to a gist id.
+            ValueError: on a missing field or an empty instruction, or text that encodes to a gist id.
             TypeError: on a non-string field.
         """
         fields = self._fields(sample)
         prompt = self.encode_prompt(fields["instruction"], fields["input"])
-        completion = self._encode(fields["output"], "output") + self._end
+        output = fields["output"].strip() if self.template == "llama3_chat" else fields["output"]
+        completion = self._encode(output, "output") + self._end
         prompt_tokens = prompt["tokens"]
         gist_start, k = prompt["gist_start"], self.num_gist_tokens
         if self.train_on_input:

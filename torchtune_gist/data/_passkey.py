@@ -64,6 +64,11 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
+def _check_seed(seed: Any) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer (the records are deterministic in it), got {seed!r}")
+
+
 def _check_depth(depth: Any) -> None:
     if isinstance(depth, bool) or not isinstance(depth, (int, float)) or not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be a number in [0, 1], got {depth!r}")
@@ -109,6 +114,7 @@ def make_passkey_sample(
     _check_int("context_tokens", context_tokens, 1)
     _check_int("passkey_digits", passkey_digits, 1)
     _check_depth(depth)
+    _check_seed(seed)
     if num_gist_tokens is not None:
         _check_int("num_gist_tokens", num_gist_tokens, 0)
     check_tokenizer(tokenizer, [])
@@ -188,13 +194,17 @@ def make_passkey_samples(
         depths (Optional[Sequence[float]]): depths used in turn; ``None``: uniform random depths.
         passkey_digits (int): passkey length.
         language (str): ``"en"`` or ``"ko"``.
-        seed (int): master seed; record ``i`` gets its own seed drawn from it.
+        seed (int): master seed; record ``i`` gets its own seed drawn from it. Two calls with one seed share
+            records (random depths draw twice per record, fixed depths once: record ``2i`` of one is record ``i``
+            of the other): training and evaluation data need different seeds (the eval tasks default to 1234,
+            the training configs use 0).
         num_gist_tokens (Optional[int]): K, for ``compression_ratio``.
 
     Returns:
         List[Dict[str, Any]]: the records, each also with ``index`` and ``seed``.
     """
     _check_int("num_samples", num_samples, 1)
+    _check_seed(seed)
     lengths = [context_tokens] if isinstance(context_tokens, int) else list(context_tokens)
     if not lengths:
         raise ValueError("context_tokens must be an integer or a non-empty list of integers")

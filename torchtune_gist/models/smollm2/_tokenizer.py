@@ -88,7 +88,7 @@ class SmolLM2Tokenizer(ModelTokenizer, Transform):
 
     ``tokenize_messages`` writes each message as ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` (the
     Hugging Face chat template; unlike that template it adds no default system message). Special-token
-    strings found in text are read as the special tokens, as Hugging Face's tokenizer does.
+    strings found in text stay text (unlike Hugging Face's tokenizer, like torchtune's Llama 3 tokenizer).
 
     Attributes:
         bos_id (None): SmolLM2 has no BOS token.
@@ -108,6 +108,9 @@ class SmolLM2Tokenizer(ModelTokenizer, Transform):
     """
 
     def __init__(self, tokenizer: Tokenizer, max_seq_len: Optional[int] = None):
+        # Special-token strings inside text stay text, as torchtune's Llama 3 tokenizer keeps them: a literal
+        # "<|endoftext|>" in data must not become the padding id that the gist masks find padding by.
+        tokenizer.encode_special_tokens = True
         self._tokenizer = tokenizer
         self.max_seq_len = max_seq_len
         added = tokenizer.get_added_tokens_decoder()

@@ -39,7 +39,7 @@ from torchtune import config, training, utils
 from torchtune_gist.checkpointing import load_gist_adapter
 from torchtune_gist.generation import GistCache, compress, generate_from_cache
 from torchtune_gist.modules import init_gist_embeddings
-from torchtune_gist.training import check_gist_setup, get_device, load_base_weights
+from torchtune_gist.training import check_dataset_gist_ids, check_gist_setup, get_device, load_base_weights
 
 log = utils.get_logger("INFO")
 
@@ -84,7 +84,12 @@ class GistGenerateRecipe:
         self._seed = training.set_seed(seed=cfg.get("seed", None))
 
     def setup(self, cfg: DictConfig) -> None:
-        """Build the model, load base weights and the gist adapter, build the tokenizer and prompt layout."""
+        """Build the model, load base weights and the gist adapter, build the tokenizer and prompt layout.
+
+        Raises:
+            ValueError: if the model, the tokenizer, ``num_gist_tokens`` and the prompt transform disagree
+                on the gist tokens.
+        """
         base = config.instantiate(cfg.checkpointer).load_checkpoint()[training.MODEL_KEY]
         with training.set_default_dtype(self._dtype), self._device:
             model = config.instantiate(cfg.model)
@@ -98,6 +103,7 @@ class GistGenerateRecipe:
         self._tokenizer = config.instantiate(cfg.tokenizer)
         self._gist_ids = check_gist_setup(model, self._tokenizer, cfg.num_gist_tokens, "gist")
         self._transform = config.instantiate(cfg.prompt_transform, self._tokenizer)
+        check_dataset_gist_ids(self._transform, cfg.prompt_transform, "prompt_transform", self._gist_ids)
 
     @torch.no_grad()
     def generate(self, cfg: DictConfig) -> str:

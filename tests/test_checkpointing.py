@@ -136,6 +136,19 @@ def test_foreign_files_are_rejected(tmp_path: Path):
         save_gist_adapter(gist_llama3_1_tiny(), tmp_path, base_model="x", state_dict={"x": torch.zeros(1)})
 
 
+def test_unreadable_adapter_files_are_value_errors_naming_the_path(tmp_path: Path):
+    path = save_gist_adapter(gist_llama3_1_tiny(num_gist_tokens=2), tmp_path / "good", base_model="tiny")
+    data = path.read_bytes()
+    for name, content in (("truncated", data[: len(data) // 2]), ("text", b"not an adapter\n"), ("empty", b"")):
+        bad = tmp_path / name / ADAPTER_FILE
+        bad.parent.mkdir()
+        bad.write_bytes(content)
+        with pytest.raises(ValueError, match=f"{bad} is not a readable safetensors file"):
+            read_gist_adapter_metadata(bad.parent)
+        with pytest.raises(ValueError, match=f"{bad} is not a readable safetensors file"):
+            load_gist_adapter(gist_llama3_1_tiny(num_gist_tokens=2), bad)
+
+
 @pytest.mark.parametrize(
     "kwargs", [{}, {"apply_lora_to_mlp": True, "apply_lora_to_output": True}, {"use_dora": True}],
     ids=["lora", "lora_mlp_output", "dora"],

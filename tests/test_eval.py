@@ -15,6 +15,7 @@ from lm_eval.api.instance import Instance
 from rouge_score import rouge_scorer
 from safetensors.torch import save_file
 from torchtune.models.llama3_1 import llama3_1
+from torchtune.modules import TiedLinear
 
 from torchtune_gist._io import atomic_save_safetensors
 from torchtune_gist.checkpointing import ADAPTER_FILE, export_merged_hf, save_gist_adapter
@@ -35,7 +36,8 @@ from torchtune_gist.eval import (
     rouge_scores,
 )
 from torchtune_gist.generation import GENERATION_MODES, generate
-from torchtune_gist.models import gist_llama3_1_tiny, lora_gist_llama3_1_tiny
+from torchtune_gist.masks import make_gist_mask
+from torchtune_gist.models import gist_llama3_1_tiny, lora_gist_llama3_1_tiny, lora_gist_llama3_2, qlora_gist_llama3_1_tiny
 from torchtune_gist.tiny import TINY_LLAMA3_1_ARGS
 from torchtune_gist.training import load_base_weights
 
@@ -357,6 +359,67 @@ def test_loads_base_adapter_and_merged_export(checkpoints: Tuple[Path, Path, tor
     ours, theirs = lm.loglikelihood(requests)[0][0], direct.loglikelihood(requests)[0][0]
     assert ours == theirs
     assert merged.loglikelihood(requests)[0][0] == pytest.approx(theirs, abs=1e-4)
+
+
+def test_checkpoint_dir_may_name_the_adapter_file(checkpoints: Tuple[Path, Path, torch.nn.Module]) -> None:
+    config, ckpt, trained = checkpoints
+    lm = TorchtuneGistLM(config=str(config), checkpoint_dir=str(ckpt / ADAPTER_FILE), device="cpu")
+    expected = trained.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in lm.model.state_dict().items())
+
+
+def _tokenizer_section(tokenizer_files: Tuple[Path, Path]) -> str:
+    model_path, special_path = tokenizer_files
+    return f"""
+tokenizer:
+  _component_: torchtune.models.llama3.llama3_tokenizer
+  path: {model_path}
+  special_tokens_path: {special_path}
+"""
+
+
+def test_merged_export_of_a_tied_model_scores_as_the_trained_model(
+    tmp_path: Path, tiny_tokenizer_files: Tuple[Path, Path], tiny_tokenizer: Any
+) -> None:
+    """The export writes the gist rows into the embedding at the gist ids; the tied head must still use the
+    vocabulary rows there, so every logit (the gist ids' included) is the trained model's."""
+    arch = {k: v for k, v in TINY_LLAMA3_1_ARGS.items() if k != "attn_dropout"}
+    lora = dict(lora_attn_modules=["q_proj", "v_proj"], lora_rank=4, lora_alpha=8.0)
+    torch.manual_seed(1)
+    trained = lora_gist_llama3_2(**arch, **lora, num_gist_tokens=K).eval()
+    assert isinstance(trained.output, TiedLinear)
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if "lora_b" in name or "gist" in name:
+                p.normal_(0, 0.5)
+    export_merged_hf(trained, tmp_path / "hf_merged")
+    model_section = "\n".join(
+        ["model:", "  _component_: torchtune_gist.models.lora_gist_llama3_2", f"  num_gist_tokens: {K}"]
+        + [f"  {k}: {v}" for k, v in {**arch, **lora}.items()]
+    )
+    (tmp_path / "tied.yaml").write_text(model_section + _tokenizer_section(tiny_tokenizer_files))
+    merged = TorchtuneGistLM(config=str(tmp_path / "tied.yaml"), checkpoint_dir=str(tmp_path / "hf_merged"), device="cpu")
+    ids = trained.tok_embeddings.gist_token_ids
+    tokens = torch.tensor([[5, 6, 7] + ids + [8, 9]])
+    mask = make_gist_mask(tokens, ids)
+    with torch.no_grad():
+        torch.testing.assert_close(merged.model(tokens, mask=mask), trained(tokens, mask=mask), atol=1e-5, rtol=1e-5)
+    requests = [_instance("Instruction: Reverse the word.\n<GIST>\nInput: cat\nOutput:", " tac")]
+    expected = TorchtuneGistLM(model=trained, tokenizer=tiny_tokenizer).loglikelihood(requests)[0][0]
+    assert merged.loglikelihood(requests)[0][0] == pytest.approx(expected, abs=1e-4)
+
+
+def test_merged_export_is_refused_by_a_qlora_config(tmp_path: Path, tiny_tokenizer_files: Tuple[Path, Path]) -> None:
+    """Loading merged weights into NF4 modules would quantise the fine-tune away: refused, naming both ways out."""
+    lora = ["q_proj", "v_proj"]
+    export_merged_hf(qlora_gist_llama3_1_tiny(lora, num_gist_tokens=K), tmp_path / "hf_merged")
+    model_section = (
+        f"model:\n  _component_: torchtune_gist.models.qlora_gist_llama3_1_tiny\n"
+        f"  lora_attn_modules: {lora}\n  num_gist_tokens: {K}\n"
+    )
+    (tmp_path / "qlora.yaml").write_text(model_section + _tokenizer_section(tiny_tokenizer_files))
+    with pytest.raises(ValueError, match="quantises its base weights to NF4.*non-quantised model.*adapter directory"):
+        TorchtuneGistLM(config=str(tmp_path / "qlora.yaml"), checkpoint_dir=str(tmp_path / "hf_merged"), device="cpu")
 
 
 def test_dora_loads_from_the_base_the_adapter_and_the_merged_export(

@@ -217,6 +217,57 @@ def test_save_load_round_trip_and_compatibility_checks(model, tmp_path):
         GistCache.load(tmp_path / "missing.safetensors")
 
 
+def test_unreadable_cache_files_and_a_missing_cuda_are_clear_errors(model, tmp_path, monkeypatch):
+    path = compress(model, [_example(5, 1, 6)[0]], gist_token_ids=IDS).save(tmp_path / "cache.safetensors")
+    data = path.read_bytes()
+    (tmp_path / "truncated.safetensors").write_bytes(data[: len(data) // 2])
+    (tmp_path / "text.txt").write_text("not a cache\n")
+    (tmp_path / "empty.bin").write_bytes(b"")
+    for name in ("truncated.safetensors", "text.txt", "empty.bin"):
+        with pytest.raises(ValueError, match=f"{tmp_path / name} is not a readable safetensors file"):
+            GistCache.load(tmp_path / name)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device='cuda': CUDA is not available"):
+        GistCache.load(path, device="cuda")
+
+
+def test_a_cache_from_another_dtype_names_the_dtypes(model):
+    cache = compress(model, [_example(5, 1, 7)[0]], gist_token_ids=IDS)
+    with pytest.raises(ValueError, match="made by a model in torch.float32, but this model runs in torch.bfloat16"):
+        cache.check_compatible(copy.deepcopy(model).to(torch.bfloat16))
+    with pytest.raises(ValueError, match="different weights"):
+        cache.check_compatible(_tiny(seed=1))
+
+
+def test_a_cache_built_without_a_fingerprint(model):
+    """Generation checks only its shapes (naming what they hold); check_compatible says it cannot check the weights."""
+    prompt, cont = _example(7, 2, 8)
+    cache = compress(model, [prompt], gist_token_ids=IDS)
+    bare = GistCache(cache.keys, cache.values, cache.next_pos, IDS)
+    out, expected = (generate_from_cache(model, c, [cont], max_new_tokens=3) for c in (bare, cache))
+    assert out.tokens == expected.tokens
+    with pytest.raises(ValueError, match=r"with \{'num_layers': 2, 'num_kv_heads': 2, 'head_dim': 16\}, but this model has "
+                       r"\{'num_layers': 3, 'num_kv_heads': 2, 'head_dim': 16\}"):
+        generate_from_cache(_tiny(num_layers=3), bare, [cont], max_new_tokens=2)
+    with pytest.raises(ValueError, match="no fingerprint of the model that made it"):
+        bare.check_compatible(model)
+
+
+def test_select_takes_row_indices_or_a_boolean_mask(model):
+    cache = compress(model, [[1] + IDS, [2, 3] + IDS, [4, 5, 6] + IDS], gist_token_ids=IDS)
+    by_index = cache.select([0, 2])
+    for mask in ([True, False, True], torch.tensor([True, False, True])):
+        chosen = cache.select(mask)
+        assert chosen.next_pos.tolist() == [1 + K, 3 + K]
+        assert all(torch.equal(a, b) for a, b in zip(chosen.keys + chosen.values, by_index.keys + by_index.values))
+    assert cache.select(torch.tensor([2, 0, 2])).next_pos.tolist() == [3 + K, 1 + K, 3 + K]
+    with pytest.raises(ValueError, match=r"a boolean row mask must have shape \[3\], got \(2,\)"):
+        cache.select([True, False])
+    for rows in ([False, False, False], [], [0.0, 1.0], [3]):
+        with pytest.raises(ValueError, match="rows must be"):
+            cache.select(rows)
+
+
 def test_model_gist_ids_are_the_default(model):
     gist_model = copy.deepcopy(model)
     gist_model.tok_embeddings.gist_token_ids = IDS
@@ -258,8 +309,9 @@ def test_bad_cache_uses_are_refused_clearly(model):
         GistCache.cat([cache, other_k])
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate_from_cache(model, cache, [[1], [2]], max_new_tokens=0)
-    with pytest.raises(ValueError, match="temperature"):
-        generate_from_cache(model, cache, [[1], [2]], max_new_tokens=2, temperature=-1.0)
+    for temperature in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+            generate_from_cache(model, cache, [[1], [2]], max_new_tokens=2, temperature=temperature)
     with pytest.raises(ValueError, match="max_seq_len"):
         generate_from_cache(model, cache, [[1], [2]], max_new_tokens=TINY_LLAMA3_1_ARGS["max_seq_len"])
     with pytest.raises(ValueError, match="rows must be"):
@@ -526,6 +578,16 @@ def test_gist_generate_reads_prompt_and_input_files_and_refuses_yaml_parsed_text
         _generate_recipe(assets, tmp_path, {}, ["prompt=12345"])
     with pytest.raises(ValueError, match="input was read as DictConfig .*Note.*input_file=PATH"):
         _generate_recipe(assets, tmp_path, {}, ["input=Note: x"])
+
+
+def test_gist_generate_refuses_a_prompt_transform_with_another_k(tmp_path):
+    """With load_cache, a transform laying out another K would silently cut the continuation: setup refuses it."""
+    assets = tmp_path / "assets"
+    write_tiny_tokenizer(assets)
+    write_tiny_base_checkpoint(assets)
+    recipe, cfg = _generate_recipe(assets, tmp_path, {}, ["prompt_transform.num_gist_tokens=2"])
+    with pytest.raises(ValueError, match=r"prompt_transform lays out 2 gist tokens .* but the model has 4"):
+        recipe.setup(cfg)
 
 
 def test_gist_generate_without_an_adapter_initialises_dora_from_the_base(tmp_path):

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
@@ -164,11 +164,14 @@ def read_gist_adapter_metadata(path_or_dir: Union[str, Path]) -> Dict[str, Any]:
 
     Raises:
         FileNotFoundError: if there is no such file.
-        ValueError: if the file is not a torchtune-gist adapter.
+        ValueError: if the file is not a safetensors torchtune-gist adapter.
     """
     path = gist_adapter_path(path_or_dir)
-    with safe_open(str(path), framework="pt") as f:
-        raw = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a readable safetensors file (a torchtune-gist adapter): {e}") from e
     if raw.get("format") != ADAPTER_FORMAT:
         raise ValueError(
             f"{path} is not a torchtune-gist adapter (safetensors metadata format={raw.get('format')!r}, "

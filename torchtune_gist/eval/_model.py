@@ -33,6 +33,7 @@ from lm_eval.api.registry import register_model
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchtune import config as tt_config, training
+from torchtune.modules import TiedLinear
 from torchtune.modules.peft import DoRALinear, LoRALinear
 
 from torchtune_gist.checkpointing import (
@@ -113,7 +114,23 @@ def _load_base(model: nn.Module, cfg: DictConfig) -> None:
 
 
 def _load_merged(model: nn.Module, directory: Path) -> None:
-    """Load a merged Hugging Face export into the config's gist-aware model (LoRA/DoRA, if any, switched off)."""
+    """Load a merged Hugging Face export into the config's gist-aware model (LoRA/DoRA, if any, switched off).
+
+    The export holds the gist rows in its embedding at the gist ids and the original vocabulary in
+    ``output.weight``; a tied model takes its vocabulary from the latter, so that the gist ids keep
+    their vocabulary rows as output rows.
+
+    Raises:
+        ValueError: if the model quantises its base weights (QLoRA), or was built with other gist ids.
+    """
+    quantized = [n for n, m in model.named_modules() if isinstance(m, (LoRALinear, DoRALinear)) and m._quantize_base]
+    if quantized:
+        raise ValueError(
+            f"{directory} is a merged export, but the config's model quantises its base weights to NF4 ({quantized[0]}, "
+            "...): the merged weights would be quantised again, losing much of the fine-tune. Use a config with a "
+            "non-quantised model (e.g. lora_gist_llama3_1_8b instead of qlora_gist_llama3_1_8b), or pass the adapter "
+            f"directory (with {ADAPTER_FILE}) as checkpoint_dir"
+        )
     emb = get_gist_embedding(model)
     saved = json.loads((directory / GIST_CONFIG_FILE).read_text())
     if saved.get("gist_token_ids") != emb.gist_token_ids:
@@ -123,13 +140,14 @@ def _load_merged(model: nn.Module, directory: Path) -> None:
         )
     state = load_merged_hf(directory)
     vocab = state.pop("tok_embeddings.weight")
-    state["tok_embeddings.weight"] = vocab[: emb.num_embeddings]
+    output = state.pop("output.weight", None)
     state[GIST_KEY] = vocab[torch.tensor(emb.gist_token_ids)]
-    params = dict(model.named_parameters())
-    if "output.weight" in params:
-        state["output.weight"] = state["output.weight"][: params["output.weight"].shape[0]]
+    if isinstance(model.output, TiedLinear):
+        state["tok_embeddings.weight"] = (vocab if output is None else output)[: emb.num_embeddings]
     else:
-        state.pop("output.weight", None)
+        state["tok_embeddings.weight"] = vocab[: emb.num_embeddings]
+        if output is not None:
+            state["output.weight"] = output[: model.output.weight.shape[0]]
     missing, unexpected = model.load_state_dict(state, strict=False)
     check_base_keys(missing, unexpected)
     for module in model.modules():
@@ -148,16 +166,16 @@ def _load_weights(model: nn.Module, cfg: DictConfig, checkpoint_dir: Optional[st
         init_gist_embeddings(model)
         return
     directory = Path(checkpoint_dir)
-    if (directory / ADAPTER_FILE).is_file():
+    if directory.is_file() or (directory / ADAPTER_FILE).is_file():
         _load_base(model, cfg)
         load_gist_adapter(model, directory)
     elif all((directory / f).is_file() for f in (GIST_CONFIG_FILE, HF_CONFIG_FILE, HF_WEIGHTS_FILE)):
         _load_merged(model, directory)
     else:
         raise ValueError(
-            f"checkpoint_dir={str(directory)!r} holds no gist rows: expected {ADAPTER_FILE} (base weights from the "
-            f"config's checkpointer + gist rows and LoRA) or a merged export ({HF_WEIGHTS_FILE}, {HF_CONFIG_FILE}, "
-            f"{GIST_CONFIG_FILE})"
+            f"checkpoint_dir={str(directory)!r} holds no gist rows: expected {ADAPTER_FILE} or the adapter file "
+            f"itself (base weights from the config's checkpointer + gist rows and LoRA) or a merged export "
+            f"({HF_WEIGHTS_FILE}, {HF_CONFIG_FILE}, {GIST_CONFIG_FILE})"
         )
 
 
@@ -184,14 +202,15 @@ class TorchtuneGistLM(LM):
     """A gist-aware torchtune model for lm-eval (module docstring: request format and modes).
 
     Built either from a torchtune config (``config``: a YAML with ``model``, ``tokenizer`` and
-    ``checkpointer`` sections) and ``checkpoint_dir`` (a directory with ``gist_adapter.safetensors``,
-    loaded on top of the checkpointer's base weights, or a merged Hugging Face export with
-    ``gist_config.json``), or from an already built ``model`` and ``tokenizer``.
+    ``checkpointer`` sections) and ``checkpoint_dir`` (a gist adapter file or a directory with
+    ``gist_adapter.safetensors``, loaded on top of the checkpointer's base weights, or a merged Hugging
+    Face export with ``gist_config.json``, which needs a non-quantised model), or from an already built
+    ``model`` and ``tokenizer``.
 
     Args:
         config (Optional[str]): path of the torchtune config.
-        checkpoint_dir (Optional[str]): the gist checkpoint. May be omitted outside ``gist`` mode
-            (base weights, gist rows at their initial values).
+        checkpoint_dir (Optional[str]): the gist checkpoint (a directory, or the adapter file). May be
+            omitted outside ``gist`` mode (base weights, gist rows at their initial values).
         model (Optional[nn.Module]): a built gist-aware ``TransformerDecoder`` (instead of ``config``).
         tokenizer (Any): its tokenizer (with ``model``).
         mode (str): ``gist``, ``pos_control``, ``neg_control`` or ``truncate``. Default ``gist``.
@@ -203,7 +222,8 @@ class TorchtuneGistLM(LM):
 
     Raises:
         ValueError: on an unknown mode, a bad batch size, both or neither of ``config`` and
-            ``model``, a model whose gist ids differ from the tokenizer's, or a checkpoint without gist rows.
+            ``model``, a model whose gist ids differ from the tokenizer's, a checkpoint without gist rows, or a
+            merged export with a QLoRA config.
         FileNotFoundError: if the config is missing.
         TypeError: if the model is not gist-aware.
     """

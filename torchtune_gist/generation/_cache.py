@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torchtune.modules import TransformerDecoder
 
 from torchtune_gist._io import atomic_save_safetensors
@@ -36,7 +36,6 @@ from torchtune_gist.generation._inputs import (
 
 CACHE_FORMAT = "torchtune-gist-cache"
 CACHE_FORMAT_VERSION = "2"  # 2: large weights enter the fingerprint through a sample
-_ARCH_KEYS = ("num_layers", "num_heads", "num_kv_heads", "head_dim")
 
 
 #: Weights of more values than this enter the fingerprint through an even sample of about this many
@@ -101,7 +100,9 @@ class GistCache:
         values (List[torch.Tensor]): per layer ``[b, n_kv, K, h_d]``.
         next_pos (torch.Tensor): long ``[b]``: the absolute position right after each row's gist span.
         gist_token_ids (List[int]): the K gist ids, in span order.
-        fingerprint (Dict[str, Any]): :func:`model_fingerprint` of the model that made the cache.
+        fingerprint (Dict[str, Any]): :func:`model_fingerprint` of the model that made the cache
+            (:func:`compress` records it). A cache built without one can be generated from (only its
+            shapes are checked), but :meth:`check_compatible` refuses it.
 
     Raises:
         ValueError: if the tensors' shapes disagree with each other or with K.
@@ -155,11 +156,27 @@ class GistCache:
             [fn(k) for k in self.keys], [fn(v) for v in self.values], next_pos, list(self.gist_token_ids), dict(self.fingerprint)
         )
 
-    def select(self, rows: Union[Sequence[int], torch.Tensor]) -> "GistCache":
-        """The cache of rows ``rows`` (in that order; a row may repeat)."""
-        index = torch.as_tensor(rows, dtype=torch.long, device=self.next_pos.device)
-        if index.dim() != 1 or index.numel() == 0 or ((index < 0) | (index >= self.batch_size)).any():
-            raise ValueError(f"rows must be a non-empty list of row indices in [0, {self.batch_size}), got {rows!r}")
+    def select(self, rows: Union[Sequence[int], Sequence[bool], torch.Tensor]) -> "GistCache":
+        """The cache of some rows.
+
+        Args:
+            rows (Union[Sequence[int], Sequence[bool], torch.Tensor]): row indices (kept in that order; a
+                row may repeat), or a boolean mask ``[b]`` of the rows to keep.
+
+        Raises:
+            ValueError: for indices outside ``[0, b)``, a mask of another length, or no row selected.
+        """
+        index = torch.as_tensor(rows, device=self.next_pos.device)
+        if index.dtype == torch.bool:
+            if tuple(index.shape) != (self.batch_size,):
+                raise ValueError(f"a boolean row mask must have shape [{self.batch_size}], got {tuple(index.shape)}")
+            index = index.nonzero().squeeze(1)
+        if index.is_floating_point() or index.dim() != 1 or index.numel() == 0 or ((index < 0) | (index >= self.batch_size)).any():
+            raise ValueError(
+                f"rows must be a non-empty list of row indices in [0, {self.batch_size}) or a boolean mask selecting "
+                f"at least one of the {self.batch_size} rows, got {rows!r}"
+            )
+        index = index.long()
         return self._replace(lambda t: t.index_select(0, index.to(t.device)), self.next_pos.index_select(0, index))
 
     def repeat(self, n: int) -> "GistCache":
@@ -214,7 +231,8 @@ class GistCache:
             model_id (Optional[str]): compared with the cache's ``model_id`` when both are set.
 
         Raises:
-            ValueError: naming what differs: K or the gist ids, the architecture, the model id or the weights.
+            ValueError: naming what differs: K or the gist ids, the architecture, the model id, the dtype or the
+                weights; or if the cache has no fingerprint to compare.
         """
         expected = getattr(model.tok_embeddings, "gist_token_ids", None) if gist_token_ids is None else gist_token_ids
         if expected is not None and list(expected) != self.gist_token_ids:
@@ -226,8 +244,20 @@ class GistCache:
         theirs = self.fingerprint.get("model_id")
         if model_id is not None and theirs is not None and model_id != theirs:
             raise ValueError(f"the cache was made by model {theirs!r}, not {model_id!r}")
-        ours = model_fingerprint(model, self.gist_token_ids)["weights_sha256"]
-        if ours != self.fingerprint.get("weights_sha256"):
+        recorded = self.fingerprint.get("weights_sha256")
+        if recorded is None:
+            raise ValueError(
+                "the cache has no fingerprint of the model that made it, so its weights cannot be checked: make it "
+                "with compress(), or build it with fingerprint=model_fingerprint(model, gist_token_ids)"
+            )
+        if model_fingerprint(model, self.gist_token_ids)["weights_sha256"] != recorded:
+            _, dtype = model_device_dtype(model)
+            if dtype != self.dtype:
+                raise ValueError(
+                    f"the cache was made by a model in {self.dtype}, but this model runs in {dtype}: its weights, "
+                    f"rounded to {dtype}, differ from those that made the cache; load the model in {self.dtype} or "
+                    "compress the prompts again with this model"
+                )
             raise ValueError(
                 "the cache was made by a model with different weights (its gist rows or attention weights differ): "
                 "compress the prompts again with this model"
@@ -251,43 +281,62 @@ class GistCache:
     def load(cls, path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> "GistCache":
         """Read a cache written by :meth:`save`.
 
+        Args:
+            path (Union[str, Path]): the file.
+            device (Union[str, torch.device]): where the tensors go.
+
         Raises:
             FileNotFoundError: if ``path`` does not exist.
-            ValueError: if the file is not a gist cache of a known version, or is incomplete.
+            ValueError: if the file is not a safetensors gist cache of a known version, is incomplete, or
+                ``device`` is a CUDA device and CUDA is not available.
         """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no gist cache at {path}")
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != CACHE_FORMAT:
-                raise ValueError(f"{path} is not a gist cache (format={meta.get('format')!r}, expected {CACHE_FORMAT!r})")
-            if meta.get("version") != CACHE_FORMAT_VERSION:
-                raise ValueError(f"{path} is a gist cache of version {meta.get('version')!r}; this code reads {CACHE_FORMAT_VERSION!r}")
-            n = int(meta["num_layers"])
-            names = set(f.keys())
-            missing = sorted({"next_pos", *(f"{kind}.{i}" for kind in ("keys", "values") for i in range(n))} - names)
-            if missing:
-                raise ValueError(f"{path} is incomplete: missing {missing[:4]}")
-            return cls(
-                [f.get_tensor(f"keys.{i}") for i in range(n)],
-                [f.get_tensor(f"values.{i}") for i in range(n)],
-                f.get_tensor("next_pos"),
-                json.loads(meta["gist_token_ids"]),
-                json.loads(meta["fingerprint"]),
-            )
+        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"cannot load the gist cache {path} onto device={str(device)!r}: CUDA is not available")
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != CACHE_FORMAT:
+                    raise ValueError(f"{path} is not a gist cache (format={meta.get('format')!r}, expected {CACHE_FORMAT!r})")
+                if meta.get("version") != CACHE_FORMAT_VERSION:
+                    raise ValueError(f"{path} is a gist cache of version {meta.get('version')!r}; this code reads {CACHE_FORMAT_VERSION!r}")
+                n = int(meta["num_layers"])
+                names = set(f.keys())
+                missing = sorted({"next_pos", *(f"{kind}.{i}" for kind in ("keys", "values") for i in range(n))} - names)
+                if missing:
+                    raise ValueError(f"{path} is incomplete: missing {missing[:4]}")
+                return cls(
+                    [f.get_tensor(f"keys.{i}") for i in range(n)],
+                    [f.get_tensor(f"values.{i}") for i in range(n)],
+                    f.get_tensor("next_pos"),
+                    json.loads(meta["gist_token_ids"]),
+                    json.loads(meta["fingerprint"]),
+                )
+        except SafetensorError as e:
+            raise ValueError(f"{path} is not a readable safetensors file (a gist cache): {e}") from e
 
 
 def check_architecture(cache: GistCache, model: TransformerDecoder) -> None:
     """Raise a ValueError if ``model``'s layers, heads or head size differ from those that made ``cache``.
 
-    Cheap (no weights are read); :meth:`GistCache.check_compatible` also compares weights.
+    Layers, KV heads and head size are read from the cache's tensors, the query heads from its
+    fingerprint (not compared when it has none). Cheap (no weights are read);
+    :meth:`GistCache.check_compatible` also compares weights.
     """
     attns = self_attention_modules(model)
-    theirs = {key: cache.fingerprint.get(key) for key in _ARCH_KEYS}
+    _, num_kv_heads, _, head_dim = cache.keys[0].shape
+    theirs = {
+        "num_layers": cache.num_layers,
+        "num_heads": cache.fingerprint.get("num_heads"),
+        "num_kv_heads": num_kv_heads,
+        "head_dim": head_dim,
+    }
     ours = {"num_layers": len(attns), "num_heads": attns[0].num_heads, "num_kv_heads": attns[0].num_kv_heads, "head_dim": attns[0].head_dim}
-    shape = (attns[0].num_kv_heads, cache.num_gist_tokens, attns[0].head_dim)
-    if theirs != ours or cache.num_layers != len(attns) or tuple(cache.keys[0].shape[1:]) != shape:
+    if theirs["num_heads"] is None:
+        del theirs["num_heads"], ours["num_heads"]
+    if theirs != ours:
         raise ValueError(f"the cache was made by a model with {theirs}, but this model has {ours}")
 
 

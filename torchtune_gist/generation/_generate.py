@@ -23,6 +23,7 @@ Gist ids are never emitted: their logits are set to ``-inf`` in :func:`_next_tok
 greedy choice or sampling (``suppress_token_ids``). The returned logits are the model's raw ones.
 """
 
+import math
 from dataclasses import dataclass
 from typing import List, Literal, Optional, Sequence, Tuple, Union
 
@@ -80,8 +81,8 @@ def _check_continuations(rows: List[List[int]]) -> None:
 def _check_sampling(max_new_tokens: int, temperature: float, top_k: Optional[int]) -> None:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if not isinstance(temperature, (int, float)) or temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
 
@@ -198,7 +199,7 @@ def generate_from_cache(
             continuation (compress once, reuse many). Cast to the model's dtype and device.
         continuations (_Rows): per example, the non-empty token ids that follow the gist span.
         max_new_tokens (int): at most this many new tokens per example.
-        temperature (float): 0 for greedy decoding, else sampling temperature.
+        temperature (float): 0 for greedy decoding, else the (finite, positive) sampling temperature.
         top_k (Optional[int]): sample among the top-k tokens only.
         stop_tokens (Optional[Sequence[int]]): an example stops after emitting one of these.
         pad_id (int): token id written into padding slots (any valid id; never attended).

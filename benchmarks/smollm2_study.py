@@ -57,6 +57,7 @@ ADAPTER = "gist_adapter.safetensors"
 BASE = "base"
 ALPACA_TASKS = ("alpaca_plus_unseen", "alpaca_plus_human")
 LONG_CONTEXT = 1024  # haystack tokens of the passkey part's long-context stages
+LONG_EVAL_CONTEXTS = (1024, 2048, 4096)  # haystacks the long-context model is read at (128x, 256x, 512x at K=8)
 
 # Mu et al. (2023), Table 1, LLaMA-7B, ROUGE-L on seen / unseen / human.
 PAPER_LLAMA_7B = {
@@ -96,17 +97,17 @@ class Training:
 @dataclass(frozen=True)
 class Evaluation:
     """One lm-eval evaluation of a model (a training's ``name``, or :data:`BASE`) in a generation mode
-    (``extra``: run only with ``--extras`` or when named by ``--only``; ``long``: passkey haystacks of
-    ``--long-context-tokens`` instead of ``--passkey-context-tokens``)."""
+    (``extra``: run only with ``--extras`` or when named by ``--only``; ``context``: passkey haystacks of that
+    many tokens, ``--long-samples`` of them, instead of ``--passkey-context-tokens``)."""
 
     model: str
     mode: str
     extra: bool = False
-    long: bool = False
+    context: Optional[int] = None
 
     @property
     def name(self) -> str:
-        return f"{self.model}_{self.mode}" + (f"_{LONG_CONTEXT}" if self.long else "")
+        return f"{self.model}_{self.mode}" + (f"_{self.context}" if self.context else "")
 
 
 @dataclass(frozen=True)
@@ -160,11 +161,10 @@ PARTS = {
             Evaluation("gist8", "truncate"),
             Evaluation("pos8", "pos_control"),
             Evaluation(BASE, "pos_control"),
-            Evaluation("gist8", "gist", extra=True, long=True),
-            Evaluation("gist8_long", "gist", extra=True, long=True),
-            Evaluation("gist8_long", "neg_control", extra=True, long=True),
-            Evaluation("gist8_long", "truncate", extra=True, long=True),
-            Evaluation("pos8", "pos_control", extra=True, long=True),
+            Evaluation("gist8", "gist", extra=True, context=LONG_CONTEXT),
+            *(Evaluation("gist8_long", mode, extra=True, context=n)
+              for n in LONG_EVAL_CONTEXTS for mode in ("gist", "neg_control", "truncate")),
+            Evaluation("pos8", "pos_control", extra=True, context=LONG_CONTEXT),
         ),
     ),
 }
@@ -298,7 +298,7 @@ def evaluate(part: Part, evaluation: Evaluation, out_dir: Path, args: argparse.N
         config=str(config),
         checkpoint_dir=checkpoint,
         mode=evaluation.mode,
-        batch_size=args.eval_batch_size,
+        batch_size=_eval_batch_size(evaluation, args),
         max_gen_toks=args.max_gen_toks,
         dtype=args.dtype,
     )
@@ -363,12 +363,17 @@ def _reusable(path: Path, settings: Mapping[str, Any], checkpoint: Optional[str]
     return adapter is None or not adapter.is_file() or path.stat().st_mtime >= adapter.stat().st_mtime
 
 
+def _eval_batch_size(evaluation: Evaluation, args: argparse.Namespace) -> int:
+    """``--eval-batch-size``, scaled down past 1,024-token haystacks to keep the tokens of a batch (and its memory)."""
+    return max(1, args.eval_batch_size * 1024 // max(evaluation.context or 0, 1024))
+
+
 def _limits(part: Part, evaluation: Evaluation, args: argparse.Namespace) -> Dict[str, Any]:
     """The sample sizes an evaluation uses (what decides whether a saved one is reused)."""
     if part.name == "alpaca":
         return {"alpaca_plus_unseen": args.unseen_limit, "alpaca_plus_human": args.human_limit}
-    if evaluation.long:
-        return {"gist_passkey": args.long_samples, "context_tokens": [LONG_CONTEXT], "seed": args.passkey_eval_seed}
+    if evaluation.context:
+        return {"gist_passkey": args.long_samples, "context_tokens": [evaluation.context], "seed": args.passkey_eval_seed}
     return {"gist_passkey": args.passkey_samples, "context_tokens": list(args.passkey_context_tokens), "seed": args.passkey_eval_seed}
 
 
@@ -416,6 +421,11 @@ def gap_share(gist: Sequence[float], pos: Sequence[float], neg: Sequence[float],
     return {"share": share(range(n)), "lo": lo, "hi": hi}
 
 
+def _ratio(value: Optional[float]) -> str:
+    """A compression ratio for a table: ``-`` where the mode keeps nothing of the prompt (``neg_control``)."""
+    return "-" if value is None else f"{value:.1f}x"
+
+
 def alpaca_report(out_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
     """Tables (printed as Markdown) and numbers of the Alpaca+ part."""
     rows = [("neg1_neg_control", "negative control (trained, no prompt)"), ("gist1_gist", "gist-1 (trained, prompt compressed)"),
@@ -423,7 +433,7 @@ def alpaca_report(out_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
             ("gist1_3ep_gist", "gist-1, 3 epochs (trained 3x longer than the rest)"),
             ("pos1_pos_control", "positive control (trained, full prompt)"), ("base_pos_control", "base, untrained, full prompt")]
     summary: Dict[str, Any] = {"rows": {}}
-    print("\n| model | split | ROUGE-1 | ROUGE-2 | ROUGE-L | compression (prompt tok / K) | KV MB/example | eval s |")
+    print("\n| model | split | ROUGE-1 | ROUGE-2 | ROUGE-L | compression (prompt tok / tok kept) | KV MB/example | eval s |")
     print("|---|---|---|---|---|---|---|---|")
     for name, label in rows:
         rec = _load(out_dir, name)
@@ -436,7 +446,7 @@ def alpaca_report(out_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
             summary["rows"][name][task] = m
             print(
                 f"| {label} | {task.split('_')[-1]} (n={len(t['samples'])}) | {100 * m['rouge1']:.1f} | {100 * m['rouge2']:.1f} "
-                f"| {100 * m['rougeL']:.1f} ± {100 * m['rougeL_stderr']:.1f} | {m.get('compression_ratio', float('nan')):.1f} "
+                f"| {100 * m['rougeL']:.1f} ± {100 * m['rougeL_stderr']:.1f} | {_ratio(m.get('compression_ratio'))} "
                 f"| {m.get('kv_bytes', float('nan')) / 1e6:.2f} | {t['seconds']:.0f} |"
             )
     p, q = (_load(out_dir, n) for n in ("pos1_pos_control", "neg1_neg_control"))
@@ -468,9 +478,9 @@ def passkey_report(out_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
             ("pos8_pos_control", "positive control: full context, trained with it"),
             ("base_pos_control", "base, untrained, full context"),
             (f"gist8_gist_{LONG_CONTEXT}", "gist-8 (trained on 64-256 tokens) compressing longer haystacks"),
-            (f"gist8_long_gist_{LONG_CONTEXT}", "gist-8 after the long-context curriculum: compressed into 8 gists"),
-            (f"gist8_long_neg_control_{LONG_CONTEXT}", "gist-8 after the curriculum, no context (negative control)"),
-            (f"gist8_long_truncate_{LONG_CONTEXT}", "gist-8 after the curriculum, the context's last K tokens"),
+            *((f"gist8_long_{mode}_{n}", f"gist-8 after the long-context curriculum, {label}, {n} tokens")
+              for n in LONG_EVAL_CONTEXTS for mode, label in (("gist", "compressed into 8 gists"), ("neg_control", "no context"),
+                                                              ("truncate", "the context's last K tokens"))),
             (f"pos8_pos_control_{LONG_CONTEXT}", "positive control (trained on 64-256 tokens), full context")]
     summary: Dict[str, Any] = {"rows": {}}
     depths = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -541,19 +551,21 @@ def plots(out_dir: Path, summary: Dict[str, Any], plots_dir: Path) -> None:
         plt.close(fig)
     passkey = summary.get("passkey", {}).get("rows", {})
     if passkey:
-        labels = {"gist8_gist": "gist-8 (compressed)", "gist8_pos_control": "full context, gist-trained model",
-                  "pos8_pos_control": "full context (pos. control, trained)",
-                  "gist8_truncate": "last 8 tokens only", "gist8_neg_control": "no context (neg. control)",
-                  "base_pos_control": "untrained base, full context",
-                  f"gist8_gist_{LONG_CONTEXT}": "gist-8 at longer haystacks, before the curriculum",
-                  f"gist8_long_gist_{LONG_CONTEXT}": "gist-8 after the long-context curriculum"}
+        series = {"gist-8 (compressed)": ["gist8_gist"], "full context, gist-trained model": ["gist8_pos_control"],
+                  "full context (pos. control, trained)": ["pos8_pos_control"],
+                  "last 8 tokens only": ["gist8_truncate"], "no context (neg. control)": ["gist8_neg_control"],
+                  "untrained base, full context": ["base_pos_control"],
+                  "gist-8 at longer haystacks, before the curriculum": [f"gist8_gist_{LONG_CONTEXT}"],
+                  "gist-8 after the long-context curriculum": [f"gist8_long_gist_{n}" for n in LONG_EVAL_CONTEXTS]}
         lengths, k = summary["passkey"]["lengths"], summary["passkey"]["num_gist_tokens"]
         fig, ax = plt.subplots(figsize=(7, 4))
-        for name, label in labels.items():
-            if name in passkey:
-                xy = [(n / k, 100 * y) for n in lengths for y in [passkey[name]["by_length"][str(n)]] if y is not None]
-                ax.plot(*zip(*xy), marker="*" if name.endswith(f"_{LONG_CONTEXT}") else "o", markersize=9 if len(xy) == 1 else 6,
-                        label=label, linestyle="-" if name.startswith("gist8_gist") else "--")
+        for label, names in series.items():
+            xy = [(n / k, 100 * y) for name in names if name in passkey for n in lengths
+                  for y in [passkey[name]["by_length"][str(n)]] if y is not None]
+            if xy:
+                long = names[0][-1].isdigit()
+                ax.plot(*zip(*xy), marker="*" if long else "o", markersize=9 if long else 6,
+                        label=label, linestyle="-" if names[0].startswith("gist8_gist") or long else "--")
         ax.set_xscale("log", base=2)
         ax.set_xticks([n / k for n in lengths])
         ax.set_xticklabels([f"{n / k:.0f}x\n({n} tok)" for n in lengths])

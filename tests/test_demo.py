@@ -152,7 +152,8 @@ def test_demo_quick_has_its_own_output_folder(monkeypatch, argv, out):
 
 
 def test_demo_table_shows_what_each_mode_keeps():
-    from torchtune_gist.demo import kept_ratio, results_table
+    from torchtune_gist.demo import results_table
+    from torchtune_gist.eval import kept_ratio
 
     def row(mode: str) -> dict:
         return {"mode": mode, "model": "m", "accuracy": 1.0, "context_tokens": 128.0, "num_gist_tokens": 8,

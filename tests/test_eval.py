@@ -29,6 +29,7 @@ from torchtune_gist.eval import (
     alpaca_plus_doc_to_text,
     alpaca_plus_process_results,
     gist_task_manager,
+    kept_ratio,
     passkey_dataset,
     passkey_doc_to_text,
     passkey_exact_match,
@@ -124,16 +125,21 @@ def test_process_results_report_the_gist_metrics() -> None:
     assert reported == {**plain, "compression_ratio": 10.0, "kv_bytes": 4096.0}
 
     passkey_doc = {"passkey": "71432", "target_context_tokens": 3000, "compression_ratio": 250.0}
-    assert passkey_process_results(passkey_doc, ["71432"]) == {"acc": 1.0, "acc_3000": 1.0, "compression_ratio": 250.0}
+    assert passkey_process_results(passkey_doc, ["71432"]) == {"acc": 1.0, "acc_3000": 1.0}  # another model: no ratio
     assert passkey_process_results(passkey_doc, [GistGeneration("1", 2990, 10, 8)]) == {
         "acc": 0.0, "acc_3000": 0.0, "compression_ratio": 299.0, "kv_bytes": 8.0,
     }
+    # The ratio says what each mode keeps of the prompt: all of it, its last K tokens, or nothing.
+    ratios = {mode: passkey_process_results(passkey_doc, [GistGeneration("1", 2990, 10, 8, mode)]).get("compression_ratio")
+              for mode in GENERATION_MODES}
+    assert ratios == {"gist": 299.0, "truncate": 299.0, "pos_control": 1.0, "neg_control": None}
+    assert kept_ratio("truncate", 4, 8) == 1.0
 
 
 def test_gist_generation_survives_pickling() -> None:
-    out = pickle.loads(pickle.dumps(GistGeneration("abc", 12, 4, 100)))
+    out = pickle.loads(pickle.dumps(GistGeneration("abc", 12, 4, 100, "pos_control")))
     assert out == "abc" and isinstance(out, GistGeneration)
-    assert (out.prompt_tokens, out.num_gist_tokens, out.kv_bytes, out.compression_ratio) == (12, 4, 100, 3.0)
+    assert (out.prompt_tokens, out.num_gist_tokens, out.kv_bytes, out.mode, out.compression_ratio) == (12, 4, 100, "pos_control", 1.0)
 
 
 # ----------------------------------------------------------------------------- task data and prompts
@@ -217,7 +223,11 @@ def test_every_task_in_every_mode(mode: str, tiny_model: torch.nn.Module, tiny_t
         assert r["sample_len"] == 2
         assert 0.0 <= r["acc,none"] <= 1.0 and "acc_128,none" in r and "acc_160,none" in r
         docs = [s["doc"] for s in samples[task]]
-        assert r["compression_ratio,none"] == pytest.approx(sum(d["context_tokens"] for d in docs) / len(docs) / K)
+        mean_context = sum(d["context_tokens"] for d in docs) / len(docs)
+        if mode == "neg_control":
+            assert "compression_ratio,none" not in r
+        else:
+            assert r["compression_ratio,none"] == pytest.approx(1.0 if mode == "pos_control" else mean_context / K)
         assert r["kv_bytes,none"] > 0
     for split in ("seen", "unseen", "human"):
         r = results[f"alpaca_plus_{split}"]
@@ -247,6 +257,17 @@ def test_kv_bytes_follow_the_mode(tiny_model: torch.nn.Module, tiny_tokenizer: A
     # gist and truncate hold K prompt slots, neg_control none, pos_control the whole prompt (+ BOS) and the gists.
     assert kv["gist"] == kv["truncate"] == kv["neg_control"] + K * per_slot
     assert kv["pos_control"] == kv["gist"] + (prompt_tokens + 1) * per_slot
+
+
+def test_kv_bytes_per_example_do_not_depend_on_the_batch(tiny_model: torch.nn.Module, tiny_tokenizer: Any) -> None:
+    """Each example reports its own entries: batched beside longer rows, it holds what it held alone."""
+    contexts = ["Instruction: " + "Count the words. " * n + "\n<GIST>\nInput: " + "x " * (4 - n) + "\nOutput:" for n in range(1, 5)]
+    requests = [Instance("generate_until", {}, (c, {"until": [], "max_gen_toks": 3}), i) for i, c in enumerate(contexts)]
+    for mode in GENERATION_MODES:
+        alone = [TorchtuneGistLM(model=tiny_model, tokenizer=tiny_tokenizer, mode=mode).generate_until([r])[0] for r in requests]
+        batched = TorchtuneGistLM(model=tiny_model, tokenizer=tiny_tokenizer, mode=mode, batch_size=4).generate_until(requests)
+        assert batched == alone
+        assert [o.kv_bytes for o in batched] == [o.kv_bytes for o in alone], mode
 
 
 def _instance(context: str, continuation: str) -> Instance:
@@ -516,3 +537,13 @@ def test_cli_runs_a_task(checkpoints: Tuple[Path, Path, torch.nn.Module], tmp_pa
     assert result["sample_len"] == 2 and int(saved["config"]["batch_size"]) == 2  # as README: --batch_size, not in model_args
     assert 0.0 <= result["acc,none"] <= 1.0 and 0.0 <= result["acc_96,none"] <= 1.0
     assert 40 < result["compression_ratio,none"] <= 96 / K
+
+
+def test_alpaca_plus_offline_names_the_data_dir_settings() -> None:
+    with pytest.raises(FileNotFoundError, match=r"cannot read Alpaca\+ .*--metadata data_dir=DIR.*TORCHTUNE_GIST_ALPACA_PLUS"):
+        alpaca_plus_dataset(alpaca_plus_split="validation_seen", data_dir="http://127.0.0.1:9/alpaca_plus")
+
+
+def test_max_batch_size_is_a_clear_error(tiny_model: torch.nn.Module, tiny_tokenizer: Any) -> None:
+    with pytest.raises(ValueError, match="batch_size=auto, which torchtune_gist does not support"):
+        TorchtuneGistLM(model=tiny_model, tokenizer=tiny_tokenizer, max_batch_size=8)

@@ -218,16 +218,9 @@ def evaluate(settings: DemoSettings, assets: Path, base_dir: Path, run_dir: Path
         "accuracy": metrics["acc,none"],
         "context_tokens": stats["mean_prompt_tokens"],
         "num_gist_tokens": settings.num_gist_tokens,
-        "compression_ratio": kept_ratio(mode, stats["mean_prompt_tokens"], settings.num_gist_tokens),
+        "compression_ratio": stats["mean_compression_ratio"],
         "kv_bytes": stats["mean_kv_bytes"],
     }
-
-
-def kept_ratio(mode: str, context_tokens: float, num_gist_tokens: int) -> Optional[float]:
-    """Context tokens per token ``mode`` keeps: the K gists (``gist``), the context's last K tokens
-    (``truncate``), the full context (``pos_control``: 1) or nothing (``neg_control``: ``None``)."""
-    kept = {"gist": num_gist_tokens, "truncate": min(num_gist_tokens, context_tokens), "pos_control": context_tokens}
-    return context_tokens / kept[mode] if mode in kept else None
 
 
 def compression_cell(row: Dict[str, Any]) -> str:

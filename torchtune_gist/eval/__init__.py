@@ -12,7 +12,7 @@ From Python, pass a :class:`TorchtuneGistLM` to ``lm_eval.simple_evaluate`` with
 ``task_manager=gist_task_manager(...)``.
 """
 
-from torchtune_gist.eval._model import GistGeneration, TorchtuneGistLM, load_config, load_tokenizer
+from torchtune_gist.eval._model import GistGeneration, TorchtuneGistLM, kept_ratio, load_config, load_tokenizer
 from torchtune_gist.eval._tasks import (
     ALPACA_PLUS_ENV,
     ALPACA_PLUS_URL,
@@ -44,6 +44,7 @@ __all__ = [
     "alpaca_plus_doc_to_text",
     "alpaca_plus_process_results",
     "gist_task_manager",
+    "kept_ratio",
     "load_config",
     "load_tokenizer",
     "passkey_dataset",

@@ -15,7 +15,7 @@ full prompt and the gists), ``neg_control`` (neither) or ``truncate`` (the promp
 ``generate_until`` decodes greedily (or samples with ``do_sample``), batched, stops at the
 tokenizer's stop tokens or after ``max_gen_toks`` tokens, and cuts the text at the first ``until``
 string. Each output is a :class:`GistGeneration`: a ``str`` that also carries the prompt's length,
-K and the KV bytes held, which the shipped tasks report as metrics. ``loglikelihood`` scores
+K, the mode and the example's KV bytes, which the shipped tasks report as metrics. ``loglikelihood`` scores
 continuations with one full-sequence forward under ``make_gist_mask(..., mode=...)``.
 """
 
@@ -57,32 +57,42 @@ log = logging.getLogger(__name__)
 _GEN_KWARGS = ("until", "max_gen_toks", "do_sample", "temperature", "top_k")
 
 
+def kept_ratio(mode: str, prompt_tokens: float, num_gist_tokens: int) -> Optional[float]:
+    """Prompt tokens per token that ``mode`` keeps of the prompt: the K gists (``gist``), the prompt's last K
+    tokens (``truncate``), all of it (``pos_control``: 1.0) or none of it (``neg_control``: ``None``)."""
+    kept = {"gist": num_gist_tokens, "truncate": min(num_gist_tokens, prompt_tokens), "pos_control": prompt_tokens}
+    return prompt_tokens / kept[mode] if mode in kept and kept[mode] else None
+
+
 class GistGeneration(str):
     """Generated text that also carries what the gist model held for it.
 
     Attributes:
         prompt_tokens (int): tokens before the gist span (BOS excluded): what the gists compress.
         num_gist_tokens (int): K.
-        kv_bytes (int): bytes of keys/values held per example while generating, in this mode
-            (the batch's KV store divided by its rows).
+        kv_bytes (int): bytes of this example's own keys/values while generating, in this mode (what the
+            mode kept of the prompt, the continuation and the new tokens; a batch's padding excluded).
+        mode (str): the generation mode.
     """
 
     prompt_tokens: int
     num_gist_tokens: int
     kv_bytes: int
+    mode: str
 
-    def __new__(cls, text: str, prompt_tokens: int, num_gist_tokens: int, kv_bytes: int) -> "GistGeneration":
+    def __new__(cls, text: str, prompt_tokens: int, num_gist_tokens: int, kv_bytes: int, mode: str = "gist") -> "GistGeneration":
         obj = super().__new__(cls, text)
-        obj.prompt_tokens, obj.num_gist_tokens, obj.kv_bytes = prompt_tokens, num_gist_tokens, kv_bytes
+        obj.prompt_tokens, obj.num_gist_tokens, obj.kv_bytes, obj.mode = prompt_tokens, num_gist_tokens, kv_bytes, mode
         return obj
 
-    def __getnewargs__(self) -> Tuple[str, int, int, int]:  # pickling (lm-eval's --use_cache)
-        return str(self), self.prompt_tokens, self.num_gist_tokens, self.kv_bytes
+    def __getnewargs__(self) -> Tuple[str, int, int, int, str]:  # pickling (lm-eval's --use_cache)
+        return str(self), self.prompt_tokens, self.num_gist_tokens, self.kv_bytes, self.mode
 
     @property
-    def compression_ratio(self) -> float:
-        """``prompt_tokens / num_gist_tokens``."""
-        return self.prompt_tokens / self.num_gist_tokens
+    def compression_ratio(self) -> Optional[float]:
+        """:func:`kept_ratio` of this mode: ``prompt_tokens / K`` for ``gist`` (and ``truncate``), 1.0 for
+        ``pos_control``, ``None`` for ``neg_control``."""
+        return kept_ratio(self.mode, self.prompt_tokens, self.num_gist_tokens)
 
 
 def load_config(path: Union[str, Path]) -> DictConfig:
@@ -219,9 +229,11 @@ class TorchtuneGistLM(LM):
             back to the CPU (with a warning) when absent. A given ``model`` stays where it is.
         dtype (Optional[str]): with ``config``: ``fp32``, ``bf16``, ``fp16``. Default: the config's ``dtype`` (else ``fp32``).
         max_gen_toks (Union[int, str]): new tokens per request when the request sets none. Default 512.
+        max_batch_size (Optional[int]): lm-eval's cap for ``batch_size=auto``, which this model does not
+            support: an error when given (use ``batch_size``).
 
     Raises:
-        ValueError: on an unknown mode, a bad batch size, both or neither of ``config`` and
+        ValueError: on an unknown mode, a bad batch size, ``max_batch_size``, both or neither of ``config`` and
             ``model``, a model whose gist ids differ from the tokenizer's, a checkpoint without gist rows, or a
             merged export with a QLoRA config.
         FileNotFoundError: if the config is missing.
@@ -240,8 +252,14 @@ class TorchtuneGistLM(LM):
         device: Optional[str] = None,
         dtype: Optional[str] = None,
         max_gen_toks: Union[int, str] = 512,
+        max_batch_size: Optional[int] = None,
     ) -> None:
         super().__init__()
+        if max_batch_size is not None:
+            raise ValueError(
+                f"max_batch_size={max_batch_size} caps lm-eval's batch_size=auto, which torchtune_gist does not "
+                "support: give a fixed --batch_size N instead"
+            )
         if mode not in GENERATION_MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(GENERATION_MODES)}")
         self.mode = mode
@@ -286,8 +304,8 @@ class TorchtuneGistLM(LM):
 
         Returns:
             Dict[str, Any]: ``mode``, ``num_gist_tokens``, ``generations``, ``mean_prompt_tokens``,
-            ``mean_compression_ratio`` (prompt tokens / K), ``mean_kv_bytes`` and ``max_kv_bytes``
-            (per example).
+            ``mean_compression_ratio`` (:func:`kept_ratio` of the mean prompt), ``mean_kv_bytes`` and
+            ``max_kv_bytes`` (per example).
         """
         n = len(self._records)
         prompts = [p for p, _ in self._records]
@@ -297,7 +315,7 @@ class TorchtuneGistLM(LM):
             "num_gist_tokens": self.num_gist_tokens,
             "generations": n,
             "mean_prompt_tokens": sum(prompts) / n if n else None,
-            "mean_compression_ratio": sum(prompts) / n / self.num_gist_tokens if n else None,
+            "mean_compression_ratio": kept_ratio(self.mode, sum(prompts) / n, self.num_gist_tokens) if n else None,
             "mean_kv_bytes": sum(kv) / n if n else None,
             "max_kv_bytes": max(kv, default=None),
         }
@@ -388,10 +406,9 @@ class TorchtuneGistLM(LM):
                     stop_tokens=self._stop_tokens,
                     pad_id=self._pad_id,
                 )
-                kv_bytes = out.kv_bytes // len(batch)
-                for (i, prompt, _), tokens in zip(batch, out.tokens):
+                for (i, prompt, _), tokens, kv_bytes in zip(batch, out.tokens, out.row_kv_bytes):
                     n_prompt = len(prompt) - len(self._bos)
-                    outputs[i] = GistGeneration(self._text(tokens, until), n_prompt, k, kv_bytes)
+                    outputs[i] = GistGeneration(self._text(tokens, until), n_prompt, k, kv_bytes, self.mode)
                     self._records.append((n_prompt, kv_bytes))
                     self.cache_hook.add_partial("generate_until", requests[i].args, outputs[i])
         log.info("torchtune_gist %s", self.stats)

@@ -14,10 +14,11 @@ Metrics (all aggregated with a mean):
   ``[0, 1]``: multiply by 100 to compare with the paper's tables).
 - ``gist_passkey*``: ``acc`` (exact match of the first number in the output with the passkey) and
   ``acc_{L}`` for each target context length ``L``.
-- both: ``compression_ratio`` (prompt tokens before the gists / K) and ``kv_bytes`` (keys/values
-  held per example while generating), as reported by the ``torchtune_gist`` model with each output
-  (see :class:`torchtune_gist.eval.GistGeneration`); other models report neither, except that a
-  passkey record's own ``compression_ratio`` is used when the task was given ``num_gist_tokens``.
+- both: ``compression_ratio`` (prompt tokens before the gists per token the mode keeps of them: / K for
+  ``gist`` and ``truncate``, 1.0 for ``pos_control``, none for ``neg_control``) and ``kv_bytes`` (each
+  example's own keys/values while generating, independent of the batch size), as reported by the
+  ``torchtune_gist`` model with each output (see :class:`torchtune_gist.eval.GistGeneration`); other
+  models report neither.
 """
 
 import os
@@ -63,12 +64,11 @@ def passkey_exact_match(prediction: str, passkey: str) -> float:
     return float(found is not None and found.group() == str(passkey))
 
 
-def _gist_metrics(doc: Mapping[str, Any], response: str) -> Dict[str, float]:
-    """``compression_ratio`` and ``kv_bytes`` as reported with the response (or the record's ratio)."""
+def _gist_metrics(response: str) -> Dict[str, float]:
+    """``compression_ratio`` (what the mode kept of the prompt; none for ``neg_control``) and ``kv_bytes``, as
+    the ``torchtune_gist`` model reports them with its response; nothing for another model's plain text."""
     metrics = {}
     ratio = getattr(response, "compression_ratio", None)
-    if ratio is None:
-        ratio = doc.get("compression_ratio")
     if ratio is not None:
         metrics["compression_ratio"] = float(ratio)
     kv_bytes = getattr(response, "kv_bytes", None)
@@ -141,7 +141,7 @@ def alpaca_plus_doc_to_text(doc: Mapping[str, Any]) -> str:
 def alpaca_plus_process_results(doc: Mapping[str, Any], results: Sequence[str]) -> Dict[str, float]:
     """ROUGE-1/2/L of the generated output against the reference, and the gist metrics."""
     response = results[0]
-    return {**rouge_scores(response.strip(), doc["output"]), **_gist_metrics(doc, response)}
+    return {**rouge_scores(response.strip(), doc["output"]), **_gist_metrics(response)}
 
 
 # ----------------------------------------------------------------------------------- passkey
@@ -230,7 +230,7 @@ def passkey_process_results(doc: Mapping[str, Any], results: Sequence[str]) -> D
     """``acc``, ``acc_{L}`` (L = the record's target context length) and the gist metrics."""
     response = results[0]
     acc = passkey_exact_match(response, doc["passkey"])
-    return {"acc": acc, f"acc_{doc['target_context_tokens']}": acc, **_gist_metrics(doc, response)}
+    return {"acc": acc, f"acc_{doc['target_context_tokens']}": acc, **_gist_metrics(response)}
 
 
 class GistPasskeyTask(ConfigurableTask):

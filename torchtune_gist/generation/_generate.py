@@ -58,6 +58,8 @@ class GenerationOutput:
         tokens (List[List[int]]): per example, the new tokens, up to and including the first stop token.
         kv_bytes (int): bytes of keys/values held while generating (all layers, the whole batch).
         kv_slots (int): KV entries per layer and row that were held.
+        row_kv_bytes (List[int]): per example, the bytes of its own entries (all layers): what its mode
+            kept of the prompt, its continuation and its new tokens but the last, without a batch's padding.
         logits (Optional[List[torch.Tensor]]): per example, fp32 ``[len(tokens[i]), vocab]``: the
             model's raw next-token logits at each step (before gist suppression, temperature and
             top-k); only with ``return_logits=True``.
@@ -66,6 +68,7 @@ class GenerationOutput:
     tokens: List[List[int]]
     kv_bytes: int
     kv_slots: int
+    row_kv_bytes: List[int]
     logits: Optional[List[torch.Tensor]] = None
 
 
@@ -126,6 +129,8 @@ def _decode(
     device = store.valid.device
     b = len(rows)
     kv_bytes = store.nbytes
+    slot_bytes = kv_bytes // (b * store.capacity)
+    kept = store.valid.sum(-1).tolist()  # what the mode kept of each prompt
     tokens, input_pos, valid = left_pad(rows, start_pos, pad_id, device)
     next_pos = input_pos[:, -1] + 1
     stop = torch.tensor(sorted(set(stop_tokens or ())), dtype=torch.long, device=device)
@@ -168,7 +173,11 @@ def _decode(
             stacked[rows_at, step] = step_logits
         logits_out = [stacked[i, : n_new[i]] for i in range(b)]
     return GenerationOutput(
-        tokens=[row[: n_new[i]] for i, row in enumerate(out.tolist())], kv_bytes=kv_bytes, kv_slots=store.capacity, logits=logits_out
+        tokens=[row[: n_new[i]] for i, row in enumerate(out.tolist())],
+        kv_bytes=kv_bytes,
+        kv_slots=store.capacity,
+        row_kv_bytes=[(kept[i] + len(rows[i]) + n_new[i] - 1) * slot_bytes for i in range(b)],
+        logits=logits_out,
     )
 
 

@@ -36,7 +36,7 @@ import torch
 from omegaconf import DictConfig
 from torchtune import config, training, utils
 
-from torchtune_gist.checkpointing import load_gist_adapter
+from torchtune_gist.checkpointing import check_not_merged_export, load_gist_adapter
 from torchtune_gist.generation import GistCache, compress, generate_from_cache
 from torchtune_gist.modules import init_gist_embeddings
 from torchtune_gist.training import check_dataset_gist_ids, check_gist_setup, get_device, load_base_weights
@@ -88,8 +88,9 @@ class GistGenerateRecipe:
 
         Raises:
             ValueError: if the model, the tokenizer, ``num_gist_tokens`` and the prompt transform disagree
-                on the gist tokens.
+                on the gist tokens, or the checkpointer reads a merged export.
         """
+        check_not_merged_export(cfg.checkpointer.get("checkpoint_dir"))
         base = config.instantiate(cfg.checkpointer).load_checkpoint()[training.MODEL_KEY]
         with training.set_default_dtype(self._dtype), self._device:
             model = config.instantiate(cfg.model)

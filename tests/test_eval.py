@@ -389,6 +389,15 @@ def test_checkpoint_dir_may_name_the_adapter_file(checkpoints: Tuple[Path, Path,
     assert all(torch.equal(v, expected[k]) for k, v in lm.model.state_dict().items())
 
 
+def test_a_merged_export_as_the_base_checkpoint_is_refused(checkpoints: Tuple[Path, Path, torch.nn.Module], tmp_path: Path) -> None:
+    """LoRA would apply twice on top of an export that already holds it."""
+    config, ckpt, _ = checkpoints
+    text = config.read_text().replace(f"checkpoint_dir: {config.parent / 'base'}", f"checkpoint_dir: {ckpt / 'hf_merged'}")
+    (tmp_path / "on_export.yaml").write_text(text)
+    with pytest.raises(ValueError, match="is a torchtune-gist merged export .* not a base model"):
+        TorchtuneGistLM(config=str(tmp_path / "on_export.yaml"), checkpoint_dir=str(ckpt), device="cpu")
+
+
 def _tokenizer_section(tokenizer_files: Tuple[Path, Path]) -> str:
     model_path, special_path = tokenizer_files
     return f"""

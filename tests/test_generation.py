@@ -590,6 +590,16 @@ def test_gist_generate_refuses_a_prompt_transform_with_another_k(tmp_path):
         recipe.setup(cfg)
 
 
+def test_gist_generate_refuses_a_merged_export_as_the_base(tmp_path):
+    assets = tmp_path / "assets"
+    write_tiny_tokenizer(assets)
+    write_tiny_base_checkpoint(assets)
+    (assets / "gist_config.json").write_text("{}")  # what export_merged_hf writes beside the weights
+    recipe, cfg = _generate_recipe(assets, tmp_path, {})
+    with pytest.raises(ValueError, match="is a torchtune-gist merged export"):
+        recipe.setup(cfg)
+
+
 def test_gist_generate_without_an_adapter_initialises_dora_from_the_base(tmp_path):
     """No gist_checkpoint_dir with a DoRA model: magnitude = the base's row norms, so the model is the base."""
     from torchtune.modules.peft import DoRALinear

@@ -487,6 +487,21 @@ def _base_model_files(base_dir: Path) -> List[Path]:
     )
 
 
+def check_not_merged_export(base_checkpoint_dir: Optional[Union[str, Path]]) -> None:
+    """Raise a ValueError if a base checkpoint folder is a merged export of :func:`export_merged_hf`.
+
+    Its LoRA is folded in and its gist rows sit in the vocabulary (which the gist embedding does not read), so
+    a gist adapter loaded on top would apply LoRA twice, and no adapter would leave the gist rows untrained.
+    """
+    if base_checkpoint_dir is not None and (Path(base_checkpoint_dir) / GIST_CONFIG_FILE).is_file():
+        raise ValueError(
+            f"checkpointer.checkpoint_dir={str(base_checkpoint_dir)!r} is a torchtune-gist merged export (it holds "
+            f"{GIST_CONFIG_FILE}), not a base model: point the checkpointer at the base model and load the adapter "
+            "(gist_checkpoint_dir / checkpoint_dir), or evaluate the export itself with "
+            "python -m torchtune_gist.eval --model_args checkpoint_dir=<the export>"
+        )
+
+
 def load_merged_hf(directory: Union[str, Path]) -> Dict[str, torch.Tensor]:
     """Read a checkpoint written by :func:`export_merged_hf` back into torchtune names.
 

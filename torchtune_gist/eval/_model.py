@@ -42,6 +42,7 @@ from torchtune_gist.checkpointing import (
     GIST_KEY,
     HF_CONFIG_FILE,
     HF_WEIGHTS_FILE,
+    check_not_merged_export,
     load_gist_adapter,
     load_merged_hf,
 )
@@ -120,6 +121,7 @@ def load_tokenizer(config_path: Union[str, Path]) -> Any:
 def _load_base(model: nn.Module, cfg: DictConfig) -> None:
     if "checkpointer" not in cfg:
         raise ValueError("the torchtune config has no checkpointer section to load the base weights with")
+    check_not_merged_export(cfg.checkpointer.get("checkpoint_dir"))
     load_base_weights(model, tt_config.instantiate(cfg.checkpointer).load_checkpoint()[training.MODEL_KEY])
 
 

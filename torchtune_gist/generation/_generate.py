@@ -17,7 +17,8 @@ continue at the original absolute positions ``len(prompt + gists) + i``, exactly
 under the gist and negative-control masks (RoPE being relative, the negative control's offset
 changes nothing but rounding); ``pos_control`` uses positions ``0 ..`` over the full sequence;
 ``truncate`` is a fresh sequence ``prompt[-K:] + continuation`` at positions ``0 ..``, what a
-reader with a K-token budget for the prompt would run.
+reader with a K-token budget for the prompt would run (BOS, part of the prompt, is kept only when the
+prompt fits in K: the gist cache holds no BOS entry either).
 
 Gist ids are never emitted: their logits are set to ``-inf`` in :func:`_next_token` before
 greedy choice or sampling (``suppress_token_ids``). The returned logits are the model's raw ones.

@@ -50,7 +50,7 @@ from torchtune_gist.eval._tasks import GIST_MARKER
 from torchtune_gist.generation import GENERATION_MODES, generate
 from torchtune_gist.gist_tokens import gist_token_ids as tokenizer_gist_ids
 from torchtune_gist.masks import make_gist_mask
-from torchtune_gist.modules import get_gist_embedding, init_gist_embeddings
+from torchtune_gist.modules import get_gist_embedding, init_gist_embeddings, output_at
 from torchtune_gist.training import check_base_keys, load_base_weights
 
 log = logging.getLogger(__name__)
@@ -439,18 +439,17 @@ class TorchtuneGistLM(LM):
         mask = make_gist_mask(tokens, self.gist_token_ids, mode=mask_mode) & valid.unsqueeze(1)
         mask |= torch.eye(s, dtype=torch.bool, device=self._device)
         input_pos = torch.arange(s, device=self._device).expand(len(rows), s)
-        logits = self.model(tokens, mask=mask, input_pos=input_pos)
-        if isinstance(logits, list):
-            logits = torch.cat(logits, dim=1)
-        logprobs = F.log_softmax(logits.float(), dim=-1)
-        suppress = torch.tensor([t for t in self.gist_token_ids if t < logits.shape[-1]], dtype=torch.long, device=self._device)
-        greedy = logits.float().index_fill(-1, suppress, float("-inf")).argmax(-1)
-        results = []
+        scored = torch.zeros(len(rows), s, dtype=torch.bool, device=self._device)
         for b, (row, start) in enumerate(rows):
-            target = tokens[b, start : len(row)]
-            picked = logprobs[b, start - 1 : len(row) - 1].gather(-1, target.unsqueeze(-1)).sum()
-            results.append((float(picked), bool((greedy[b, start - 1 : len(row) - 1] == target).all())))
-        return results
+            scored[b, start - 1 : len(row) - 1] = True  # the positions that predict the continuation
+        with output_at(self.model, scored):
+            logits = self.model(tokens, mask=mask, input_pos=input_pos).float()  # [n, vocab], n = continuation tokens
+        targets = torch.cat([tokens[b, start : len(row)] for b, (row, start) in enumerate(rows)])
+        picked = F.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        suppress = torch.tensor([t for t in self.gist_token_ids if t < logits.shape[-1]], dtype=torch.long, device=self._device)
+        hits = logits.index_fill(-1, suppress, float("-inf")).argmax(-1) == targets
+        counts = [len(row) - start for row, start in rows]
+        return [(float(p.sum()), bool(h.all())) for p, h in zip(picked.split(counts), hits.split(counts))]
 
     def loglikelihood(self, requests: List[Instance], disable_tqdm: bool = False) -> List[Tuple[float, bool]]:
         """Log-probability of each continuation after its context, under this mode's gist mask.

@@ -290,6 +290,7 @@ def test_model_gist_ids_are_the_default(model):
         ([[1, 2] + IDS, [1] + IDS[1:]], [[4], [5]], r"prompts\[1\] ends with 2 gist tokens but K=3"),
         ([[1] + IDS[::-1]], [[4]], "expected exactly"),
         ([[1] + IDS], [[]], r"continuations\[0\] is empty"),
+        ([[1] + IDS], [[4, IDS[0]]], r"continuations\[0\] holds gist token ids"),
         ([[1] + IDS], [[4], [5]], "1 prompts but 2 continuations"),
         ([[1, 9999] + IDS], [[4]], "outside the model's vocabulary"),
         ([[1] + IDS], "text", "must be a list of token-id lists"),

@@ -73,12 +73,18 @@ class GenerationOutput:
     logits: Optional[List[torch.Tensor]] = None
 
 
-def _check_continuations(rows: List[List[int]]) -> None:
+def _check_continuations(rows: List[List[int]], gist_token_ids: Sequence[int]) -> None:
+    gist = set(gist_token_ids)
     for i, row in enumerate(rows):
         if not row:
             raise ValueError(
                 f"continuations[{i}] is empty: a continuation (at least one token, e.g. the input or the "
                 "'Output:' cue) is needed; the first new token is predicted from its last token"
+            )
+        if gist.intersection(row):
+            raise ValueError(
+                f"continuations[{i}] holds gist token ids {sorted(gist.intersection(row))}: the gist span belongs at "
+                "the end of the prompt, once (a second span is a layout the model never saw)"
             )
 
 
@@ -226,7 +232,7 @@ def generate_from_cache(
             ``max_seq_len``.
     """
     rows = token_rows(continuations, "continuations")
-    _check_continuations(rows)
+    _check_continuations(rows, cache.gist_token_ids)
     check_token_range(model, rows, cache.gist_token_ids, "continuations")
     check_pad_id(model, pad_id)
     check_architecture(cache, model)
@@ -298,7 +304,7 @@ def generate(
     if len(prompt_rows) != len(cont_rows):
         raise ValueError(f"{len(prompt_rows)} prompts but {len(cont_rows)} continuations")
     check_gist_suffix(prompt_rows, ids)
-    _check_continuations(cont_rows)
+    _check_continuations(cont_rows, ids)
     suppress = ids if suppress_token_ids is None else suppress_token_ids
     sampling = dict(
         max_new_tokens=max_new_tokens,

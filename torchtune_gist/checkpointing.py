@@ -212,7 +212,7 @@ def check_gist_adapter(
         raise ValueError(
             f"{path} was trained with num_gist_tokens={meta.get('num_gist_tokens')} and gist ids "
             f"{meta.get('gist_token_ids')}, but the model has num_gist_tokens={emb.num_gist_tokens} and gist ids "
-            f"{emb.gist_token_ids}"
+            f"{emb.gist_token_ids}: build the model with the adapter's K (the config's num_gist_tokens)"
         )
     params = trainable_gist_params(model, train_lora=True)
     gist_name = next(k for k in params if k.rsplit(".", 1)[-1] == GIST_PARAM_NAME)

@@ -36,6 +36,7 @@ smollm2-study: smollm2
 
 # The wheels benchmarks/device_check.sh needs on a lent GPU machine (its Python 3.12 image has torch but not these).
 gpu-kit:
+	rm -rf .whl  # two versions of one wheel would stop the device's install
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any \
 		-d .whl -r benchmarks/gpu_kit.txt

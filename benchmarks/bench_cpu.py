@@ -385,15 +385,29 @@ def _qk_pairs(batch: Dict[str, Any]) -> int:
 
 
 def run_plans(
-    plans: Dict[str, List[Callable[[], Dict[str, Any]]]], step: Callable[[Dict[str, Any]], None], *, rounds: int, desc: str
+    plans: Dict[str, List[Callable[[], Dict[str, Any]]]],
+    step: Callable[[Dict[str, Any]], None],
+    *,
+    rounds: int,
+    desc: str,
+    warm_every_shape: bool = False,
 ) -> Dict[str, float]:
-    """Seconds each variant takes for all its steps (collation included), after one warm-up step each.
+    """Seconds each variant takes for all its steps (collation included), after one warm-up step each
+    (``warm_every_shape``: one per distinct batch shape, so that compiling for a new shape stays out of the timings).
 
     The variants take turns in ``rounds`` chunks (a round runs 1/rounds of every variant's steps), so a
     change of machine load during the run hits every variant alike.
     """
     for plan in plans.values():
-        step(plan[0]())
+        if not warm_every_shape:
+            step(plan[0]())
+            continue
+        seen = set()
+        for make in plan:
+            batch = make()
+            if tuple(batch["tokens"].shape) not in seen:
+                seen.add(tuple(batch["tokens"].shape))
+                step(batch)
     times = {name: 0.0 for name in plans}
     with tqdm(total=sum(len(p) for p in plans.values()), desc=desc, file=sys.stderr) as bar:
         for r in range(rounds):

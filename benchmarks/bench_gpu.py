@@ -148,7 +148,9 @@ def _free(device: torch.device) -> None:
 
 
 def _is_oom(err: BaseException) -> bool:
-    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+    """An allocation failure: the caching allocator's, or cuBLAS's workspace (``CUBLAS_STATUS_ALLOC_FAILED``)."""
+    text = str(err).lower()
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in text or "alloc_failed" in text
 
 
 def _arch(args: argparse.Namespace, **overrides: Any) -> Dict[str, Any]:
@@ -184,7 +186,7 @@ def _example_tokens(b: int, s: int, k: int, vocab: int, *, doc_len: Optional[int
     return tokens, labels, document_ids_from_lengths([lens] * b, s)
 
 
-def bench_attention(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
+def bench_attention(args: argparse.Namespace, device: torch.device, save: Callable[[Dict[str, Any]], None]) -> Dict[str, Any]:
     """bf16 LoRA training steps: gist BlockMask vs dense gist SDPA vs mask=None vs causal BlockMask."""
     from torchtune import training
     from torchtune.utils._import_guard import _SUPPORTS_FLEX_ATTENTION
@@ -285,11 +287,12 @@ def bench_attention(args: argparse.Namespace, device: torch.device) -> Dict[str,
                 f"{n} {v.get('tokens_per_s', 0):.0f} tok/s" if "error" not in v else f"{n} {v['error']}"
                 for n, v in row["variants"].items()), flush=True)
             out["rows"].append(row)
+            save(out)
             _free(device)
     return out
 
 
-def bench_packing(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
+def bench_packing(args: argparse.Namespace, device: torch.device, save: Callable[[Dict[str, Any]], None]) -> Dict[str, Any]:
     """Batch size 1 vs padded vs packed rows (BlockMasks on CUDA) on the 8B-shaped LoRA stack, same examples."""
     from torchtune import training, utils
     from torchtune.models.llama3 import llama3_tokenizer
@@ -327,7 +330,7 @@ def bench_packing(args: argparse.Namespace, device: torch.device) -> Dict[str, A
 
     plans, stats = packing_plans(examples, ids, pad, batch_size=8, row_lens=args.pack_row_lens,
                                   block_mask_device=device if device.type == "cuda" else None)
-    times = run_plans(plans, step, rounds=4, desc="packing")
+    times = run_plans(plans, step, rounds=4, desc="packing", warm_every_shape=True)  # compiles stay out of the timings
     real_total = sum(len(ex["tokens"]) for ex in examples)
     return {"data": source, "examples": len(examples), "real_tokens": real_total, "arch": arch, "dtype": str(dtype),
             "block_mask": device.type == "cuda", "variants": packing_summary(stats, times, real_total)}
@@ -442,7 +445,7 @@ def stock_qlora_config() -> Path:
     return Path(torchtune.__file__).resolve().parents[1] / "recipes" / "configs" / "llama3_1" / "8B_qlora_single_device.yaml"
 
 
-def bench_memory(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
+def bench_memory(args: argparse.Namespace, device: torch.device, save: Callable[[Dict[str, Any]], None]) -> Dict[str, Any]:
     """Peak memory: our 8B gist QLoRA config vs torchtune's stock 8B QLoRA config, same shapes; and the passkey batch.
 
     Each side as its config trains: its LoRA settings and its loss (ours: ``CrossEntropyLoss`` through
@@ -455,7 +458,9 @@ def bench_memory(args: argparse.Namespace, device: torch.device) -> Dict[str, An
     stock_builder, stock_loss, stock_lora = _model_and_loss(stock_path, args.tiny)
     gist_builder, gist_loss, gist_lora = _model_and_loss(gist_path, args.tiny, num_gist_tokens=1)
     gen = torch.Generator().manual_seed(1)
-    rows = []
+    rows: List[Dict[str, Any]] = []
+    result = {"lora": {"gist": gist_lora, "stock": stock_lora}, "activation_checkpointing": True,
+              "loss": {"gist": type(gist_loss).__name__, "stock": type(stock_loss).__name__}, "rows": rows}
     for b, s in args.qlora_shapes:
         tokens, labels, _ = _example_tokens(b, s, 1, vocab, doc_len=None, gen=gen)
         tokens, labels = tokens.to(device), labels.to(device)
@@ -475,6 +480,7 @@ def bench_memory(args: argparse.Namespace, device: torch.device) -> Dict[str, An
         }
         _print_memory_row(row)
         rows.append(row)
+        save(result)
     passkey, stock_pk = _passkey_batches(args, device)
     pk_builder, pk_loss, _ = _model_and_loss(passkey_path, args.tiny, num_gist_tokens=args.passkey_k)
     rows.append({
@@ -484,11 +490,10 @@ def bench_memory(args: argparse.Namespace, device: torch.device) -> Dict[str, An
         f"stock ({stock_path.name}, mask=None)": _qlora_peak(stock_builder, lambda: stock_pk, device, gist=False, loss_fn=stock_loss),
     })
     _print_memory_row(rows[-1])
-    return {"lora": {"gist": gist_lora, "stock": stock_lora}, "activation_checkpointing": True,
-            "loss": {"gist": type(gist_loss).__name__, "stock": type(stock_loss).__name__}, "rows": rows}
+    return result
 
 
-def bench_decode(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
+def bench_decode(args: argparse.Namespace, device: torch.device, save: Callable[[Dict[str, Any]], None]) -> Dict[str, Any]:
     """Per-token decode from the gist cache vs the full prompt vs torchtune's stock cache, 8B-shaped layers."""
     from torchtune import training
     from torchtune.generation import generate as torchtune_generate
@@ -508,7 +513,8 @@ def bench_decode(args: argparse.Namespace, device: torch.device) -> Dict[str, An
     gen = torch.Generator().manual_seed(2)
     cont_len, t_new = 8, args.new_tokens
     sync = (lambda: _sync(device))
-    rows = []
+    rows: List[Dict[str, Any]] = []
+    result = {"arch": arch, "dtype": str(dtype), "k": k, "cont_len": cont_len, "new_tokens": t_new, "rows": rows}
     for bsz in args.decode_batch:
         for p in args.prompt_lens:
             prompts = [torch.randint(0, 128000 if not args.tiny else 256, (p,), generator=gen).tolist() + ids for _ in range(bsz)]
@@ -560,9 +566,10 @@ def bench_decode(args: argparse.Namespace, device: torch.device) -> Dict[str, An
                 f"{m} {1e3 * row[m]['decode_s_per_token']:.2f} ms/tok" if "decode_s_per_token" in row[m] else f"{m} {row[m]['error']}"
                 for m in ("full", "gist", "stock")), flush=True)
             rows.append(row)
+            save(result)
     del model
     _free(device)
-    return {"arch": arch, "dtype": str(dtype), "k": k, "cont_len": cont_len, "new_tokens": t_new, "rows": rows}
+    return result
 
 
 def make_gpu_plots(res: Dict[str, Any], out: Path) -> List[str]:
@@ -715,11 +722,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # torchtune compiles flex_attention with dynamic=False: one compile per shape, and the attention section
     # alone has 8; past the limit dynamo would run FlexAttention unfused and the figures would not be its own.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    for name in only:  # in the order given: a run cut short keeps the sections that came first
-        res[name] = runs[name](args, device)
+    def save(name: str, partial: Dict[str, Any]) -> None:
+        res[name] = partial
+        write_json(res, out / GPU_JSON)  # after every row: a run cut short keeps what it measured
+
+    for name in only:  # in the order given
+        res[name] = runs[name](args, device, partial(save, name))
         _free(device)  # the section's models are gone with its frame
         torch._dynamo.reset()
-        write_json(res, out / GPU_JSON)  # a later section's crash keeps this one's figures
+        write_json(res, out / GPU_JSON)
     res["meta"]["duration_s"] = time.perf_counter() - t_start
     res["plots"] = make_gpu_plots(res, out)
     write_json(res, out / GPU_JSON)

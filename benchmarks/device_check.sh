@@ -8,9 +8,9 @@
 #    the gist mode on packed rows), grouped-query generation in bf16, an NF4 QLoRA step with activation checkpointing.
 # 2. The recipes by name on CUDA in bf16 (tiny model, mask_format auto = FlexAttention BlockMasks, activation
 #    checkpointing): single device, resumed, FSDP2 with NCCL (one process), and gist_generate from the result.
-# 3. benchmarks/bench_gpu.py sized to the time left: the 8B QLoRA memory beside torchtune's stock config, then
-#    attention throughput, decode and packing on 8 layers of the 8B shape (sections in that order; each one's
-#    results are written as soon as it ends).
+# 3. benchmarks/bench_gpu.py sized to the time left, on 8 layers of the 8B shape: decode (no compiles, the most
+#    telling), then the 8B QLoRA memory beside torchtune's stock config, attention throughput and packing (in that
+#    order; results_gpu.json is rewritten after every measured row, so a cut run keeps what it measured).
 #
 # Everything lands in $OUT: log.txt, summary.txt (one line per step: exit status and seconds), results_gpu.json,
 # RESULTS.md and the plots. Back here: copy results_gpu.json to benchmarks/ and run
@@ -24,16 +24,20 @@ PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}
 DTYPE=${DTYPE:-bf16}
 TIME_SCALE=${TIME_SCALE:-1}
-BENCH_ARGS=${BENCH_ARGS:---layers 8 --qlora-shapes 4x512 --reps 5 --train-shapes 1x2048,1x8192 --pack-examples 32 --prompt-lens 4096,16384 --decode-batch 1,8 --new-tokens 16}
+BENCH_ARGS=${BENCH_ARGS:---layers 8 --qlora-shapes 4x512 --reps 5 --train-shapes 1x4096 --pack-examples 32 --prompt-lens 4096,16384 --decode-batch 1,8 --new-tokens 16 --stock-cache-len 16448}
 mkdir -p "$OUT"
 : > "$OUT/summary.txt"
 exec > >(tee "$OUT/log.txt") 2>&1
+TEE_PID=$!
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 
 if ! "$PY" -c "import torchtune" 2>/dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site
 fi
+# Stop at once if the installed stack does not import (e.g. datasets against the image's pyarrow or fsspec).
+"$PY" -c "import pyarrow, fsspec, huggingface_hub; print('pyarrow', pyarrow.__version__, 'fsspec', fsspec.__version__, 'huggingface_hub', huggingface_hub.__version__)" || exit 1
+"$PY" -c "import torchtune, torchao, torchdata, datasets, lm_eval, safetensors" || exit 1
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD:$PWD/recipes"
 
 failed=0
@@ -54,7 +58,7 @@ TINY=${TINY:-/tmp/device_check_tiny}
 rm -rf "$TINY"
 TUNE=("$PY" -m torchtune._cli.tune run)
 ON=(device="$DEVICE" dtype="$DTYPE" assets_dir="$TINY/assets" enable_activation_checkpointing=True)
-step smoke 200 "$PY" benchmarks/gpu_smoke.py --only generation,qlora,block_mask  # block_mask compiles FlexAttention: last
+step smoke 260 "$PY" benchmarks/gpu_smoke.py --only generation,qlora,block_mask  # block_mask compiles FlexAttention: last
 step tiny_assets 60 "$PY" -m torchtune_gist.tiny --out "$TINY/assets"
 step single_device 120 "${TUNE[@]}" gist_lora_single_device --config configs/tiny/gist_lora_single_device.yaml \
     "${ON[@]}" output_dir="$TINY/single" max_steps_per_epoch=20 log_peak_memory_stats=True
@@ -63,14 +67,16 @@ step resume 90 "${TUNE[@]}" gist_lora_single_device --config configs/tiny/gist_l
 step distributed 120 "${TUNE[@]}" --nproc_per_node 1 gist_lora_distributed --config configs/tiny/gist_lora_distributed.yaml \
     "${ON[@]}" output_dir="$TINY/distributed" max_steps_per_epoch=10
 step generate 60 "${TUNE[@]}" gist_generate --config configs/tiny/gist_generate.yaml device="$DEVICE" dtype="$DTYPE" \
-    assets_dir="$TINY/assets" gist_checkpoint_dir="$TINY/single/epoch_1"
+    assets_dir="$TINY/assets" gist_checkpoint_dir="$(ls -d "$TINY"/single/epoch_* 2>/dev/null | sort -V | tail -1)"  # resume's epoch_1, else epoch_0
 # The rest of the device tool's 600 s, less a margin for the files' trip back.
 if [ "$SECONDS" -lt $((480 * TIME_SCALE)) ]; then
     # shellcheck disable=SC2086
-    step bench $(((570 * TIME_SCALE - SECONDS) / TIME_SCALE)) "$PY" benchmarks/bench_gpu.py --out "$OUT" --only memory,attention,decode,packing $BENCH_ARGS
+    step bench $(((570 * TIME_SCALE - SECONDS) / TIME_SCALE)) "$PY" benchmarks/bench_gpu.py --out "$OUT" --only decode,memory,attention,packing $BENCH_ARGS
 else
     echo "bench skipped: ${SECONDS}s used, too little of the 600 s left" | tee -a "$OUT/summary.txt"
     failed=1
 fi
 cat "$OUT/summary.txt"
+exec >&- 2>&-  # let tee write the end of log.txt before the files go back
+wait "$TEE_PID"
 exit "$failed"

@@ -165,6 +165,7 @@ PARTS = {
             *(Evaluation("gist8_long", mode, extra=True, context=n)
               for n in LONG_EVAL_CONTEXTS for mode in ("gist", "neg_control", "truncate")),
             Evaluation("pos8", "pos_control", extra=True, context=LONG_CONTEXT),
+            Evaluation("pos8", "pos_control", extra=True, context=LONG_EVAL_CONTEXTS[-1]),
         ),
     ),
 }
@@ -481,7 +482,8 @@ def passkey_report(out_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
             *((f"gist8_long_{mode}_{n}", f"gist-8 after the long-context curriculum, {label}, {n} tokens")
               for n in LONG_EVAL_CONTEXTS for mode, label in (("gist", "compressed into 8 gists"), ("neg_control", "no context"),
                                                               ("truncate", "the context's last K tokens"))),
-            (f"pos8_pos_control_{LONG_CONTEXT}", "positive control (trained on 64-256 tokens), full context")]
+            *((f"pos8_pos_control_{n}", f"positive control (trained on 64-256 tokens), full context, {n} tokens")
+              for n in (LONG_CONTEXT, LONG_EVAL_CONTEXTS[-1]))]
     summary: Dict[str, Any] = {"rows": {}}
     depths = (0.0, 0.25, 0.5, 0.75, 1.0)
     recs = {name: _load(out_dir, name) for name, _ in rows}

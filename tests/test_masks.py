@@ -211,3 +211,23 @@ def test_document_ids_from_lengths():
         document_ids_from_lengths([[3, 3]], 4)
     with pytest.raises(ValueError, match="positive"):
         document_ids_from_lengths([[0, 3]], 4)
+
+
+def test_numpy_integer_gist_ids_are_taken_as_ints() -> None:
+    """Ids read from numpy arrays (np.int64) work wherever gist ids are given, and are stored as Python ints."""
+    import numpy as np
+
+    from torchtune_gist.data import padded_gist_collate
+    from torchtune_gist.modules import GistEmbedding
+
+    ids = [8, 9]
+    np_ids = list(np.array(ids))
+    tokens = torch.tensor([[1, 2, 8, 9, 3, 4]])
+    assert torch.equal(make_gist_mask(tokens, np_ids), make_gist_mask(tokens, ids))
+    row = {"tokens": [1, 2, 8, 9, 3, 4], "labels": [-100] * 4 + [3, 4]}
+    assert torch.equal(padded_gist_collate([row], gist_token_ids=np_ids, pad_id=0)["mask"],
+                       padded_gist_collate([row], gist_token_ids=ids, pad_id=0)["mask"])
+    emb = GistEmbedding(8, 4, np_ids)
+    assert emb.gist_token_ids == ids and all(type(t) is int for t in emb.gist_token_ids)
+    with pytest.raises(TypeError, match="must be integers"):
+        make_gist_mask(tokens, [8.0, 9.0])

@@ -10,10 +10,16 @@ special-token strings found in text as plain text).
 A tokenizer without reserved tokens (SmolLM2) provides its own ``gist_token_ids(k)`` method.
 """
 
+import numbers
 import re
 from typing import Any, List
 
 _RESERVED = re.compile(r"^<\|reserved_special_token_\d+\|>$")
+
+
+def is_token_id(value: Any) -> bool:
+    """Whether ``value`` is an integer (Python's, numpy's or any ``numbers.Integral``) and not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def gist_token_ids(tokenizer: Any, num_gist_tokens: int) -> List[int]:

@@ -23,6 +23,8 @@ from typing import Callable, Collection, List, Literal, Optional, Sequence, Tupl
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
+from torchtune_gist.gist_tokens import is_token_id
+
 MaskMode = Literal["gist", "pos_control", "neg_control"]
 MASK_MODES: Tuple[str, ...] = ("gist", "pos_control", "neg_control")
 
@@ -47,8 +49,9 @@ def _check_inputs(
         gist_token_ids = gist_token_ids.tolist()
     if len(gist_token_ids) == 0:
         raise ValueError("gist_token_ids is empty: at least one gist token id is needed")
-    if not all(isinstance(t, int) and not isinstance(t, bool) for t in gist_token_ids):
+    if not all(is_token_id(t) for t in gist_token_ids):
         raise TypeError(f"gist_token_ids must be integers, got {list(gist_token_ids)!r}")
+    gist_token_ids = [int(t) for t in gist_token_ids]
     if document_ids is not None:
         if not isinstance(document_ids, torch.Tensor) or document_ids.shape != tokens.shape:
             shape = tuple(document_ids.shape) if isinstance(document_ids, torch.Tensor) else None

@@ -18,6 +18,7 @@ from torch.nn.attention.flex_attention import BlockMask
 from torch.nn.utils.rnn import pad_sequence
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 
+from torchtune_gist.gist_tokens import is_token_id
 from torchtune_gist.masks import MASK_MODES, make_gist_block_mask, make_gist_mask
 from torchtune_gist.segment_masks import GistSegmentMask, make_gist_segment_mask
 
@@ -28,8 +29,9 @@ def _check_settings(gist_token_ids: Collection[int], pad_id: int, mask_mode: str
     if mask_mode not in MASK_MODES:
         raise ValueError(f"unknown mask_mode {mask_mode!r}; expected one of {', '.join(MASK_MODES)}")
     ids = gist_token_ids.tolist() if isinstance(gist_token_ids, torch.Tensor) else list(gist_token_ids)
-    if not ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+    if not ids or not all(is_token_id(t) for t in ids):
         raise ValueError(f"gist_token_ids must be a non-empty list of integer ids, got {gist_token_ids!r}")
+    ids = [int(t) for t in ids]
     if isinstance(pad_id, bool) or not isinstance(pad_id, int):
         raise ValueError(f"pad_id must be an integer token id, got {pad_id!r}")
     if pad_id in ids:

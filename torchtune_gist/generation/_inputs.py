@@ -5,6 +5,8 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 from torchtune.modules import TransformerDecoder
 
+from torchtune_gist.gist_tokens import is_token_id
+
 
 def resolve_gist_token_ids(model: TransformerDecoder, gist_token_ids: Optional[Sequence[int]]) -> List[int]:
     """The gist ids to use: ``gist_token_ids`` if given, else ``model.tok_embeddings.gist_token_ids``.
@@ -24,8 +26,9 @@ def resolve_gist_token_ids(model: TransformerDecoder, gist_token_ids: Optional[S
     ids = gist_token_ids.tolist() if isinstance(gist_token_ids, torch.Tensor) else list(gist_token_ids)
     if not ids:
         raise ValueError("gist_token_ids is empty: at least one gist token is needed")
-    if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+    if not all(is_token_id(t) for t in ids):
         raise TypeError(f"gist_token_ids must be integers, got {ids!r}")
+    ids = [int(t) for t in ids]
     if len(set(ids)) != len(ids):
         raise ValueError(f"gist_token_ids must be distinct, got {ids!r}")
     if own is not None and list(own) != ids:
@@ -51,9 +54,9 @@ def token_rows(rows: Any, name: str) -> List[List[int]]:
         row = row.tolist() if isinstance(row, torch.Tensor) else row
         if isinstance(row, (str, bytes)) or not isinstance(row, Sequence):
             raise TypeError(f"{name}[{i}] must be a sequence of token ids, got {type(row).__name__}")
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in row):
+        if not all(is_token_id(t) for t in row):
             raise TypeError(f"{name}[{i}] must hold integer token ids")
-        out.append(list(row))
+        out.append([int(t) for t in row])
     if not out:
         raise ValueError(f"{name} is empty")
     return out

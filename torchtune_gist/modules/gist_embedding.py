@@ -20,6 +20,8 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPO
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torchtune.modules.peft import get_adapter_params
 
+from torchtune_gist.gist_tokens import is_token_id
+
 GIST_PARAM_NAME = "gist_embeddings"
 
 
@@ -27,8 +29,9 @@ def _check_gist_token_ids(gist_token_ids: Sequence[int], num_embeddings: int) ->
     ids = list(gist_token_ids)
     if not ids:
         raise ValueError("gist_token_ids is empty: at least one gist token is needed")
-    if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+    if not all(is_token_id(t) for t in ids):
         raise TypeError(f"gist_token_ids must be integers, got {ids!r}")
+    ids = [int(t) for t in ids]
     if len(set(ids)) != len(ids):
         raise ValueError(f"gist_token_ids must be distinct, got {ids!r}")
     limit = num_embeddings + len(ids)

@@ -93,13 +93,29 @@ def test_single_device_by_name(assets, tmp_path):
 
 
 @pytest.mark.slow
-def test_distributed_by_name_two_processes(assets, tmp_path):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_distributed_by_name_two_processes(assets, tmp_path, dtype):
     out = tmp_path / "run"
     tune_run(
         ["--nproc_per_node", "2", "gist_lora_distributed", "--config", str(DISTRIBUTED),
-         *overrides(assets, out, max_steps_per_epoch=3, mask_format="segments", enable_activation_checkpointing=True)]
+         *overrides(assets, out, max_steps_per_epoch=3, mask_format="segments", enable_activation_checkpointing=True, dtype=dtype)]
     )
     assert_checkpoint_loads(out / "epoch_0", 4)
+    saved = {t.dtype for t in load_file(str(out / "epoch_0" / "gist_adapter.safetensors")).values()}
+    assert saved == {torch.bfloat16 if dtype == "bf16" else torch.float32}
+
+
+def test_bf16_training_follows_fp32(assets, tmp_path):
+    """``dtype=bf16``: every parameter, the gist rows included, trains in bf16, with the losses of fp32 to bf16's precision."""
+    common = dict(max_steps_per_epoch=3, save_merged_hf=False)
+    fp32 = run_in_process(load_cfg(SINGLE, overrides(assets, tmp_path / "fp32", **common)))
+    bf16 = run_in_process(load_cfg(SINGLE, overrides(assets, tmp_path / "bf16", dtype="bf16", **common)))
+    assert {p.dtype for p in bf16._model.parameters()} == {torch.bfloat16}
+    assert {t.dtype for t in load_file(str(tmp_path / "bf16" / "epoch_0" / "gist_adapter.safetensors")).values()} == {torch.bfloat16}
+    torch.testing.assert_close([loss for _, loss in bf16.loss_history], [loss for _, loss in fp32.loss_history], atol=0.05, rtol=0.01)
+    fp32_model = lora_gist_llama3_1_tiny(["q_proj", "k_proj", "v_proj", "output_proj"], lora_rank=16, lora_alpha=32, num_gist_tokens=4)
+    load_gist_adapter(fp32_model, tmp_path / "bf16" / "epoch_0")
+    assert next(fp32_model.parameters()).dtype == torch.float32
 
 
 def _real_rows(mask: Any, tokens: torch.Tensor, pad_id: int) -> torch.Tensor:

@@ -214,7 +214,7 @@ def test_document_ids_from_lengths():
 
 
 def test_numpy_integer_gist_ids_are_taken_as_ints() -> None:
-    """Ids read from numpy arrays (np.int64) work wherever gist ids are given, and are stored as Python ints."""
+    """Ids read from numpy arrays (np.int64) work wherever gist or pad ids are given, and are stored as Python ints."""
     import numpy as np
 
     from torchtune_gist.data import padded_gist_collate
@@ -225,8 +225,11 @@ def test_numpy_integer_gist_ids_are_taken_as_ints() -> None:
     tokens = torch.tensor([[1, 2, 8, 9, 3, 4]])
     assert torch.equal(make_gist_mask(tokens, np_ids), make_gist_mask(tokens, ids))
     row = {"tokens": [1, 2, 8, 9, 3, 4], "labels": [-100] * 4 + [3, 4]}
-    assert torch.equal(padded_gist_collate([row], gist_token_ids=np_ids, pad_id=0)["mask"],
+    assert torch.equal(padded_gist_collate([row], gist_token_ids=np_ids, pad_id=np.int64(0))["mask"],
                        padded_gist_collate([row], gist_token_ids=ids, pad_id=0)["mask"])
+    from torchtune_gist.data import PackedGistDataset
+
+    assert PackedGistDataset([row], max_seq_len=8, pad_id=np.int64(0)).pad_id == 0
     emb = GistEmbedding(8, 4, np_ids)
     assert emb.gist_token_ids == ids and all(type(t) is int for t in emb.gist_token_ids)
     with pytest.raises(TypeError, match="must be integers"):

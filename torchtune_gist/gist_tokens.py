@@ -63,8 +63,9 @@ def gist_token_ids(tokenizer: Any, num_gist_tokens: int) -> List[int]:
 def default_gist_token_ids(vocab_size: int, num_gist_tokens: int) -> List[int]:
     """Gist ids for a model with a Llama 3 vocabulary layout: the top ``num_gist_tokens`` ids.
 
-    Matches :func:`gist_token_ids` for Llama 3 tokenizers (and the tiny test tokenizer), whose
-    reserved tokens fill the top of the vocabulary.
+    Matches :func:`gist_token_ids` for Llama 3 tokenizers up to K = 243 (their reserved tokens fill
+    ids 128013-128255; beyond, the tokenizer's next reserved ids are 128003 and 128002) and for the tiny
+    test tokenizer, whose reserved tokens fill the top of the vocabulary.
     """
     if isinstance(num_gist_tokens, bool) or not isinstance(num_gist_tokens, int) or num_gist_tokens < 1:
         raise ValueError(f"num_gist_tokens must be a positive integer, got {num_gist_tokens!r}")

@@ -10,7 +10,7 @@ segment: the fast choice where FlexAttention is not available, e.g. on CPU). Use
 ``functools.partial(padded_gist_collate, gist_token_ids=..., pad_id=..., mask_mode=...)``.
 """
 
-from typing import Any, Collection, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Collection, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -25,18 +25,19 @@ from torchtune_gist.segment_masks import GistSegmentMask, make_gist_segment_mask
 _Mask = Union[torch.Tensor, BlockMask, GistSegmentMask]
 
 
-def _check_settings(gist_token_ids: Collection[int], pad_id: int, mask_mode: str) -> List[int]:
+def _check_settings(gist_token_ids: Collection[int], pad_id: int, mask_mode: str) -> Tuple[List[int], int]:
+    """The gist ids and ``pad_id`` as Python ints, or a ValueError naming the bad setting."""
     if mask_mode not in MASK_MODES:
         raise ValueError(f"unknown mask_mode {mask_mode!r}; expected one of {', '.join(MASK_MODES)}")
     ids = gist_token_ids.tolist() if isinstance(gist_token_ids, torch.Tensor) else list(gist_token_ids)
     if not ids or not all(is_token_id(t) for t in ids):
         raise ValueError(f"gist_token_ids must be a non-empty list of integer ids, got {gist_token_ids!r}")
     ids = [int(t) for t in ids]
-    if isinstance(pad_id, bool) or not isinstance(pad_id, int):
+    if not is_token_id(pad_id):
         raise ValueError(f"pad_id must be an integer token id, got {pad_id!r}")
     if pad_id in ids:
         raise ValueError(f"pad_id={pad_id} is one of the gist token ids {ids}")
-    return ids
+    return ids, int(pad_id)
 
 
 def _mask(
@@ -97,7 +98,7 @@ def padded_gist_collate(
     Raises:
         ValueError: on an empty batch, bad settings, mismatched tokens/labels, or a broken gist span.
     """
-    ids = _check_settings(gist_token_ids, pad_id, mask_mode)
+    ids, pad_id = _check_settings(gist_token_ids, pad_id, mask_mode)
     if len(batch) == 0:
         raise ValueError("cannot collate an empty batch")
     if isinstance(pad_to_multiple_of, bool) or not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1:
@@ -161,7 +162,7 @@ def packed_gist_collate(
     Raises:
         ValueError: on an empty batch, bad settings, or rows of different lengths.
     """
-    ids = _check_settings(gist_token_ids, pad_id, mask_mode)
+    ids, pad_id = _check_settings(gist_token_ids, pad_id, mask_mode)
     if len(batch) == 0:
         raise ValueError("cannot collate an empty batch")
     lengths = {len(row["tokens"]) for row in batch}

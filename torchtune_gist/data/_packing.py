@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 from torchtune.utils import get_logger
 
+from torchtune_gist.gist_tokens import is_token_id
 from torchtune_gist.masks import document_ids_from_lengths
 
 log = get_logger("INFO")
@@ -66,9 +67,9 @@ class PackedGistDataset(Dataset):
     ) -> None:
         if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1:
             raise ValueError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
-        if isinstance(pad_id, bool) or not isinstance(pad_id, int):
+        if not is_token_id(pad_id):
             raise ValueError(f"pad_id must be an integer token id, got {pad_id!r}")
-        self.max_seq_len, self.pad_id, self.ignore_idx = max_seq_len, pad_id, ignore_idx
+        self.max_seq_len, self.pad_id, self.ignore_idx = max_seq_len, int(pad_id), ignore_idx
         self.packs: List[Dict[str, torch.Tensor]] = []
         current: List[Dict[str, List[int]]] = []
         used = num_examples = 0

@@ -75,7 +75,7 @@ def check_token_range(model: TransformerDecoder, rows: List[List[int]], gist_tok
 def check_pad_id(model: TransformerDecoder, pad_id: int) -> None:
     """Raise a ValueError if ``pad_id`` is not a token id of the model's vocabulary."""
     vocab = getattr(model.tok_embeddings, "num_embeddings", None)
-    if isinstance(pad_id, bool) or not isinstance(pad_id, int) or pad_id < 0 or (vocab is not None and pad_id >= vocab):
+    if not is_token_id(pad_id) or pad_id < 0 or (vocab is not None and pad_id >= vocab):
         raise ValueError(f"pad_id={pad_id!r} is not a token id of the model's vocabulary of {vocab}")
 
 

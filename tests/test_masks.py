@@ -188,6 +188,7 @@ def _blocks(num: torch.Tensor, idx: torch.Tensor, b: int, n: int) -> torch.Tenso
         (dict(tokens=torch.tensor([[1, G]]), gist_token_ids=[]), ValueError, "empty"),
         (dict(tokens=torch.tensor([[1, G]]), gist_token_ids=[1.5]), TypeError, "integers"),
         (dict(tokens=torch.tensor([[1, G]]), document_ids=torch.zeros(1, 3, dtype=torch.long)), ValueError, "shaped"),
+        (dict(tokens=torch.tensor([[1, G]]), document_ids=torch.zeros(1, 2, dtype=torch.long, device="meta")), ValueError, "one device"),
     ],
 )
 def test_bad_inputs_are_clear_errors(kwargs, exc, match):

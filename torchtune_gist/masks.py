@@ -60,6 +60,8 @@ def _check_inputs(
             )
         if document_ids.dtype.is_floating_point or document_ids.dtype == torch.bool:
             raise TypeError(f"document_ids must be integers, got dtype {document_ids.dtype}")
+        if document_ids.device != tokens.device:
+            raise ValueError(f"document_ids are on {document_ids.device} but tokens on {tokens.device}: put both on one device")
 
 
 def gist_span_bounds(

@@ -270,6 +270,19 @@ def test_kv_bytes_per_example_do_not_depend_on_the_batch(tiny_model: torch.nn.Mo
         assert [o.kv_bytes for o in batched] == [o.kv_bytes for o in alone], mode
 
 
+def test_progress_bars_count_the_requests(tiny_model: torch.nn.Module, tiny_tokenizer: Any, capsys: pytest.CaptureFixture) -> None:
+    """Generation and scoring show lm-eval's usual progress bars (requests done / all), unless disable_tqdm."""
+    lm = TorchtuneGistLM(model=tiny_model, tokenizer=tiny_tokenizer, batch_size=2)
+    context = "Instruction: Say hi.\n<GIST>\nOutput:"
+    lm.generate_until([Instance("generate_until", {}, (context, {"until": [], "max_gen_toks": 2}), i) for i in range(3)])
+    lm.loglikelihood([_instance(context, " hi")] * 3)
+    err = capsys.readouterr().err
+    assert "Running generate_until requests: 100%" in err and "Running loglikelihood requests: 100%" in err and "3/3" in err
+    lm.generate_until([Instance("generate_until", {}, (context, {"until": [], "max_gen_toks": 2}), 0)], disable_tqdm=True)
+    lm.loglikelihood([_instance(context, " hi")], disable_tqdm=True)
+    assert "Running" not in capsys.readouterr().err
+
+
 def _instance(context: str, continuation: str) -> Instance:
     return Instance(request_type="loglikelihood", doc={}, arguments=(context, continuation), idx=0)
 

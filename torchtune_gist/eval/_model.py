@@ -32,6 +32,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from tqdm import tqdm
 from torchtune import config as tt_config, training
 from torchtune.modules import TiedLinear
 from torchtune.modules.peft import DoRALinear, LoRALinear
@@ -227,8 +228,9 @@ class TorchtuneGistLM(LM):
         tokenizer (Any): its tokenizer (with ``model``).
         mode (str): ``gist``, ``pos_control``, ``neg_control`` or ``truncate``. Default ``gist``.
         batch_size (Union[int, str]): requests per forward. Default 1.
-        device (Optional[str]): with ``config``; default the config's ``device`` (else the CPU); CUDA falls
-            back to the CPU (with a warning) when absent. A given ``model`` stays where it is.
+        device (Optional[str]): with ``config``; default the config's ``device`` (else the CPU). lm-eval's
+            command line always passes one (``--device``, default ``cuda:0``), which wins over the config.
+            CUDA falls back to the CPU (with a warning) when absent. A given ``model`` stays where it is.
         dtype (Optional[str]): with ``config``: ``fp32``, ``bf16``, ``fp16``. Default: the config's ``dtype`` (else ``fp32``).
         max_gen_toks (Union[int, str]): new tokens per request when the request sets none. Default 512.
         max_batch_size (Optional[int]): lm-eval's cap for ``batch_size=auto``, which this model does not
@@ -392,27 +394,29 @@ class TorchtuneGistLM(LM):
             groups[settings].append((i, prompt, continuation))
         outputs: List[Optional[GistGeneration]] = [None] * len(requests)
         k = self.num_gist_tokens
-        for (until, max_gen_toks, temperature, top_k), group in groups.items():
-            group.sort(key=lambda x: len(x[1]) + len(x[2]), reverse=True)
-            for start in range(0, len(group), self.batch_size):
-                batch = group[start : start + self.batch_size]
-                out = generate(
-                    self.model,
-                    [p + self.gist_token_ids for _, p, _ in batch],
-                    [c for _, _, c in batch],
-                    mode=self.mode,
-                    gist_token_ids=self.gist_token_ids,
-                    max_new_tokens=max_gen_toks,
-                    temperature=temperature,
-                    top_k=top_k,
-                    stop_tokens=self._stop_tokens,
-                    pad_id=self._pad_id,
-                )
-                for (i, prompt, _), tokens, kv_bytes in zip(batch, out.tokens, out.row_kv_bytes):
-                    n_prompt = len(prompt) - len(self._bos)
-                    outputs[i] = GistGeneration(self._text(tokens, until), n_prompt, k, kv_bytes, self.mode)
-                    self._records.append((n_prompt, kv_bytes))
-                    self.cache_hook.add_partial("generate_until", requests[i].args, outputs[i])
+        with tqdm(total=len(requests), disable=disable_tqdm, desc="Running generate_until requests") as bar:
+            for (until, max_gen_toks, temperature, top_k), group in groups.items():
+                group.sort(key=lambda x: len(x[1]) + len(x[2]), reverse=True)
+                for start in range(0, len(group), self.batch_size):
+                    batch = group[start : start + self.batch_size]
+                    out = generate(
+                        self.model,
+                        [p + self.gist_token_ids for _, p, _ in batch],
+                        [c for _, _, c in batch],
+                        mode=self.mode,
+                        gist_token_ids=self.gist_token_ids,
+                        max_new_tokens=max_gen_toks,
+                        temperature=temperature,
+                        top_k=top_k,
+                        stop_tokens=self._stop_tokens,
+                        pad_id=self._pad_id,
+                    )
+                    for (i, prompt, _), tokens, kv_bytes in zip(batch, out.tokens, out.row_kv_bytes):
+                        n_prompt = len(prompt) - len(self._bos)
+                        outputs[i] = GistGeneration(self._text(tokens, until), n_prompt, k, kv_bytes, self.mode)
+                        self._records.append((n_prompt, kv_bytes))
+                        self.cache_hook.add_partial("generate_until", requests[i].args, outputs[i])
+                    bar.update(len(batch))
         log.info("torchtune_gist %s", self.stats)
         return outputs
 
@@ -467,11 +471,13 @@ class TorchtuneGistLM(LM):
                 raise ValueError(f"request {i}: the continuation to score is empty")
         order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]), reverse=True)
         results: List[Optional[Tuple[float, bool]]] = [None] * len(rows)
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start : start + self.batch_size]
-            for i, result in zip(chunk, self._score([rows[i] for i in chunk])):
-                results[i] = result
-                self.cache_hook.add_partial("loglikelihood", requests[i].args, result)
+        with tqdm(total=len(rows), disable=disable_tqdm, desc="Running loglikelihood requests") as bar:
+            for start in range(0, len(order), self.batch_size):
+                chunk = order[start : start + self.batch_size]
+                for i, result in zip(chunk, self._score([rows[i] for i in chunk])):
+                    results[i] = result
+                    self.cache_hook.add_partial("loglikelihood", requests[i].args, result)
+                bar.update(len(chunk))
         return results
 
     def loglikelihood_rolling(self, requests: List[Instance], disable_tqdm: bool = False) -> List[float]:

@@ -19,8 +19,8 @@ the continuation that is fed after the cached gist entries. A saved cache is reu
 ``load_cache`` (``prompt`` is then ignored) after checking that it was made by this model.
 
 OmegaConf reads ``prompt=...`` / ``input=...`` on the command line as YAML: newlines fold, ``#``
-starts a comment, ``Note: x`` becomes a mapping and ``12345`` a number. Quote such text for YAML
-(``'prompt="12345"'``), or put it in a file: ``prompt_file=PATH`` / ``input_file=PATH`` (UTF-8,
+starts a comment, ``Note: x`` becomes a mapping and ``12345`` a number; tune refuses a value holding
+``=``. Quote such text for YAML (``'prompt="12345"'``), or put it in a file: ``prompt_file=PATH`` / ``input_file=PATH`` (UTF-8,
 taken as is but for one final newline; a file replaces the config's ``prompt`` / ``input``).
 
 Prints the output, the compression ratio (prompt tokens / K) and the KV bytes held while

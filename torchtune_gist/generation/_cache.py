@@ -1,6 +1,6 @@
 """Compress prompts once into their gist keys/values (:class:`GistCache`), save, load and reuse them.
 
-Positions (DESIGN.md 1.1): a prompt of ``n`` tokens and its K gists take absolute positions
+Positions (as the official implementation): a prompt of ``n`` tokens and its K gists take absolute positions
 ``0 .. n + K - 1``. The cache keeps the gist keys with the RoPE of their original positions and
 records ``next_pos = n + K``: whatever follows continues at ``next_pos``; the dropped prompt's
 positions are skipped, never reused.

@@ -1,8 +1,8 @@
 """Model builders for gist-aware Llama 3.1 (8B, 70B), Llama 3.2 (1B, 3B) and tiny test models.
 
 Every builder takes ``num_gist_tokens`` (K, default 1) and optionally ``gist_token_ids`` (default:
-the top K ids, Llama 3's reserved tokens). "Gist rows only" training uses the plain ``gist_*``
-builder with the base frozen (``set_trainable_params(model, train_lora=False)``).
+the top K ids, Llama 3's reserved tokens). "Gist rows only" training: ``train_lora: False`` in the
+recipes (``set_trainable_params(model, train_lora=False)``); the plain ``gist_*`` builders have no LoRA at all.
 """
 
 from functools import partial

@@ -15,7 +15,7 @@ is made. Everything gist-specific lives in :mod:`torchtune_gist.training`.
 import sys
 import time
 from functools import partial
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 import torch.distributed as dist
@@ -80,6 +80,11 @@ class GistLoRAFinetuneRecipeDistributed(GistFinetuneRecipeBase):
         dist.all_reduce(value)
         return value
 
+    def _from_rank_zero(self, value: Any) -> Any:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def _full_state_dict(self) -> Dict[str, torch.Tensor]:
         return training.gather_cpu_state_dict(self._model, self._is_rank_zero, device=self._device)
 
@@ -95,7 +100,7 @@ class GistLoRAFinetuneRecipeDistributed(GistFinetuneRecipeBase):
 
 
 @config.parse
-def recipe_main(cfg: DictConfig) -> None:
+def recipe_main(cfg: DictConfig) -> Optional[int]:
     """Entry point: ``tune run --nproc_per_node N gist_lora_distributed --config ...``."""
     if not training.is_distributed():
         raise RuntimeError(
@@ -107,9 +112,12 @@ def recipe_main(cfg: DictConfig) -> None:
         training.set_torch_num_threads()
     config.log_config(recipe_name="GistLoRAFinetuneRecipeDistributed", cfg=cfg)
     recipe = GistLoRAFinetuneRecipeDistributed(cfg=cfg)
-    recipe.setup(cfg=cfg)
-    recipe.train()
-    recipe.cleanup()
+    try:
+        recipe.setup(cfg=cfg)
+        recipe.train()
+    finally:
+        recipe.cleanup()
+    return 128 + recipe.stop_signal if recipe.stop_signal else None  # the shell's code for a signal, after a checkpoint
 
 
 if __name__ == "__main__":

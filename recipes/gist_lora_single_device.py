@@ -15,7 +15,7 @@ resume exactly) lives in :mod:`torchtune_gist.training`; this file builds the mo
 """
 
 import sys
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 from omegaconf import DictConfig
@@ -52,13 +52,16 @@ class GistLoRAFinetuneRecipeSingleDevice(GistFinetuneRecipeBase):
 
 
 @config.parse
-def recipe_main(cfg: DictConfig) -> None:
+def recipe_main(cfg: DictConfig) -> Optional[int]:
     """Entry point: ``tune run gist_lora_single_device --config ...``."""
     config.log_config(recipe_name="GistLoRAFinetuneRecipeSingleDevice", cfg=cfg)
     recipe = GistLoRAFinetuneRecipeSingleDevice(cfg=cfg)
-    recipe.setup(cfg=cfg)
-    recipe.train()
-    recipe.cleanup()
+    try:
+        recipe.setup(cfg=cfg)
+        recipe.train()
+    finally:
+        recipe.cleanup()
+    return 128 + recipe.stop_signal if recipe.stop_signal else None  # the shell's code for a signal, after a checkpoint
 
 
 if __name__ == "__main__":

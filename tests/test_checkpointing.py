@@ -289,3 +289,24 @@ def test_every_atomic_write_reaches_the_disk_before_its_rename(tmp_path: Path, m
     _io.atomic_save_safetensors({"w": torch.ones(2)}, tmp_path / "c.safetensors")
     assert events == ["fsync", "replace"] * 3
     assert (tmp_path / "b.json").read_text() == '{\n  "k": 1\n}\n'
+
+
+def test_a_directory_replaces_its_older_self_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A checkpoint directory is written under a hidden name and renamed into place; the directory holding it is
+    fsynced after the rename; an older one is replaced, never merged."""
+    import os
+
+    from torchtune_gist import _io
+
+    target = tmp_path / "step_4"
+    target.mkdir()
+    (target / "stale.safetensors").write_text("old")
+    partial = _io.partial_directory(target)
+    assert partial.name == ".step_4.partial" and not any(partial.iterdir())
+    (partial / "new.safetensors").write_text("new")
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(_io.os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd))[1])
+    _io.replace_directory(partial, target)
+    assert [p.name for p in target.iterdir()] == ["new.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_4"] and synced == [str(tmp_path)]

@@ -221,6 +221,122 @@ def test_resume_equals_uninterrupted(assets, tmp_path):
     assert latest.loss_history == full.loss_history and latest.global_step == 12
 
 
+def test_resume_is_exact_with_accumulation_dropout_validation_and_a_drawn_seed(assets, tmp_path):
+    """``seed: null`` (torchtune's configs' default) draws a seed; the resumed run shuffles with the first run's.
+    LoRA dropout draws from the restored generator (a new data-loader iterator draws from its own), and
+    validation and gradient accumulation land on the same steps."""
+    common = {"max_steps_per_epoch": 4, "save_merged_hf": False, "save_every_n_steps": 2, "epochs": 2, "seed": "null",
+              "gradient_accumulation_steps": 2, "run_val_every_n_steps": 2, "model.lora_dropout": 0.1,
+              "dataset.num_samples": 160, "validation_dataset.num_samples": 8}
+    full = run_in_process(load_cfg(SINGLE, overrides(assets, tmp_path / "full", **common)))
+    assert [s for s, _ in full.loss_history] == list(range(1, 9))
+    resumed = run_in_process(
+        load_cfg(SINGLE, overrides(assets, tmp_path / "resumed", resume_from_checkpoint=tmp_path / "full" / "step_6", **common))
+    )
+    assert resumed.seed == full.seed and resumed.loss_history == full.loss_history
+
+
+def test_a_signal_saves_a_checkpoint_after_the_step_and_resume_continues_exactly(assets, tmp_path):
+    """SIGTERM (a scheduler's preemption) or Ctrl-C mid-epoch: the step under way finishes, ``step_<N>`` is
+    saved, ``train`` returns with the signal's number; resuming gives the uninterrupted run's losses."""
+    import signal
+
+    common = {"max_steps_per_epoch": 6, "save_merged_hf": False, "epochs": 1, "dataset.num_samples": 128}
+    full = run_in_process(load_cfg(SINGLE, overrides(assets, tmp_path / "full", **common)))
+    forwards = []
+
+    def preempt_at_step_4(module, args, kwargs):
+        forwards.append(1)
+        if len(forwards) == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    stopped = run_in_process(load_cfg(SINGLE, overrides(assets, tmp_path / "run", **common)), hook=preempt_at_step_4)
+    assert signal.getsignal(signal.SIGTERM) is previous
+    assert stopped.stop_signal == signal.SIGTERM and stopped.global_step == 4
+    assert sorted(d.name for d in (tmp_path / "run").iterdir() if d.is_dir()) == ["logs", "step_4"]
+    resumed = run_in_process(load_cfg(SINGLE, overrides(assets, tmp_path / "run", resume_from_checkpoint=True, **common)))
+    assert resumed.stop_signal is None and resumed.loss_history == full.loss_history
+
+
+def test_a_second_ctrl_c_stops_at_once_but_not_torchruns_forwarded_copy():
+    import signal
+
+    from torchtune_gist.training import StopRequest
+
+    previous = signal.getsignal(signal.SIGINT)
+    with StopRequest(patience=60) as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # torchrun forwards the terminal's Ctrl-C: the same request
+    assert stop.requested and stop.signum == signal.SIGINT
+    with pytest.raises(KeyboardInterrupt), StopRequest(patience=0) as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is previous
+
+
+def test_an_interrupted_save_leaves_the_earlier_checkpoints_whole(assets, tmp_path, monkeypatch):
+    """A crash while an epoch's checkpoint is written (here: in the merged export, its last part) leaves no
+    ``epoch_0``: resume takes ``step_3`` and writes the epoch's checkpoint whole, merged export included."""
+    import torchtune_gist.training as training_module
+    from torchtune_gist.training import latest_checkpoint
+
+    common = {"max_steps_per_epoch": 6, "save_every_n_steps": 3, "epochs": 1, "dataset.num_samples": 128}
+    cfg = load_cfg(SINGLE, overrides(assets, tmp_path, **common))
+    export = training_module.export_merged_hf
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training_module, "export_merged_hf", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_in_process(cfg)
+    assert not (tmp_path / "epoch_0").exists() and latest_checkpoint(tmp_path) == tmp_path / "step_3"
+    monkeypatch.setattr(training_module, "export_merged_hf", export)
+    resumed = run_in_process(load_cfg(SINGLE, overrides(assets, tmp_path, resume_from_checkpoint=True, **common)))
+    assert resumed.global_step == 6
+    assert_checkpoint_loads(tmp_path / "epoch_0", 4)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_latest_checkpoint_prefers_the_epoch_and_skips_what_it_cannot_read(tmp_path):
+    from torchtune_gist.training import RECIPE_STATE_FILE, latest_checkpoint, save_recipe_state
+
+    def checkpoint(name: str, step: int) -> Path:
+        save_recipe_state(tmp_path / name / RECIPE_STATE_FILE, optimizer_state={"state": {}, "param_groups": []},
+                          progress={"global_step": step}, rng_states={})
+        (tmp_path / name / "gist_adapter.safetensors").write_bytes(b"")
+        return tmp_path / name
+
+    checkpoint("step_6", 6)
+    assert latest_checkpoint(tmp_path) == tmp_path / "step_6"
+    checkpoint("epoch_0", 6)
+    assert latest_checkpoint(tmp_path) == tmp_path / "epoch_0"
+    checkpoint(".step_9.partial", 9)  # an interrupted save
+    checkpoint("step_12", 12)
+    (tmp_path / "step_12" / RECIPE_STATE_FILE).write_bytes(b"truncated")
+    assert latest_checkpoint(tmp_path) == tmp_path / "epoch_0"
+
+
+def test_resume_refuses_settings_that_would_train_wrong(assets, tmp_path):
+    common = {"max_steps_per_epoch": 4, "save_merged_hf": False, "save_every_n_steps": 2, "epochs": 1}
+    run_in_process(load_cfg(SINGLE, overrides(assets, tmp_path, **common)))
+
+    def resume(**changed):
+        cfg = load_cfg(SINGLE, overrides(assets, tmp_path, resume_from_checkpoint=tmp_path / "step_2", **{**common, **changed}))
+        GistLoRAFinetuneRecipeSingleDevice(cfg).setup(cfg)
+
+    with pytest.raises(ValueError, match="batch_size was 16, now 8.*initial_adapter="):
+        resume(batch_size=8)
+    with pytest.raises(ValueError, match="train_lora was True, now False"):
+        resume(train_lora=False)
+    with pytest.raises(ValueError, match="seed was 0, now 1"):
+        resume(seed=1)
+    (tmp_path / "step_2" / "recipe_state.safetensors").write_bytes(b"truncated")
+    with pytest.raises(ValueError, match="recipe_state.safetensors is not a readable safetensors file"):
+        resume()
+
+
 @pytest.mark.slow
 def test_compiled_training_matches_eager(assets, tmp_path):
     """``compile=True`` (model layers and loss): the same losses as eager, through the dense gist mask

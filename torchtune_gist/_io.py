@@ -1,4 +1,8 @@
-"""Crash-safe file writing: everything the project writes goes to a temporary name, then is renamed."""
+"""Crash-safe file writing: everything the project writes goes to a temporary name, then is renamed.
+
+Files are fsynced before the rename; whole directories (a checkpoint: adapter, recipe state, merged export)
+are written under a hidden temporary name and published by :func:`replace_directory`.
+"""
 
 import json
 import os
@@ -68,4 +72,48 @@ def atomic_copy(src: Union[str, Path], path: Union[str, Path]) -> Path:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    return path
+
+
+def _fsync_directory(path: Path) -> None:
+    """Make the renames inside ``path`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def partial_directory(path: Union[str, Path]) -> Path:
+    """A fresh, empty hidden directory beside ``path`` to write its contents into before :func:`replace_directory`.
+    One left by an interrupted run is removed first."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def replace_directory(src: Union[str, Path], path: Union[str, Path]) -> Path:
+    """Put the finished directory ``src`` at ``path``, replacing an older one there.
+
+    A crash at any point leaves ``path`` either the old directory, the new one, or absent (the old one then
+    waits under a hidden name): never a mix of the two.
+    """
+    src, path = Path(src), Path(path)
+    old = path.with_name(f".{path.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(src, path)
+    _fsync_directory(path.parent)
+    if old.exists():
+        shutil.rmtree(old)
     return path

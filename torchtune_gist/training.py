@@ -6,18 +6,25 @@ the gist tokens, building gist batches (mask mode, padding or packing, ``BlockMa
 the masked forward and loss, the training loop with gradient accumulation, validation, and
 crash-safe checkpoints that resume exactly.
 
-Checkpoint layout (every file written to a temporary name, then renamed)::
+Checkpoint layout (each directory written whole under a hidden temporary name, then renamed into place, so
+an interrupted save leaves the earlier checkpoints and never a partial one)::
 
-    <output_dir>/step_<N>/            (every ``save_every_n_steps`` steps, if set)
+    <output_dir>/step_<N>/            (every ``save_every_n_steps`` steps, if set, and when stopped by a signal)
     <output_dir>/epoch_<E>/           (end of every epoch)
         gist_adapter.safetensors      gist rows + LoRA weights, with the gist metadata
-        recipe_state.safetensors      optimizer state, RNG state, step/epoch, data-loader position
+        recipe_state.safetensors      optimizer state, RNG state, step/epoch, data-loader position, settings
         hf_merged/                    merged Hugging Face export (end of epoch, ``save_merged_hf: True``)
+
+SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption) during training finishes the optimizer step under way,
+saves ``step_<N>`` and returns; a second Ctrl-C (seconds later) stops at once.
 """
 
 import inspect
 import json
 import math
+import re
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -26,7 +33,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
@@ -39,7 +46,7 @@ from torchtune.recipe_interfaces import FTRecipeInterface
 from torchtune.utils._import_guard import _SUPPORTS_FLEX_ATTENTION
 from tqdm import tqdm
 
-from torchtune_gist._io import atomic_save_safetensors
+from torchtune_gist._io import atomic_save_safetensors, partial_directory, replace_directory
 from torchtune_gist.checkpointing import (
     check_gist_adapter,
     export_merged_hf,
@@ -57,6 +64,7 @@ log = utils.get_logger("INFO")
 
 ADAPTER_FILE = "gist_adapter.safetensors"
 RECIPE_STATE_FILE = "recipe_state.safetensors"
+_CHECKPOINT_NAME = re.compile(r"^(step|epoch)_(\d+)$")
 _TRAINABLE_KEY_PARTS = ("lora_a", "lora_b", "magnitude", "gist_embeddings")
 _MODEL_INPUTS = ("tokens", "mask", "input_pos")
 # How the gist mask reaches attention: dense [b, s, s], FlexAttention BlockMask, or causal segments.
@@ -293,13 +301,36 @@ def save_recipe_state(
     atomic_save_safetensors(tensors, path, metadata=metadata)
 
 
+def read_recipe_progress(path: Path) -> Dict[str, Any]:
+    """The progress (step, epoch, seed, settings, ...) of a file written by :func:`save_recipe_state`, without
+    reading its tensors.
+
+    Raises:
+        ValueError: if ``path`` is unreadable or not a recipe state file.
+    """
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
+    if meta.get("format") != "torchtune-gist-recipe-state":
+        raise ValueError(f"{path} is not a torchtune-gist recipe state file")
+    return json.loads(meta["progress"])
+
+
 def load_recipe_state(path: Path) -> Tuple[Dict[str, Any], Dict[str, Any], Dict[str, torch.Tensor]]:
-    """Read ``(optimizer_state, progress, rng_states)`` written by :func:`save_recipe_state`."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != "torchtune-gist-recipe-state":
-            raise ValueError(f"{path} is not a torchtune-gist recipe state file")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    """Read ``(optimizer_state, progress, rng_states)`` written by :func:`save_recipe_state`.
+
+    Raises:
+        ValueError: if ``path`` is unreadable or not a recipe state file.
+    """
+    read_recipe_progress(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
     rng = {k.split(".", 1)[1]: tensors.pop(k) for k in list(tensors) if k.startswith("rng_state.")}
     if "rng_state" in tensors:  # files written before the GPU's state was saved too
         rng["cpu"] = tensors.pop("rng_state")
@@ -307,16 +338,54 @@ def load_recipe_state(path: Path) -> Tuple[Dict[str, Any], Dict[str, Any], Dict[
 
 
 def latest_checkpoint(output_dir: Path) -> Optional[Path]:
-    """The complete checkpoint directory under ``output_dir`` with the highest global step, if any."""
-    best: Tuple[int, Optional[Path]] = (-1, None)
+    """The complete checkpoint directory (``step_<N>`` or ``epoch_<E>``) under ``output_dir`` with the highest
+    global step, if any; at equal steps the epoch's. Unreadable ones are skipped with a warning."""
+    best: Tuple[Tuple[int, bool], Optional[Path]] = ((-1, False), None)
     for state_file in Path(output_dir).glob(f"*/{RECIPE_STATE_FILE}"):
-        if not (state_file.parent / ADAPTER_FILE).exists():
+        match = _CHECKPOINT_NAME.match(state_file.parent.name)
+        if match is None or not (state_file.parent / ADAPTER_FILE).exists():
             continue
-        with safe_open(str(state_file), framework="pt") as f:
-            step = json.loads((f.metadata() or {}).get("progress", "{}")).get("global_step", -1)
-        if step > best[0]:
-            best = (step, state_file.parent)
+        try:
+            step = read_recipe_progress(state_file).get("global_step", -1)
+        except ValueError as e:
+            log.warning(f"skipping {state_file.parent}: {e}")
+            continue
+        key = (step, match.group(1) == "epoch")
+        if key > best[0]:
+            best = (key, state_file.parent)
     return best[1]
+
+
+class StopRequest:
+    """While entered (in the main thread), SIGINT and SIGTERM set :attr:`requested` (and :attr:`signum`) instead of
+    ending the process: training saves a checkpoint after the optimizer step under way, then returns. A second
+    SIGINT at least ``patience`` seconds later raises ``KeyboardInterrupt`` at once (sooner, it is the same Ctrl-C
+    forwarded by torchrun to its workers). The previous handlers come back on exit."""
+
+    def __init__(self, patience: float = 2.0) -> None:
+        self.requested = False
+        self.signum: Optional[int] = None
+        self._patience = patience
+        self._first = 0.0
+        self._previous: Dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            if signum == signal.SIGINT and time.monotonic() - self._first >= self._patience:
+                raise KeyboardInterrupt
+            return
+        self.requested, self.signum, self._first = True, signum, time.monotonic()
+        log.warning(f"{signal.Signals(signum).name}: stopping after this step with a checkpoint (Ctrl-C again: at once)")
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 class GistFinetuneRecipeBase(FTRecipeInterface):
@@ -367,6 +436,7 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
         self._train_lora = bool(cfg.get("train_lora", True))
         self._log_every_n_steps = int(cfg.get("log_every_n_steps", 1))
         self._log_peak_memory_stats = bool(cfg.get("log_peak_memory_stats", False)) and self._device.type == "cuda"
+        self._seed_setting = cfg.seed
         self.seed = training.set_seed(seed=cfg.seed)
         self.total_epochs = int(cfg.epochs)
         self.max_steps_per_epoch = cfg.get("max_steps_per_epoch", None)
@@ -418,6 +488,10 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
     def _all_reduce(self, value: torch.Tensor) -> torch.Tensor:
         return value
 
+    def _from_rank_zero(self, value: Any) -> Any:
+        """Rank 0's ``value`` (a picklable object) on every rank."""
+        return value
+
     def _full_state_dict(self) -> Optional[Dict[str, torch.Tensor]]:
         """The full model state dict for the merged export; ``None``: read it from the model."""
         return None
@@ -443,6 +517,9 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
         resume = self._find_resume_checkpoint()
         adapter: Optional[StartingAdapter] = None
         if resume is not None:
+            saved_seed = read_recipe_progress(resume / RECIPE_STATE_FILE).get("seed")
+            if self._seed_setting is None and saved_seed is not None:  # seed: null drew one; the data order needs the first run's
+                self.seed = training.set_seed(seed=saved_seed)
             path = resume / ADAPTER_FILE
             adapter = StartingAdapter(load_file(str(path)), "resume_from_checkpoint", path, read_gist_adapter_metadata(path))
             self._log_info(f"Resuming from {resume}")
@@ -477,6 +554,15 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
                     f"max_seq_len={self._model.max_seq_len}: use a multiple of {FLEX_BLOCK_SIZE}, or mask_format=dense"
                 )
             self._allow_flex_recompiles(cfg.tokenizer.get("max_seq_len") or self._model.max_seq_len)
+        self._settings = {
+            "train_lora": self._train_lora,
+            "batch_size": int(cfg.batch_size),
+            "gradient_accumulation_steps": self._gradient_accumulation_steps,
+            "world_size": self.world_size,
+            "shuffle": bool(cfg.shuffle),
+            "num_examples": len(self._dataloader.dataset),
+            "seed": self.seed,
+        }
         self._steps_per_epoch = len(self._dataloader) // self._gradient_accumulation_steps
         if self.max_steps_per_epoch is not None:
             self._steps_per_epoch = min(self._steps_per_epoch, int(self.max_steps_per_epoch))
@@ -518,16 +604,36 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
         return StartingAdapter(load_file(str(path)), "initial_adapter", path, meta)
 
     def _find_resume_checkpoint(self) -> Optional[Path]:
+        """The checkpoint to resume from, as rank 0 sees it (every rank reads that one), or ``None``."""
         setting = self._resume_from_checkpoint
         if not setting:
             return None
-        path = latest_checkpoint(self._output_dir) if setting is True or str(setting).lower() == "true" else Path(setting)
-        if path is None:
-            raise ValueError(f"resume_from_checkpoint is set but {self._output_dir} holds no complete checkpoint")
+        if setting is True or str(setting).lower() == "true":
+            found = latest_checkpoint(self._output_dir) if self._is_rank_zero else None
+            found = self._from_rank_zero(None if found is None else str(found))
+            if found is None:
+                raise ValueError(f"resume_from_checkpoint is set but {self._output_dir} holds no complete checkpoint")
+            path = Path(found)
+        else:
+            path = Path(setting)
         for name in (ADAPTER_FILE, RECIPE_STATE_FILE):
             if not (path / name).exists():
-                raise ValueError(f"cannot resume from {path}: {name} is missing")
+                where = f" on rank {self.rank} (output_dir must be on a filesystem every node sees)" if self.rank else ""
+                raise ValueError(f"cannot resume from {path}: {name} is missing{where}")
         return path
+
+    def _check_resume_settings(self, path: Path, saved: Dict[str, Any]) -> None:
+        """Refuse a resume whose settings differ from the checkpoint's where they would train silently wrong:
+        ``train_lora`` always; mid-epoch, what fixes the data order and position."""
+        keys = ["train_lora"]
+        if self._batches_into_epoch:
+            keys += ["batch_size", "gradient_accumulation_steps", "world_size", "shuffle", "num_examples", "seed"]
+        changed = [f"{k} was {saved[k]!r}, now {self._settings[k]!r}" for k in keys if k in saved and saved[k] != self._settings[k]]
+        if changed:
+            raise ValueError(
+                f"cannot resume from {path}: {'; '.join(changed)}. Resume with the checkpoint's settings, or start a "
+                f"new run from its weights with initial_adapter={path}"
+            )
 
     def _load_base_state_dict(self, cfg_checkpointer: DictConfig) -> Dict[str, torch.Tensor]:
         checkpointer = config.instantiate(cfg_checkpointer, should_load_recipe_state=False)
@@ -583,6 +689,7 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
             sampler=sampler,
             collate_fn=partial(collate_fn, **collate_kwargs),
             drop_last=drop_last,
+            generator=torch.Generator().manual_seed(self.seed),  # a new iterator's draw leaves the global generator alone
         )
 
     def _allow_flex_recompiles(self, max_seq_len: int) -> None:
@@ -608,13 +715,14 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
         optim_sd, progress, rng = load_recipe_state(path / RECIPE_STATE_FILE)
         if progress["num_gist_tokens"] != self._num_gist_tokens:
             raise ValueError(f"{path} was trained with K={progress['num_gist_tokens']}, the config says {self._num_gist_tokens}")
+        self.epochs_run, self.global_step = progress["epochs_run"], progress["global_step"]
+        self._batches_into_epoch = progress["batches_into_epoch"]
+        self._check_resume_settings(path, progress.get("settings", {}))
         self._load_optimizer_state_dict(optim_sd)
         if self.world_size == 1:  # rank 0's generators: other ranks keep their own seeded ones
             torch.set_rng_state(rng["cpu"])
             if self._device.type == "cuda" and "cuda" in rng:
                 torch.cuda.set_rng_state(rng["cuda"], self._device)
-        self.epochs_run, self.global_step = progress["epochs_run"], progress["global_step"]
-        self._batches_into_epoch = progress["batches_into_epoch"]
         self.loss_history = [tuple(x) for x in progress.get("loss_history", [])]
         if progress.get("dataloader") is not None:
             self._dataloader.load_state_dict(progress["dataloader"])
@@ -629,10 +737,22 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
             utils.batch_to_device(batch, self._device)
             yield idx, batch
 
+    def _stop_requested(self, local: bool) -> bool:
+        """Whether any rank was asked to stop (every rank gets the same answer, so all stop at one step)."""
+        if self.world_size == 1:
+            return local
+        return bool(self._all_reduce(torch.tensor(int(local), device=self._device)).item())
+
     def train(self) -> None:
-        """Train for the configured epochs, checkpointing as configured."""
+        """Train for the configured epochs, checkpointing as configured; on SIGINT / SIGTERM save ``step_<N>`` after
+        the step under way and return, with :attr:`stop_signal` set to the signal's number (any rank's)."""
         if self._device.type == "cuda":
             training.cleanup_before_training()
+        self.stop_signal: Optional[int] = None
+        with StopRequest() as stop:
+            self._train(stop)
+
+    def _train(self, stop: StopRequest) -> None:
         self._optimizer.zero_grad(set_to_none=True)
         running_loss, num_tokens = torch.zeros((), device=self._device), torch.zeros((), device=self._device, dtype=torch.long)
         t0 = time.perf_counter()
@@ -681,12 +801,23 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
                 t0 = time.perf_counter()
                 if self._run_val_every_n_steps and self.global_step % int(self._run_val_every_n_steps) == 0:
                     self.validate()
-                if self._save_every_n_steps and self.global_step % int(self._save_every_n_steps) == 0:
+                epoch_done = self._batches_into_epoch // self._gradient_accumulation_steps >= self._steps_per_epoch
+                stopping = self._stop_requested(stop.requested)
+                if not epoch_done and (stopping or self._save_every_n_steps and self.global_step % int(self._save_every_n_steps) == 0):
                     self.save_checkpoint(f"step_{self.global_step}", end_of_epoch=False)
+                if stopping and not epoch_done:
+                    pbar.close()
+                    self.stop_signal = stop.signum or int(signal.SIGTERM)
+                    self._log_info(f"Stopped at step {self.global_step}: resume_from_checkpoint=True continues from step_{self.global_step}")
+                    return
             pbar.close()
             self.epochs_run = epoch + 1
             self._batches_into_epoch = 0
             self.save_checkpoint(f"epoch_{epoch}", end_of_epoch=True)
+            if self._stop_requested(stop.requested):
+                self.stop_signal = stop.signum or int(signal.SIGTERM)
+                self._log_info(f"Stopped after epoch {epoch}: resume_from_checkpoint=True continues from epoch_{epoch}")
+                return
 
     @torch.no_grad()
     def validate(self) -> float:
@@ -715,7 +846,8 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
         if not self._is_rank_zero:
             return
         directory = self._output_dir / name
-        save_gist_adapter(self._model, directory, base_model=self._base_model_name, state_dict=adapter)
+        partial_dir = partial_directory(directory)
+        save_gist_adapter(self._model, partial_dir, base_model=self._base_model_name, state_dict=adapter)
         progress = {
             "epochs_run": self.epochs_run,
             "global_step": self.global_step,
@@ -724,13 +856,16 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
             "seed": self.seed,
             "loss_history": self.loss_history,
             "dataloader": None if end_of_epoch else self._dataloader.state_dict(),
+            "settings": self._settings,
         }
-        save_recipe_state(directory / RECIPE_STATE_FILE, optimizer_state=optim_sd, progress=progress, rng_states=self._rng_states())
+        save_recipe_state(partial_dir / RECIPE_STATE_FILE, optimizer_state=optim_sd, progress=progress, rng_states=self._rng_states())
         if end_of_epoch and self._save_merged_hf:
-            export_merged_hf(self._model, directory / "hf_merged", state_dict=full_sd, base_model=self._base_model_name,
+            export_merged_hf(self._model, partial_dir / "hf_merged", state_dict=full_sd, base_model=self._base_model_name,
                              base_dir=self._base_checkpoint_dir)
+        replace_directory(partial_dir, directory)
         self._log_info(f"Saved checkpoint to {directory}")
 
     def cleanup(self) -> None:
-        if self._is_rank_zero:
+        """Close the metric logger (safe after a failed or interrupted setup)."""
+        if getattr(self, "_metric_logger", None) is not None:
             self._metric_logger.close()

@@ -216,7 +216,16 @@ def train(part: Part, training: Training, out_dir: Path, threads: int, dtype: st
         log.write(f"start {time.time():.0f}\n")
         log.flush()
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            rc = proc.wait()
+        except KeyboardInterrupt:  # the recipe got the Ctrl-C too: it saves a step_N checkpoint, then exits
+            print("waiting for the training to save a checkpoint (Ctrl-C again: stop at once)", flush=True)
+            try:
+                proc.wait()
+            except KeyboardInterrupt:
+                proc.kill()
+            raise
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
         log.write(f"end {time.time():.0f} rc {rc} cpu {cpu:.0f}\n")
@@ -554,8 +563,10 @@ def plots(out_dir: Path, summary: Dict[str, Any], plots_dir: Path) -> None:
     passkey = summary.get("passkey", {}).get("rows", {})
     if passkey:
         series = {"gist-8 (compressed)": ["gist8_gist"], "full context, gist-trained model": ["gist8_pos_control"],
-                  "full context (pos. control, trained)": ["pos8_pos_control"],
-                  "last 8 tokens only": ["gist8_truncate"], "no context (neg. control)": ["gist8_neg_control"],
+                  "full context (pos. control, trained)": ["pos8_pos_control", f"pos8_pos_control_{LONG_CONTEXT}",
+                                                           f"pos8_pos_control_{LONG_EVAL_CONTEXTS[-1]}"],
+                  "last 8 tokens only": ["gist8_truncate", *(f"gist8_long_truncate_{n}" for n in LONG_EVAL_CONTEXTS)],
+                  "no context (neg. control)": ["gist8_neg_control", *(f"gist8_long_neg_control_{n}" for n in LONG_EVAL_CONTEXTS)],
                   "untrained base, full context": ["base_pos_control"],
                   "gist-8 at longer haystacks, before the curriculum": [f"gist8_gist_{LONG_CONTEXT}"],
                   "gist-8 after the long-context curriculum": [f"gist8_long_gist_{n}" for n in LONG_EVAL_CONTEXTS]}

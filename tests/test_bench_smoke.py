@@ -168,15 +168,18 @@ def test_study_runs_extras_only_when_asked() -> None:
     assert [t.name for t in study.PARTS["alpaca"].trainings if study._selected(t.name, t.extra, args)] == ["gist5"]
 
 
+class _FailedTraining:
+    """A stand-in for the recipe's process: exits 1 at once."""
+
+    def wait(self) -> int:
+        return 1
+
+
 def test_study_training_gets_the_dtype(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     study = _study_module()
     commands = []
 
-    def fake_run(cmd, **kwargs):
-        commands.append(cmd)
-        return study.subprocess.CompletedProcess(cmd, 1)
-
-    monkeypatch.setattr(study.subprocess, "run", fake_run)
+    monkeypatch.setattr(study.subprocess, "Popen", lambda cmd, **kw: commands.append(cmd) or _FailedTraining())
     training = study.Training("gist1", study.ALPACA_CONFIG, {"num_gist_tokens": 1})
     with pytest.raises(RuntimeError, match="failed"):
         study.train(study.PARTS["alpaca"], training, tmp_path, threads=1, dtype="bf16")
@@ -186,7 +189,7 @@ def test_study_training_gets_the_dtype(tmp_path: Path, monkeypatch: pytest.Monke
 def test_study_long_context_training_starts_from_the_short_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     study = _study_module()
     commands = []
-    monkeypatch.setattr(study.subprocess, "run", lambda cmd, **kw: commands.append(cmd) or study.subprocess.CompletedProcess(cmd, 1))
+    monkeypatch.setattr(study.subprocess, "Popen", lambda cmd, **kw: commands.append(cmd) or _FailedTraining())
     part = study.PARTS["passkey"]
     long = next(t for t in part.trainings if t.start_from is not None)
     with pytest.raises(RuntimeError, match="has not run"):
@@ -216,3 +219,26 @@ def test_study_reuses_an_evaluation_only_for_the_same_settings_and_checkpoint(tm
     assert not study._reusable(path, {**settings, "data_dir": "/elsewhere"}, str(adapter.parent))
     os.utime(adapter, (path.stat().st_mtime + 10,) * 2)  # retrained after the evaluation
     assert not study._reusable(path, settings, str(adapter.parent))
+
+
+def test_a_ctrl_c_during_a_study_training_waits_for_its_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The recipe gets the terminal's Ctrl-C too and saves step_N before exiting: the study waits for it, then stops."""
+    study = _study_module()
+
+    class Interrupted:
+        waits = 0
+
+        def wait(self) -> int:
+            Interrupted.waits += 1
+            if Interrupted.waits == 1:
+                raise KeyboardInterrupt
+            return 130
+
+        def kill(self) -> None:
+            raise AssertionError("killed before its checkpoint")
+
+    monkeypatch.setattr(study.subprocess, "Popen", lambda cmd, **kw: Interrupted())
+    training = study.Training("gist1", study.ALPACA_CONFIG, {"num_gist_tokens": 1})
+    with pytest.raises(KeyboardInterrupt):
+        study.train(study.PARTS["alpaca"], training, tmp_path, threads=1)
+    assert Interrupted.waits == 2

@@ -15,7 +15,7 @@ is made. Everything gist-specific lives in :mod:`torchtune_gist.training`.
 import sys
 import time
 from functools import partial
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -84,6 +84,11 @@ class GistLoRAFinetuneRecipeDistributed(GistFinetuneRecipeBase):
         box = [value]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def _gather_objects(self, value: Any) -> List[Any]:
+        gathered: List[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, value)
+        return gathered
 
     def _full_state_dict(self) -> Dict[str, torch.Tensor]:
         return training.gather_cpu_state_dict(self._model, self._is_rank_zero, device=self._device)

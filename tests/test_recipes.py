@@ -105,6 +105,21 @@ def test_distributed_by_name_two_processes(assets, tmp_path, dtype):
     assert saved == {torch.bfloat16 if dtype == "bf16" else torch.float32}
 
 
+@pytest.mark.slow
+def test_distributed_resume_equals_uninterrupted(assets, tmp_path):
+    """FSDP2 over 2 processes: resuming mid-epoch (sharded optimizer state gathered and re-sharded, each rank's
+    data position) gives the uninterrupted run's losses, read back from the final recipe states."""
+    from torchtune_gist.training import read_recipe_progress
+
+    common = ["--nproc_per_node", "2", "gist_lora_distributed", "--config", str(DISTRIBUTED)]
+    settings = dict(max_steps_per_epoch=6, save_every_n_steps=3, save_merged_hf=False, epochs=1,
+                    **{"dataset.num_samples": 256, "model.lora_dropout": 0.1})
+    tune_run([*common, *overrides(assets, tmp_path / "full", **settings)])
+    tune_run([*common, *overrides(assets, tmp_path / "resumed", resume_from_checkpoint=tmp_path / "full" / "step_3", **settings)])
+    full, resumed = (read_recipe_progress(tmp_path / d / "epoch_0" / "recipe_state.safetensors")["loss_history"] for d in ("full", "resumed"))
+    assert [s for s, _ in full] == list(range(1, 7)) and resumed == full
+
+
 def test_bf16_training_follows_fp32(assets, tmp_path):
     """``dtype=bf16``: every parameter, the gist rows included, trains in bf16, with the losses of fp32 to bf16's precision."""
     common = dict(max_steps_per_epoch=3, save_merged_hf=False)

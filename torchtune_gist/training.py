@@ -492,6 +492,10 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
         """Rank 0's ``value`` (a picklable object) on every rank."""
         return value
 
+    def _gather_objects(self, value: Any) -> List[Any]:
+        """Every rank's ``value`` (a picklable object), in rank order, on every rank."""
+        return [value]
+
     def _full_state_dict(self) -> Optional[Dict[str, torch.Tensor]]:
         """The full model state dict for the merged export; ``None``: read it from the model."""
         return None
@@ -704,11 +708,15 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
             self._log_info(f"torch._dynamo.config.recompile_limit raised to {lengths}: one flex_attention compile per length")
 
     def _rng_states(self) -> Dict[str, torch.Tensor]:
-        """The generators a resumed single-device run continues: the CPU's, and the GPU's (LoRA dropout there).
-        Only rank 0 saves, so a distributed run resumes with each rank's generators seeded afresh."""
-        states = {"cpu": torch.get_rng_state()}
+        """Every rank's generators, which a resumed run continues (LoRA dropout draws from them): the CPU's and,
+        training there, the GPU's; rank 0's under ``cpu`` / ``cuda``, rank r's under ``cpu.rank<r>`` /
+        ``cuda.rank<r>`` (gathered: call on every rank)."""
+        own = {"cpu": torch.get_rng_state()}
         if self._device.type == "cuda":
-            states["cuda"] = torch.cuda.get_rng_state(self._device)
+            own["cuda"] = torch.cuda.get_rng_state(self._device)
+        states: Dict[str, torch.Tensor] = {}
+        for rank, rank_states in enumerate(self._gather_objects(own)):
+            states.update({(name if rank == 0 else f"{name}.rank{rank}"): t for name, t in rank_states.items()})
         return states
 
     def _restore(self, path: Path) -> None:
@@ -719,10 +727,11 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
         self._batches_into_epoch = progress["batches_into_epoch"]
         self._check_resume_settings(path, progress.get("settings", {}))
         self._load_optimizer_state_dict(optim_sd)
-        if self.world_size == 1:  # rank 0's generators: other ranks keep their own seeded ones
-            torch.set_rng_state(rng["cpu"])
-            if self._device.type == "cuda" and "cuda" in rng:
-                torch.cuda.set_rng_state(rng["cuda"], self._device)
+        suffix = f".rank{self.rank}" if self.rank else ""
+        if f"cpu{suffix}" in rng:  # else a checkpoint of another world size, or from before ranks' states were saved
+            torch.set_rng_state(rng[f"cpu{suffix}"])
+            if self._device.type == "cuda" and f"cuda{suffix}" in rng:
+                torch.cuda.set_rng_state(rng[f"cuda{suffix}"], self._device)
         self.loss_history = [tuple(x) for x in progress.get("loss_history", [])]
         if progress.get("dataloader") is not None:
             self._dataloader.load_state_dict(progress["dataloader"])
@@ -843,6 +852,7 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
         adapter = gist_adapter_state_dict(self._model)
         optim_sd = self._optimizer_state_dict()
         full_sd = self._full_state_dict() if end_of_epoch and self._save_merged_hf else None
+        rng_states = self._rng_states()
         if not self._is_rank_zero:
             return
         directory = self._output_dir / name
@@ -858,7 +868,7 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
             "dataloader": None if end_of_epoch else self._dataloader.state_dict(),
             "settings": self._settings,
         }
-        save_recipe_state(partial_dir / RECIPE_STATE_FILE, optimizer_state=optim_sd, progress=progress, rng_states=self._rng_states())
+        save_recipe_state(partial_dir / RECIPE_STATE_FILE, optimizer_state=optim_sd, progress=progress, rng_states=rng_states)
         if end_of_epoch and self._save_merged_hf:
             export_merged_hf(self._model, partial_dir / "hf_merged", state_dict=full_sd, base_model=self._base_model_name,
                              base_dir=self._base_checkpoint_dir)

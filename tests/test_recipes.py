@@ -253,10 +253,12 @@ def test_resume_is_exact_with_accumulation_dropout_validation_and_a_drawn_seed(a
 
 def test_a_signal_saves_a_checkpoint_after_the_step_and_resume_continues_exactly(assets, tmp_path):
     """SIGTERM (a scheduler's preemption) or Ctrl-C mid-epoch: the step under way finishes, ``step_<N>`` is
-    saved, ``train`` returns with the signal's number; resuming gives the uninterrupted run's losses."""
+    saved, ``train`` returns with the signal's number; resuming gives the uninterrupted run's losses. Both launches
+    are one command (``resume_from_checkpoint=auto``: a fresh start first, the checkpoint then)."""
     import signal
 
-    common = {"max_steps_per_epoch": 6, "save_merged_hf": False, "epochs": 1, "dataset.num_samples": 128}
+    common = {"max_steps_per_epoch": 6, "save_merged_hf": False, "epochs": 1, "dataset.num_samples": 128,
+              "resume_from_checkpoint": "auto"}
     full = run_in_process(load_cfg(SINGLE, overrides(assets, tmp_path / "full", **common)))
     forwards = []
 
@@ -270,7 +272,7 @@ def test_a_signal_saves_a_checkpoint_after_the_step_and_resume_continues_exactly
     assert signal.getsignal(signal.SIGTERM) is previous
     assert stopped.stop_signal == signal.SIGTERM and stopped.global_step == 4
     assert sorted(d.name for d in (tmp_path / "run").iterdir() if d.is_dir()) == ["logs", "step_4"]
-    resumed = run_in_process(load_cfg(SINGLE, overrides(assets, tmp_path / "run", resume_from_checkpoint=True, **common)))
+    resumed = run_in_process(load_cfg(SINGLE, overrides(assets, tmp_path / "run", **common)))
     assert resumed.stop_signal is None and resumed.loss_history == full.loss_history
 
 

@@ -405,7 +405,8 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
       ``gradient_accumulation_steps``, ``clip_grad_norm``, ``compile``, ``enable_activation_checkpointing``,
       ``run_val_every_n_steps`` (needs ``validation_dataset``), ``log_every_n_steps``, ``log_peak_memory_stats``;
     - checkpoints: ``output_dir``, ``save_every_n_steps``, ``save_merged_hf``, ``resume_from_checkpoint``
-      (True: the latest complete checkpoint under ``output_dir``; or a checkpoint directory),
+      (True: the latest complete checkpoint under ``output_dir``; ``auto``: that, or a fresh start when there is none,
+      one command for a first launch and every requeue; or a checkpoint directory),
       ``base_model_name`` (recorded in the adapter; default ``model._component_``), ``initial_adapter`` (a gist
       adapter file or checkpoint directory whose weights this run starts from, with a fresh optimizer and
       schedule: train on short contexts first, then on long ones);
@@ -612,11 +613,17 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
         setting = self._resume_from_checkpoint
         if not setting:
             return None
-        if setting is True or str(setting).lower() == "true":
+        if setting is True or str(setting).lower() in ("true", "auto"):
             found = latest_checkpoint(self._output_dir) if self._is_rank_zero else None
             found = self._from_rank_zero(None if found is None else str(found))
             if found is None:
-                raise ValueError(f"resume_from_checkpoint is set but {self._output_dir} holds no complete checkpoint")
+                if str(setting).lower() == "auto":
+                    self._log_info(f"resume_from_checkpoint=auto: no checkpoint in {self._output_dir}, starting afresh")
+                    return None
+                raise ValueError(
+                    f"resume_from_checkpoint is set but {self._output_dir} holds no complete checkpoint "
+                    "(resume_from_checkpoint=auto starts afresh then)"
+                )
             path = Path(found)
         else:
             path = Path(setting)

@@ -309,4 +309,4 @@ def test_a_directory_replaces_its_older_self_whole(tmp_path: Path, monkeypatch: 
     monkeypatch.setattr(_io.os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd))[1])
     _io.replace_directory(partial, target)
     assert [p.name for p in target.iterdir()] == ["new.safetensors"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_4"] and synced == [str(tmp_path)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_4"] and synced == [str(partial), str(tmp_path)]

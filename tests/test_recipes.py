@@ -309,6 +309,7 @@ def test_an_interrupted_save_leaves_the_earlier_checkpoints_whole(assets, tmp_pa
     with pytest.raises(KeyboardInterrupt):
         run_in_process(cfg)
     assert not (tmp_path / "epoch_0").exists() and latest_checkpoint(tmp_path) == tmp_path / "step_3"
+    (tmp_path / ".epoch_0.partial").rename(tmp_path / ".step_5.partial")  # a leftover no later save would overwrite
     monkeypatch.setattr(training_module, "export_merged_hf", export)
     resumed = run_in_process(load_cfg(SINGLE, overrides(assets, tmp_path, resume_from_checkpoint=True, **common)))
     assert resumed.global_step == 6

@@ -107,6 +107,8 @@ def replace_directory(src: Union[str, Path], path: Union[str, Path]) -> Path:
     waits under a hidden name): never a mix of the two.
     """
     src, path = Path(src), Path(path)
+    for directory in [src, *(d for d in src.rglob("*") if d.is_dir())]:
+        _fsync_directory(directory)  # the entries inside, before the directory becomes visible
     old = path.with_name(f".{path.name}.old")
     if old.exists():
         shutil.rmtree(old)

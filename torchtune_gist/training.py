@@ -23,6 +23,7 @@ import inspect
 import json
 import math
 import re
+import shutil
 import signal
 import threading
 import time
@@ -65,6 +66,7 @@ log = utils.get_logger("INFO")
 ADAPTER_FILE = "gist_adapter.safetensors"
 RECIPE_STATE_FILE = "recipe_state.safetensors"
 _CHECKPOINT_NAME = re.compile(r"^(step|epoch)_(\d+)$")
+_LEFTOVER_NAME = re.compile(r"^\.(step|epoch)_\d+\.(partial|old)$")
 _TRAINABLE_KEY_PARTS = ("lora_a", "lora_b", "magnitude", "gist_embeddings")
 _MODEL_INPUTS = ("tokens", "mask", "input_pos")
 # How the gist mask reaches attention: dense [b, s, s], FlexAttention BlockMask, or causal segments.
@@ -337,6 +339,15 @@ def load_recipe_state(path: Path) -> Tuple[Dict[str, Any], Dict[str, Any], Dict[
     return _unflatten_optimizer_state(tensors, json.loads(meta["optim"])), json.loads(meta["progress"]), rng
 
 
+def remove_leftover_checkpoints(output_dir: Path) -> List[Path]:
+    """Delete what interrupted saves left under ``output_dir`` (``.step_N.partial``, ``.epoch_E.old``, ...);
+    returns them."""
+    leftovers = [d for d in Path(output_dir).glob(".*") if d.is_dir() and _LEFTOVER_NAME.match(d.name)]
+    for d in leftovers:
+        shutil.rmtree(d)
+    return leftovers
+
+
 def latest_checkpoint(output_dir: Path) -> Optional[Path]:
     """The complete checkpoint directory (``step_<N>`` or ``epoch_<E>``) under ``output_dir`` with the highest
     global step, if any; at equal steps the epoch's. Unreadable ones are skipped with a warning."""
@@ -517,11 +528,15 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
         if self._is_rank_zero:
             self._metric_logger = config.instantiate(cfg.metric_logger)
             self._metric_logger.log_config(cfg)
+            for leftover in remove_leftover_checkpoints(self._output_dir):
+                log.warning(f"removed {leftover}, left by an interrupted save")
         self._tokenizer = config.instantiate(cfg.tokenizer)
 
         resume = self._find_resume_checkpoint()
         adapter: Optional[StartingAdapter] = None
         if resume is not None:
+            if cfg.get("initial_adapter"):
+                log.warning(f"initial_adapter is ignored: resuming from {resume} (give the next stage its own output_dir)")
             saved_seed = read_recipe_progress(resume / RECIPE_STATE_FILE).get("seed")
             if self._seed_setting is None and saved_seed is not None:  # seed: null drew one; the data order needs the first run's
                 self.seed = training.set_seed(seed=saved_seed)
@@ -627,10 +642,12 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
             path = Path(found)
         else:
             path = Path(setting)
-        for name in (ADAPTER_FILE, RECIPE_STATE_FILE):
-            if not (path / name).exists():
-                where = f" on rank {self.rank} (output_dir must be on a filesystem every node sees)" if self.rank else ""
-                raise ValueError(f"cannot resume from {path}: {name} is missing{where}")
+        missing = [name for name in (ADAPTER_FILE, RECIPE_STATE_FILE) if not (path / name).exists()]
+        missing_by_rank = self._gather_objects(missing)  # every rank raises together, none waits in a collective
+        if any(missing_by_rank):
+            rank, names = next((r, m) for r, m in enumerate(missing_by_rank) if m)
+            where = f" on rank {rank} (output_dir must be on a filesystem every node sees)" if rank else ""
+            raise ValueError(f"cannot resume from {path}: {', '.join(names)} missing{where}")
         return path
 
     def _check_resume_settings(self, path: Path, saved: Dict[str, Any]) -> None:
@@ -815,25 +832,23 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
                 running_loss.zero_()
                 num_tokens.zero_()
                 t0 = time.perf_counter()
-                if self._run_val_every_n_steps and self.global_step % int(self._run_val_every_n_steps) == 0:
-                    self.validate()
-                epoch_done = self._batches_into_epoch // self._gradient_accumulation_steps >= self._steps_per_epoch
-                stopping = self._stop_requested(stop.requested)
-                if not epoch_done and (stopping or self._save_every_n_steps and self.global_step % int(self._save_every_n_steps) == 0):
+                if self._stop_requested(stop.requested):
+                    # The quick way out (no validation, no merged export): the resumed run does the rest.
                     self.save_checkpoint(f"step_{self.global_step}", end_of_epoch=False)
-                if stopping and not epoch_done:
+                    self._from_rank_zero(None)  # every rank waits until rank 0 has published it
                     pbar.close()
                     self.stop_signal = stop.signum or int(signal.SIGTERM)
                     self._log_info(f"Stopped at step {self.global_step}: resume_from_checkpoint=True continues from step_{self.global_step}")
                     return
+                if self._run_val_every_n_steps and self.global_step % int(self._run_val_every_n_steps) == 0:
+                    self.validate()
+                epoch_done = self._batches_into_epoch // self._gradient_accumulation_steps >= self._steps_per_epoch
+                if not epoch_done and self._save_every_n_steps and self.global_step % int(self._save_every_n_steps) == 0:
+                    self.save_checkpoint(f"step_{self.global_step}", end_of_epoch=False)
             pbar.close()
             self.epochs_run = epoch + 1
             self._batches_into_epoch = 0
             self.save_checkpoint(f"epoch_{epoch}", end_of_epoch=True)
-            if self._stop_requested(stop.requested):
-                self.stop_signal = stop.signum or int(signal.SIGTERM)
-                self._log_info(f"Stopped after epoch {epoch}: resume_from_checkpoint=True continues from epoch_{epoch}")
-                return
 
     @torch.no_grad()
     def validate(self) -> float:

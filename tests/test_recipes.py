@@ -251,14 +251,15 @@ def test_resume_is_exact_with_accumulation_dropout_validation_and_a_drawn_seed(a
     assert resumed.seed == full.seed and resumed.loss_history == full.loss_history
 
 
-def test_a_signal_saves_a_checkpoint_after_the_step_and_resume_continues_exactly(assets, tmp_path):
+def test_a_signal_saves_a_checkpoint_after_the_step_and_resume_continues_exactly(assets, tmp_path, monkeypatch):
     """SIGTERM (a scheduler's preemption) or Ctrl-C mid-epoch: the step under way finishes, ``step_<N>`` is
-    saved, ``train`` returns with the signal's number; resuming gives the uninterrupted run's losses. Both launches
-    are one command (``resume_from_checkpoint=auto``: a fresh start first, the checkpoint then)."""
+    saved at once (the validation due at that step is skipped), ``train`` returns with the signal's number; resuming
+    gives the uninterrupted run's losses. Both launches are one command (``resume_from_checkpoint=auto``: a fresh
+    start first, the checkpoint then)."""
     import signal
 
     common = {"max_steps_per_epoch": 6, "save_merged_hf": False, "epochs": 1, "dataset.num_samples": 128,
-              "resume_from_checkpoint": "auto"}
+              "resume_from_checkpoint": "auto", "run_val_every_n_steps": 4, "validation_dataset.num_samples": 8}
     full = run_in_process(load_cfg(SINGLE, overrides(assets, tmp_path / "full", **common)))
     forwards = []
 
@@ -268,8 +269,11 @@ def test_a_signal_saves_a_checkpoint_after_the_step_and_resume_continues_exactly
             os.kill(os.getpid(), signal.SIGTERM)
 
     previous = signal.getsignal(signal.SIGTERM)
+    validations = []
+    validate = GistLoRAFinetuneRecipeSingleDevice.validate
+    monkeypatch.setattr(GistLoRAFinetuneRecipeSingleDevice, "validate", lambda self: validations.append(self.global_step) or validate(self))
     stopped = run_in_process(load_cfg(SINGLE, overrides(assets, tmp_path / "run", **common)), hook=preempt_at_step_4)
-    assert signal.getsignal(signal.SIGTERM) is previous
+    assert signal.getsignal(signal.SIGTERM) is previous and validations == []
     assert stopped.stop_signal == signal.SIGTERM and stopped.global_step == 4
     assert sorted(d.name for d in (tmp_path / "run").iterdir() if d.is_dir()) == ["logs", "step_4"]
     resumed = run_in_process(load_cfg(SINGLE, overrides(assets, tmp_path / "run", **common)))

@@ -833,7 +833,7 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
                 num_tokens.zero_()
                 t0 = time.perf_counter()
                 if self._stop_requested(stop.requested):
-                    # The quick way out (no validation, no merged export): the resumed run does the rest.
+                    # The quick way out: the validation due now is skipped, the merged export waits for the epoch's end.
                     self.save_checkpoint(f"step_{self.global_step}", end_of_epoch=False)
                     self._from_rank_zero(None)  # every rank waits until rank 0 has published it
                     pbar.close()

@@ -280,7 +280,7 @@ def test_a_signal_saves_a_checkpoint_after_the_step_and_resume_continues_exactly
     assert resumed.stop_signal is None and resumed.loss_history == full.loss_history
 
 
-def test_a_second_ctrl_c_stops_at_once_but_not_torchruns_forwarded_copy():
+def test_a_second_ctrl_c_stops_at_once_but_not_a_copy_of_the_first():
     import signal
 
     from torchtune_gist.training import StopRequest
@@ -288,7 +288,7 @@ def test_a_second_ctrl_c_stops_at_once_but_not_torchruns_forwarded_copy():
     previous = signal.getsignal(signal.SIGINT)
     with StopRequest(patience=60) as stop:
         os.kill(os.getpid(), signal.SIGINT)
-        os.kill(os.getpid(), signal.SIGINT)  # torchrun forwards the terminal's Ctrl-C: the same request
+        os.kill(os.getpid(), signal.SIGINT)  # a launcher passing the terminal's Ctrl-C on: the same request
     assert stop.requested and stop.signum == signal.SIGINT
     with pytest.raises(KeyboardInterrupt), StopRequest(patience=0) as stop:
         os.kill(os.getpid(), signal.SIGTERM)

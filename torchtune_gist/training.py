@@ -370,8 +370,8 @@ def latest_checkpoint(output_dir: Path) -> Optional[Path]:
 class StopRequest:
     """While entered (in the main thread), SIGINT and SIGTERM set :attr:`requested` (and :attr:`signum`) instead of
     ending the process: training saves a checkpoint after the optimizer step under way, then returns. A second
-    SIGINT at least ``patience`` seconds later raises ``KeyboardInterrupt`` at once (sooner, it is the same Ctrl-C
-    forwarded by torchrun to its workers). The previous handlers come back on exit."""
+    SIGINT at least ``patience`` seconds later raises ``KeyboardInterrupt`` at once (sooner, it is taken for a copy of
+    the first, as when a terminal and a launcher both signal a worker). The previous handlers come back on exit."""
 
     def __init__(self, patience: float = 2.0) -> None:
         self.requested = False

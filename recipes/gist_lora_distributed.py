@@ -116,13 +116,7 @@ def recipe_main(cfg: DictConfig) -> Optional[int]:
     if cfg.get("fsdp_cpu_offload", False) or not torch.cuda.is_available():
         training.set_torch_num_threads()
     config.log_config(recipe_name="GistLoRAFinetuneRecipeDistributed", cfg=cfg)
-    recipe = GistLoRAFinetuneRecipeDistributed(cfg=cfg)
-    try:
-        recipe.setup(cfg=cfg)
-        recipe.train()
-    finally:
-        recipe.cleanup()
-    return 128 + recipe.stop_signal if recipe.stop_signal else None  # the shell's code for a signal, after a checkpoint
+    return GistLoRAFinetuneRecipeDistributed(cfg=cfg).run(cfg)
 
 
 if __name__ == "__main__":

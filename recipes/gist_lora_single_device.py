@@ -55,13 +55,7 @@ class GistLoRAFinetuneRecipeSingleDevice(GistFinetuneRecipeBase):
 def recipe_main(cfg: DictConfig) -> Optional[int]:
     """Entry point: ``tune run gist_lora_single_device --config ...``."""
     config.log_config(recipe_name="GistLoRAFinetuneRecipeSingleDevice", cfg=cfg)
-    recipe = GistLoRAFinetuneRecipeSingleDevice(cfg=cfg)
-    try:
-        recipe.setup(cfg=cfg)
-        recipe.train()
-    finally:
-        recipe.cleanup()
-    return 128 + recipe.stop_signal if recipe.stop_signal else None  # the shell's code for a signal, after a checkpoint
+    return GistLoRAFinetuneRecipeSingleDevice(cfg=cfg).run(cfg)
 
 
 if __name__ == "__main__":

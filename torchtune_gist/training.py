@@ -303,9 +303,8 @@ def save_recipe_state(
     atomic_save_safetensors(tensors, path, metadata=metadata)
 
 
-def read_recipe_progress(path: Path) -> Dict[str, Any]:
-    """The progress (step, epoch, seed, settings, ...) of a file written by :func:`save_recipe_state`, without
-    reading its tensors.
+def _read_recipe_state(path: Path, *, tensors: bool) -> Tuple[Dict[str, str], Dict[str, torch.Tensor]]:
+    """The metadata of a file written by :func:`save_recipe_state` and, if ``tensors``, its tensors.
 
     Raises:
         ValueError: if ``path`` is unreadable or not a recipe state file.
@@ -313,11 +312,21 @@ def read_recipe_progress(path: Path) -> Dict[str, Any]:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
+            if meta.get("format") != "torchtune-gist-recipe-state":
+                raise ValueError(f"{path} is not a torchtune-gist recipe state file")
+            return meta, ({k: f.get_tensor(k) for k in f.keys()} if tensors else {})
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
-    if meta.get("format") != "torchtune-gist-recipe-state":
-        raise ValueError(f"{path} is not a torchtune-gist recipe state file")
-    return json.loads(meta["progress"])
+
+
+def read_recipe_progress(path: Path) -> Dict[str, Any]:
+    """The progress (step, epoch, seed, settings, ...) of a file written by :func:`save_recipe_state`, without
+    reading its tensors.
+
+    Raises:
+        ValueError: if ``path`` is unreadable or not a recipe state file.
+    """
+    return json.loads(_read_recipe_state(path, tensors=False)[0]["progress"])
 
 
 def load_recipe_state(path: Path) -> Tuple[Dict[str, Any], Dict[str, Any], Dict[str, torch.Tensor]]:
@@ -326,13 +335,7 @@ def load_recipe_state(path: Path) -> Tuple[Dict[str, Any], Dict[str, Any], Dict[
     Raises:
         ValueError: if ``path`` is unreadable or not a recipe state file.
     """
-    read_recipe_progress(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
+    meta, tensors = _read_recipe_state(path, tensors=True)
     rng = {k.split(".", 1)[1]: tensors.pop(k) for k in list(tensors) if k.startswith("rng_state.")}
     if "rng_state" in tensors:  # files written before the GPU's state was saved too
         rng["cpu"] = tensors.pop("rng_state")
@@ -448,7 +451,6 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
         self._train_lora = bool(cfg.get("train_lora", True))
         self._log_every_n_steps = int(cfg.get("log_every_n_steps", 1))
         self._log_peak_memory_stats = bool(cfg.get("log_peak_memory_stats", False)) and self._device.type == "cuda"
-        self._seed_setting = cfg.seed
         self.seed = training.set_seed(seed=cfg.seed)
         self.total_epochs = int(cfg.epochs)
         self.max_steps_per_epoch = cfg.get("max_steps_per_epoch", None)
@@ -465,6 +467,7 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
         self.global_step = 0
         self._batches_into_epoch = 0
         self.loss_history: List[Tuple[int, float]] = []
+        self.stop_signal: Optional[int] = None  # set by train() when a signal stopped it
 
     # Hooks for the recipes.
     def _resolve_mask_format(self, mask_format: str) -> str:
@@ -538,7 +541,7 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
             if cfg.get("initial_adapter"):
                 log.warning(f"initial_adapter is ignored: resuming from {resume} (give the next stage its own output_dir)")
             saved_seed = read_recipe_progress(resume / RECIPE_STATE_FILE).get("seed")
-            if self._seed_setting is None and saved_seed is not None:  # seed: null drew one; the data order needs the first run's
+            if cfg.seed is None and saved_seed is not None:  # seed: null drew one; the data order needs the first run's
                 self.seed = training.set_seed(seed=saved_seed)
             path = resume / ADAPTER_FILE
             adapter = StartingAdapter(load_file(str(path)), "resume_from_checkpoint", path, read_gist_adapter_metadata(path))
@@ -781,7 +784,6 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
         the step under way and return, with :attr:`stop_signal` set to the signal's number (any rank's)."""
         if self._device.type == "cuda":
             training.cleanup_before_training()
-        self.stop_signal: Optional[int] = None
         with StopRequest() as stop:
             self._train(stop)
 
@@ -896,6 +898,16 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
                              base_dir=self._base_checkpoint_dir)
         replace_directory(partial_dir, directory)
         self._log_info(f"Saved checkpoint to {directory}")
+
+    def run(self, cfg: DictConfig) -> Optional[int]:
+        """``setup``, ``train`` and, whatever happens, ``cleanup``: a recipe's main. Returns the shell's exit code for
+        a signal that stopped training (after its checkpoint), else ``None``."""
+        try:
+            self.setup(cfg)
+            self.train()
+        finally:
+            self.cleanup()
+        return 128 + self.stop_signal if self.stop_signal else None
 
     def cleanup(self) -> None:
         """Close the metric logger (safe after a failed or interrupted setup)."""

@@ -39,7 +39,13 @@ from torchtune import config, training, utils
 from torchtune_gist.checkpointing import check_not_merged_export, load_gist_adapter
 from torchtune_gist.generation import GistCache, compress, generate_from_cache
 from torchtune_gist.modules import init_gist_embeddings
-from torchtune_gist.training import check_dataset_gist_ids, check_gist_setup, get_device, load_base_weights
+from torchtune_gist.training import (
+    check_dataset_gist_ids,
+    check_gist_setup,
+    check_input_files,
+    get_device,
+    load_base_weights,
+)
 
 log = utils.get_logger("INFO")
 
@@ -90,6 +96,7 @@ class GistGenerateRecipe:
             ValueError: if the model, the tokenizer, ``num_gist_tokens`` and the prompt transform disagree
                 on the gist tokens, or the checkpointer reads a merged export.
         """
+        check_input_files(cfg)
         check_not_merged_export(cfg.checkpointer.get("checkpoint_dir"))
         base = config.instantiate(cfg.checkpointer).load_checkpoint()[training.MODEL_KEY]
         with training.set_default_dtype(self._dtype), self._device:

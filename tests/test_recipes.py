@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from torchtune_gist.models import lora_gist_llama3_1_tiny
 from torchtune_gist.modules import state_dict_name
 from torchtune_gist.segment_masks import GistSegmentMask
 from torchtune_gist.tiny import write_tiny_base_checkpoint, write_tiny_tokenizer
+from torchtune_gist.training import check_input_files
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "recipes"))
@@ -103,6 +105,29 @@ def test_distributed_by_name_two_processes(assets, tmp_path, dtype):
     assert_checkpoint_loads(out / "epoch_0", 4)
     saved = {t.dtype for t in load_file(str(out / "epoch_0" / "gist_adapter.safetensors")).values()}
     assert saved == {torch.bfloat16 if dtype == "bf16" else torch.float32}
+
+
+@pytest.mark.slow
+def test_two_nodes_through_torchrun_flags_train_as_one_node_of_two(assets, tmp_path):
+    """``--nnodes 2`` with c10d rendezvous (two launchers on this machine, one process each, both local rank 0):
+    the same losses as one node of two processes, and one checkpoint, written by global rank 0."""
+    from torchtune_gist.training import read_recipe_progress
+
+    settings = overrides(assets, tmp_path / "two_nodes", max_steps_per_epoch=4, save_merged_hf=False, **{"dataset.num_samples": 256})
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    launcher = [str(Path(sys.executable).parent / "tune"), "run", "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
+                "--rdzv_endpoint", f"localhost:{port}", "--rdzv_id", "gist", "gist_lora_distributed", "--config", str(DISTRIBUTED), *settings]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(launcher, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) for _ in range(2)]
+    logs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    assert sum(log.count("Saved checkpoint to") for log in logs) == 1
+    tune_run(["--nproc_per_node", "2", "gist_lora_distributed", "--config", str(DISTRIBUTED),
+              *overrides(assets, tmp_path / "one_node", max_steps_per_epoch=4, save_merged_hf=False, **{"dataset.num_samples": 256})])
+    two, one = (read_recipe_progress(tmp_path / d / "epoch_0" / "recipe_state.safetensors")["loss_history"] for d in ("two_nodes", "one_node"))
+    assert len(two) == 4 and two == one
 
 
 @pytest.mark.slow
@@ -435,6 +460,34 @@ def test_clear_errors_for_configurations_that_cannot_work(assets, tmp_path):
         setup(**{"model._component_": "test_recipes.plain_tiny_lora"})
     with pytest.raises(ValueError, match="no complete checkpoint"):
         setup(resume_from_checkpoint=True, output_dir=tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match=r"tokenizer.path: .*nowhere/tiny_tokenizer.model \(relative to the current"):
+        setup(assets_dir="nowhere", output_dir=tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match=r"checkpointer.checkpoint_files: .*/other.safetensors is not a file"):
+        setup(**{"checkpointer.checkpoint_files": ["model.safetensors", "other.safetensors"]})
+    assert not (tmp_path / "missing").exists()
+
+
+def test_missing_input_files_are_all_named_with_their_keys(tmp_path):
+    (tmp_path / "tok.model").write_text("")
+    cfg = OmegaConf.create({
+        "tokenizer": {"_component_": "x", "path": str(tmp_path / "tok.model"), "special_tokens_path": "missing.json", "max_seq_len": 8},
+        "checkpointer": {"checkpoint_dir": str(tmp_path / "base"), "checkpoint_files": ["a.safetensors"]},
+    })
+    with pytest.raises(FileNotFoundError) as e:
+        check_input_files(cfg)
+    lines = str(e.value).splitlines()
+    assert any(line.strip().startswith("tokenizer.special_tokens_path: missing.json (relative") for line in lines)
+    assert any(line.strip() == f"checkpointer.checkpoint_dir: {tmp_path / 'base'} is not a directory" for line in lines)
+    assert not any("tokenizer.path" in line for line in lines)
+    with pytest.raises(FileNotFoundError) as e:
+        check_input_files(cfg, sections=("checkpointer",))
+    assert "tokenizer" not in str(e.value)
+    (tmp_path / "missing.json").write_text("{}")
+    (tmp_path / "base").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"checkpointer.checkpoint_files: .*a.safetensors is not a file"):
+        check_input_files(OmegaConf.merge(cfg, {"tokenizer": {"special_tokens_path": str(tmp_path / "missing.json")}}))
+    (tmp_path / "base" / "a.safetensors").write_text("")
+    check_input_files(OmegaConf.merge(cfg, {"tokenizer": {"special_tokens_path": str(tmp_path / "missing.json")}}))
 
 
 def test_initial_adapter_starts_from_trained_weights_with_a_fresh_schedule(assets, tmp_path):

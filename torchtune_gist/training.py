@@ -165,6 +165,46 @@ def check_supported_features(cfg: DictConfig) -> None:
         )
 
 
+def _missing_path_message(key: str, value: str, want_dir: bool) -> Optional[str]:
+    path = Path(value)
+    if path.is_dir() if want_dir else path.is_file():
+        return None
+    where = "" if path.is_absolute() else f" (relative to the current directory {Path.cwd()})"
+    what = "a directory" if want_dir else "a file"
+    return f"{key}: {value}{where} is not {what}"
+
+
+def check_input_files(cfg: DictConfig, sections: Tuple[str, ...] = ("tokenizer", "checkpointer")) -> None:
+    """Check that the files a config reads exist before anything is built: the tokenizer's files (its keys ending
+    in ``path`` or ``file``) and the checkpointer's ``checkpoint_dir`` and ``checkpoint_files`` (when a list).
+
+    Raises:
+        FileNotFoundError: naming every missing file with its config key and how to point the key elsewhere.
+    """
+    problems = []
+    tokenizer = cfg.get("tokenizer") if "tokenizer" in sections else None
+    for key, value in (tokenizer or {}).items():
+        if isinstance(value, str) and key != "_component_" and key.endswith(("path", "file")):
+            problems.append(_missing_path_message(f"tokenizer.{key}", value, want_dir=False))
+    checkpointer = cfg.get("checkpointer") if "checkpointer" in sections else None
+    if checkpointer is not None and checkpointer.get("checkpoint_dir") is not None:
+        directory = str(checkpointer.checkpoint_dir)
+        problems.append(_missing_path_message("checkpointer.checkpoint_dir", directory, want_dir=True))
+        files = checkpointer.get("checkpoint_files")
+        if problems[-1] is None and isinstance(files, (list, ListConfig)):
+            problems += [
+                _missing_path_message("checkpointer.checkpoint_files", str(Path(directory) / str(f)), want_dir=False)
+                for f in files
+            ]
+    problems = [p for p in problems if p is not None]
+    if problems:
+        raise FileNotFoundError(
+            "\n  ".join(["the config names files that are not there:", *problems])
+            + "\nThe config's header comments say how to make or download them; or point a key elsewhere on the "
+            "command line (KEY=PATH)."
+        )
+
+
 def check_collate_fn(collate_fn: Callable[..., Any], name: str, kwargs: Dict[str, Any]) -> None:
     """Check that ``collate_fn`` takes the keyword arguments the gist recipes pass (``gist_token_ids``, ...).
 
@@ -528,6 +568,7 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
     # Setup.
     def setup(self, cfg: DictConfig) -> None:
         """Build the tokenizer, model, optimizer, loss, data, scheduler; restore state when resuming."""
+        check_input_files(cfg)
         if self._is_rank_zero:
             self._metric_logger = config.instantiate(cfg.metric_logger)
             self._metric_logger.log_config(cfg)

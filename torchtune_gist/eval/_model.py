@@ -52,7 +52,7 @@ from torchtune_gist.generation import GENERATION_MODES, generate
 from torchtune_gist.gist_tokens import gist_token_ids as tokenizer_gist_ids
 from torchtune_gist.masks import make_gist_mask
 from torchtune_gist.modules import get_gist_embedding, init_gist_embeddings, output_at
-from torchtune_gist.training import check_base_keys, load_base_weights
+from torchtune_gist.training import check_base_keys, check_input_files, load_base_weights
 
 log = logging.getLogger(__name__)
 
@@ -116,12 +116,15 @@ def load_config(path: Union[str, Path]) -> DictConfig:
 
 def load_tokenizer(config_path: Union[str, Path]) -> Any:
     """The tokenizer of a torchtune config (its ``tokenizer`` section, instantiated)."""
-    return tt_config.instantiate(load_config(config_path).tokenizer)
+    cfg = load_config(config_path)
+    check_input_files(cfg, sections=("tokenizer",))
+    return tt_config.instantiate(cfg.tokenizer)
 
 
 def _load_base(model: nn.Module, cfg: DictConfig) -> None:
     if "checkpointer" not in cfg:
         raise ValueError("the torchtune config has no checkpointer section to load the base weights with")
+    check_input_files(cfg, sections=("checkpointer",))
     check_not_merged_export(cfg.checkpointer.get("checkpoint_dir"))
     load_base_weights(model, tt_config.instantiate(cfg.checkpointer).load_checkpoint()[training.MODEL_KEY])
 
@@ -273,6 +276,7 @@ class TorchtuneGistLM(LM):
             raise ValueError("give either config=<torchtune config> (with checkpoint_dir) or model= and tokenizer=")
         if model is None:
             cfg = load_config(config)
+            check_input_files(cfg, sections=("tokenizer",))
             self._device = _resolve_device(device or cfg.get("device"))
             dtype = dtype or cfg.get("dtype", "fp32")
             with training.set_default_dtype(training.get_dtype(dtype, self._device)), self._device:

@@ -303,6 +303,8 @@ def test_a_directory_replaces_its_older_self_whole(tmp_path: Path, monkeypatch: 
     (target / "stale.safetensors").write_text("old")
     partial = _io.partial_directory(target)
     assert partial.name == ".step_4.partial" and not any(partial.iterdir())
+    assert _io.leftover_directory_of(partial.name) == "step_4" and _io.leftover_directory_of(".step_4.old") == "step_4"
+    assert _io.leftover_directory_of("step_4") is None and _io.leftover_directory_of(".partial") is None
     (partial / "new.safetensors").write_text("new")
     synced = []
     real_fsync = os.fsync

@@ -89,11 +89,24 @@ def _fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
+_PARTIAL_SUFFIX = ".partial"
+_OLD_SUFFIX = ".old"
+
+
+def leftover_directory_of(name: str) -> Optional[str]:
+    """The directory name whose interrupted :func:`replace_directory` or :func:`partial_directory` left a hidden
+    directory called ``name`` (``".step_3.partial"`` -> ``"step_3"``), or ``None`` for any other name."""
+    for suffix in (_PARTIAL_SUFFIX, _OLD_SUFFIX):
+        if name.startswith(".") and name.endswith(suffix) and len(name) > len(suffix) + 1:
+            return name[1 : -len(suffix)]
+    return None
+
+
 def partial_directory(path: Union[str, Path]) -> Path:
     """A fresh, empty hidden directory beside ``path`` to write its contents into before :func:`replace_directory`.
     One left by an interrupted run is removed first."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
+    tmp = path.with_name(f".{path.name}{_PARTIAL_SUFFIX}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
@@ -109,7 +122,7 @@ def replace_directory(src: Union[str, Path], path: Union[str, Path]) -> Path:
     src, path = Path(src), Path(path)
     for directory in [src, *(d for d in src.rglob("*") if d.is_dir())]:
         _fsync_directory(directory)  # the entries inside, before the directory becomes visible
-    old = path.with_name(f".{path.name}.old")
+    old = path.with_name(f".{path.name}{_OLD_SUFFIX}")
     if old.exists():
         shutil.rmtree(old)
     if path.exists():

@@ -47,7 +47,7 @@ from torchtune.recipe_interfaces import FTRecipeInterface
 from torchtune.utils._import_guard import _SUPPORTS_FLEX_ATTENTION
 from tqdm import tqdm
 
-from torchtune_gist._io import atomic_save_safetensors, partial_directory, replace_directory
+from torchtune_gist._io import atomic_save_safetensors, leftover_directory_of, partial_directory, replace_directory
 from torchtune_gist.checkpointing import (
     check_gist_adapter,
     export_merged_hf,
@@ -66,7 +66,6 @@ log = utils.get_logger("INFO")
 ADAPTER_FILE = "gist_adapter.safetensors"
 RECIPE_STATE_FILE = "recipe_state.safetensors"
 _CHECKPOINT_NAME = re.compile(r"^(step|epoch)_(\d+)$")
-_LEFTOVER_NAME = re.compile(r"^\.(step|epoch)_\d+\.(partial|old)$")
 _TRAINABLE_KEY_PARTS = ("lora_a", "lora_b", "magnitude", "gist_embeddings")
 _MODEL_INPUTS = ("tokens", "mask", "input_pos")
 # How the gist mask reaches attention: dense [b, s, s], FlexAttention BlockMask, or causal segments.
@@ -385,7 +384,9 @@ def load_recipe_state(path: Path) -> Tuple[Dict[str, Any], Dict[str, Any], Dict[
 def remove_leftover_checkpoints(output_dir: Path) -> List[Path]:
     """Delete what interrupted saves left under ``output_dir`` (``.step_N.partial``, ``.epoch_E.old``, ...);
     returns them."""
-    leftovers = [d for d in Path(output_dir).glob(".*") if d.is_dir() and _LEFTOVER_NAME.match(d.name)]
+    leftovers = [
+        d for d in Path(output_dir).glob(".*") if d.is_dir() and _CHECKPOINT_NAME.match(leftover_directory_of(d.name) or "")
+    ]
     for d in leftovers:
         shutil.rmtree(d)
     return leftovers

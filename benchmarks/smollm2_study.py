@@ -180,8 +180,9 @@ def _atomic_json(obj: Any, path: Path) -> None:
 # ------------------------------------------------------------------------------------ training
 
 
-def train(part: Part, training: Training, out_dir: Path, threads: int, dtype: str = "fp32") -> Path:
+def train(part: Part, training: Training, out_dir: Path, threads: int, dtype: str = "fp32", seed: Optional[int] = None) -> Path:
     """Run one training unless its final adapter exists; resume from a ``step_N`` checkpoint if any.
+    ``seed``, when given, replaces the config's training seed and its generated data's seed (``dataset.seed``).
 
     The log (``train.log``) gets ``start <unix time>`` / ``end <unix time> rc <code> cpu <seconds>``
     lines around the recipe's output (cpu: the subprocess's user + system time); each (re)start appends.
@@ -192,6 +193,8 @@ def train(part: Part, training: Training, out_dir: Path, threads: int, dtype: st
     Raises:
         RuntimeError: if the recipe fails (see ``train.log``).
     """
+    from omegaconf import OmegaConf
+
     from torchtune_gist.training import latest_checkpoint
 
     run_dir = out_dir / training.name
@@ -199,6 +202,10 @@ def train(part: Part, training: Training, out_dir: Path, threads: int, dtype: st
         print(f"[skip] training {run_dir} (done)")
         return run_dir
     overrides = {"output_dir": str(run_dir), "dtype": dtype, **training.overrides}
+    if seed is not None:
+        overrides["seed"] = seed
+        if OmegaConf.select(OmegaConf.load(ROOT / training.config), "dataset.seed") is not None:
+            overrides["dataset.seed"] = seed
     if training.start_from is not None:
         start = next(t for t in part.trainings if t.name == training.start_from)
         initial = start.final_dir(out_dir / start.name) / ADAPTER
@@ -677,6 +684,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         help="CPU threads of each training and evaluation (1 when two parts run side by side)")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                         help="training and evaluation dtype (bf16: use another --out; CPUs with AMX run it faster)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="training seed and generated training data's seed, instead of the configs' (use another --out)")
     parser.add_argument("--extras", action="store_true",
                         help="also the extra stages: gist-2, gist-5, gist-1 for 3 epochs, the untrained base on Alpaca+; "
                              f"the passkey curriculum to {LONG_CONTEXT}-token haystacks")
@@ -688,6 +697,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parser.parse_args(argv)
     if args.threads < 1 or args.eval_batch_size < 1:
         parser.error("--threads and --eval-batch-size must be positive")
+    if args.seed is not None and args.out == DEFAULT_OUT:
+        parser.error(f"--seed {args.seed} trains other models: give them another --out than {DEFAULT_OUT}")
     os.chdir(ROOT)  # the configs' paths are relative to the repository
     out_dir = ROOT / args.out
     if not args.report_only:
@@ -695,7 +706,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             part = PARTS[name]
             for t in part.trainings:
                 if _selected(t.name, t.extra, args):
-                    train(part, t, out_dir / part.name, args.threads, args.dtype)
+                    train(part, t, out_dir / part.name, args.threads, args.dtype, args.seed)
             for e in part.evaluations:
                 if _selected(e.name, e.extra, args):
                     evaluate(part, e, out_dir / part.name, args)

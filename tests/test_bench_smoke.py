@@ -175,7 +175,7 @@ class _FailedTraining:
         return 1
 
 
-def test_study_training_gets_the_dtype(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_study_training_gets_the_dtype_and_seed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     study = _study_module()
     commands = []
 
@@ -183,7 +183,16 @@ def test_study_training_gets_the_dtype(tmp_path: Path, monkeypatch: pytest.Monke
     training = study.Training("gist1", study.ALPACA_CONFIG, {"num_gist_tokens": 1})
     with pytest.raises(RuntimeError, match="failed"):
         study.train(study.PARTS["alpaca"], training, tmp_path, threads=1, dtype="bf16")
-    assert "dtype=bf16" in commands[0]
+    assert "dtype=bf16" in commands[0] and not any(c.startswith("seed=") for c in commands[0])
+    passkey = study.PARTS["passkey"].trainings[0]
+    with pytest.raises(RuntimeError, match="failed"):
+        study.train(study.PARTS["passkey"], passkey, tmp_path, threads=1, seed=3)
+    assert {"seed=3", "dataset.seed=3"} <= set(commands[1])
+    with pytest.raises(RuntimeError, match="failed"):
+        study.train(study.PARTS["alpaca"], training, tmp_path, threads=1, seed=3)
+    assert "seed=3" in commands[2] and "dataset.seed=3" not in commands[2]
+    with pytest.raises(SystemExit):
+        study.main(["--seed", "3"])
 
 
 def test_study_long_context_training_starts_from_the_short_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

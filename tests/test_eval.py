@@ -525,6 +525,11 @@ def test_bad_settings_give_clear_errors(
         lm.generate_until([Instance("generate_until", {}, ("a<GIST>b", {"top_p": 0.9}), 0)])
     with pytest.raises(ValueError, match="nothing follows"):
         lm.generate_until([Instance("generate_until", {}, ("a<GIST>", {}), 0)])
+    for mode in GENERATION_MODES:  # the last gist would score the continuation's first token, reading the prompt
+        with pytest.raises(ValueError, match="request 1: nothing follows"):
+            TorchtuneGistLM(model=tiny_model, tokenizer=tiny_tokenizer, mode=mode).loglikelihood(
+                [_instance("a<GIST> b", " c"), _instance("Instruction: Reverse the word.\n<GIST>", "\nOutput: tac")]
+            )
     with pytest.raises(NotImplementedError, match="loglikelihood_rolling"):
         lm.loglikelihood_rolling([])
 

@@ -165,6 +165,50 @@ def test_fingerprint_samples_large_weights_and_still_tells_models_apart(monkeypa
     assert model_fingerprint(model, IDS)["weights_sha256"] != first
 
 
+def test_fingerprint_skips_switched_off_adapters_and_records_rope(model):
+    """A merged export's model holds freshly drawn, switched-off LoRA weights: they must not make its caches
+    unusable in the next process. Other RoPE settings over the same weights rotate keys otherwise: refused."""
+    def lora_model(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        m = lora_gist_llama3_1_tiny(["q_proj", "v_proj"], lora_rank=4, lora_alpha=8, num_gist_tokens=K).eval()
+        m.load_state_dict({k: v for k, v in model.state_dict().items() if "tok_embeddings" not in k}, strict=False)
+        return m
+
+    a, b = lora_model(0), lora_model(1)
+    b.tok_embeddings.load_state_dict(a.tok_embeddings.state_dict())
+    ids = a.tok_embeddings.gist_token_ids
+    assert model_fingerprint(a, ids)["weights_sha256"] != model_fingerprint(b, ids)["weights_sha256"]
+    for m in (a, b):
+        for module in m.modules():
+            if hasattr(module, "disabled"):
+                module.disabled = True
+    assert model_fingerprint(a, ids)["weights_sha256"] == model_fingerprint(b, ids)["weights_sha256"]
+    compress(a, [[1, 2] + ids], gist_token_ids=ids).check_compatible(b)
+
+    cache = compress(model, [_example(5, 1, 8)[0]], gist_token_ids=IDS)
+    assert cache.fingerprint["rope"] == {"class": "Llama3ScaledRoPE", "dim": 16, "base": 500000, "scale_factor": 8,
+                                         "low_freq_factor": 1, "high_freq_factor": 4, "old_context_len": 8192}
+    other_rope = _tiny(rope_base=10_000)
+    assert model_fingerprint(other_rope, IDS)["weights_sha256"] == cache.fingerprint["weights_sha256"]
+    with pytest.raises(ValueError, match="rotary embeddings .* rotated otherwise"):
+        cache.check_compatible(other_rope)
+    with pytest.raises(ValueError, match="rotary embeddings"):
+        generate_from_cache(other_rope, cache, [[4]], max_new_tokens=2)
+    older = GistCache(cache.keys, cache.values, cache.next_pos, IDS, {k: v for k, v in cache.fingerprint.items() if k != "rope"})
+    older.check_compatible(model)  # a cache saved before RoPE settings were recorded
+
+
+def test_generating_from_a_cache_of_other_gist_ids_is_refused():
+    """generate_from_cache compares the cache's gist ids with a gist model's own, as check_compatible does."""
+    gist_model = lora_gist_llama3_1_tiny(["q_proj"], lora_rank=4, lora_alpha=8, num_gist_tokens=K).eval()
+    ids = gist_model.tok_embeddings.gist_token_ids
+    cache = compress(gist_model, [[1, 2] + ids], gist_token_ids=ids)
+    swapped = GistCache(cache.keys, cache.values, cache.next_pos, ids[::-1], cache.fingerprint)
+    with pytest.raises(ValueError, match="but the model's gist tokens are K=3"):
+        generate_from_cache(gist_model, swapped, [[4]], max_new_tokens=2)
+    generate_from_cache(gist_model, cache, [[4]], max_new_tokens=2)
+
+
 def test_cache_holds_k_entries_per_layer_equal_to_torchtunes_kv_cache(model):
     prompts = [_example(9, 1, 1)[0], _example(4, 1, 2)[0]]
     cache = compress(model, prompts, gist_token_ids=IDS)

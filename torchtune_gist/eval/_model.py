@@ -195,6 +195,13 @@ def _load_weights(model: nn.Module, cfg: DictConfig, checkpoint_dir: Optional[st
         )
 
 
+def _nothing_after_marker(i: int) -> str:
+    return (
+        f"request {i}: nothing follows {GIST_MARKER!r}; the text after the gists (the input, the question, or at "
+        "least the 'Output:' cue) is needed to predict the first token"
+    )
+
+
 def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value)
@@ -388,10 +395,7 @@ class TorchtuneGistLM(LM):
             context, gen_kwargs = request.args
             prompt, continuation = self.encode_context(context)
             if not continuation:
-                raise ValueError(
-                    f"request {i}: nothing follows {GIST_MARKER!r}; the text after the gists (the input, the "
-                    "question, or at least the 'Output:' cue) is needed to predict the first token"
-                )
+                raise ValueError(_nothing_after_marker(i))
             items.append((i, prompt, continuation, self._gen_settings(dict(gen_kwargs))))
         groups: Dict[Tuple[Any, ...], List[Tuple[int, List[int], List[int]]]] = defaultdict(list)
         for i, prompt, continuation, settings in items:
@@ -424,10 +428,17 @@ class TorchtuneGistLM(LM):
         log.info("torchtune_gist %s", self.stats)
         return outputs
 
-    def _sequence(self, context: str, continuation: str) -> Tuple[List[int], int]:
-        """Token ids of the whole scored sequence in this mode, and where the continuation starts."""
+    def _sequence(self, i: int, context: str, continuation: str) -> Tuple[List[int], int]:
+        """Token ids of request ``i``'s whole scored sequence in this mode, and where the continuation starts.
+
+        Raises:
+            ValueError: if nothing follows the marker (the last gist would predict the continuation's first token,
+                and its output reads the whole prompt: no gist cache holds it).
+        """
         prompt, after = self._split(context)
         after_ids = self._encode(after)
+        if not after_ids:
+            raise ValueError(_nothing_after_marker(i))
         whole = self._encode(after + continuation)
         cont = whole[len(after_ids) :] if whole[: len(after_ids)] == after_ids else self._encode(continuation)
         if self.mode == "truncate":
@@ -469,7 +480,7 @@ class TorchtuneGistLM(LM):
             List[Tuple[float, bool]]: ``(logprob, is_greedy)`` per request (greedy with the gist ids
             never chosen, as in generation).
         """
-        rows = [self._sequence(*request.args) for request in requests]
+        rows = [self._sequence(i, *request.args) for i, request in enumerate(requests)]
         for i, (row, start) in enumerate(rows):
             if start == len(row):
                 raise ValueError(f"request {i}: the continuation to score is empty")

@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
+from torch import nn
 from torchtune.modules import TransformerDecoder
 
 from torchtune_gist._io import atomic_save_safetensors
@@ -41,6 +42,9 @@ CACHE_FORMAT_VERSION = "2"  # 2: large weights enter the fingerprint through a s
 #: Weights of more values than this enter the fingerprint through an even sample of about this many
 #: (Llama 3.1 8B's first and last attention: 32 MiB hashed per call instead of 336 MiB; 0.06 s instead of 0.6 s on a CPU).
 _FINGERPRINT_SAMPLE = 1 << 20
+# Rotary embedding attributes that change the rotations (torchtune's RotaryPositionalEmbeddings, Llama3ScaledRoPE).
+_ADAPTER_PARAMS = ("lora_a.weight", "lora_b.weight", "magnitude")  # LoRALinear / DoRALinear, when ``disabled``
+_ROPE_SETTINGS = ("dim", "base", "scale_factor", "low_freq_factor", "high_freq_factor", "old_context_len")
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
@@ -60,9 +64,9 @@ def model_fingerprint(
     """A fingerprint of what a gist cache depends on, to refuse caches made by another model.
 
     Holds the attention shape and a SHA-256 over a few weights: the embeddings of the gist ids
-    (the trained gist rows of a gist model) and every parameter (LoRA included, NF4 dequantised)
-    of the first and last layers' attention, read as float32 (an even sample of the large ones: a
-    fine-tune or another model changes them throughout).
+    (the trained gist rows of a gist model) and every parameter (LoRA included unless switched off, NF4
+    dequantised) of the first and last layers' attention, read as float32 (an even sample of the large ones: a
+    fine-tune or another model changes them throughout); and the rotary embedding's settings.
 
     Args:
         model (TransformerDecoder): the model.
@@ -71,14 +75,17 @@ def model_fingerprint(
 
     Returns:
         Dict[str, Any]: JSON-serialisable: ``num_layers``, ``num_heads``, ``num_kv_heads``,
-        ``head_dim``, ``weights_sha256`` and ``model_id``.
+        ``head_dim``, ``rope`` (:func:`rope_settings`), ``weights_sha256`` and ``model_id``.
     """
     attns = self_attention_modules(model)
     digest = hashlib.sha256()
     device, _ = model_device_dtype(model)
     digest.update(_tensor_bytes(model.tok_embeddings(torch.tensor([list(gist_token_ids)], device=device))))
     for attn in (attns[0], attns[-1]):
+        switched_off = {f"{name}.{p}" for name, m in attn.named_modules() if getattr(m, "disabled", False) for p in _ADAPTER_PARAMS}
         for name, param in sorted(attn.named_parameters()):
+            if name in switched_off:  # a switched-off adapter (a merged export's, freshly initialised) changes nothing
+                continue
             digest.update(name.encode())
             digest.update(_tensor_bytes(param))
     return {
@@ -86,9 +93,20 @@ def model_fingerprint(
         "num_heads": attns[0].num_heads,
         "num_kv_heads": attns[0].num_kv_heads,
         "head_dim": attns[0].head_dim,
+        "rope": rope_settings(attns[0]),
         "weights_sha256": digest.hexdigest(),
         "model_id": model_id,
     }
+
+
+def rope_settings(attn: nn.Module) -> Optional[Dict[str, Any]]:
+    """The rotary embedding's class and the settings that set its rotations (not ``max_seq_len``), or ``None``
+    for attention without one: two models with the same weights but other RoPE settings make other keys."""
+    rope = getattr(attn, "pos_embeddings", None)
+    if rope is None:
+        return None
+    settings = {k: getattr(rope, k) for k in _ROPE_SETTINGS if isinstance(getattr(rope, k, None), (int, float))}
+    return {"class": type(rope).__name__, **settings}
 
 
 @dataclass
@@ -319,13 +337,26 @@ class GistCache:
 
 
 def check_architecture(cache: GistCache, model: TransformerDecoder) -> None:
-    """Raise a ValueError if ``model``'s layers, heads or head size differ from those that made ``cache``.
+    """Raise a ValueError if ``model``'s gist ids (when it has them), layers, heads, head size or rotary embedding
+    settings differ from those that made ``cache``.
 
-    Layers, KV heads and head size are read from the cache's tensors, the query heads from its
-    fingerprint (not compared when it has none). Cheap (no weights are read);
+    Layers, KV heads and head size are read from the cache's tensors, the query heads and RoPE settings from its
+    fingerprint (not compared when it has none, or a cache from before RoPE was recorded). Cheap (no weights are read);
     :meth:`GistCache.check_compatible` also compares weights.
     """
+    own_ids = getattr(model.tok_embeddings, "gist_token_ids", None)
+    if own_ids is not None and list(own_ids) != cache.gist_token_ids:
+        raise ValueError(
+            f"the cache holds K={cache.num_gist_tokens} gist tokens {cache.gist_token_ids}, but the model's gist "
+            f"tokens are K={len(list(own_ids))} {list(own_ids)}: compress the prompts again with this model"
+        )
     attns = self_attention_modules(model)
+    rope = rope_settings(attns[0])
+    if "rope" in cache.fingerprint and cache.fingerprint["rope"] != rope:
+        raise ValueError(
+            f"the cache was made by a model with rotary embeddings {cache.fingerprint['rope']}, but this model's are "
+            f"{rope}: its keys are rotated otherwise; compress the prompts again with this model"
+        )
     _, num_kv_heads, _, head_dim = cache.keys[0].shape
     theirs = {
         "num_layers": cache.num_layers,

@@ -103,7 +103,9 @@ class GistGenerateRecipe:
             model = config.instantiate(cfg.model)
         load_base_weights(model, base)
         if cfg.get("gist_checkpoint_dir"):
-            load_gist_adapter(model, cfg.gist_checkpoint_dir)
+            trained = load_gist_adapter(model, cfg.gist_checkpoint_dir).get("mask_mode", "gist")
+            if trained != "gist":
+                log.warning(f"{cfg.gist_checkpoint_dir} was trained with mask_mode={trained}: its gists were not trained to hold the prompt")
         else:
             init_gist_embeddings(model)
             log.warning("gist_checkpoint_dir is not set: the gist rows are untrained (the vocabulary mean)")

@@ -1,6 +1,7 @@
 """lm-eval integration: scoring, task data, the torchtune_gist model in every mode, loading, the CLI."""
 
 import json
+import logging
 import os
 import pickle
 import subprocess
@@ -352,8 +353,8 @@ def _write_checkpoints(
         for name, p in trained.named_parameters():
             if "lora" in name or "gist" in name:
                 p.normal_(0, 0.5)
-    save_gist_adapter(trained, root / "epoch_0", base_model="tiny")
-    export_merged_hf(trained, root / "epoch_0" / "hf_merged")
+    save_gist_adapter(trained, root / "epoch_0", base_model="tiny", extra_metadata={"mask_mode": "gist"})
+    export_merged_hf(trained, root / "epoch_0" / "hf_merged", mask_mode="gist")
     model_path, special_path = tokenizer_files
     config = f"""
 tokenizer:
@@ -393,6 +394,20 @@ def test_loads_base_adapter_and_merged_export(checkpoints: Tuple[Path, Path, tor
     ours, theirs = lm.loglikelihood(requests)[0][0], direct.loglikelihood(requests)[0][0]
     assert ours == theirs
     assert merged.loglikelihood(requests)[0][0] == pytest.approx(theirs, abs=1e-4)
+
+
+def test_reading_a_checkpoint_in_another_mode_than_it_was_trained_warns(
+    checkpoints: Tuple[Path, Path, torch.nn.Module], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The paper's controls are models trained in their own mode; reading a gist model without its gists is not."""
+    config, ckpt, _ = checkpoints
+    for directory in (ckpt, ckpt / "hf_merged"):
+        for mode, warned in (("gist", False), ("truncate", False), ("pos_control", True), ("neg_control", True)):
+            caplog.clear()
+            with caplog.at_level(logging.WARNING):
+                TorchtuneGistLM(config=str(config), checkpoint_dir=str(directory), mode=mode, device="cpu")
+            message = f"mode='{mode}' reads {directory}, trained with mask_mode='gist': an ablation, not the paper's control"
+            assert (message in caplog.text) == warned, (directory, mode, caplog.text)
 
 
 def test_checkpoint_dir_may_name_the_adapter_file(checkpoints: Tuple[Path, Path, torch.nn.Module]) -> None:

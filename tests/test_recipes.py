@@ -76,7 +76,8 @@ def tune_run(args: List[str]) -> subprocess.CompletedProcess:
 
 def assert_checkpoint_loads(directory: Path, num_gist_tokens: int) -> None:
     meta = read_gist_adapter_metadata(directory)
-    assert meta["num_gist_tokens"] == num_gist_tokens
+    assert meta["num_gist_tokens"] == num_gist_tokens and meta["mask_mode"] == "gist"
+    assert json.loads((directory / "hf_merged" / "gist_config.json").read_text())["mask_mode"] == "gist"
     model = lora_gist_llama3_1_tiny(["q_proj", "k_proj", "v_proj", "output_proj"], lora_rank=16, lora_alpha=32, num_gist_tokens=num_gist_tokens)
     load_gist_adapter(model, directory)
     assert "tok_embeddings.weight" in load_merged_hf(directory / "hf_merged")

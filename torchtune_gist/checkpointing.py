@@ -398,13 +398,14 @@ def export_merged_hf(
     base_model: Optional[str] = None,
     extra_config: Optional[Dict[str, Any]] = None,
     base_dir: Optional[Union[str, Path]] = None,
+    mask_mode: Optional[str] = None,
 ) -> Path:
     """Write a standard Hugging Face Llama checkpoint with LoRA and the gist rows merged in.
 
     Files: ``model.safetensors`` (HF names, via torchtune's ``tune_to_hf``), ``config.json``
     (``LlamaForCausalLM``; shape, RoPE (with Llama 3.1 scaling) and norm read from the model) and
     ``gist_config.json`` (``num_gist_tokens``, ``gist_token_ids``, ``base_vocab_size``,
-    ``vocab_size``, ``base_model``). See :func:`merged_hf_state_dict` for what is merged and how
+    ``vocab_size``, ``base_model``, ``mask_mode``). See :func:`merged_hf_state_dict` for what is merged and how
     the output head is kept exact.
 
     Args:
@@ -421,6 +422,7 @@ def export_merged_hf(
         base_dir (Optional[Union[str, Path]]): the base model's Hugging Face folder: the special-token ids
             of its ``config.json`` carry over (``extra_config`` still wins) and its other non-weight files
             (tokenizer, generation config) are copied beside the export, as torchtune's checkpointer does.
+        mask_mode (Optional[str]): the mask mode the model was trained with, recorded in ``gist_config.json``.
 
     Returns:
         Path: ``directory``.
@@ -466,6 +468,7 @@ def export_merged_hf(
             "base_vocab_size": emb.num_embeddings,
             "vocab_size": merged["vocab_size"],
             "base_model": base_model,
+            "mask_mode": mask_mode,
         },
         directory / GIST_CONFIG_FILE,
     )

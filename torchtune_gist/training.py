@@ -923,7 +923,9 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
             return
         directory = self._output_dir / name
         partial_dir = partial_directory(directory)
-        save_gist_adapter(self._model, partial_dir, base_model=self._base_model_name, state_dict=adapter)
+        save_gist_adapter(
+            self._model, partial_dir, base_model=self._base_model_name, state_dict=adapter, extra_metadata={"mask_mode": self._mask_mode}
+        )
         progress = {
             "epochs_run": self.epochs_run,
             "global_step": self.global_step,
@@ -937,7 +939,7 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
         save_recipe_state(partial_dir / RECIPE_STATE_FILE, optimizer_state=optim_sd, progress=progress, rng_states=rng_states)
         if end_of_epoch and self._save_merged_hf:
             export_merged_hf(self._model, partial_dir / "hf_merged", state_dict=full_sd, base_model=self._base_model_name,
-                             base_dir=self._base_checkpoint_dir)
+                             base_dir=self._base_checkpoint_dir, mask_mode=self._mask_mode)
         replace_directory(partial_dir, directory)
         self._log_info(f"Saved checkpoint to {directory}")
 

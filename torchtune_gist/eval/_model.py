@@ -129,8 +129,9 @@ def _load_base(model: nn.Module, cfg: DictConfig) -> None:
     load_base_weights(model, tt_config.instantiate(cfg.checkpointer).load_checkpoint()[training.MODEL_KEY])
 
 
-def _load_merged(model: nn.Module, directory: Path) -> None:
-    """Load a merged Hugging Face export into the config's gist-aware model (LoRA/DoRA, if any, switched off).
+def _load_merged(model: nn.Module, directory: Path) -> Dict[str, Any]:
+    """Load a merged Hugging Face export into the config's gist-aware model (LoRA/DoRA, if any, switched off);
+    returns its ``gist_config.json``.
 
     The export holds the gist rows in its embedding at the gist ids and the original vocabulary in
     ``output.weight``; a tied model takes its vocabulary from the latter, so that the gist ids keep
@@ -169,9 +170,12 @@ def _load_merged(model: nn.Module, directory: Path) -> None:
     for module in model.modules():
         if isinstance(module, (LoRALinear, DoRALinear)):
             module.disabled = True
+    return saved
 
 
 def _load_weights(model: nn.Module, cfg: DictConfig, checkpoint_dir: Optional[str], mode: str) -> None:
+    """Load the base weights and the gist rows (adapter or merged export); warn when ``mode`` is not the mask
+    mode the checkpoint was trained with."""
     if checkpoint_dir is None:
         if mode == "gist":
             raise ValueError(
@@ -184,14 +188,19 @@ def _load_weights(model: nn.Module, cfg: DictConfig, checkpoint_dir: Optional[st
     directory = Path(checkpoint_dir)
     if directory.is_file() or (directory / ADAPTER_FILE).is_file():
         _load_base(model, cfg)
-        load_gist_adapter(model, directory)
+        trained = load_gist_adapter(model, directory).get("mask_mode")
     elif all((directory / f).is_file() for f in (GIST_CONFIG_FILE, HF_CONFIG_FILE, HF_WEIGHTS_FILE)):
-        _load_merged(model, directory)
+        trained = _load_merged(model, directory).get("mask_mode")
     else:
         raise ValueError(
             f"checkpoint_dir={str(directory)!r} holds no gist rows: expected {ADAPTER_FILE} or the adapter file "
             f"itself (base weights from the config's checkpointer + gist rows and LoRA) or a merged export "
             f"({HF_WEIGHTS_FILE}, {HF_CONFIG_FILE}, {GIST_CONFIG_FILE})"
+        )
+    if trained is not None and mode != "truncate" and trained != mode:
+        log.warning(
+            "mode=%r reads %s, trained with mask_mode=%r: an ablation, not the paper's %s (a model trained with "
+            "mask_mode=%s)", mode, directory, trained, "gist model" if mode == "gist" else "control", mode,
         )
 
 

@@ -20,7 +20,7 @@ Two parts, each a few LoRA-gist trainings (``tune run gist_lora_single_device``)
    context); the untrained base with the full context. With ``--extras``, the long-context curriculum:
    the gist model trained 50 more steps on 1,024-token haystacks from its adapter (``initial_adapter``),
    evaluated on ``--long-samples`` 1,024-token haystacks (128x) beside the same model before those steps,
-   the controls and truncation.
+   the controls and truncation; and gist models with K = 1, 2 and 4, trained alike (``smollm2_passkey_k.png``).
 
 Each part takes about 16 minutes alone on a 2-core Xeon with both threads (``--threads``, default every
 core; ``benchmarks/smollm2_study.md`` has the measured costs, and 53-54 minutes on a slower 2-core EPYC
@@ -58,6 +58,7 @@ BASE = "base"
 ALPACA_TASKS = ("alpaca_plus_unseen", "alpaca_plus_human")
 LONG_CONTEXT = 1024  # haystack tokens of the passkey part's long-context stages
 LONG_EVAL_CONTEXTS = (1024, 2048, 4096)  # haystacks the long-context model is read at (128x, 256x, 512x at K=8)
+PASSKEY_K_SWEEP = (1, 2, 4)  # gist models trained beside gist-8 (extras): how few gists still hold the passkey
 
 # Mu et al. (2023), Table 1, LLaMA-7B, ROUGE-L on seen / unseen / human.
 PAPER_LLAMA_7B = {
@@ -153,6 +154,7 @@ PARTS = {
             # The long-context curriculum (extra): gist8's adapter, then 50 steps on 1,024-token haystacks (128x).
             Training("gist8_long", PASSKEY_CONFIG, {"num_gist_tokens": 8, "mask_mode": "gist", "context_tokens": [LONG_CONTEXT],
                                                     "dataset.num_samples": 200, "optimizer.lr": 1e-3}, extra=True, start_from="gist8"),
+            *(Training(f"gist{k}", PASSKEY_CONFIG, {"num_gist_tokens": k, "mask_mode": "gist"}, extra=True) for k in PASSKEY_K_SWEEP),
         ),
         (
             Evaluation("gist8", "gist"),
@@ -166,6 +168,7 @@ PARTS = {
               for n in LONG_EVAL_CONTEXTS for mode in ("gist", "neg_control", "truncate")),
             Evaluation("pos8", "pos_control", extra=True, context=LONG_CONTEXT),
             Evaluation("pos8", "pos_control", extra=True, context=LONG_EVAL_CONTEXTS[-1]),
+            *(Evaluation(f"gist{k}", "gist", extra=True) for k in PASSKEY_K_SWEEP),
         ),
     ),
 }
@@ -491,7 +494,10 @@ def alpaca_report(out_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
 def passkey_report(out_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
     """Tables (printed as Markdown) and numbers of the passkey part: accuracy per haystack length and per depth."""
     rows = [("gist8_neg_control", "negative control: no context"), ("gist8_truncate", "truncate: the context's last K tokens"),
-            ("gist8_gist", "gist-8: context compressed into 8 gists"), ("gist8_pos_control", "full context, gist-trained model"),
+            ("gist8_gist", "gist-8: context compressed into 8 gists"),
+            *((f"gist{k}_gist", f"gist-{k}: context compressed into {k} gist{'s' * (k > 1)} ({64 // k}x-{256 // k}x)")
+              for k in PASSKEY_K_SWEEP),
+            ("gist8_pos_control", "full context, gist-trained model"),
             ("pos8_pos_control", "positive control: full context, trained with it"),
             ("base_pos_control", "base, untrained, full context"),
             (f"gist8_gist_{LONG_CONTEXT}", "gist-8 (trained on 64-256 tokens) compressing longer haystacks"),
@@ -527,7 +533,7 @@ def passkey_report(out_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
         by_depth = {d: acc([s for s in samples if abs(s["depth"] - d) < 1e-9]) for d in depths}
         m = t["metrics"]
         summary["rows"][name] = {
-            **m, "n": len(samples), "by_length": {str(n): v for n, v in by_len.items()},
+            **m, "n": len(samples), "num_gist_tokens": rec["num_gist_tokens"], "by_length": {str(n): v for n, v in by_len.items()},
             "by_depth": {str(d): v for d, v in by_depth.items()},
         }
         print(
@@ -597,6 +603,24 @@ def plots(out_dir: Path, summary: Dict[str, Any], plots_dir: Path) -> None:
         fig.tight_layout()
         fig.savefig(plots_dir / "smollm2_passkey.png", dpi=110)
         plt.close(fig)
+        sweep = [k for k in (*PASSKEY_K_SWEEP, 8) if f"gist{k}_gist" in passkey]
+        if len(sweep) > 1:
+            fig, ax = plt.subplots(figsize=(7, 4))
+            for k in sweep:
+                row = passkey[f"gist{k}_gist"]
+                xy = [(n / k, 100 * row["by_length"][str(n)]) for n in lengths if row["by_length"].get(str(n)) is not None]
+                ax.plot(*zip(*xy), marker="o", label=f"K={k} ({64 // k}x-{256 // k}x)")
+            ax.set_xscale("log", base=2)
+            ax.set_xticks([2 ** i for i in range(3, 9)])
+            ax.set_xticklabels([f"{2 ** i}x" for i in range(3, 9)])
+            ax.set_ylim(-5, 105)
+            ax.set_xlabel(f"compression ratio (haystack tokens / K; haystacks of {', '.join(map(str, lengths))} tokens)")
+            ax.set_ylabel("passkey exact match (%)")
+            ax.set_title("SmolLM2-135M-Instruct, passkey through K gists (each K trained alike)")
+            ax.legend(fontsize=8)
+            fig.tight_layout()
+            fig.savefig(plots_dir / "smollm2_passkey_k.png", dpi=110)
+            plt.close(fig)
     runs = [(part, t) for part in PARTS.values() for t in part.trainings
             if (t.final_dir(out_dir / part.name / t.name) / ADAPTER).is_file()]
     if runs:
@@ -687,7 +711,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--seed", type=int, default=None,
                         help="training seed and generated training data's seed, instead of the configs' (use another --out)")
     parser.add_argument("--extras", action="store_true",
-                        help="also the extra stages: gist-2, gist-5, gist-1 for 3 epochs, the untrained base on Alpaca+; "
+                        help="also the extra stages: gist-2, gist-5, gist-1 for 3 epochs, the untrained base on Alpaca+; passkey gist-1, -2, -4; "
                              f"the passkey curriculum to {LONG_CONTEXT}-token haystacks")
     parser.add_argument("--passkey-samples", type=int, default=150, help="spread evenly over lengths and depths")
     parser.add_argument("--passkey-context-tokens", type=int, nargs="+", default=[64, 128, 256])

@@ -555,6 +555,32 @@ def test_bad_settings_give_clear_errors(
         _evaluate(lm, ["gist_passkey"], gist_task_manager(num_samples=2))
 
 
+def test_the_command_line_refuses_what_the_gist_model_cannot_honour() -> None:
+    from argparse import Namespace
+
+    from torchtune_gist.eval.__main__ import unsupported_option
+
+    assert unsupported_option(Namespace(num_fewshot=None, limit=None)) == ""
+    assert unsupported_option(Namespace(num_fewshot=0, limit=0.5)) == ""
+    assert "--num_fewshot 2 is not supported" in unsupported_option(Namespace(num_fewshot=2, limit=None))
+    assert "--apply_chat_template is not supported" in unsupported_option(Namespace(apply_chat_template=True))
+    for limit in (0.0, -3.0):
+        assert "leaves no examples" in unsupported_option(Namespace(limit=limit))
+    proc = subprocess.run([sys.executable, "-m", "torchtune_gist.eval", "run", "--model", "torchtune_gist", "--tasks", "gist_passkey",
+                           "--num_fewshot", "2"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and proc.stderr.strip().endswith("few-shot examples would put one gist marker per example in a context)")
+
+
+def test_model_args_win_over_lm_evals_own_device_and_batch_size(checkpoints: Tuple[Path, Path, torch.nn.Module]) -> None:
+    """lm-eval adds its --device (default cuda:0) and --batch_size to every model's arguments."""
+    config, ckpt, _ = checkpoints
+    lm_eval_adds = {"batch_size": 1, "max_batch_size": None, "device": "cuda:0"}
+    lm = TorchtuneGistLM.create_from_arg_string(f"config={config},checkpoint_dir={ckpt},device=cpu,batch_size=3", lm_eval_adds)
+    assert lm.batch_size == 3 and lm._device == torch.device("cpu")
+    lm = TorchtuneGistLM.create_from_arg_obj({"config": str(config), "checkpoint_dir": str(ckpt)}, {**lm_eval_adds, "batch_size": 2})
+    assert lm.batch_size == 2
+
+
 # ----------------------------------------------------------------------------- the command line
 
 

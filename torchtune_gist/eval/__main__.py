@@ -1,6 +1,11 @@
 """``python -m torchtune_gist.eval ...``: lm-eval's command line with the ``torchtune_gist`` model
 registered and the shipped tasks on the include path. Takes exactly lm-eval's arguments
-(``run``, ``ls``, ``validate``; a user's own ``--include_path`` is kept next to ours)."""
+(``run``, ``ls``, ``validate``; a user's own ``--include_path`` is kept next to ours). Refuses, with a
+message, the ``run`` options the gist model cannot honour: ``--num_fewshot`` (one prompt per request is
+compressed), ``--apply_chat_template`` (the tasks lay prompts out as training did) and a ``--limit`` below 1."""
+
+import argparse
+import sys
 
 from lm_eval._cli import HarnessCLI
 from lm_eval.utils import setup_logging
@@ -8,11 +13,32 @@ from lm_eval.utils import setup_logging
 from torchtune_gist.eval import TASKS_DIR
 
 
+def unsupported_option(args: argparse.Namespace) -> str:
+    """What in lm-eval's parsed ``args`` the torchtune_gist model cannot honour, or ``""``."""
+    if getattr(args, "num_fewshot", None):
+        return (
+            f"--num_fewshot {args.num_fewshot} is not supported: a gist request compresses one prompt (few-shot "
+            "examples would put one gist marker per example in a context)"
+        )
+    if getattr(args, "apply_chat_template", None):
+        return (
+            "--apply_chat_template is not supported: the gist tasks lay prompts out as the gist training data "
+            "did (a chat format belongs in the torchtune config's tokenizer and prompt template)"
+        )
+    limit = getattr(args, "limit", None)
+    if limit is not None and limit <= 0:
+        return f"--limit {limit:g} leaves no examples: give a count >= 1 or a fraction in (0, 1]"
+    return ""
+
+
 def main() -> None:
     """Parse ``sys.argv`` with lm-eval's parser, add the task directory, run the subcommand."""
     setup_logging()
     parser = HarnessCLI()
     args = parser.parse_args()
+    problem = unsupported_option(args)
+    if problem:
+        sys.exit(f"python -m torchtune_gist.eval: {problem}")
     if hasattr(args, "include_path"):
         args.include_path = [str(TASKS_DIR)] + ([args.include_path] if args.include_path else [])
     parser.execute(args)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from lm_eval.api.instance import Instance
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
+from lm_eval.utils import simple_parse_args_string
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm import tqdm
@@ -248,7 +249,8 @@ class TorchtuneGistLM(LM):
         mode (str): ``gist``, ``pos_control``, ``neg_control`` or ``truncate``. Default ``gist``.
         batch_size (Union[int, str]): requests per forward. Default 1.
         device (Optional[str]): with ``config``; default the config's ``device`` (else the CPU). lm-eval's
-            command line always passes one (``--device``, default ``cuda:0``), which wins over the config.
+            command line always passes one (``--device``, default ``cuda:0``), which wins over the config;
+            ``device`` in ``--model_args`` wins over both (as do its ``batch_size`` and ``max_batch_size``).
             CUDA falls back to the CPU (with a warning) when absent. A given ``model`` stays where it is.
         dtype (Optional[str]): with ``config``: ``fp32``, ``bf16``, ``fp16``. Default: the config's ``dtype`` (else ``fp32``).
         max_gen_toks (Union[int, str]): new tokens per request when the request sets none. Default 512.
@@ -262,6 +264,19 @@ class TorchtuneGistLM(LM):
         FileNotFoundError: if the config is missing.
         TypeError: if the model is not gist-aware.
     """
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: Dict[str, Any], additional_config: Optional[Dict[str, Any]] = None) -> "TorchtuneGistLM":
+        """lm-eval's way in: ``--model_args`` values win over the ``--device`` / ``--batch_size`` /
+        ``--max_batch_size`` values lm-eval adds (it adds ``--device``'s default ``cuda:0`` even when not given,
+        so ``device`` in ``--model_args`` would otherwise be a duplicate keyword argument)."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        return cls(**arg_dict, **extra)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: Optional[Dict[str, Any]] = None) -> "TorchtuneGistLM":
+        """As :meth:`create_from_arg_obj`, from lm-eval's ``key=value,key=value`` string."""
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
     def __init__(
         self,
@@ -353,7 +368,8 @@ class TorchtuneGistLM(LM):
             found = context.count(GIST_MARKER) if isinstance(context, str) else "no"
             raise ValueError(
                 f"a torchtune_gist request context must contain the gist marker {GIST_MARKER!r} exactly once, where "
-                f"the gist tokens go (found {found}): {str(context)[:120]!r}"
+                f"the gist tokens go (found {found}; few-shot contexts, lm-eval's --num_fewshot, are not supported): "
+                f"{str(context)[:120]!r}"
             )
         before, after = context.split(GIST_MARKER)
         return self._bos + self._encode(before), after

@@ -36,6 +36,7 @@ import torch
 from omegaconf import DictConfig
 from torchtune import config, training, utils
 
+from torchtune_gist._io import unwritable_reason
 from torchtune_gist.checkpointing import check_not_merged_export, load_gist_adapter
 from torchtune_gist.generation import GistCache, compress, generate_from_cache
 from torchtune_gist.modules import init_gist_embeddings
@@ -123,10 +124,14 @@ class GistGenerateRecipe:
             str: the generated text.
 
         Raises:
-            ValueError: without ``prompt`` (or ``prompt_file``) and ``load_cache``, or for a cache made by another model.
+            ValueError: without ``prompt`` (or ``prompt_file``) and ``load_cache``, for a cache made by another model,
+                or a ``save_cache`` path that cannot be a file.
         """
         k = len(self._gist_ids)
         user_input = self._input
+        problem = cfg.get("save_cache") and unwritable_reason(cfg.save_cache, directory=False)
+        if problem:
+            raise ValueError(f"save_cache: {problem}")
         if cfg.get("load_cache"):
             cache = GistCache.load(cfg.load_cache, device=self._device)
             cache.check_compatible(self._model)

@@ -44,7 +44,7 @@ class GistLoRAFinetuneRecipeDistributed(GistFinetuneRecipeBase):
 
     def _setup_model(self, cfg_model: DictConfig, base_state_dict: Dict[str, torch.Tensor], adapter: StartingAdapter) -> nn.Module:
         start = time.perf_counter()
-        model = self._build_model(cfg_model, torch.device("meta"), adapter)
+        model = self._build_model(cfg_model, torch.device("meta"), adapter, base_state_dict)
         set_trainable_params(model, train_lora=self._train_lora)
         if self._compile:
             training.compile_model(model, verbose=self._is_rank_zero)

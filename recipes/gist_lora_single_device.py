@@ -38,7 +38,7 @@ class GistLoRAFinetuneRecipeSingleDevice(GistFinetuneRecipeBase):
     ``optimizer_in_bwd`` and ``profiler`` are not implemented (an error when turned on)."""
 
     def _setup_model(self, cfg_model: DictConfig, base_state_dict: Dict[str, torch.Tensor], adapter: StartingAdapter) -> nn.Module:
-        model = self._build_model(cfg_model, self._device, adapter)
+        model = self._build_model(cfg_model, self._device, adapter, base_state_dict)
         load_base_weights(model, base_state_dict)
         model.load_state_dict(adapter.state_dict, strict=False)
         set_trainable_params(model, train_lora=self._train_lora)
@@ -54,6 +54,11 @@ class GistLoRAFinetuneRecipeSingleDevice(GistFinetuneRecipeBase):
 @config.parse
 def recipe_main(cfg: DictConfig) -> Optional[int]:
     """Entry point: ``tune run gist_lora_single_device --config ...``."""
+    if training.is_distributed():
+        raise RuntimeError(
+            "gist_lora_single_device trains in one process, but a launcher started several (each would train alone "
+            "and write the same checkpoints): use tune run --nproc_per_node N gist_lora_distributed --config ..."
+        )
     config.log_config(recipe_name="GistLoRAFinetuneRecipeSingleDevice", cfg=cfg)
     return GistLoRAFinetuneRecipeSingleDevice(cfg=cfg).run(cfg)
 

@@ -540,6 +540,8 @@ def test_bad_settings_give_clear_errors(
         lm.generate_until([Instance("generate_until", {}, ("a<GIST>b", {"top_p": 0.9}), 0)])
     with pytest.raises(ValueError, match="nothing follows"):
         lm.generate_until([Instance("generate_until", {}, ("a<GIST>", {}), 0)])
+    with pytest.raises(ValueError, match=r"request 0: its context takes \d+ positions with the gists, beyond the model's max_seq_len=2048: .*context_tokens"):
+        lm.generate_until([Instance("generate_until", {}, ("word " * 2100 + "<GIST> b", {}), 0)])
     for mode in GENERATION_MODES:  # the last gist would score the continuation's first token, reading the prompt
         with pytest.raises(ValueError, match="request 1: nothing follows"):
             TorchtuneGistLM(model=tiny_model, tokenizer=tiny_tokenizer, mode=mode).loglikelihood(

@@ -637,6 +637,51 @@ def test_setup_refuses_configs_that_would_train_wrong(assets, tmp_path):
         setup(collate_fn="torchtune.data.padded_collate_sft")
 
 
+def test_user_mistakes_are_named_before_training(assets, tmp_path):
+    """Counts, paths and inputs a user gets wrong are refused with the key to change, not a torch traceback."""
+    def recipe(**extra: Any) -> GistLoRAFinetuneRecipeSingleDevice:
+        settings = {"max_steps_per_epoch": 2, "save_merged_hf": False, **extra}
+        cfg = load_cfg(SINGLE, overrides(assets, settings.pop("output_dir", tmp_path / "run"), **settings))
+        r = GistLoRAFinetuneRecipeSingleDevice(cfg)
+        r.setup(cfg)
+        return r
+
+    for key, value in (("gradient_accumulation_steps", 0), ("max_steps_per_epoch", 0), ("log_every_n_steps", 0),
+                       ("epochs", 0), ("batch_size", 2.5), ("num_gist_tokens", "abc"), ("save_every_n_steps", -1)):
+        with pytest.raises(ValueError, match=f"{key}={value!r} must be a whole number >= 1"):
+            recipe(**{key: value})
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match="output_dir: .*a_file is a file, not a directory"):
+        recipe(output_dir=tmp_path / "a_file")
+    with pytest.raises(ValueError, match=r"base checkpoint does not fit the model: layers.0.attn.k_proj.weight: checkpoint \[32, 64\] vs model \[128, 256\];.*model._component_"):
+        recipe(**{"model._component_": "torchtune_gist.models.qlora_gist_llama3_1_tiny"})
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "model.safetensors").symlink_to(assets / "model.safetensors")
+    (export / "gist_config.json").write_text("{}")
+    with pytest.raises(ValueError, match="is a torchtune-gist merged export"):
+        recipe(**{"checkpointer.checkpoint_dir": export})
+    long_rows = recipe(**{"dataset.context_tokens": 3000})
+    with pytest.raises(ValueError, match="a dataset batch has rows of 30.. tokens, beyond the model's max_seq_len=2048: .*dataset.context_tokens"):
+        long_rows.train()
+
+    broken = tmp_path / "broken"
+    (broken / "epoch_0").mkdir(parents=True)
+    (broken / "epoch_0" / "gist_adapter.safetensors").write_text("")
+    (broken / "epoch_0" / "recipe_state.safetensors").write_text("not safetensors")
+    with pytest.raises(ValueError, match="holds epoch_0 but no complete, readable checkpoint"):
+        recipe(output_dir=broken, resume_from_checkpoint="auto")
+
+
+def test_the_single_device_recipe_refuses_several_processes(assets, tmp_path):
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "tune"), "run", "--nproc_per_node", "2", "gist_lora_single_device", "--config", str(SINGLE),
+         *overrides(assets, tmp_path)], cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600,
+    )
+    assert proc.returncode != 0 and "use tune run --nproc_per_node N gist_lora_distributed" in proc.stdout + proc.stderr
+    assert not (tmp_path / "epoch_0").exists()
+
+
 @pytest.mark.parametrize(
     "model_kwargs, match",
     [({"lora_alpha": 8}, "LoRA settings differ"), ({"gist_token_ids": [300, 301, 302, 303]}, "gist ids")],

@@ -14,6 +14,16 @@ import torch
 from safetensors.torch import save_file
 
 
+def unwritable_reason(path: Union[str, Path], *, directory: bool) -> Optional[str]:
+    """Why ``path`` cannot be written as a directory (``directory=True``) or a file, or ``None``: it exists as the
+    other kind, or a parent of it is a file. Checks only what exists (nothing is created)."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != directory:
+        return f"{path} is a {'file' if directory else 'directory'}, not a {'directory' if directory else 'file'}"
+    blocking = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
+    return None if blocking is None else f"{path} lies under {blocking}, which is a file"
+
+
 def _new_file_mode() -> int:
     """The mode ``open`` gives a new file under the process's umask (safetensors writes ``0o600``)."""
     umask = os.umask(0)

@@ -45,7 +45,7 @@ from torchtune.models.llama3_1 import llama3_1
 from torchtune.training.lr_schedulers import get_cosine_schedule_with_warmup
 from tqdm import tqdm
 
-from torchtune_gist._io import atomic_save_safetensors, atomic_write_json, atomic_write_text
+from torchtune_gist._io import atomic_save_safetensors, atomic_write_json, atomic_write_text, unwritable_reason
 from torchtune_gist.data import gist_passkey_dataset
 from torchtune_gist.tiny import TINY_LLAMA3_1_ARGS, write_tiny_tokenizer
 
@@ -423,6 +423,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     out = args.out if args.out is not None else QUICK_OUT if args.quick else DemoSettings.out
+    problem = unwritable_reason(out, directory=True)
+    if problem:
+        parser.error(f"--out: {problem}")
     settings = DemoSettings(out=out, seed=args.seed, **{name: getattr(args, name) for name in counts})
     if args.quick:
         settings = replace(settings, base_steps=30, long_base_steps=10, gist_steps=20, long_gist_steps=10, control_steps=10, eval_samples=40)

@@ -16,7 +16,7 @@ import torch
 from torchtune.models.llama3._tokenizer import LLAMA3_SPECIAL_TOKENS
 from torchtune.models.llama3_1 import llama3_1
 
-from torchtune_gist._io import atomic_save_safetensors, atomic_write_text
+from torchtune_gist._io import atomic_save_safetensors, atomic_write_text, unwritable_reason
 
 TINY_VOCAB_SIZE = 512
 _LLAMA3_FIRST_SPECIAL_ID = 128000
@@ -91,6 +91,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--out", default="outputs/tiny/assets", help="directory to write into (default: outputs/tiny/assets)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    problem = unwritable_reason(args.out, directory=True)
+    if problem:
+        parser.error(f"--out: {problem}")
     for path in (*write_tiny_tokenizer(args.out), write_tiny_base_checkpoint(args.out, seed=args.seed)):
         print(path)
 

@@ -47,9 +47,16 @@ from torchtune.recipe_interfaces import FTRecipeInterface
 from torchtune.utils._import_guard import _SUPPORTS_FLEX_ATTENTION
 from tqdm import tqdm
 
-from torchtune_gist._io import atomic_save_safetensors, leftover_directory_of, partial_directory, replace_directory
+from torchtune_gist._io import (
+    atomic_save_safetensors,
+    leftover_directory_of,
+    partial_directory,
+    replace_directory,
+    unwritable_reason,
+)
 from torchtune_gist.checkpointing import (
     check_gist_adapter,
+    check_not_merged_export,
     export_merged_hf,
     gist_adapter_path,
     gist_adapter_state_dict,
@@ -124,6 +131,26 @@ def check_base_keys(missing: List[str], unexpected: List[str]) -> None:
         )
 
 
+def check_base_shapes(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> None:
+    """Refuse base weights of another model size before anything loads them.
+
+    Raises:
+        ValueError: naming the first mismatched weights and the two config keys that must agree.
+    """
+    ours = {**dict(model.named_parameters()), **dict(model.named_buffers())}  # not state_dict(): QLoRA's dequantises
+    wrong = [
+        f"{k}: checkpoint {list(v.shape)} vs model {list(ours[k].shape)}"
+        for k, v in state_dict.items()
+        if k in ours and tuple(v.shape) != tuple(ours[k].shape)
+    ]
+    if wrong:
+        more = f" (and {len(wrong) - 3} more)" if len(wrong) > 3 else ""
+        raise ValueError(
+            f"the base checkpoint does not fit the model: {'; '.join(wrong[:3])}{more}. The checkpointer "
+            "(checkpointer.checkpoint_dir) and the model builder (model._component_) must be of the same model size"
+        )
+
+
 def initialize_dora_magnitudes(model: nn.Module) -> None:
     """Set every DoRA magnitude from the loaded base weights (and the LoRA weights), as torchtune's recipes do.
 
@@ -141,6 +168,7 @@ def load_base_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> 
     Raises:
         ValueError: as :func:`check_base_keys`.
     """
+    check_base_shapes(model, state_dict)
     check_base_keys(*model.load_state_dict(state_dict, strict=False))
     initialize_dora_magnitudes(model)
 
@@ -202,6 +230,22 @@ def check_input_files(cfg: DictConfig, sections: Tuple[str, ...] = ("tokenizer",
             + "\nThe config's header comments say how to make or download them; or point a key elsewhere on the "
             "command line (KEY=PATH)."
         )
+
+
+def count_setting(cfg: DictConfig, key: str, *, default: Optional[int] = None, optional: bool = False) -> Optional[int]:
+    """``cfg[key]`` as a whole number >= 1 (``default`` when absent; ``None`` allowed when ``optional``).
+
+    Raises:
+        ValueError: naming the key, for anything else (0, -1, 2.5, "abc", True).
+    """
+    value = cfg.get(key, default)
+    if value is None and optional:
+        return None
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{key}={value!r} must be a whole number >= 1" + (" (or null)" if optional else ""))
+    return value
 
 
 def check_collate_fn(collate_fn: Callable[..., Any], name: str, kwargs: Dict[str, Any]) -> None:
@@ -279,6 +323,22 @@ class StartingAdapter:
             check_gist_adapter(model, self.path, self.metadata or {}, self.state_dict)
         except ValueError as e:
             raise ValueError(f"{self.key}: {e}") from e
+
+
+def check_batch_length(batch: Dict[str, Any], max_seq_len: int, key: str) -> None:
+    """Refuse a batch longer than the model's ``max_seq_len`` before the forward pass (torchtune's error names
+    neither the data nor the settings to change).
+
+    Raises:
+        ValueError: naming ``key``'s settings that bound the row length.
+    """
+    length = batch["tokens"].shape[-1]
+    if length > max_seq_len:
+        raise ValueError(
+            f"a {key} batch has rows of {length} tokens, beyond the model's max_seq_len={max_seq_len}: bound the rows "
+            f"with {key}.max_seq_len (instruction data: longer records are truncated or dropped, see {key}.truncation) "
+            f"or a smaller {key}.context_tokens (passkey data), or use a model built with a larger max_seq_len"
+        )
 
 
 def model_inputs(batch: Dict[str, Any]) -> Dict[str, Any]:
@@ -483,23 +543,24 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
         self.world_size, self.rank = utils.get_world_size_and_rank()
         self._is_rank_zero = self.rank == 0
         self._output_dir = Path(cfg.output_dir)
-        self._num_gist_tokens = int(cfg.num_gist_tokens)
+        self._num_gist_tokens = count_setting(cfg, "num_gist_tokens")
         self._mask_mode = str(cfg.get("mask_mode", "gist"))
         if self._mask_mode not in MASK_MODES:
             raise ValueError(f"mask_mode={self._mask_mode!r} is not one of {', '.join(MASK_MODES)}")
         self._compile = bool(cfg.get("compile", False))
         self._mask_format = self._resolve_mask_format(str(cfg.get("mask_format", "auto")))
         self._train_lora = bool(cfg.get("train_lora", True))
-        self._log_every_n_steps = int(cfg.get("log_every_n_steps", 1))
+        self._log_every_n_steps = count_setting(cfg, "log_every_n_steps", default=1)
         self._log_peak_memory_stats = bool(cfg.get("log_peak_memory_stats", False)) and self._device.type == "cuda"
         self.seed = training.set_seed(seed=cfg.seed)
-        self.total_epochs = int(cfg.epochs)
-        self.max_steps_per_epoch = cfg.get("max_steps_per_epoch", None)
-        self._gradient_accumulation_steps = int(cfg.gradient_accumulation_steps)
+        self.total_epochs = count_setting(cfg, "epochs")
+        self.max_steps_per_epoch = count_setting(cfg, "max_steps_per_epoch", optional=True)
+        self._gradient_accumulation_steps = count_setting(cfg, "gradient_accumulation_steps")
+        self._batch_size = count_setting(cfg, "batch_size")
         self._clip_grad_norm = cfg.get("clip_grad_norm", None)
-        self._save_every_n_steps = cfg.get("save_every_n_steps", None)
+        self._save_every_n_steps = count_setting(cfg, "save_every_n_steps", optional=True)
         self._save_merged_hf = bool(cfg.get("save_merged_hf", False))
-        self._run_val_every_n_steps = cfg.get("run_val_every_n_steps", None)
+        self._run_val_every_n_steps = count_setting(cfg, "run_val_every_n_steps", optional=True)
         self._resume_from_checkpoint = cfg.get("resume_from_checkpoint", False)
         self._enable_activation_checkpointing = bool(cfg.get("enable_activation_checkpointing", False))
         self._base_model_name = str(cfg.get("base_model_name", cfg.model._component_))
@@ -532,12 +593,15 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
         """Build the model (:meth:`_build_model`), load base weights and ``adapter.state_dict``, set what trains."""
         raise NotImplementedError
 
-    def _build_model(self, cfg_model: DictConfig, device: torch.device, adapter: StartingAdapter) -> nn.Module:
-        """Instantiate the model on ``device``; check it against the tokenizer, the gist settings and the adapter
-        to load (:meth:`StartingAdapter.check`)."""
+    def _build_model(
+        self, cfg_model: DictConfig, device: torch.device, adapter: StartingAdapter, base_state_dict: Dict[str, torch.Tensor]
+    ) -> nn.Module:
+        """Instantiate the model on ``device``; check it against the tokenizer, the gist settings, the base weights'
+        shapes and the adapter to load (:meth:`StartingAdapter.check`)."""
         with training.set_default_dtype(self._dtype), device:
             model = config.instantiate(cfg_model)
         self._gist_ids = check_gist_setup(model, self._tokenizer, self._num_gist_tokens, self._mask_mode)
+        check_base_shapes(model, base_state_dict)
         adapter.check(model)
         return model
 
@@ -570,6 +634,10 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
     def setup(self, cfg: DictConfig) -> None:
         """Build the tokenizer, model, optimizer, loss, data, scheduler; restore state when resuming."""
         check_input_files(cfg)
+        check_not_merged_export(cfg.checkpointer.get("checkpoint_dir"))
+        problem = unwritable_reason(self._output_dir, directory=True)
+        if problem:
+            raise ValueError(f"output_dir: {problem}: give a directory (created if missing)")
         if self._is_rank_zero:
             self._metric_logger = config.instantiate(cfg.metric_logger)
             self._metric_logger.log_config(cfg)
@@ -621,7 +689,7 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
             self._allow_flex_recompiles(cfg.tokenizer.get("max_seq_len") or self._model.max_seq_len)
         self._settings = {
             "train_lora": self._train_lora,
-            "batch_size": int(cfg.batch_size),
+            "batch_size": self._batch_size,
             "gradient_accumulation_steps": self._gradient_accumulation_steps,
             "world_size": self.world_size,
             "shuffle": bool(cfg.shuffle),
@@ -630,7 +698,7 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
         }
         self._steps_per_epoch = len(self._dataloader) // self._gradient_accumulation_steps
         if self.max_steps_per_epoch is not None:
-            self._steps_per_epoch = min(self._steps_per_epoch, int(self.max_steps_per_epoch))
+            self._steps_per_epoch = min(self._steps_per_epoch, self.max_steps_per_epoch)
         if self._steps_per_epoch < 1:
             raise ValueError(
                 f"the dataset gives {len(self._dataloader)} batches per rank, fewer than gradient_accumulation_steps="
@@ -671,11 +739,26 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
     def _find_resume_checkpoint(self) -> Optional[Path]:
         """The checkpoint to resume from, as rank 0 sees it (every rank reads that one), or ``None``."""
         setting = self._resume_from_checkpoint
-        if not setting:
-            return None
-        if setting is True or str(setting).lower() in ("true", "auto"):
-            found = latest_checkpoint(self._output_dir) if self._is_rank_zero else None
-            found = self._from_rank_zero(None if found is None else str(found))
+        latest = str(setting).lower() in ("true", "auto")
+        if not setting or latest:
+            found, present = None, []
+            if self._is_rank_zero and self._output_dir.is_dir():
+                present = sorted(d.name for d in self._output_dir.iterdir() if d.is_dir() and _CHECKPOINT_NAME.match(d.name))
+                found = latest_checkpoint(self._output_dir) if setting and present else None
+            found, present = self._from_rank_zero((None if found is None else str(found), present))
+            if not setting:
+                if present:
+                    self._log_info(
+                        f"output_dir {self._output_dir} already holds {', '.join(present)}: this run's checkpoints replace "
+                        "those of the same name (resume_from_checkpoint=auto would continue the newest instead)"
+                    )
+                return None
+            if found is None and present:
+                raise ValueError(
+                    f"resume_from_checkpoint={setting}: {self._output_dir} holds {', '.join(present)} but no complete, "
+                    "readable checkpoint (see the warnings above): move them away to start afresh, or set "
+                    "resume_from_checkpoint to a checkpoint directory"
+                )
             if found is None:
                 if str(setting).lower() == "auto":
                     self._log_info(f"resume_from_checkpoint=auto: no checkpoint in {self._output_dir}, starting afresh")
@@ -758,7 +841,7 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
         sampler = StatefulDistributedSampler(ds, num_replicas=self.world_size, rank=self.rank, shuffle=shuffle, seed=self.seed)
         return StatefulDataLoader(
             dataset=ds,
-            batch_size=int(cfg.batch_size),
+            batch_size=self._batch_size,
             sampler=sampler,
             collate_fn=partial(collate_fn, **collate_kwargs),
             drop_last=drop_last,
@@ -812,6 +895,7 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
         for idx, batch in enumerate(self._dataloader, start=start):
             if idx // self._gradient_accumulation_steps >= self._steps_per_epoch:
                 return
+            check_batch_length(batch, self._model.max_seq_len, "dataset")
             utils.batch_to_device(batch, self._device)
             yield idx, batch
 
@@ -830,6 +914,9 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
             self._train(stop)
 
     def _train(self, stop: StopRequest) -> None:
+        if self.epochs_run >= self.total_epochs:
+            self._log_info(f"nothing to train: {self.epochs_run} of epochs={self.total_epochs} are done (raise epochs to train on)")
+            return
         self._optimizer.zero_grad(set_to_none=True)
         running_loss, num_tokens = torch.zeros((), device=self._device), torch.zeros((), device=self._device, dtype=torch.long)
         t0 = time.perf_counter()
@@ -884,10 +971,10 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
                     self.stop_signal = stop.signum or int(signal.SIGTERM)
                     self._log_info(f"Stopped at step {self.global_step}: resume_from_checkpoint=True continues from step_{self.global_step}")
                     return
-                if self._run_val_every_n_steps and self.global_step % int(self._run_val_every_n_steps) == 0:
+                if self._run_val_every_n_steps and self.global_step % self._run_val_every_n_steps == 0:
                     self.validate()
                 epoch_done = self._batches_into_epoch // self._gradient_accumulation_steps >= self._steps_per_epoch
-                if not epoch_done and self._save_every_n_steps and self.global_step % int(self._save_every_n_steps) == 0:
+                if not epoch_done and self._save_every_n_steps and self.global_step % self._save_every_n_steps == 0:
                     self.save_checkpoint(f"step_{self.global_step}", end_of_epoch=False)
             pbar.close()
             self.epochs_run = epoch + 1
@@ -903,6 +990,7 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
         self._model.eval()
         total, tokens = torch.zeros((), device=self._device), torch.zeros((), device=self._device, dtype=torch.long)
         for batch in self._val_dataloader:
+            check_batch_length(batch, self._model.max_seq_len, "validation_dataset")
             utils.batch_to_device(batch, self._device)
             loss_sum, n = masked_loss(self._model, batch, self._loss_fn, self._ignore_index)
             total += loss_sum

@@ -421,6 +421,13 @@ class TorchtuneGistLM(LM):
             prompt, continuation = self.encode_context(context)
             if not continuation:
                 raise ValueError(_nothing_after_marker(i))
+            length = len(prompt) + self.num_gist_tokens + len(continuation)
+            if length > self.model.max_seq_len:
+                raise ValueError(
+                    f"request {i}: its context takes {length} positions with the gists, beyond the model's max_seq_len="
+                    f"{self.model.max_seq_len}: evaluate shorter contexts (gist_passkey: --metadata "
+                    "'{\"context_tokens\": [N, ...]}') or use a model built with a larger max_seq_len"
+                )
             items.append((i, prompt, continuation, self._gen_settings(dict(gen_kwargs))))
         groups: Dict[Tuple[Any, ...], List[Tuple[int, List[int], List[int]]]] = defaultdict(list)
         for i, prompt, continuation, settings in items:

@@ -706,11 +706,12 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
             )
         if resume is not None:
             self._restore(resume)
+        total_steps = self.total_epochs * self._steps_per_epoch
+        warmup = cfg.lr_scheduler.get("num_warmup_steps")
+        if isinstance(warmup, int) and warmup > total_steps and self._is_rank_zero:
+            log.warning(f"lr_scheduler.num_warmup_steps={warmup} is more than the run's {total_steps} steps: the lr never reaches its peak")
         self._lr_scheduler = config.instantiate(
-            cfg.lr_scheduler,
-            self._optimizer,
-            num_training_steps=self.total_epochs * self._steps_per_epoch,
-            last_epoch=self.global_step - 1,
+            cfg.lr_scheduler, self._optimizer, num_training_steps=total_steps, last_epoch=self.global_step - 1
         )
         self._ignore_index = self._loss_fn.ignore_index
 
@@ -915,7 +916,7 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
 
     def _train(self, stop: StopRequest) -> None:
         if self.epochs_run >= self.total_epochs:
-            self._log_info(f"nothing to train: {self.epochs_run} of epochs={self.total_epochs} are done (raise epochs to train on)")
+            self._log_info(f"nothing to train: the run's epochs={self.total_epochs} are all done (raise epochs to train on)")
             return
         self._optimizer.zero_grad(set_to_none=True)
         running_loss, num_tokens = torch.zeros((), device=self._device), torch.zeros((), device=self._device, dtype=torch.long)

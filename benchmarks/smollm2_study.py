@@ -545,6 +545,13 @@ def passkey_report(out_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
     return summary
 
 
+def _smoothed(history: List[Tuple[int, float]], window: int = 5) -> List[Tuple[int, float]]:
+    """``(step, mean of the loss over the last window steps)``."""
+    losses = [loss for _, loss in history]
+    return [(step, sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1]))
+            for i, (step, _) in enumerate(history)]
+
+
 def plots(out_dir: Path, summary: Dict[str, Any], plots_dir: Path) -> None:
     """``smollm2_rouge.png``, ``smollm2_passkey.png`` and ``smollm2_loss.png`` in ``plots_dir``."""
     import matplotlib
@@ -605,19 +612,29 @@ def plots(out_dir: Path, summary: Dict[str, Any], plots_dir: Path) -> None:
         plt.close(fig)
         sweep = [k for k in (*PASSKEY_K_SWEEP, 8) if f"gist{k}_gist" in passkey]
         if len(sweep) > 1:
-            fig, ax = plt.subplots(figsize=(7, 4))
+            fig, (ax, loss_ax) = plt.subplots(1, 2, figsize=(12, 4))
+            short = sorted({n for k in sweep for n in lengths if passkey[f"gist{k}_gist"]["by_length"].get(str(n)) is not None})
             for k in sweep:
                 row = passkey[f"gist{k}_gist"]
-                xy = [(n / k, 100 * row["by_length"][str(n)]) for n in lengths if row["by_length"].get(str(n)) is not None]
+                xy = [(n / k, 100 * row["by_length"][str(n)]) for n in short if row["by_length"].get(str(n)) is not None]
                 ax.plot(*zip(*xy), marker="o", label=f"K={k} ({64 // k}x-{256 // k}x)")
             ax.set_xscale("log", base=2)
             ax.set_xticks([2 ** i for i in range(3, 9)])
             ax.set_xticklabels([f"{2 ** i}x" for i in range(3, 9)])
             ax.set_ylim(-5, 105)
-            ax.set_xlabel(f"compression ratio (haystack tokens / K; haystacks of {', '.join(map(str, lengths))} tokens)")
+            ax.set_xlabel(f"compression ratio (haystack tokens / K; haystacks of {', '.join(map(str, short))} tokens)")
             ax.set_ylabel("passkey exact match (%)")
             ax.set_title("SmolLM2-135M-Instruct, passkey through K gists (each K trained alike)")
             ax.legend(fontsize=8)
+            trainings = {t.name: t for t in PARTS["passkey"].trainings}
+            for k in sweep:
+                final = trainings[f"gist{k}"].final_dir(out_dir / "passkey" / f"gist{k}")
+                if (final / ADAPTER).is_file():
+                    loss_ax.plot(*zip(*_smoothed(loss_history(final))), label=f"K={k}")
+            loss_ax.set_xlabel("step")
+            loss_ax.set_ylabel("training loss (5-step mean)")
+            loss_ax.set_title("passkey training loss per answer token")
+            loss_ax.legend(fontsize=8)
             fig.tight_layout()
             fig.savefig(plots_dir / "smollm2_passkey_k.png", dpi=110)
             plt.close(fig)
@@ -629,10 +646,8 @@ def plots(out_dir: Path, summary: Dict[str, Any], plots_dir: Path) -> None:
             hist = loss_history(t.final_dir(out_dir / part.name / t.name))
             ax = axes[0 if part.name == "alpaca" else 1]
             steps, losses = zip(*hist)
-            window = 5
-            smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1]) for i in range(len(losses))]
             line, = ax.plot(steps, losses, alpha=0.25)
-            ax.plot(steps, smooth, color=line.get_color(), label=f"{t.name} ({t.overrides['mask_mode']})")
+            ax.plot(*zip(*_smoothed(hist)), color=line.get_color(), label=f"{t.name} ({t.overrides['mask_mode']})")
         for ax, title in zip(axes, ("Alpaca+ seen (loss per output token)", "passkey (loss per answer token)")):
             ax.set_title(title)
             ax.set_xlabel("step")

@@ -266,7 +266,7 @@ def test_loglikelihood_with_gist_ids_past_the_output_vocabulary(
     gist.load_state_dict(base_state_dict, strict=False)
     init_gist_embeddings(gist)
     lm = TorchtuneGistLM(model=gist, tokenizer=tokenizer, mode="pos_control")
-    request = Instance(request_type="loglikelihood", doc={}, arguments=("The capital of France is<GIST>", " Paris"), idx=0)
+    request = Instance(request_type="loglikelihood", doc={}, arguments=("The capital of France<GIST> is", " Paris"), idx=0)
     [(logprob, is_greedy)] = lm.loglikelihood([request])
     assert -20 < logprob < 0 and isinstance(is_greedy, bool)
 

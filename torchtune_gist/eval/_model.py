@@ -1,7 +1,8 @@
 """The lm-eval model ``torchtune_gist``: a gist-aware torchtune model behind lm-eval's ``LM`` interface.
 
 Every request's context holds :data:`GIST_MARKER` once. The text before it is the prompt, the
-text after it the continuation (the input or question)::
+text after it the continuation (the input or question; never empty: its last token predicts the first one
+scored or generated, where the last gist would read the whole prompt)::
 
     "Instruction: Reverse the word.\\n<GIST>\\nInput: cat\\nOutput:"
     -> prompt [BOS] enc("Instruction: Reverse the word.\\n") + the K gist ids   (inserted as ids)

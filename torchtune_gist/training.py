@@ -241,11 +241,18 @@ def count_setting(cfg: DictConfig, key: str, *, default: Optional[int] = None, o
     value = cfg.get(key, default)
     if value is None and optional:
         return None
+    count = as_positive_int(value)
+    if count is None:
+        raise ValueError(f"{key}={value!r} must be a whole number >= 1" + (" (or null)" if optional else ""))
+    return count
+
+
+def as_positive_int(value: Any) -> Optional[int]:
+    """``value`` as an int >= 1 (a string of digits too, as command-line overrides give), or ``None`` if it is not one
+    (0, -1, 2.5, "abc", True)."""
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{key}={value!r} must be a whole number >= 1" + (" (or null)" if optional else ""))
-    return value
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None
 
 
 def check_collate_fn(collate_fn: Callable[..., Any], name: str, kwargs: Dict[str, Any]) -> None:

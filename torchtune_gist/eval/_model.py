@@ -54,7 +54,7 @@ from torchtune_gist.generation import GENERATION_MODES, generate
 from torchtune_gist.gist_tokens import gist_token_ids as tokenizer_gist_ids
 from torchtune_gist.masks import make_gist_mask
 from torchtune_gist.modules import get_gist_embedding, init_gist_embeddings, output_at
-from torchtune_gist.training import check_base_keys, check_input_files, load_base_weights
+from torchtune_gist.training import as_positive_int, check_base_keys, check_input_files, load_base_weights
 
 log = logging.getLogger(__name__)
 
@@ -214,11 +214,10 @@ def _nothing_after_marker(i: int) -> str:
 
 
 def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    count = as_positive_int(value)
+    if count is None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
+    return count
 
 
 def _resolve_device(device: Optional[str]) -> torch.device:

@@ -12,7 +12,8 @@ measured together (variants interleaved step by step, medians), never numbers fr
 3. Inference through :mod:`torchtune_gist.generation`: KV bytes, prefill/compress time, per-token
    decode and end-to-end latency for the full prompt (``pos_control``) vs the gist cache vs
    truncation over prompt lengths and K; torchtune's stock decode over a cache allocated at the
-   model's full length; compress once and reuse many vs recomputing the prompt. Goals: the KV
+   model's full length; compress once and reuse many vs recomputing the prompt; the peak memory of
+   ``compress`` in one pass vs in chunks (each call in a fresh process). Goals: the KV
    bytes ratio is exactly ``(K + n) / (P + K + n)``; decode at 4096-token prompts >= 2x faster from
    the gist cache than from the full prompt.
 4. Mask construction (dense gist and packed) at ``[8, 2048, 2048]`` and ``[4, 4096, 4096]`` as a
@@ -31,6 +32,7 @@ import argparse
 import gc
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -71,7 +73,7 @@ from torchtune_gist.data import (
     packed_gist_collate,
     padded_gist_collate,
 )
-from torchtune_gist.generation import compress, generate, generate_from_cache
+from torchtune_gist.generation import DEFAULT_CHUNK_SIZE, compress, generate, generate_from_cache
 from torchtune_gist.gist_tokens import gist_token_ids
 from torchtune_gist.masks import document_ids_from_lengths, make_gist_mask
 from torchtune_gist.models import gist_llama3_1, lora_gist_llama3_1
@@ -128,6 +130,9 @@ class Settings:
     mask_sizes: Tuple[Tuple[int, int], ...]
     mask_reps: int
     mask_doc_len: int
+    memory_prompt_lens: Tuple[int, ...]
+    memory_rows: int
+    memory_chunk_size: int
 
 
 FULL = Settings(
@@ -162,6 +167,9 @@ FULL = Settings(
     mask_sizes=((8, 2048), (4, 4096)),
     mask_reps=3,
     mask_doc_len=200,
+    memory_prompt_lens=(1024, 2048, 4096),
+    memory_rows=4,
+    memory_chunk_size=DEFAULT_CHUNK_SIZE,
 )
 
 QUICK = Settings(
@@ -190,6 +198,9 @@ QUICK = Settings(
     mask_sizes=((2, 128),),
     mask_reps=1,
     mask_doc_len=40,
+    memory_prompt_lens=(64,),
+    memory_rows=2,
+    memory_chunk_size=16,
 )
 
 SECTIONS = ("training", "packing", "inference", "masks")
@@ -696,8 +707,30 @@ def batched_decode(shape: Dict[str, int], s: Settings, k: int, pad_id: int) -> D
     return out
 
 
-def bench_inference(s: Settings, tokenizer: Any) -> Dict[str, Any]:
-    """Section 3: KV bytes, prefill/compress, decode and latency; stock decode; reuse many."""
+def compress_memory(shape: Dict[str, int], s: Settings, k: int, threads: int) -> Dict[str, Any]:
+    """Peak memory and time of ``compress`` in one pass vs in chunks, each call in a fresh process."""
+    arch = _arch(shape, s.infer_max_seq_len)
+    rows = []
+    for p in tqdm(s.memory_prompt_lens, desc="compress memory", leave=False):
+        row: Dict[str, Any] = {"prompt_len": p}
+        for name, chunk in (("one_pass", p + k), ("chunked", s.memory_chunk_size)):
+            spec = {"arch": arch, "rows": s.memory_rows, "prompt_len": p, "k": k, "chunk_size": chunk, "threads": threads}
+            proc = subprocess.run([sys.executable, str(BENCH_DIR / "_compress_memory.py"), json.dumps(spec)],
+                                  capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                raise RuntimeError(f"_compress_memory.py failed for {spec}:\n{proc.stderr[-2000:]}")
+            row[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        row["peak_ratio_one_pass_vs_chunked"] = row["one_pass"]["peak_bytes"] / max(row["chunked"]["peak_bytes"], 1)
+        row["time_ratio_one_pass_vs_chunked"] = row["one_pass"]["time_s"] / row["chunked"]["time_s"]
+        print(f"  compress, {s.memory_rows} rows of P={p}: one pass {row['one_pass']['peak_bytes'] / 2**20:.0f} MiB "
+              f"{row['one_pass']['time_s']:.2f} s, chunks of {s.memory_chunk_size} {row['chunked']['peak_bytes'] / 2**20:.0f} MiB "
+              f"{row['chunked']['time_s']:.2f} s", flush=True)
+        rows.append(row)
+    return {"shape": shape, "rows_per_call": s.memory_rows, "k": k, "chunk_size": s.memory_chunk_size, "cells": rows}
+
+
+def bench_inference(s: Settings, tokenizer: Any, threads: int) -> Dict[str, Any]:
+    """Section 3: KV bytes, prefill/compress, decode and latency; stock decode; reuse many; compression memory."""
     _section_header("3. inference")
     pad = tokenizer.pad_id
     main = inference_grid("gqa", s.infer_shape, s, s.ks, pad)
@@ -705,9 +738,10 @@ def bench_inference(s: Settings, tokenizer: Any) -> Dict[str, Any]:
     stock = stock_decode(s.infer_shape, s, s.attn_k, pad)
     reuse = reuse_many(s.infer_shape, s, pad)
     batched = batched_decode(s.infer_shape, s, s.attn_k, pad)
+    memory = compress_memory(s.infer_shape, s, s.attn_k, threads)
     return {
         "max_seq_len": s.infer_max_seq_len, "batch_size": 1, "shapes": {"gqa": main, "mha": attn}, "stock": stock,
-        "reuse": reuse, "batched": batched,
+        "reuse": reuse, "batched": batched, "compress_memory": memory,
     }
 
 
@@ -946,6 +980,22 @@ def make_plots(res: Dict[str, Any], out: Path) -> List[str]:
         r = inf["reuse"]
         ax.set_title(f"One {r['prompt_len']}-token prompt, {r['inputs']} inputs, {r['new_tokens']} new tokens each", fontsize=9)
         files.append(save_png(fig, out / "reuse_many.png").name)
+
+        if "compress_memory" in inf:
+            cm = inf["compress_memory"]
+            x = [c["prompt_len"] for c in cm["cells"]]
+            fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6), layout="constrained")
+            for key, style, label in (("one_pass", "o-k", "one pass"), ("chunked", "s-r", f"chunks of {cm['chunk_size']}")):
+                a1.plot(x, [c[key]["peak_bytes"] / 2**20 for c in cm["cells"]], style, label=label)
+                a2.plot(x, [c[key]["time_s"] for c in cm["cells"]], style, label=label)
+            for ax, ylabel in ((a1, "peak memory above baseline (MiB)"), (a2, "compress time (s)")):
+                ax.set_xscale("log", base=2)
+                ax.set_xlabel("prompt length P (tokens)")
+                ax.set_ylabel(ylabel)
+                ax.set_ylim(bottom=0)
+                ax.legend(fontsize=8)
+            fig.suptitle(f"compress: {cm['rows_per_call']} prompts per call, K={cm['k']}, gqa shape (CPU, fp32)", fontsize=10)
+            files.append(save_png(fig, out / "compress_memory.png").name)
     return files
 
 
@@ -1178,6 +1228,31 @@ def _render_inference(inf: Dict[str, Any]) -> List[str]:
         "![reuse many](reuse_many.png)",
         "",
     ]
+    if "compress_memory" in inf:
+        cm = inf["compress_memory"]
+        out += [
+            f"#### Memory of `compress`: one pass vs chunks of {cm['chunk_size']} tokens (`gqa` shape, {cm['rows_per_call']} "
+            f"prompts per call, K={cm['k']})",
+            "",
+            table(
+                ["P", "one pass: peak MiB", "chunked: peak MiB", "one pass / chunked (memory)", "one pass s", "chunked s",
+                 "one pass / chunked (time)"],
+                [[c["prompt_len"], fmt(c["one_pass"]["peak_bytes"] / 2**20), fmt(c["chunked"]["peak_bytes"] / 2**20),
+                  f"{c['peak_ratio_one_pass_vs_chunked']:.2f}x", fmt(c["one_pass"]["time_s"]), fmt(c["chunked"]["time_s"]),
+                  f"{c['time_ratio_one_pass_vs_chunked']:.2f}x"]
+                 for c in cm["cells"]],
+            ),
+            "",
+            "Each call runs in a fresh process (`benchmarks/_compress_memory.py`); peak = the resident set's high-water mark "
+            "above the resident set just before the call. `compress` goes layer by layer (one layer's prompt keys/values "
+            "held at a time) and, within a layer, `chunk_size` tokens per pass; one pass = `chunk_size` >= the prompt. A "
+            "pass of `c` tokens over `t` cached ones builds a `[b, c, t]` mask (folded to `[b, 1, g*c, t]` for grouped-query "
+            "attention) and scores of that size, so one pass grows with the square of the prompt, chunks with the prompt. "
+            "Chunks also skip the masked upper half of the score matrix a single pass computes.",
+            "",
+            "![compress memory](compress_memory.png)",
+            "",
+        ]
     return out
 
 
@@ -1231,7 +1306,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         runs = {
             "training": lambda: bench_training(s, tokenizer, args.data_dir),
             "packing": lambda: bench_packing(s, tokenizer, args.data_dir),
-            "inference": lambda: bench_inference(s, tokenizer),
+            "inference": lambda: bench_inference(s, tokenizer, args.threads),
             "masks": lambda: bench_masks(s, tokenizer),
         }
         for name in SECTIONS:

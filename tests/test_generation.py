@@ -129,11 +129,14 @@ def test_equivalence_check_detects_reused_positions_and_prompt_leaks(model):
     torch.testing.assert_close(right.logits[0], ref_logits, atol=ATOL, rtol=0)
 
 
-def test_controls_match_their_full_sequence_references(model):
+@pytest.mark.parametrize("chunk_size", [512, 2])  # one pass, and chunks (some all padding in the short rows)
+def test_controls_match_their_full_sequence_references(model, chunk_size):
     examples = [_example(*spec) for spec in BATCH]
     prompts, conts = [p for p, _ in examples], [c for _, c in examples]
     runs = {
-        mode: generate(model, prompts, conts, mode=mode, gist_token_ids=IDS, max_new_tokens=5, return_logits=True)
+        mode: generate(
+            model, prompts, conts, mode=mode, gist_token_ids=IDS, max_new_tokens=5, return_logits=True, chunk_size=chunk_size
+        )
         for mode in ("gist", "pos_control", "neg_control", "truncate")
     }
     for i, (prompt, cont) in enumerate(examples):
@@ -416,6 +419,46 @@ def test_attention_swap_is_restored(model):
     assert all(layer.attn is a for layer, a in zip(model.layers, originals))
 
 
+def test_compression_holds_one_layer_of_prompt_entries_at_a_time(model, monkeypatch):
+    stores: List[int] = []
+    init = KVStore.__init__
+
+    def recording(self, keys, values):
+        stores.append(len(keys))
+        init(self, keys, values)
+
+    monkeypatch.setattr(KVStore, "__init__", recording)
+    cache = compress(model, [_example(40, 1, 3)[0], _example(9, 1, 4)[0]], gist_token_ids=IDS)
+    assert stores == [1] * len(model.layers)  # a store per layer, each of one layer (not one of every layer)
+    assert cache.num_layers == len(model.layers)
+
+
+def test_long_inputs_attend_in_chunks(model, monkeypatch):
+    queries: List[int] = []
+    attend = grouped_query_attention
+
+    def recording(q, k, v, mask):
+        queries.append(mask.shape[1])
+        return attend(q, k, v, mask)
+
+    monkeypatch.setattr("torchtune_gist.generation._attention.grouped_query_attention", recording)
+    prompt, cont = _example(30, 9, 5)  # 33 prompt tokens, 9 continuation tokens
+    compress(model, [prompt], gist_token_ids=IDS, chunk_size=8)
+    assert queries == [8, 8, 8, 8, 1] * len(model.layers)
+    queries.clear()
+    generate(model, [prompt], [cont], mode="pos_control", gist_token_ids=IDS, max_new_tokens=2, chunk_size=16)
+    assert queries == [16] * 2 * len(model.layers) + [10] * len(model.layers) + [1] * len(model.layers)
+
+
+@pytest.mark.parametrize("chunk_size", [0, -4, 2.5, True, "512"])
+def test_a_bad_chunk_size_is_refused(model, chunk_size):
+    prompt, cont = _example(4, 2, 1)
+    with pytest.raises(ValueError, match="chunk_size must be a whole number >= 1"):
+        compress(model, [prompt], gist_token_ids=IDS, chunk_size=chunk_size)
+    with pytest.raises(ValueError, match="chunk_size must be a whole number >= 1"):
+        generate(model, [prompt], [cont], mode="pos_control", gist_token_ids=IDS, max_new_tokens=2, chunk_size=chunk_size)
+
+
 def test_a_larger_allocated_store_changes_nothing(model):
     prompt, cont = _example(10, 3, 2)
     cache = compress(model, [prompt], gist_token_ids=IDS)
@@ -424,7 +467,7 @@ def test_a_larger_allocated_store_changes_nothing(model):
     store.append(cache.keys, cache.values)
     big = _decode(
         model, store, [cont], cache.next_pos.tolist(), max_new_tokens=5, temperature=0.0, top_k=None,
-        stop_tokens=None, suppress_token_ids=IDS, pad_id=0, rng=None, return_logits=True,
+        stop_tokens=None, suppress_token_ids=IDS, pad_id=0, rng=None, return_logits=True, chunk_size=512,
     )
     assert big.tokens == exact.tokens and big.kv_slots == exact.kv_slots + 1000
     torch.testing.assert_close(big.logits[0], exact.logits[0], atol=1e-6, rtol=0)

@@ -7,10 +7,13 @@
   ``truncate``) through the same decoding loop, reporting the KV bytes each holds.
 
 Decoding attends over the filled cache slots only and never copies keys/values for grouped-query
-attention (see ``_attention.py``), so its cost follows what the cache holds.
+attention (see ``_attention.py``), so its cost follows what the cache holds. Prompts go through in
+chunks of ``chunk_size`` tokens (default :data:`DEFAULT_CHUNK_SIZE`), and :func:`compress` holds one
+layer's prompt keys/values at a time, so the memory a long prompt needs grows with the chunk and
+one layer, not with the square of the prompt or the model's depth.
 """
 
-from torchtune_gist.generation._attention import KVStore, grouped_query_attention, store_attention
+from torchtune_gist.generation._attention import DEFAULT_CHUNK_SIZE, KVStore, grouped_query_attention, store_attention
 from torchtune_gist.generation._cache import GistCache, compress, model_fingerprint
 from torchtune_gist.generation._generate import (
     GENERATION_MODES,
@@ -21,6 +24,7 @@ from torchtune_gist.generation._generate import (
 )
 
 __all__ = [
+    "DEFAULT_CHUNK_SIZE",
     "GENERATION_MODES",
     "GenerationMode",
     "GenerationOutput",

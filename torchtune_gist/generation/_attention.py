@@ -12,6 +12,12 @@ without any GQA copy: the query heads that share a key/value head are folded int
 A slot of the store is a cache entry, not a position: positions are given per token
 (``input_pos [b, s]``), so cached gist keys keep the RoPE positions they were computed at and
 later tokens may continue at any absolute position.
+
+Long inputs go through in chunks of ``chunk_size`` tokens (:func:`prefill`), so the attention
+mask, the attention scores and the MLP's activations of a forward pass grow with the chunk, not
+with the prompt. Compression keeps only the gists' entries, so :func:`gist_entries` goes layer by
+layer, each through a store of its own layer only: the prompt's keys and values are never held for
+more than one layer at a time.
 """
 
 from contextlib import contextmanager
@@ -21,6 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchtune.modules import MultiHeadAttention, TransformerDecoder, TransformerSelfAttentionLayer
+
+#: Tokens per forward pass when prefilling a prompt (:func:`prefill`, :func:`gist_entries`).
+DEFAULT_CHUNK_SIZE = 512
 
 
 def self_attention_modules(model: TransformerDecoder) -> List[MultiHeadAttention]:
@@ -70,7 +79,14 @@ class KVStore:
         cls, model: TransformerDecoder, batch_size: int, capacity: int, *, dtype: torch.dtype, device: torch.device
     ) -> "KVStore":
         """Allocate a store for every layer of ``model``."""
-        shapes = [(batch_size, a.num_kv_heads, capacity, a.head_dim) for a in self_attention_modules(model)]
+        return cls.for_layers(self_attention_modules(model), batch_size, capacity, dtype=dtype, device=device)
+
+    @classmethod
+    def for_layers(
+        cls, modules: List[MultiHeadAttention], batch_size: int, capacity: int, *, dtype: torch.dtype, device: torch.device
+    ) -> "KVStore":
+        """Allocate a store for the attention ``modules`` (store layer ``i`` is ``modules[i]``'s)."""
+        shapes = [(batch_size, a.num_kv_heads, capacity, a.head_dim) for a in modules]
         keys = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
         values = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
         return cls(keys, values)
@@ -257,6 +273,90 @@ def forward_through_store(
         h = layer(h, mask=mask, input_pos=input_pos)
     store.advance(tokens.shape[1])
     return h
+
+
+def _chunks(s: int, chunk_size: int) -> List[slice]:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a whole number >= 1, got {chunk_size!r}")
+    return [slice(start, min(start + chunk_size, s)) for start in range(0, s, chunk_size)]
+
+
+def prefill(
+    model: TransformerDecoder,
+    store: KVStore,
+    tokens: torch.Tensor,
+    input_pos: torch.Tensor,
+    valid: torch.Tensor,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """:func:`forward_through_store` in chunks of ``chunk_size`` tokens: the same entries and outputs.
+
+    Returns:
+        torch.Tensor: the last layer's hidden states of the last chunk ``[b, c, d]``.
+
+    Raises:
+        ValueError: for a ``chunk_size`` that is not a whole number >= 1.
+    """
+    for part in _chunks(tokens.shape[1], chunk_size):
+        h = forward_through_store(model, store, tokens[:, part], input_pos[:, part], valid[:, part])
+    return h
+
+
+@contextmanager
+def _layer_through_store(layer: nn.Module, store: KVStore) -> Iterator[None]:
+    """Within the context, ``layer`` attends through ``store``'s only layer; restored on exit."""
+    attn = layer.attn
+    layer.attn = StoreAttention(attn, store, 0)
+    try:
+        yield
+    finally:
+        layer.attn = attn
+
+
+def gist_entries(
+    model: TransformerDecoder,
+    tokens: torch.Tensor,
+    input_pos: torch.Tensor,
+    valid: torch.Tensor,
+    keep: int,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """Run ``tokens`` through ``model`` layer by layer and keep every layer's keys/values of the last ``keep`` slots.
+
+    Causal attention, padding never attended (as :func:`prefill`). Each layer runs all its chunks
+    through a store of that layer alone before the next layer starts, so what is held at once is
+    one layer's keys/values ``[b, n_kv, s, h_d]``, the hidden states ``[b, s, d]`` (updated in
+    place) and one chunk's activations. The final norm and output projection are never run.
+
+    Args:
+        model (TransformerDecoder): a decoder of self-attention layers.
+        tokens (torch.Tensor): ``[b, s]`` token ids.
+        input_pos (torch.Tensor): ``[b, s]`` absolute positions.
+        valid (torch.Tensor): bool ``[b, s]``, False for padding.
+        keep (int): how many of the last slots to keep (the gist span).
+        chunk_size (int): tokens per forward pass of a layer.
+
+    Returns:
+        Tuple[List[torch.Tensor], List[torch.Tensor]]: keys and values, per layer ``[b, n_kv, keep, h_d]``.
+
+    Raises:
+        ValueError: for a ``chunk_size`` that is not a whole number >= 1.
+    """
+    modules = self_attention_modules(model)
+    parts = _chunks(tokens.shape[1], chunk_size)
+    b, s = tokens.shape
+    h = model.tok_embeddings(tokens)
+    keys, values = [], []
+    for layer, attn in zip(model.layers, modules):
+        store = KVStore.for_layers([attn], b, s, dtype=h.dtype, device=h.device)
+        with _layer_through_store(layer, store):
+            for part in parts:
+                mask = store.attention_mask(valid[:, part])
+                h[:, part] = layer(h[:, part], mask=mask, input_pos=input_pos[:, part])
+                store.advance(part.stop - part.start)
+        keys.append(store.keys[0][:, :, -keep:].clone())
+        values.append(store.values[0][:, :, -keep:].clone())
+    return keys, values
 
 
 def last_logits(model: TransformerDecoder, h: torch.Tensor) -> torch.Tensor:

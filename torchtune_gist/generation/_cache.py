@@ -18,12 +18,7 @@ from torch import nn
 from torchtune.modules import TransformerDecoder
 
 from torchtune_gist._io import atomic_save_safetensors
-from torchtune_gist.generation._attention import (
-    KVStore,
-    forward_through_store,
-    self_attention_modules,
-    store_attention,
-)
+from torchtune_gist.generation._attention import DEFAULT_CHUNK_SIZE, gist_entries, self_attention_modules
 from torchtune_gist.generation._inputs import (
     check_gist_suffix,
     check_max_position,
@@ -379,12 +374,15 @@ def compress(
     gist_token_ids: Optional[Sequence[int]] = None,
     pad_id: int = 0,
     model_id: Optional[str] = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> GistCache:
     """Run prompts through ``model`` once and keep only their gist positions' keys and values.
 
     Prompts of different lengths are batched with left padding (padding is never attended);
     prompt and gist tokens attend causally (the gist mask restricts only what follows the gists).
-    The prompts' own keys/values are held only during this call.
+    The prompts' own keys/values are held for one layer at a time, during this call only, and
+    each layer runs ``chunk_size`` tokens per pass (see ``_attention.gist_entries``): the memory
+    compression needs grows with one layer's keys/values, not with the whole model's.
 
     Args:
         model (TransformerDecoder): the model (in eval mode); any torchtune decoder, LoRA or NF4 included.
@@ -393,13 +391,15 @@ def compress(
         gist_token_ids (Optional[Sequence[int]]): the K gist ids; defaults to ``model.tok_embeddings.gist_token_ids``.
         pad_id (int): token id written into padding slots (any valid id; never attended).
         model_id (Optional[str]): a name for the model, stored in the fingerprint.
+        chunk_size (int): prompt tokens per forward pass of a layer (larger: fewer passes, more memory).
 
     Returns:
         GistCache: ``b`` rows of K entries per layer; ``next_pos[i] = len(prompts[i])``.
 
     Raises:
         ValueError: for a prompt without the gist span at its end, a non-contiguous span or one of
-            another length, token ids outside the vocabulary, or a prompt beyond ``max_seq_len``.
+            another length, token ids outside the vocabulary, a prompt beyond ``max_seq_len``, or a
+            ``chunk_size`` that is not a whole number >= 1.
         TypeError: for prompts that are not token-id lists or a model that is not a torchtune decoder.
     """
     ids = resolve_gist_token_ids(model, gist_token_ids)
@@ -409,15 +409,12 @@ def compress(
     check_pad_id(model, pad_id)
     lengths = [len(r) for r in rows]
     check_max_position(model, max(lengths) - 1, "a prompt")
-    device, dtype = model_device_dtype(model)
+    device, _ = model_device_dtype(model)
     tokens, input_pos, valid = left_pad(rows, [0] * len(rows), pad_id, device)
-    store = KVStore.empty(model, len(rows), tokens.shape[1], dtype=dtype, device=device)
-    with store_attention(model, store):
-        forward_through_store(model, store, tokens, input_pos, valid)
-    k = len(ids)
+    keys, values = gist_entries(model, tokens, input_pos, valid, len(ids), chunk_size)
     return GistCache(
-        keys=[t[:, :, -k:].clone() for t in store.keys],
-        values=[t[:, :, -k:].clone() for t in store.values],
+        keys=keys,
+        values=values,
         next_pos=torch.tensor(lengths, dtype=torch.long, device=device),
         gist_token_ids=ids,
         fingerprint=model_fingerprint(model, ids, model_id),

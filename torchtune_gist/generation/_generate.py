@@ -32,7 +32,14 @@ import torch
 from torchtune.generation import sample
 from torchtune.modules import TransformerDecoder
 
-from torchtune_gist.generation._attention import KVStore, forward_through_store, last_logits, store_attention
+from torchtune_gist.generation._attention import (
+    DEFAULT_CHUNK_SIZE,
+    KVStore,
+    forward_through_store,
+    last_logits,
+    prefill,
+    store_attention,
+)
 from torchtune_gist.generation._cache import GistCache, check_architecture, compress
 from torchtune_gist.generation._inputs import (
     check_gist_suffix,
@@ -127,8 +134,9 @@ def _decode(
     pad_id: int,
     rng: Optional[torch.Generator],
     return_logits: bool,
+    chunk_size: int,
 ) -> GenerationOutput:
-    """Feed ``rows`` (row ``i`` at positions ``start_pos[i] + j``) after what ``store`` holds, then decode.
+    """Feed ``rows`` (row ``i`` at positions ``start_pos[i] + j``, ``chunk_size`` tokens per pass) after what ``store`` holds, then decode.
 
     Rows that emit a stop token leave the batch (and the store) once a quarter of the rows still
     decoding have finished, so a batch no longer runs every row until its longest answer ends.
@@ -146,7 +154,7 @@ def _decode(
     active = torch.arange(b, device=device)  # the batch rows still decoding, in the store's row order
     steps: List[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = []
     with store_attention(model, store):
-        logits = last_logits(model, forward_through_store(model, store, tokens, input_pos, valid))
+        logits = last_logits(model, prefill(model, store, tokens, input_pos, valid, chunk_size))
         suppress = torch.tensor(
             sorted(t for t in set(suppress_token_ids) if t < logits.shape[-1]), dtype=torch.long, device=device
         )
@@ -201,6 +209,7 @@ def generate_from_cache(
     rng: Optional[torch.Generator] = None,
     suppress_token_ids: Optional[Sequence[int]] = None,
     return_logits: bool = False,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> GenerationOutput:
     """Generate after compressed prompts: the continuations and new tokens see only the K gist entries and themselves.
 
@@ -222,14 +231,16 @@ def generate_from_cache(
         rng (Optional[torch.Generator]): generator for sampling.
         suppress_token_ids (Optional[Sequence[int]]): ids never emitted; default the cache's gist ids.
         return_logits (bool): also return each step's raw logits.
+        chunk_size (int): continuation tokens per forward pass before decoding (bounds the
+            attention mask and activations of a long continuation; the result is the same).
 
     Returns:
         GenerationOutput: new tokens per example, KV bytes and slots held, optionally logits.
 
     Raises:
         ValueError: for an empty continuation, a batch size that does not match the cache, a
-            cache from a model of another shape, bad sampling settings, or positions beyond
-            ``max_seq_len``.
+            cache from a model of another shape, bad sampling settings, positions beyond
+            ``max_seq_len``, or a ``chunk_size`` that is not a whole number >= 1.
     """
     rows = token_rows(continuations, "continuations")
     _check_continuations(rows, cache.gist_token_ids)
@@ -258,6 +269,7 @@ def generate_from_cache(
         pad_id=pad_id,
         rng=rng,
         return_logits=return_logits,
+        chunk_size=chunk_size,
     )
 
 
@@ -276,6 +288,7 @@ def generate(
     rng: Optional[torch.Generator] = None,
     suppress_token_ids: Optional[Sequence[int]] = None,
     return_logits: bool = False,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> GenerationOutput:
     """Generate under one of the evaluation's modes (see the module docstring's table).
 
@@ -285,8 +298,9 @@ def generate(
         continuations (_Rows): per example, the non-empty token ids that follow the gist span.
         mode (GenerationMode): ``"gist"``, ``"pos_control"``, ``"neg_control"`` or ``"truncate"``.
         gist_token_ids (Optional[Sequence[int]]): the K gist ids; default the model's own.
-        max_new_tokens, temperature, top_k, stop_tokens, pad_id, rng, return_logits: as in
-            :func:`generate_from_cache`.
+        max_new_tokens, temperature, top_k, stop_tokens, pad_id, rng, return_logits, chunk_size: as
+            in :func:`generate_from_cache` (``chunk_size`` also for the prompt: compressed in ``gist``
+            mode, prefilled in the others).
         suppress_token_ids (Optional[Sequence[int]]): ids never emitted; default the gist ids (every mode).
 
     Returns:
@@ -294,7 +308,8 @@ def generate(
 
     Raises:
         ValueError: for an unknown mode, prompts without their gist span at the end, mismatched
-            batch sizes, empty continuations, bad sampling settings or positions beyond ``max_seq_len``.
+            batch sizes, empty continuations, bad sampling settings, positions beyond ``max_seq_len``
+            or a ``chunk_size`` that is not a whole number >= 1.
     """
     if mode not in GENERATION_MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(GENERATION_MODES)}")
@@ -315,9 +330,10 @@ def generate(
         rng=rng,
         suppress_token_ids=suppress,
         return_logits=return_logits,
+        chunk_size=chunk_size,
     )
     if mode == "gist":
-        cache = compress(model, prompt_rows, gist_token_ids=ids, pad_id=pad_id)
+        cache = compress(model, prompt_rows, gist_token_ids=ids, pad_id=pad_id, chunk_size=chunk_size)
         return generate_from_cache(model, cache, cont_rows, **sampling)
     k = len(ids)
     if mode == "pos_control":

@@ -44,6 +44,7 @@ from torchtune_gist.training import (
     check_dataset_gist_ids,
     check_gist_setup,
     check_input_files,
+    check_setting_types,
     get_device,
     load_base_weights,
 )
@@ -86,6 +87,7 @@ class GistGenerateRecipe:
     def __init__(self, cfg: DictConfig) -> None:
         self._prompt = read_text_setting(cfg, "prompt")
         self._input = read_text_setting(cfg, "input") or ""
+        check_setting_types(cfg)
         self._device = get_device(cfg.device)
         self._dtype = training.get_dtype(dtype=cfg.dtype, device=self._device)
         self._seed = training.set_seed(seed=cfg.get("seed", None))

@@ -581,6 +581,8 @@ def test_model_args_win_over_lm_evals_own_device_and_batch_size(checkpoints: Tup
     assert lm.batch_size == 3 and lm._device == torch.device("cpu")
     lm = TorchtuneGistLM.create_from_arg_obj({"config": str(config), "checkpoint_dir": str(ckpt)}, {**lm_eval_adds, "batch_size": 2})
     assert lm.batch_size == 2
+    with pytest.raises(ValueError, match="device='gpu' is not a device: use cpu, cuda or cuda:N"):
+        TorchtuneGistLM.create_from_arg_string(f"config={config},checkpoint_dir={ckpt},device=gpu", lm_eval_adds)
 
 
 # ----------------------------------------------------------------------------- the command line

@@ -688,6 +688,13 @@ def test_gist_generate_refuses_a_merged_export_as_the_base(tmp_path):
         recipe.setup(cfg)
 
 
+@pytest.mark.parametrize("dotlist, message", [(["device=gpu"], "device='gpu' is not a device"),
+                                              (["seed=abc"], "seed='abc' must be a whole number >= 0")])
+def test_gist_generate_names_a_bad_device_or_seed(tmp_path, dotlist, message):
+    with pytest.raises(ValueError, match=message):
+        _generate_recipe(tmp_path / "assets", tmp_path, {}, dotlist)
+
+
 def test_gist_generate_without_an_adapter_initialises_dora_from_the_base(tmp_path):
     """No gist_checkpoint_dir with a DoRA model: magnitude = the base's row norms, so the model is the base."""
     from torchtune.modules.peft import DoRALinear

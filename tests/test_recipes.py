@@ -650,6 +650,14 @@ def test_user_mistakes_are_named_before_training(assets, tmp_path):
                        ("epochs", 0), ("batch_size", 2.5), ("num_gist_tokens", "abc"), ("save_every_n_steps", -1)):
         with pytest.raises(ValueError, match=f"{key}={value!r} must be a whole number >= 1"):
             recipe(**{key: value})
+    # settings torchtune and torch would reject with their own internals' messages (a TypeError in torch.optim, ...)
+    for key, value, message in (("device", "gpu", "device='gpu' is not a device: use cpu, cuda"),
+                                ("seed", "abc", "seed='abc' must be a whole number >= 0, or null"),
+                                ("optimizer.lr", "abc", "optimizer.lr='abc' must be a number > 0"),
+                                ("optimizer.lr", 0, "optimizer.lr=0 must be a number > 0"),
+                                ("checkpointer.model_type", "LAMA3", "checkpointer.model_type='LAMA3' is not one of torchtune's model types: .*LLAMA3,")):
+        with pytest.raises(ValueError, match=message):
+            recipe(**{key: value})
     (tmp_path / "a_file").write_text("")
     with pytest.raises(ValueError, match="output_dir: .*a_file is a file, not a directory"):
         recipe(output_dir=tmp_path / "a_file")

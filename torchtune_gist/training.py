@@ -89,10 +89,35 @@ FLEX_BLOCK_SIZE = 128
 
 def get_device(device: Optional[str]) -> torch.device:
     """torchtune's ``utils.get_device``, but ``cuda`` on a machine without CUDA is a clear error (torchtune
-    falls back to the CPU, where a bf16 config then fails with a message about bf16)."""
+    falls back to the CPU, where a bf16 config then fails with a message about bf16), and so is a name that is
+    not a device (``gpu``: torch's own message lists twenty device types)."""
+    if device is not None:
+        try:
+            torch.device(str(device))
+        except RuntimeError:
+            raise ValueError(f"device={device!r} is not a device: use cpu, cuda or cuda:N (or null to pick one)") from None
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device={device} but this machine has no CUDA GPU: run on one, or set device=cpu")
     return utils.get_device(device=device)
+
+
+def check_setting_types(cfg: DictConfig) -> None:
+    """Check the settings torchtune would otherwise reject deep inside its own code: ``seed`` (a whole number or
+    null), ``optimizer.lr`` (a number > 0) and ``checkpointer.model_type`` (one of torchtune's model types).
+
+    Raises:
+        ValueError: naming the key and what it takes.
+    """
+    seed = cfg.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ValueError(f"seed={seed!r} must be a whole number >= 0, or null for a random one")
+    lr = cfg.get("optimizer", {}).get("lr")
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
+        raise ValueError(f"optimizer.lr={lr!r} must be a number > 0")
+    model_type = cfg.get("checkpointer", {}).get("model_type")
+    known = [m.name for m in training.ModelType]
+    if model_type is not None and str(model_type) not in known:
+        raise ValueError(f"checkpointer.model_type={model_type!r} is not one of torchtune's model types: {', '.join(known)}")
 
 
 def check_gist_setup(model: nn.Module, tokenizer: Any, num_gist_tokens: int, mask_mode: str) -> List[int]:
@@ -543,6 +568,7 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
 
     def __init__(self, cfg: DictConfig) -> None:
         check_supported_features(cfg)
+        check_setting_types(cfg)
         self._device = get_device(cfg.device)
         self._dtype = training.get_dtype(cfg.dtype, device=self._device)
         if self._dtype == torch.float16:

@@ -223,7 +223,10 @@ def _positive_int(name: str, value: Any) -> int:
 def _resolve_device(device: Optional[str]) -> torch.device:
     if device is None:
         return torch.device("cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device={device!r} is not a device: use cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         log.warning("device=%s requested but CUDA is not available: running on the CPU", device)
         return torch.device("cpu")

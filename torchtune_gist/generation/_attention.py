@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchtune.modules import MultiHeadAttention, TransformerDecoder, TransformerSelfAttentionLayer
 
+from torchtune_gist.generation._inputs import model_device_dtype
+
 #: Tokens per forward pass when prefilling a prompt (:func:`prefill`, :func:`gist_entries`).
 DEFAULT_CHUNK_SIZE = 512
 
@@ -345,10 +347,11 @@ def gist_entries(
     modules = self_attention_modules(model)
     parts = _chunks(tokens.shape[1], chunk_size)
     b, s = tokens.shape
+    device, dtype = model_device_dtype(model)
     h = model.tok_embeddings(tokens)
     keys, values = [], []
     for layer, attn in zip(model.layers, modules):
-        store = KVStore.for_layers([attn], b, s, dtype=h.dtype, device=h.device)
+        store = KVStore.for_layers([attn], b, s, dtype=dtype, device=device)
         with _layer_through_store(layer, store):
             for part in parts:
                 mask = store.attention_mask(valid[:, part])

@@ -499,7 +499,7 @@ def bench_decode(args: argparse.Namespace, device: torch.device, save: Callable[
     from torchtune.generation import generate as torchtune_generate
     from torchtune.modules.common_utils import delete_kv_caches
 
-    from torchtune_gist.generation import compress, generate, generate_from_cache
+    from torchtune_gist.generation import DEFAULT_CHUNK_SIZE, compress, generate, generate_from_cache
     from torchtune_gist.models import gist_llama3_1
 
     k = args.k
@@ -559,6 +559,19 @@ def bench_decode(args: argparse.Namespace, device: torch.device, save: Callable[
                     if not _is_oom(err):
                         raise
                     row[method] = {"error": "out of memory"}
+                _free(device)
+            for name, chunk in (("compress_chunked", DEFAULT_CHUNK_SIZE), ("compress_one_pass", p + k)):
+                try:
+                    _reset_peak(device)
+                    sync()
+                    t0 = time.perf_counter()
+                    compress(model, prompts, chunk_size=chunk)
+                    sync()
+                    row[name] = {"time_s": time.perf_counter() - t0, "peak_gib": _peak_gib(device), "chunk_size": chunk}
+                except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
+                    if not _is_oom(err):
+                        raise
+                    row[name] = {"error": "out of memory", "chunk_size": chunk}
                 _free(device)
             if "decode_s_per_token" in row.get("full", {}) and "decode_s_per_token" in row.get("gist", {}):
                 row["decode_speedup_gist_vs_full"] = row["full"]["decode_s_per_token"] / row["gist"]["decode_s_per_token"]
@@ -686,6 +699,16 @@ def render_gpu_markdown(res: Optional[Dict[str, Any]]) -> str:
                    + [r[m].get("kv_bytes") for m in ("full", "gist", "stock")] for r in d["rows"]]),
             "",
         ]
+        if any("compress_chunked" in r for r in d["rows"]):
+            out += [
+                "Compression alone (`compress`), layer by layer in chunks of 512 tokens vs in one pass (`chunk_size` >= P); "
+                "peak = `torch.cuda.max_memory_allocated` during the call, weights included:", "",
+                table(["batch", "P", "chunked s", "chunked peak GiB", "one pass s", "one pass peak GiB"],
+                      [[r["batch"], r["prompt_len"]] + [r[m].get(f) if f in r[m] else r[m].get("error")
+                                                        for m in ("compress_chunked", "compress_one_pass") for f in ("time_s", "peak_gib")]
+                       for r in d["rows"] if "compress_chunked" in r]),
+                "",
+            ]
     out += [f"![{p}]({p})\n" for p in res.get("plots", [])]
     return "\n".join(out)
 

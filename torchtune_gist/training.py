@@ -92,13 +92,19 @@ def get_device(device: Optional[str]) -> torch.device:
     falls back to the CPU, where a bf16 config then fails with a message about bf16), and so is a name that is
     not a device (``gpu``: torch's own message lists twenty device types)."""
     if device is not None:
-        try:
-            torch.device(str(device))
-        except RuntimeError:
-            raise ValueError(f"device={device!r} is not a device: use cpu, cuda or cuda:N (or null to pick one)") from None
+        parse_device(device, " (or null to pick one)")
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device={device} but this machine has no CUDA GPU: run on one, or set device=cpu")
     return utils.get_device(device=device)
+
+
+def parse_device(device: str, hint: str = "") -> torch.device:
+    """``torch.device(device)``, or a ValueError naming ``device`` (with ``hint`` after the choices) for a name that is
+    not a device."""
+    try:
+        return torch.device(str(device))
+    except RuntimeError:
+        raise ValueError(f"device={device!r} is not a device: use cpu, cuda or cuda:N{hint}") from None
 
 
 def check_setting_types(cfg: DictConfig) -> None:

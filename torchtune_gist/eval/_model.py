@@ -54,7 +54,7 @@ from torchtune_gist.generation import GENERATION_MODES, generate
 from torchtune_gist.gist_tokens import gist_token_ids as tokenizer_gist_ids
 from torchtune_gist.masks import make_gist_mask
 from torchtune_gist.modules import get_gist_embedding, init_gist_embeddings, output_at
-from torchtune_gist.training import as_positive_int, check_base_keys, check_input_files, load_base_weights
+from torchtune_gist.training import as_positive_int, check_base_keys, check_input_files, load_base_weights, parse_device
 
 log = logging.getLogger(__name__)
 
@@ -223,10 +223,7 @@ def _positive_int(name: str, value: Any) -> int:
 def _resolve_device(device: Optional[str]) -> torch.device:
     if device is None:
         return torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"device={device!r} is not a device: use cpu, cuda or cuda:N") from None
+    dev = parse_device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         log.warning("device=%s requested but CUDA is not available: running on the CPU", device)
         return torch.device("cpu")

@@ -20,7 +20,7 @@ layer, each through a store of its own layer only: the prompt's keys and values 
 more than one layer at a time.
 """
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Iterator, List, Optional, Tuple
 
 import torch
@@ -230,6 +230,17 @@ class StoreAttention(nn.Module):
 
 
 @contextmanager
+def _layer_through_store(layer: nn.Module, store: KVStore, index: int) -> Iterator[None]:
+    """Within the context, ``layer`` attends through ``store``'s layer ``index``; restored on exit."""
+    attn = layer.attn
+    layer.attn = StoreAttention(attn, store, index)
+    try:
+        yield
+    finally:
+        layer.attn = attn
+
+
+@contextmanager
 def store_attention(model: TransformerDecoder, store: KVStore) -> Iterator[None]:
     """Within the context, every layer of ``model`` attends through ``store``; restored on exit.
 
@@ -237,14 +248,11 @@ def store_attention(model: TransformerDecoder, store: KVStore) -> Iterator[None]
         TypeError: for a model that is not a decoder of self-attention layers.
         RuntimeError: if the model is already attending through a store.
     """
-    originals = self_attention_modules(model)
-    try:
-        for i, (layer, attn) in enumerate(zip(model.layers, originals)):
-            layer.attn = StoreAttention(attn, store, i)
+    self_attention_modules(model)
+    with ExitStack() as stack:
+        for i, layer in enumerate(model.layers):
+            stack.enter_context(_layer_through_store(layer, store, i))
         yield
-    finally:
-        for layer, attn in zip(model.layers, originals):
-            layer.attn = attn
 
 
 def forward_through_store(
@@ -304,17 +312,6 @@ def prefill(
     return h
 
 
-@contextmanager
-def _layer_through_store(layer: nn.Module, store: KVStore) -> Iterator[None]:
-    """Within the context, ``layer`` attends through ``store``'s only layer; restored on exit."""
-    attn = layer.attn
-    layer.attn = StoreAttention(attn, store, 0)
-    try:
-        yield
-    finally:
-        layer.attn = attn
-
-
 def gist_entries(
     model: TransformerDecoder,
     tokens: torch.Tensor,
@@ -352,7 +349,7 @@ def gist_entries(
     keys, values = [], []
     for layer, attn in zip(model.layers, modules):
         store = KVStore.for_layers([attn], b, s, dtype=dtype, device=device)
-        with _layer_through_store(layer, store):
+        with _layer_through_store(layer, store, 0):
             for part in parts:
                 mask = store.attention_mask(valid[:, part])
                 h[:, part] = layer(h[:, part], mask=mask, input_pos=input_pos[:, part])

@@ -41,6 +41,9 @@ from torchtune_gist.checkpointing import check_not_merged_export, load_gist_adap
 from torchtune_gist.generation import GistCache, compress, generate_from_cache
 from torchtune_gist.modules import init_gist_embeddings
 from torchtune_gist.training import (
+    GENERATE_KEYS,
+    build_tokenizer,
+    check_required_keys,
     check_dataset_gist_ids,
     check_gist_setup,
     check_input_files,
@@ -85,6 +88,7 @@ class GistGenerateRecipe:
     ``load_cache``, ``device``, ``dtype``, ``seed``."""
 
     def __init__(self, cfg: DictConfig) -> None:
+        check_required_keys(cfg, GENERATE_KEYS, "gist_generate", "configs/llama3_1/8B_gist_generate.yaml")
         self._prompt = read_text_setting(cfg, "prompt")
         self._input = read_text_setting(cfg, "input") or ""
         check_setting_types(cfg)
@@ -113,7 +117,7 @@ class GistGenerateRecipe:
             init_gist_embeddings(model)
             log.warning("gist_checkpoint_dir is not set: the gist rows are untrained (the vocabulary mean)")
         self._model = model.eval()
-        self._tokenizer = config.instantiate(cfg.tokenizer)
+        self._tokenizer = build_tokenizer(cfg)
         self._gist_ids = check_gist_setup(model, self._tokenizer, cfg.num_gist_tokens, "gist")
         self._transform = config.instantiate(cfg.prompt_transform, self._tokenizer)
         check_dataset_gist_ids(self._transform, cfg.prompt_transform, "prompt_transform", self._gist_ids)

@@ -212,7 +212,7 @@ def test_bad_settings(tiny_tokenizer):
         GistInstructTransform(t, template="alpaca")
     with pytest.raises(ValueError, match="num_gist_tokens=1000 but the tokenizer has only"):
         GistInstructTransform(t, num_gist_tokens=1000)
-    with pytest.raises(ValueError, match="num_gist_tokens must be a positive integer"):
+    with pytest.raises(ValueError, match="num_gist_tokens must be a whole number >= 1"):
         GistInstructTransform(t, num_gist_tokens=0)
     with pytest.raises(ValueError, match="column_map has unknown keys"):
         GistInstructTransform(t, column_map={"prompt": "x"})
@@ -281,7 +281,7 @@ def test_builder_errors(tiny_tokenizer, tmp_path):
     good.write_text(json.dumps(RECORD) + "\n")
     with pytest.raises(ValueError, match="unknown truncation"):
         gist_instruct_dataset(tiny_tokenizer, source="json", data_files=str(good), truncation="left")
-    with pytest.raises(ValueError, match="max_seq_len must be a positive integer"):
+    with pytest.raises(ValueError, match="max_seq_len must be a whole number >= 1"):
         gist_instruct_dataset(tiny_tokenizer, source="json", data_files=str(good), max_seq_len=0)
     with pytest.raises(ValueError, match="packed=True needs max_seq_len"):
         gist_instruct_dataset(tiny_tokenizer, source="json", data_files=str(good), packed=True)

@@ -128,11 +128,11 @@ def test_bad_settings(tiny_tokenizer):
         make_passkey_sample(t, context_tokens=200, depth=1.5, seed=0)
     with pytest.raises(ValueError, match="context_tokens=20 is too short"):
         make_passkey_sample(t, context_tokens=20, depth=0.5, seed=0)
-    with pytest.raises(ValueError, match="passkey_digits must be an integer >= 1"):
+    with pytest.raises(ValueError, match="passkey_digits must be a whole number >= 1"):
         make_passkey_sample(t, context_tokens=200, depth=0.5, seed=0, passkey_digits=0)
     with pytest.raises(ValueError, match="num_gist_tokens=999 but the tokenizer has only"):
         gist_passkey_dataset(t, num_gist_tokens=999, num_samples=1, context_tokens=200)
-    with pytest.raises(ValueError, match="num_samples must be an integer >= 1"):
+    with pytest.raises(ValueError, match="num_samples must be a whole number >= 1"):
         gist_passkey_dataset(t, num_gist_tokens=1, num_samples=0, context_tokens=200)
     with pytest.raises(ValueError, match="depths must be None"):
         make_passkey_samples(t, 1, context_tokens=200, depths=[])

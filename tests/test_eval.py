@@ -13,6 +13,7 @@ import lm_eval
 import pytest
 import torch
 from lm_eval.api.instance import Instance
+from omegaconf import OmegaConf
 from rouge_score import rouge_scorer
 from safetensors.torch import save_file
 from torchtune.models.llama3_1 import llama3_1
@@ -532,6 +533,10 @@ def test_bad_settings_give_clear_errors(
         TorchtuneGistLM(config=str(config), checkpoint_dir=str(no_rows))
     with pytest.raises(FileNotFoundError, match="not found"):
         TorchtuneGistLM(config=str(tmp_path / "missing.yaml"), checkpoint_dir=str(ckpt))
+    elsewhere = tmp_path / "elsewhere.yaml"
+    OmegaConf.save(OmegaConf.merge(OmegaConf.load(config), {"tokenizer": {"path": "gone/tok.model"}}), elsewhere)
+    with pytest.raises(FileNotFoundError, match=r"(?s)tokenizer.path: gone/tok.model \(relative .*--model_args cannot override a config's keys"):
+        TorchtuneGistLM(config=str(elsewhere), checkpoint_dir=str(ckpt))
 
     lm = TorchtuneGistLM(model=tiny_model, tokenizer=tiny_tokenizer)
     with pytest.raises(ValueError, match="gist marker"):
@@ -557,17 +562,22 @@ def test_bad_settings_give_clear_errors(
         _evaluate(lm, ["gist_passkey"], gist_task_manager(num_samples=2))
 
 
-def test_the_command_line_refuses_what_the_gist_model_cannot_honour() -> None:
+def test_the_command_line_refuses_what_the_gist_model_cannot_honour(tmp_path: Path) -> None:
     from argparse import Namespace
 
-    from torchtune_gist.eval.__main__ import unsupported_option
+    from torchtune_gist.eval.__main__ import refused_option
 
-    assert unsupported_option(Namespace(num_fewshot=None, limit=None)) == ""
-    assert unsupported_option(Namespace(num_fewshot=0, limit=0.5)) == ""
-    assert "--num_fewshot 2 is not supported" in unsupported_option(Namespace(num_fewshot=2, limit=None))
-    assert "--apply_chat_template is not supported" in unsupported_option(Namespace(apply_chat_template=True))
+    assert refused_option(Namespace(num_fewshot=None, limit=None)) == ""
+    assert refused_option(Namespace(num_fewshot=0, limit=0.5)) == ""
+    assert "--num_fewshot 2 is not supported" in refused_option(Namespace(num_fewshot=2, limit=None))
+    assert "--apply_chat_template is not supported" in refused_option(Namespace(apply_chat_template=True))
     for limit in (0.0, -3.0):
-        assert "leaves no examples" in unsupported_option(Namespace(limit=limit))
+        assert "leaves no examples" in refused_option(Namespace(limit=limit))
+    (tmp_path / "a_file").write_text("")
+    for output_path in ("a_file", "a_file/results", "a_file/results.json"):
+        assert "a_file" in refused_option(Namespace(output_path=str(tmp_path / output_path)))
+    for output_path in ("results", "results.json", "new/results.json"):
+        assert refused_option(Namespace(output_path=str(tmp_path / output_path))) == ""
     proc = subprocess.run([sys.executable, "-m", "torchtune_gist.eval", "run", "--model", "torchtune_gist", "--tasks", "gist_passkey",
                            "--num_fewshot", "2"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and proc.stderr.strip().endswith("few-shot examples would put one gist marker per example in a context)")

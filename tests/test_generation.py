@@ -695,6 +695,15 @@ def test_gist_generate_names_a_bad_device_or_seed(tmp_path, dotlist, message):
         _generate_recipe(tmp_path / "assets", tmp_path, {}, dotlist)
 
 
+def test_gist_generate_names_what_a_training_config_lacks(tmp_path):
+    from gist_generate import GistGenerateRecipe
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(REPO / "configs/tiny/gist_lora_single_device.yaml")
+    with pytest.raises(ValueError, match="the config has no prompt_transform, max_new_tokens, temperature, which gist_generate reads"):
+        GistGenerateRecipe(cfg)
+
+
 def test_gist_generate_without_an_adapter_initialises_dora_from_the_base(tmp_path):
     """No gist_checkpoint_dir with a DoRA model: magnitude = the base's row norms, so the model is the base."""
     from torchtune.modules.peft import DoRALinear

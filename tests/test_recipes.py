@@ -409,12 +409,13 @@ def test_block_masks_are_built_on_the_training_device(assets, tmp_path, monkeypa
     from torch.nn.attention.flex_attention import BlockMask
 
     monkeypatch.setattr(GistLoRAFinetuneRecipeSingleDevice, "_resolve_mask_format", lambda self, fmt: "block")
-    cfg = load_cfg(SINGLE, overrides(assets, tmp_path, save_merged_hf=False, **{"tokenizer.max_seq_len": 2048}))
+    cfg = load_cfg(SINGLE, overrides(assets, tmp_path, save_merged_hf=False, **{"tokenizer.max_seq_len": 64}))
     recipe = GistLoRAFinetuneRecipeSingleDevice(cfg)
     with torch._dynamo.config.patch(recompile_limit=8):
         recipe.setup(cfg)
         # Compiled FlexAttention compiles once per batch length: lengths come in multiples of 128 (below), and
-        # dynamo may compile each of the 2048 / 128 lengths, for training and for validation batches.
+        # dynamo may compile each of the model's 2048 / 128 lengths, for training and for validation batches
+        # (the tokenizer's max_seq_len does not bound the passkey rows).
         assert torch._dynamo.config.recompile_limit == 32
     collate = recipe._dataloader.collate_fn.keywords
     assert collate["block_mask"] and not collate["segment_mask"] and collate["block_mask_device"] == recipe._device
@@ -658,6 +659,12 @@ def test_user_mistakes_are_named_before_training(assets, tmp_path):
                                 ("checkpointer.model_type", "LAMA3", "checkpointer.model_type='LAMA3' is not one of torchtune's model types: .*LLAMA3,")):
         with pytest.raises(ValueError, match=message):
             recipe(**{key: value})
+    generate_cfg = OmegaConf.load(REPO / "configs/tiny/gist_generate.yaml")
+    with pytest.raises(ValueError, match="the config has no dataset, optimizer, lr_scheduler, loss, metric_logger, epochs, batch_size, gradient_accumulation_steps, shuffle, which a gist training recipe reads"):
+        GistLoRAFinetuneRecipeSingleDevice(generate_cfg)
+    # a tokenizer file of another kind: tiktoken's and json's messages do not name the file or the key
+    with pytest.raises(ValueError, match=r"llama3_tokenizer could not be built from .*tokenizer.special_tokens_path=.*tiny_tokenizer.model: Expecting value"):
+        recipe(**{"tokenizer.special_tokens_path": str(assets / "tiny_tokenizer.model")})
     (tmp_path / "a_file").write_text("")
     with pytest.raises(ValueError, match="output_dir: .*a_file is a file, not a directory"):
         recipe(output_dir=tmp_path / "a_file")

@@ -10,16 +10,12 @@ special-token strings found in text as plain text).
 A tokenizer without reserved tokens (SmolLM2) provides its own ``gist_token_ids(k)`` method.
 """
 
-import numbers
 import re
 from typing import Any, List
 
+from torchtune_gist._checks import check_whole
+
 _RESERVED = re.compile(r"^<\|reserved_special_token_\d+\|>$")
-
-
-def is_token_id(value: Any) -> bool:
-    """Whether ``value`` is an integer (Python's, numpy's or any ``numbers.Integral``) and not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def gist_token_ids(tokenizer: Any, num_gist_tokens: int) -> List[int]:
@@ -34,11 +30,10 @@ def gist_token_ids(tokenizer: Any, num_gist_tokens: int) -> List[int]:
         List[int]: K distinct token ids.
 
     Raises:
-        ValueError: if K is not a positive integer, the tokenizer has no reserved tokens, or
+        ValueError: if K is not a whole number >= 1, the tokenizer has no reserved tokens, or
             fewer than K.
     """
-    if isinstance(num_gist_tokens, bool) or not isinstance(num_gist_tokens, int) or num_gist_tokens < 1:
-        raise ValueError(f"num_gist_tokens must be a positive integer, got {num_gist_tokens!r}")
+    check_whole("num_gist_tokens", num_gist_tokens)
     own = getattr(tokenizer, "gist_token_ids", None)
     if callable(own):
         return list(own(num_gist_tokens))
@@ -67,8 +62,7 @@ def default_gist_token_ids(vocab_size: int, num_gist_tokens: int) -> List[int]:
     ids 128013-128255; beyond, the tokenizer's next reserved ids are 128003 and 128002) and for the tiny
     test tokenizer, whose reserved tokens fill the top of the vocabulary.
     """
-    if isinstance(num_gist_tokens, bool) or not isinstance(num_gist_tokens, int) or num_gist_tokens < 1:
-        raise ValueError(f"num_gist_tokens must be a positive integer, got {num_gist_tokens!r}")
+    check_whole("num_gist_tokens", num_gist_tokens)
     if num_gist_tokens >= vocab_size:
         raise ValueError(f"num_gist_tokens={num_gist_tokens} does not fit a vocabulary of {vocab_size}")
     return list(range(vocab_size - num_gist_tokens, vocab_size))

@@ -23,7 +23,7 @@ from typing import Callable, Collection, List, Literal, Optional, Sequence, Tupl
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
-from torchtune_gist.gist_tokens import is_token_id
+from torchtune_gist._checks import is_whole
 
 MaskMode = Literal["gist", "pos_control", "neg_control"]
 MASK_MODES: Tuple[str, ...] = ("gist", "pos_control", "neg_control")
@@ -49,7 +49,7 @@ def _check_inputs(
         gist_token_ids = gist_token_ids.tolist()
     if len(gist_token_ids) == 0:
         raise ValueError("gist_token_ids is empty: at least one gist token id is needed")
-    if not all(is_token_id(t) for t in gist_token_ids):
+    if not all(is_whole(t) for t in gist_token_ids):
         raise TypeError(f"gist_token_ids must be integers, got {list(gist_token_ids)!r}")
     gist_token_ids = [int(t) for t in gist_token_ids]
     if document_ids is not None:

@@ -47,6 +47,7 @@ from torchtune.recipe_interfaces import FTRecipeInterface
 from torchtune.utils._import_guard import _SUPPORTS_FLEX_ATTENTION
 from tqdm import tqdm
 
+from torchtune_gist._checks import as_positive_int, is_whole
 from torchtune_gist._io import (
     atomic_save_safetensors,
     leftover_directory_of,
@@ -115,7 +116,7 @@ def check_setting_types(cfg: DictConfig) -> None:
         ValueError: naming the key and what it takes.
     """
     seed = cfg.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+    if seed is not None and not is_whole(seed, 0):
         raise ValueError(f"seed={seed!r} must be a whole number >= 0, or null for a random one")
     lr = cfg.get("optimizer", {}).get("lr")
     if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
@@ -204,6 +205,31 @@ def load_base_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> 
     initialize_dora_magnitudes(model)
 
 
+#: The top-level keys each recipe reads without a default; the others are optional.
+TRAINING_KEYS = (
+    "model", "tokenizer", "checkpointer", "dataset", "optimizer", "lr_scheduler", "loss", "metric_logger",
+    "output_dir", "num_gist_tokens", "epochs", "batch_size", "gradient_accumulation_steps", "shuffle", "seed",
+    "device", "dtype",
+)
+GENERATE_KEYS = ("model", "tokenizer", "checkpointer", "num_gist_tokens", "prompt_transform", "max_new_tokens",
+                 "temperature", "device", "dtype")
+
+
+def check_required_keys(cfg: DictConfig, keys: Tuple[str, ...], recipe: str, example: str) -> None:
+    """Raise naming every key of ``keys`` the config lacks (a generation config given to a training recipe, or the
+    other way round), before anything reads them.
+
+    Raises:
+        ValueError: naming the missing keys, the recipe and a config to start from.
+    """
+    missing = [key for key in keys if key not in cfg]
+    if missing:
+        raise ValueError(
+            f"the config has no {', '.join(missing)}, which {recipe} reads: is it a config for another recipe? "
+            f"Start from one like {example}"
+        )
+
+
 def check_supported_features(cfg: DictConfig) -> None:
     """Refuse torchtune recipe features that the gist recipes do not implement (rather than ignore them).
 
@@ -232,9 +258,16 @@ def _missing_path_message(key: str, value: str, want_dir: bool) -> Optional[str]
     return f"{key}: {value}{where} is not {what}"
 
 
-def check_input_files(cfg: DictConfig, sections: Tuple[str, ...] = ("tokenizer", "checkpointer")) -> None:
+#: How to point a recipe's config key at a file: ``tune run`` takes overrides after the config.
+RECIPE_OVERRIDE_HINT = "or point a key elsewhere on the command line (KEY=PATH)"
+
+
+def check_input_files(
+    cfg: DictConfig, sections: Tuple[str, ...] = ("tokenizer", "checkpointer"), *, hint: str = RECIPE_OVERRIDE_HINT
+) -> None:
     """Check that the files a config reads exist before anything is built: the tokenizer's files (its keys ending
     in ``path`` or ``file``) and the checkpointer's ``checkpoint_dir`` and ``checkpoint_files`` (when a list).
+    ``hint`` says how the caller's users point a key elsewhere.
 
     Raises:
         FileNotFoundError: naming every missing file with its config key and how to point the key elsewhere.
@@ -258,9 +291,28 @@ def check_input_files(cfg: DictConfig, sections: Tuple[str, ...] = ("tokenizer",
     if problems:
         raise FileNotFoundError(
             "\n  ".join(["the config names files that are not there:", *problems])
-            + "\nThe config's header comments say how to make or download them; or point a key elsewhere on the "
-            "command line (KEY=PATH)."
+            + f"\nThe config's header comments say how to make or download them; {hint}."
         )
+
+
+def build_tokenizer(cfg: DictConfig) -> Any:
+    """The config's ``tokenizer`` section, instantiated.
+
+    Raises:
+        ValueError: naming the section's component and files when the tokenizer cannot read them (a file of another
+            kind: a ``tokenizer.json`` given to the Llama 3 tokenizer, weights, a malformed special-tokens file).
+    """
+    section = cfg.tokenizer
+    try:
+        return config.instantiate(section)
+    except Exception as e:  # tiktoken, json and the tokenizers library each raise their own kind
+        files = ", ".join(
+            f"tokenizer.{key}={value}" for key, value in section.items() if isinstance(value, str) and key != "_component_"
+        )
+        raise ValueError(
+            f"{section.get('_component_')} could not be built from {files or 'its settings'}: {e}\n"
+            "Is each file the kind this tokenizer reads? (Llama 3.1: original/tokenizer.model; SmolLM2: tokenizer.json)"
+        ) from e
 
 
 def count_setting(cfg: DictConfig, key: str, *, default: Optional[int] = None, optional: bool = False) -> Optional[int]:
@@ -276,14 +328,6 @@ def count_setting(cfg: DictConfig, key: str, *, default: Optional[int] = None, o
     if count is None:
         raise ValueError(f"{key}={value!r} must be a whole number >= 1" + (" (or null)" if optional else ""))
     return count
-
-
-def as_positive_int(value: Any) -> Optional[int]:
-    """``value`` as an int >= 1 (a string of digits too, as command-line overrides give), or ``None`` if it is not one
-    (0, -1, 2.5, "abc", True)."""
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None
 
 
 def check_collate_fn(collate_fn: Callable[..., Any], name: str, kwargs: Dict[str, Any]) -> None:
@@ -573,6 +617,7 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
     """
 
     def __init__(self, cfg: DictConfig) -> None:
+        check_required_keys(cfg, TRAINING_KEYS, "a gist training recipe", "configs/llama3_1/8B_gist_lora.yaml")
         check_supported_features(cfg)
         check_setting_types(cfg)
         self._device = get_device(cfg.device)
@@ -682,7 +727,7 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
             self._metric_logger.log_config(cfg)
             for leftover in remove_leftover_checkpoints(self._output_dir):
                 log.warning(f"removed {leftover}, left by an interrupted save")
-        self._tokenizer = config.instantiate(cfg.tokenizer)
+        self._tokenizer = build_tokenizer(cfg)
 
         resume = self._find_resume_checkpoint()
         adapter: Optional[StartingAdapter] = None
@@ -725,7 +770,7 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
                     f"mask_format=block pads batches to multiples of {FLEX_BLOCK_SIZE}, beyond the model's "
                     f"max_seq_len={self._model.max_seq_len}: use a multiple of {FLEX_BLOCK_SIZE}, or mask_format=dense"
                 )
-            self._allow_flex_recompiles(cfg.tokenizer.get("max_seq_len") or self._model.max_seq_len)
+            self._allow_flex_recompiles(self._model.max_seq_len)
         self._settings = {
             "train_lora": self._train_lora,
             "batch_size": self._batch_size,
@@ -891,8 +936,9 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
     def _allow_flex_recompiles(self, max_seq_len: int) -> None:
         """Let torchtune's compiled flex_attention (``dynamic=False``) compile for every padded batch length.
 
-        Batches come in up to ``max_seq_len / 128`` lengths (and the validation batches' as many again); past
-        ``torch._dynamo.config.recompile_limit`` (8) dynamo would run FlexAttention unfused, scores materialised.
+        Batches come in up to ``max_seq_len / 128`` lengths (and the validation batches' as many again), bounded by
+        the model's ``max_seq_len`` (which :func:`check_batch_length` enforces; the tokenizer's does not bound passkey
+        rows); past ``torch._dynamo.config.recompile_limit`` (8) dynamo would run FlexAttention unfused.
         """
         lengths = 2 * math.ceil(max_seq_len / FLEX_BLOCK_SIZE)
         if torch._dynamo.config.recompile_limit < lengths:

@@ -18,7 +18,7 @@ from torch.nn.attention.flex_attention import BlockMask
 from torch.nn.utils.rnn import pad_sequence
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 
-from torchtune_gist.gist_tokens import is_token_id
+from torchtune_gist._checks import check_whole, is_whole
 from torchtune_gist.masks import MASK_MODES, make_gist_block_mask, make_gist_mask
 from torchtune_gist.segment_masks import GistSegmentMask, make_gist_segment_mask
 
@@ -30,10 +30,10 @@ def _check_settings(gist_token_ids: Collection[int], pad_id: int, mask_mode: str
     if mask_mode not in MASK_MODES:
         raise ValueError(f"unknown mask_mode {mask_mode!r}; expected one of {', '.join(MASK_MODES)}")
     ids = gist_token_ids.tolist() if isinstance(gist_token_ids, torch.Tensor) else list(gist_token_ids)
-    if not ids or not all(is_token_id(t) for t in ids):
+    if not ids or not all(is_whole(t) for t in ids):
         raise ValueError(f"gist_token_ids must be a non-empty list of integer ids, got {gist_token_ids!r}")
     ids = [int(t) for t in ids]
-    if not is_token_id(pad_id):
+    if not is_whole(pad_id):
         raise ValueError(f"pad_id must be an integer token id, got {pad_id!r}")
     if pad_id in ids:
         raise ValueError(f"pad_id={pad_id} is one of the gist token ids {ids}")
@@ -101,8 +101,7 @@ def padded_gist_collate(
     ids, pad_id = _check_settings(gist_token_ids, pad_id, mask_mode)
     if len(batch) == 0:
         raise ValueError("cannot collate an empty batch")
-    if isinstance(pad_to_multiple_of, bool) or not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1:
-        raise ValueError(f"pad_to_multiple_of must be a positive integer, got {pad_to_multiple_of!r}")
+    check_whole("pad_to_multiple_of", pad_to_multiple_of)
     for i, example in enumerate(batch):
         n_tok, n_lab = len(example["tokens"]), len(example["labels"])
         if n_tok == 0 or n_tok != n_lab:

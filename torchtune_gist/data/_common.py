@@ -5,6 +5,7 @@ from typing import Any, Dict, List, Optional
 from datasets import Dataset as HFDataset, load_dataset
 from datasets.exceptions import DatasetGenerationError
 
+from torchtune_gist._checks import check_whole, is_whole
 from torchtune_gist.gist_tokens import gist_token_ids
 
 
@@ -14,7 +15,7 @@ def resolve_gist_ids(tokenizer: Any, num_gist_tokens: int, *, allow_zero: bool =
     Raises:
         ValueError: on a bad K, a tokenizer without reserved ids, or fewer reserved ids than K.
     """
-    if allow_zero and num_gist_tokens == 0 and not isinstance(num_gist_tokens, bool):
+    if allow_zero and is_whole(num_gist_tokens) and num_gist_tokens == 0:
         return []
     return gist_token_ids(tokenizer, num_gist_tokens)
 
@@ -51,12 +52,9 @@ def load_records(
     """Load a ``datasets.Dataset`` with ``load_dataset(source, data_files=..., split=...)``.
 
     Raises:
-        ValueError: if the file cannot be parsed or ``max_examples`` is not a positive integer.
+        ValueError: if the file cannot be parsed or ``max_examples`` is not a whole number >= 1.
     """
-    if max_examples is not None and (
-        isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 1
-    ):
-        raise ValueError(f"max_examples must be a positive integer or None, got {max_examples!r}")
+    check_whole("max_examples", max_examples, optional=True)
     try:
         data = load_dataset(source, data_files=data_files, split=split, **load_dataset_kwargs)
     except DatasetGenerationError as err:

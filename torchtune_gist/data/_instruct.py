@@ -37,6 +37,7 @@ from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 from torchtune.modules.transforms import Transform
 from torchtune.utils import get_logger
 
+from torchtune_gist._checks import check_whole
 from torchtune_gist.data._common import (
     check_no_gist_in_text,
     check_tokenizer,
@@ -56,14 +57,6 @@ INSTRUCT_FIELDS = ("instruction", "input", "output")
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(map(repr, choices))}")
-
-
-def check_max_seq_len(max_seq_len: Optional[int]) -> None:
-    """Raise unless ``max_seq_len`` is ``None`` or a positive integer."""
-    if max_seq_len is not None and (
-        isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1
-    ):
-        raise ValueError(f"max_seq_len must be a positive integer or None, got {max_seq_len!r}")
 
 
 def _column_map(column_map: Optional[Mapping[str, Optional[str]]]) -> Dict[str, Optional[str]]:
@@ -289,7 +282,7 @@ class GistInstructDataset(Dataset):
         name: str = "instruction data",
     ) -> None:
         _check_choice("truncation", truncation, TRUNCATION_POLICIES)
-        check_max_seq_len(max_seq_len)
+        check_whole("max_seq_len", max_seq_len, optional=True)
         self.max_seq_len, self.truncation = max_seq_len, truncation
         self.gist_token_ids = transform.gist_token_ids
         self.num_truncated = self.num_dropped = 0
@@ -385,7 +378,7 @@ def gist_instruct_dataset(
     _check_choice("truncation", truncation, TRUNCATION_POLICIES)
     if max_seq_len is None:
         max_seq_len = getattr(tokenizer, "max_seq_len", None)
-    check_max_seq_len(max_seq_len)
+    check_whole("max_seq_len", max_seq_len, optional=True)
     if packed and max_seq_len is None:
         raise ValueError("packed=True needs max_seq_len (or a tokenizer with max_seq_len set)")
     records = load_records(

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 from torchtune.utils import get_logger
 
-from torchtune_gist.gist_tokens import is_token_id
+from torchtune_gist._checks import check_whole, is_whole
 from torchtune_gist.masks import document_ids_from_lengths
 
 log = get_logger("INFO")
@@ -65,9 +65,8 @@ class PackedGistDataset(Dataset):
         ignore_idx: int = CROSS_ENTROPY_IGNORE_IDX,
         max_packs: Optional[int] = None,
     ) -> None:
-        if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1:
-            raise ValueError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
-        if not is_token_id(pad_id):
+        check_whole("max_seq_len", max_seq_len)
+        if not is_whole(pad_id):
             raise ValueError(f"pad_id must be an integer token id, got {pad_id!r}")
         self.max_seq_len, self.pad_id, self.ignore_idx = max_seq_len, int(pad_id), ignore_idx
         self.packs: List[Dict[str, torch.Tensor]] = []

@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 from torchtune.modules.transforms import Transform
 
+from torchtune_gist._checks import check_whole, is_whole
 from torchtune_gist.data._common import check_no_gist_in_text, check_tokenizer, encode_text, resolve_gist_ids
 
 LANGUAGES = ("en", "ko")
@@ -59,13 +60,8 @@ QUESTIONS: Dict[str, str] = {"en": "What is the pass key?", "ko": "패스키는 
 _SENTENCE_END = (".", "!", "?")
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
 def _check_seed(seed: Any) -> None:
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if not is_whole(seed):
         raise ValueError(f"seed must be an integer (the records are deterministic in it), got {seed!r}")
 
 
@@ -111,12 +107,12 @@ def make_passkey_sample(
     """
     if language not in LANGUAGES:
         raise ValueError(f"unknown language {language!r}; expected one of {', '.join(LANGUAGES)}")
-    _check_int("context_tokens", context_tokens, 1)
-    _check_int("passkey_digits", passkey_digits, 1)
+    check_whole("context_tokens", context_tokens)
+    check_whole("passkey_digits", passkey_digits)
     _check_depth(depth)
     _check_seed(seed)
     if num_gist_tokens is not None:
-        _check_int("num_gist_tokens", num_gist_tokens, 0)
+        check_whole("num_gist_tokens", num_gist_tokens, 0)
     check_tokenizer(tokenizer, [])
     rng = random.Random(seed)
     passkey = str(rng.randint(1, 9)) + "".join(str(rng.randint(0, 9)) for _ in range(passkey_digits - 1))
@@ -203,7 +199,7 @@ def make_passkey_samples(
     Returns:
         List[Dict[str, Any]]: the records, each also with ``index`` and ``seed``.
     """
-    _check_int("num_samples", num_samples, 1)
+    check_whole("num_samples", num_samples)
     _check_seed(seed)
     lengths = [context_tokens] if isinstance(context_tokens, int) else list(context_tokens)
     if not lengths:

@@ -2,19 +2,26 @@
 registered and the shipped tasks on the include path. Takes exactly lm-eval's arguments
 (``run``, ``ls``, ``validate``; a user's own ``--include_path`` is kept next to ours). Refuses, with a
 message, the ``run`` options the gist model cannot honour: ``--num_fewshot`` (one prompt per request is
-compressed), ``--apply_chat_template`` (the tasks lay prompts out as training did) and a ``--limit`` below 1."""
+compressed), ``--apply_chat_template`` (the tasks lay prompts out as training did) and a ``--limit`` below 1; and,
+before the evaluation rather than after it, an ``--output_path`` that cannot be written."""
 
 import argparse
 import sys
+from pathlib import Path
 
 from lm_eval._cli import HarnessCLI
 from lm_eval.utils import setup_logging
 
+from torchtune_gist._io import unwritable_reason
 from torchtune_gist.eval import TASKS_DIR
 
 
-def unsupported_option(args: argparse.Namespace) -> str:
-    """What in lm-eval's parsed ``args`` the torchtune_gist model cannot honour, or ``""``."""
+def refused_option(args: argparse.Namespace) -> str:
+    """What in lm-eval's parsed ``args`` the torchtune_gist model cannot honour or lm-eval could not write, or ``""``.
+
+    lm-eval writes ``--output_path`` (a directory, or a ``.json`` file name) only after the evaluation, and a path it
+    cannot create is then logged, not raised: the results file would be lost.
+    """
     if getattr(args, "num_fewshot", None):
         return (
             f"--num_fewshot {args.num_fewshot} is not supported: a gist request compresses one prompt (few-shot "
@@ -28,6 +35,12 @@ def unsupported_option(args: argparse.Namespace) -> str:
     limit = getattr(args, "limit", None)
     if limit is not None and limit <= 0:
         return f"--limit {limit:g} leaves no examples: give a count >= 1 or a fraction in (0, 1]"
+    output_path = getattr(args, "output_path", None)
+    if output_path:
+        directory = Path(output_path).parent if Path(output_path).suffix == ".json" else Path(output_path)
+        problem = unwritable_reason(directory, directory=True)
+        if problem:
+            return f"--output_path {output_path}: {problem}"
     return ""
 
 
@@ -36,7 +49,7 @@ def main() -> None:
     setup_logging()
     parser = HarnessCLI()
     args = parser.parse_args()
-    problem = unsupported_option(args)
+    problem = refused_option(args)
     if problem:
         sys.exit(f"python -m torchtune_gist.eval: {problem}")
     if hasattr(args, "include_path"):

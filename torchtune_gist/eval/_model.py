@@ -39,6 +39,7 @@ from torchtune import config as tt_config, training
 from torchtune.modules import TiedLinear
 from torchtune.modules.peft import DoRALinear, LoRALinear
 
+from torchtune_gist._checks import as_positive_int
 from torchtune_gist.checkpointing import (
     ADAPTER_FILE,
     GIST_CONFIG_FILE,
@@ -54,11 +55,16 @@ from torchtune_gist.generation import GENERATION_MODES, generate
 from torchtune_gist.gist_tokens import gist_token_ids as tokenizer_gist_ids
 from torchtune_gist.masks import make_gist_mask
 from torchtune_gist.modules import get_gist_embedding, init_gist_embeddings, output_at
-from torchtune_gist.training import as_positive_int, check_base_keys, check_input_files, load_base_weights, parse_device
+from torchtune_gist.training import build_tokenizer, check_base_keys, check_input_files, load_base_weights, parse_device
 
 log = logging.getLogger(__name__)
 
 _GEN_KWARGS = ("until", "max_gen_toks", "do_sample", "temperature", "top_k")
+#: lm-eval's --model_args cannot override the config's keys.
+_CONFIG_EDIT_HINT = (
+    "--model_args cannot override a config's keys: point them at the files in a copy of the config (relative paths "
+    "are read from the directory lm-eval runs in)"
+)
 
 
 def kept_ratio(mode: str, prompt_tokens: float, num_gist_tokens: int) -> Optional[float]:
@@ -119,14 +125,14 @@ def load_config(path: Union[str, Path]) -> DictConfig:
 def load_tokenizer(config_path: Union[str, Path]) -> Any:
     """The tokenizer of a torchtune config (its ``tokenizer`` section, instantiated)."""
     cfg = load_config(config_path)
-    check_input_files(cfg, sections=("tokenizer",))
-    return tt_config.instantiate(cfg.tokenizer)
+    check_input_files(cfg, sections=("tokenizer",), hint=_CONFIG_EDIT_HINT)
+    return build_tokenizer(cfg)
 
 
 def _load_base(model: nn.Module, cfg: DictConfig) -> None:
     if "checkpointer" not in cfg:
         raise ValueError("the torchtune config has no checkpointer section to load the base weights with")
-    check_input_files(cfg, sections=("checkpointer",))
+    check_input_files(cfg, sections=("checkpointer",), hint=_CONFIG_EDIT_HINT)
     check_not_merged_export(cfg.checkpointer.get("checkpoint_dir"))
     load_base_weights(model, tt_config.instantiate(cfg.checkpointer).load_checkpoint()[training.MODEL_KEY])
 
@@ -216,7 +222,7 @@ def _nothing_after_marker(i: int) -> str:
 def _positive_int(name: str, value: Any) -> int:
     count = as_positive_int(value)
     if count is None:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
     return count
 
 
@@ -307,13 +313,13 @@ class TorchtuneGistLM(LM):
             raise ValueError("give either config=<torchtune config> (with checkpoint_dir) or model= and tokenizer=")
         if model is None:
             cfg = load_config(config)
-            check_input_files(cfg, sections=("tokenizer",))
+            check_input_files(cfg, sections=("tokenizer",), hint=_CONFIG_EDIT_HINT)
+            tokenizer = build_tokenizer(cfg)
             self._device = _resolve_device(device or cfg.get("device"))
             dtype = dtype or cfg.get("dtype", "fp32")
             with training.set_default_dtype(training.get_dtype(dtype, self._device)), self._device:
                 model = tt_config.instantiate(cfg.model)
             _load_weights(model, cfg, checkpoint_dir, mode)
-            tokenizer = tt_config.instantiate(cfg.tokenizer)
         elif tokenizer is None:
             raise ValueError("tokenizer is required with model=")
         else:

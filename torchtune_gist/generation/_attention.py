@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchtune.modules import MultiHeadAttention, TransformerDecoder, TransformerSelfAttentionLayer
 
+from torchtune_gist._checks import check_whole
 from torchtune_gist.generation._inputs import model_device_dtype
 
 #: Tokens per forward pass when prefilling a prompt (:func:`prefill`, :func:`gist_entries`).
@@ -286,8 +287,7 @@ def forward_through_store(
 
 
 def _chunks(s: int, chunk_size: int) -> List[slice]:
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a whole number >= 1, got {chunk_size!r}")
+    check_whole("chunk_size", chunk_size)
     return [slice(start, min(start + chunk_size, s)) for start in range(0, s, chunk_size)]
 
 

@@ -17,6 +17,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from torchtune.modules import TransformerDecoder
 
+from torchtune_gist._checks import check_whole
 from torchtune_gist._io import atomic_save_safetensors
 from torchtune_gist.generation._attention import DEFAULT_CHUNK_SIZE, gist_entries, self_attention_modules
 from torchtune_gist.generation._inputs import (
@@ -194,8 +195,7 @@ class GistCache:
 
     def repeat(self, n: int) -> "GistCache":
         """Each row repeated ``n`` times in place (row ``i`` becomes rows ``i*n .. i*n + n - 1``)."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be a positive integer, got {n!r}")
+        check_whole("n", n)
         return self._replace(lambda t: t.repeat_interleave(n, dim=0), self.next_pos.repeat_interleave(n))
 
     def to(self, device: Union[str, torch.device, None] = None, dtype: Optional[torch.dtype] = None) -> "GistCache":

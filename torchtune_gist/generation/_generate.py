@@ -32,6 +32,7 @@ import torch
 from torchtune.generation import sample
 from torchtune.modules import TransformerDecoder
 
+from torchtune_gist._checks import check_whole
 from torchtune_gist.generation._attention import (
     DEFAULT_CHUNK_SIZE,
     KVStore,
@@ -96,12 +97,10 @@ def _check_continuations(rows: List[List[int]], gist_token_ids: Sequence[int]) -
 
 
 def _check_sampling(max_new_tokens: int, temperature: float, top_k: Optional[int]) -> None:
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    check_whole("max_new_tokens", max_new_tokens)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+    check_whole("top_k", top_k, optional=True)
 
 
 def _next_token(

@@ -5,7 +5,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 from torchtune.modules import TransformerDecoder
 
-from torchtune_gist.gist_tokens import is_token_id
+from torchtune_gist._checks import is_whole
 
 
 def resolve_gist_token_ids(model: TransformerDecoder, gist_token_ids: Optional[Sequence[int]]) -> List[int]:
@@ -26,7 +26,7 @@ def resolve_gist_token_ids(model: TransformerDecoder, gist_token_ids: Optional[S
     ids = gist_token_ids.tolist() if isinstance(gist_token_ids, torch.Tensor) else list(gist_token_ids)
     if not ids:
         raise ValueError("gist_token_ids is empty: at least one gist token is needed")
-    if not all(is_token_id(t) for t in ids):
+    if not all(is_whole(t) for t in ids):
         raise TypeError(f"gist_token_ids must be integers, got {ids!r}")
     ids = [int(t) for t in ids]
     if len(set(ids)) != len(ids):
@@ -54,7 +54,7 @@ def token_rows(rows: Any, name: str) -> List[List[int]]:
         row = row.tolist() if isinstance(row, torch.Tensor) else row
         if isinstance(row, (str, bytes)) or not isinstance(row, Sequence):
             raise TypeError(f"{name}[{i}] must be a sequence of token ids, got {type(row).__name__}")
-        if not all(is_token_id(t) for t in row):
+        if not all(is_whole(t) for t in row):
             raise TypeError(f"{name}[{i}] must hold integer token ids")
         out.append([int(t) for t in row])
     if not out:
@@ -75,7 +75,7 @@ def check_token_range(model: TransformerDecoder, rows: List[List[int]], gist_tok
 def check_pad_id(model: TransformerDecoder, pad_id: int) -> None:
     """Raise a ValueError if ``pad_id`` is not a token id of the model's vocabulary."""
     vocab = getattr(model.tok_embeddings, "num_embeddings", None)
-    if not is_token_id(pad_id) or pad_id < 0 or (vocab is not None and pad_id >= vocab):
+    if not is_whole(pad_id) or pad_id < 0 or (vocab is not None and pad_id >= vocab):
         raise ValueError(f"pad_id={pad_id!r} is not a token id of the model's vocabulary of {vocab}")
 
 

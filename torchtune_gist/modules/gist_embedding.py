@@ -20,7 +20,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPO
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torchtune.modules.peft import get_adapter_params
 
-from torchtune_gist.gist_tokens import is_token_id
+from torchtune_gist._checks import is_whole
 
 GIST_PARAM_NAME = "gist_embeddings"
 
@@ -29,7 +29,7 @@ def _check_gist_token_ids(gist_token_ids: Sequence[int], num_embeddings: int) ->
     ids = list(gist_token_ids)
     if not ids:
         raise ValueError("gist_token_ids is empty: at least one gist token is needed")
-    if not all(is_token_id(t) for t in ids):
+    if not all(is_whole(t) for t in ids):
         raise TypeError(f"gist_token_ids must be integers, got {ids!r}")
     ids = [int(t) for t in ids]
     if len(set(ids)) != len(ids):

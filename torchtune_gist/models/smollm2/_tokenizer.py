@@ -16,6 +16,8 @@ from torchtune.data import Message, truncate
 from torchtune.modules.transforms import Transform
 from torchtune.modules.transforms.tokenizers import ModelTokenizer
 
+from torchtune_gist._checks import check_whole
+
 SMOLLM2_VOCAB_SIZE = 49152
 
 #: SmolLM2's control tokens, in id order 0..16.
@@ -46,10 +48,9 @@ def smollm2_gist_token_ids(num_gist_tokens: int, vocab_size: int = SMOLLM2_VOCAB
     """The gist ids of a vocabulary without reserved tokens: ``vocab_size .. vocab_size + K - 1``.
 
     Raises:
-        ValueError: if ``num_gist_tokens`` is not a positive integer.
+        ValueError: if ``num_gist_tokens`` is not a whole number >= 1.
     """
-    if isinstance(num_gist_tokens, bool) or not isinstance(num_gist_tokens, int) or num_gist_tokens < 1:
-        raise ValueError(f"num_gist_tokens must be a positive integer, got {num_gist_tokens!r}")
+    check_whole("num_gist_tokens", num_gist_tokens)
     return list(range(vocab_size, vocab_size + num_gist_tokens))
 
 

@@ -656,6 +656,8 @@ def test_user_mistakes_are_named_before_training(assets, tmp_path):
                                 ("seed", "abc", "seed='abc' must be a whole number >= 0, or null"),
                                 ("optimizer.lr", "abc", "optimizer.lr='abc' must be a number > 0"),
                                 ("optimizer.lr", 0, "optimizer.lr=0 must be a number > 0"),
+                                ("clip_grad_norm", "abc", "clip_grad_norm='abc' must be a number > 0, or null for no clipping"),
+                                ("lr_scheduler.num_warmup_steps", -3, "lr_scheduler.num_warmup_steps=-3 must be a whole number >= 0"),
                                 ("checkpointer.model_type", "LAMA3", "checkpointer.model_type='LAMA3' is not one of torchtune's model types: .*LLAMA3,")):
         with pytest.raises(ValueError, match=message):
             recipe(**{key: value})

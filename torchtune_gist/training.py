@@ -109,8 +109,9 @@ def parse_device(device: str, hint: str = "") -> torch.device:
 
 
 def check_setting_types(cfg: DictConfig) -> None:
-    """Check the settings torchtune would otherwise reject deep inside its own code: ``seed`` (a whole number or
-    null), ``optimizer.lr`` (a number > 0) and ``checkpointer.model_type`` (one of torchtune's model types).
+    """Check the settings torchtune would otherwise reject deep inside its own code, or take silently: ``seed`` (a
+    whole number or null), ``optimizer.lr`` and ``clip_grad_norm`` (numbers > 0; the latter may be null),
+    ``lr_scheduler.num_warmup_steps`` (a whole number >= 0) and ``checkpointer.model_type`` (one of torchtune's).
 
     Raises:
         ValueError: naming the key and what it takes.
@@ -118,9 +119,14 @@ def check_setting_types(cfg: DictConfig) -> None:
     seed = cfg.get("seed")
     if seed is not None and not is_whole(seed, 0):
         raise ValueError(f"seed={seed!r} must be a whole number >= 0, or null for a random one")
-    lr = cfg.get("optimizer", {}).get("lr")
-    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
-        raise ValueError(f"optimizer.lr={lr!r} must be a number > 0")
+    numbers = (("optimizer.lr", cfg.get("optimizer", {}).get("lr"), ""),
+               ("clip_grad_norm", cfg.get("clip_grad_norm"), ", or null for no clipping"))
+    for key, value, alternative in numbers:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+            raise ValueError(f"{key}={value!r} must be a number > 0{alternative}")
+    warmup = cfg.get("lr_scheduler", {}).get("num_warmup_steps")
+    if warmup is not None and not is_whole(warmup, 0):
+        raise ValueError(f"lr_scheduler.num_warmup_steps={warmup!r} must be a whole number >= 0")
     model_type = cfg.get("checkpointer", {}).get("model_type")
     known = [m.name for m in training.ModelType]
     if model_type is not None and str(model_type) not in known:

@@ -6,6 +6,7 @@ from typing import List
 
 import pytest
 from omegaconf import OmegaConf
+from torchtune.models.llama3 import llama3_tokenizer
 
 from torchtune_gist.data import (
     NEEDLES,
@@ -118,6 +119,21 @@ def test_korean_dataset(tiny_tokenizer):
     ex = ds[0]
     tail = bytes(ex["tokens"][ex["gist_start"] + 2 : -1]).decode("utf-8")
     assert tail == f"\n패스키는 무엇입니까?\n{ds.records[0]['passkey']}"
+
+
+def test_examples_longer_than_max_seq_len_are_refused_not_truncated(tiny_tokenizer, tiny_tokenizer_files):
+    """A cut-off answer would teach nothing: the first example of each length is checked up front, the rest on access."""
+    ds = gist_passkey_dataset(tiny_tokenizer, num_gist_tokens=2, num_samples=4, context_tokens=[100, 300], max_seq_len=400)
+    assert max(len(ds[i]["tokens"]) for i in range(4)) <= 400
+    with pytest.raises(ValueError, match=r"passkey example 1 has 3\d\d tokens \(300 of context\), beyond max_seq_len=200 .*context_tokens"):
+        gist_passkey_dataset(tiny_tokenizer, num_gist_tokens=2, num_samples=4, context_tokens=[100, 300], max_seq_len=200)
+    bounded = llama3_tokenizer(str(tiny_tokenizer_files[0]), str(tiny_tokenizer_files[1]), max_seq_len=200)
+    with pytest.raises(ValueError, match="beyond max_seq_len=200"):  # the tokenizer's bound is the default
+        gist_passkey_dataset(bounded, num_gist_tokens=2, num_samples=1, context_tokens=300)
+    ds = gist_passkey_dataset(bounded, num_gist_tokens=2, num_samples=2, context_tokens=100)
+    ds.max_seq_len = 50
+    with pytest.raises(ValueError, match="passkey example 1 has"):
+        ds[1]
 
 
 def test_bad_settings(tiny_tokenizer):

@@ -409,7 +409,7 @@ def test_block_masks_are_built_on_the_training_device(assets, tmp_path, monkeypa
     from torch.nn.attention.flex_attention import BlockMask
 
     monkeypatch.setattr(GistLoRAFinetuneRecipeSingleDevice, "_resolve_mask_format", lambda self, fmt: "block")
-    cfg = load_cfg(SINGLE, overrides(assets, tmp_path, save_merged_hf=False, **{"tokenizer.max_seq_len": 64}))
+    cfg = load_cfg(SINGLE, overrides(assets, tmp_path, save_merged_hf=False, **{"tokenizer.max_seq_len": 256}))
     recipe = GistLoRAFinetuneRecipeSingleDevice(cfg)
     with torch._dynamo.config.patch(recompile_limit=8):
         recipe.setup(cfg)

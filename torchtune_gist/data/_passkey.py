@@ -320,18 +320,34 @@ class GistPasskeyDataset(Dataset):
     Args:
         records (Sequence[Mapping[str, Any]]): records from :func:`make_passkey_samples`.
         transform (GistPasskeyTransform): the tokenizing transform.
+        max_seq_len (Optional[int]): the longest example allowed (an answer cut off would teach nothing, so a longer
+            one is refused, not truncated); ``None``: no bound.
+
+    Raises:
+        ValueError: on access, for an example longer than ``max_seq_len``.
     """
 
-    def __init__(self, records: Sequence[Mapping[str, Any]], transform: GistPasskeyTransform) -> None:
+    def __init__(
+        self, records: Sequence[Mapping[str, Any]], transform: GistPasskeyTransform, max_seq_len: Optional[int] = None
+    ) -> None:
+        check_whole("max_seq_len", max_seq_len, optional=True)
         self.records = list(records)
         self.transform = transform
         self.gist_token_ids = transform.gist_token_ids
+        self.max_seq_len = max_seq_len
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
-        return {**self.transform(self.records[index]), "index": index}
+        example = self.transform(self.records[index])
+        if self.max_seq_len is not None and len(example["tokens"]) > self.max_seq_len:
+            raise ValueError(
+                f"passkey example {index} has {len(example['tokens'])} tokens ({example['context_tokens']} of context), "
+                f"beyond max_seq_len={self.max_seq_len} (the tokenizer's unless given): raise tokenizer.max_seq_len "
+                "or lower the dataset's context_tokens"
+            )
+        return {**example, "index": index}
 
 
 def gist_passkey_dataset(
@@ -346,6 +362,7 @@ def gist_passkey_dataset(
     seed: int = 0,
     answer_only_loss: bool = True,
     train_on_context: bool = False,
+    max_seq_len: Optional[int] = None,
 ) -> GistPasskeyDataset:
     """Generated passkey retrieval data with K gist tokens between the context and the question.
 
@@ -360,10 +377,15 @@ def gist_passkey_dataset(
         seed (int): master seed.
         answer_only_loss (bool): learn only answer + EOS (False: the question too).
         train_on_context (bool): also learn the context.
+        max_seq_len (Optional[int]): the longest example allowed; default the tokenizer's ``max_seq_len``
+            (``None``: no bound). The first example of each context length is checked here, the rest on access.
 
     Returns:
         GistPasskeyDataset: items with ``tokens``, ``labels``, ``gist_start``, ``prompt_len``,
         ``context_tokens``, ``compression_ratio`` and ``index``.
+
+    Raises:
+        ValueError: on a bad setting, or an example longer than ``max_seq_len``.
     """
     transform = GistPasskeyTransform(
         tokenizer, num_gist_tokens=num_gist_tokens, answer_only_loss=answer_only_loss,
@@ -373,4 +395,10 @@ def gist_passkey_dataset(
         tokenizer, num_samples, context_tokens=context_tokens, depths=depths, passkey_digits=passkey_digits,
         language=language, seed=seed, num_gist_tokens=num_gist_tokens,
     )
-    return GistPasskeyDataset(records, transform)
+    if max_seq_len is None:
+        max_seq_len = getattr(tokenizer, "max_seq_len", None)
+    dataset = GistPasskeyDataset(records, transform, max_seq_len)
+    lengths = 1 if isinstance(context_tokens, int) else len(context_tokens)
+    for index in range(min(lengths, len(dataset))):
+        dataset[index]  # raises for an example beyond max_seq_len
+    return dataset

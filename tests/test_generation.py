@@ -28,6 +28,7 @@ from torchtune_gist.generation import (
     generate_from_cache,
     model_fingerprint,
     grouped_query_attention,
+    score_continuations,
     store_attention,
 )
 from torchtune_gist.generation._generate import _decode
@@ -153,6 +154,64 @@ def test_controls_match_their_full_sequence_references(model, chunk_size):
     assert runs["gist"].kv_slots == K + 7 + 4
     assert runs["truncate"].kv_slots == max(len(p[:-K][-K:]) + len(c) for p, c in examples) + 4
     assert runs["gist"].kv_bytes < runs["pos_control"].kv_bytes
+
+
+@torch.no_grad()
+def reference_scores(model: nn.Module, row: List[int], n: int, mode: Optional[str]) -> Tuple[float, bool]:
+    """Log-probability of ``row``'s last ``n`` tokens from one full-sequence forward (``mode=None``: causal), and
+    whether greedy choice (gists never picked) gives them all."""
+    x = torch.tensor([row])
+    logits = model(x, mask=None if mode is None else make_gist_mask(x, IDS, mode=mode))[0, -n - 1 : -1]
+    targets = x[0, -n:]
+    logprob = torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None]).sum()
+    greedy = logits.index_fill(-1, torch.tensor(IDS), float("-inf")).argmax(-1)
+    return float(logprob), bool((greedy == targets).all())
+
+
+@pytest.mark.parametrize("chunk_size", [512, 2])
+def test_scores_match_full_sequence_references_in_every_mode(model, chunk_size):
+    examples = [_example(*spec) for spec in [(5, 4, 1), (17, 2, 2), (0, 7, 3)]]
+    prompts, conts = [p for p, _ in examples], [c for _, c in examples]
+    counts = [3, 1, 5]
+    for mode in ("gist", "pos_control", "neg_control", "truncate"):
+        scores = score_continuations(model, prompts, conts, counts, mode=mode, gist_token_ids=IDS, chunk_size=chunk_size)
+        for (prompt, cont), n, (logprob, greedy) in zip(examples, counts, scores):
+            row = prompt[:-K][-K:] + cont if mode == "truncate" else prompt + cont
+            ref_logprob, ref_greedy = reference_scores(model, row, n, None if mode == "truncate" else mode)
+            assert logprob == pytest.approx(ref_logprob, abs=1e-4) and greedy == ref_greedy, mode
+    # a continuation made of the greedy tokens is greedy, and its log-probability is the generated logits'
+    prompt, cont = _example(12, 3, 9)
+    out = generate(model, [prompt], [cont], mode="gist", gist_token_ids=IDS, max_new_tokens=4, return_logits=True)
+    (logprob, greedy), = score_continuations(model, [prompt], [cont + out.tokens[0]], [4], mode="gist", gist_token_ids=IDS)
+    expected = torch.log_softmax(out.logits[0], -1).gather(-1, torch.tensor(out.tokens[0])[:, None]).sum()
+    assert greedy and logprob == pytest.approx(float(expected), abs=1e-4)
+
+
+def test_scoring_from_the_gist_cache_holds_k_entries_not_the_prompt(model, monkeypatch):
+    capacities: List[int] = []
+    empty = KVStore.empty.__func__
+
+    def recording(cls, model, batch_size, capacity, **kwargs):
+        capacities.append(capacity)
+        return empty(cls, model, batch_size, capacity, **kwargs)
+
+    monkeypatch.setattr(KVStore, "empty", classmethod(recording))
+    prompt, cont = _example(40, 6, 4)
+    score_continuations(model, [prompt], [cont], [2], mode="gist", gist_token_ids=IDS)
+    assert capacities == [K + 6]
+    capacities.clear()
+    score_continuations(model, [prompt], [cont], [2], mode="pos_control", gist_token_ids=IDS)
+    assert capacities == [len(prompt) + 6]
+
+
+def test_bad_score_requests_are_refused(model):
+    prompt, cont = _example(5, 3, 1)
+    for counts, match in (([0], r"num_scored\[0\]=0 must be at least 1"), ([3], r"below the continuation's 3 tokens"),
+                          ([1, 1], "1 prompts, 1 continuations and 2 num_scored")):
+        with pytest.raises(ValueError, match=match):
+            score_continuations(model, [prompt], [cont], counts, mode="gist", gist_token_ids=IDS)
+    with pytest.raises(ValueError, match="unknown mode 'gists'"):
+        score_continuations(model, [prompt], [cont], [1], mode="gists", gist_token_ids=IDS)
 
 
 def test_fingerprint_samples_large_weights_and_still_tells_models_apart(monkeypatch):

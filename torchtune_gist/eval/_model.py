@@ -17,7 +17,8 @@ full prompt and the gists), ``neg_control`` (neither) or ``truncate`` (the promp
 tokenizer's stop tokens or after ``max_gen_toks`` tokens, and cuts the text at the first ``until``
 string. Each output is a :class:`GistGeneration`: a ``str`` that also carries the prompt's length,
 K, the mode and the example's KV bytes, which the shipped tasks report as metrics. ``loglikelihood`` scores
-continuations with one full-sequence forward under ``make_gist_mask(..., mode=...)``.
+continuations through the same stores (``torchtune_gist.generation.score_continuations``): in ``gist`` mode the
+prompt is compressed and the continuation reads the K cached entries only.
 """
 
 import json
@@ -27,7 +28,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from lm_eval.api.instance import Instance
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
@@ -51,10 +51,9 @@ from torchtune_gist.checkpointing import (
     load_merged_hf,
 )
 from torchtune_gist.eval._tasks import GIST_MARKER
-from torchtune_gist.generation import GENERATION_MODES, generate
+from torchtune_gist.generation import GENERATION_MODES, generate, score_continuations
 from torchtune_gist.gist_tokens import gist_token_ids as tokenizer_gist_ids
-from torchtune_gist.masks import make_gist_mask
-from torchtune_gist.modules import get_gist_embedding, init_gist_embeddings, output_at
+from torchtune_gist.modules import get_gist_embedding, init_gist_embeddings
 from torchtune_gist.training import build_tokenizer, check_base_keys, check_input_files, load_base_weights, parse_device
 
 log = logging.getLogger(__name__)
@@ -466,8 +465,9 @@ class TorchtuneGistLM(LM):
         log.info("torchtune_gist %s", self.stats)
         return outputs
 
-    def _sequence(self, i: int, context: str, continuation: str) -> Tuple[List[int], int]:
-        """Token ids of request ``i``'s whole scored sequence in this mode, and where the continuation starts.
+    def _scored_request(self, i: int, context: str, continuation: str) -> Tuple[List[int], List[int], int]:
+        """Request ``i`` as :func:`score_continuations` takes it: the prompt with the gist ids, the continuation
+        (the text after the marker, then the scored text) and how many of its last tokens are scored.
 
         Raises:
             ValueError: if nothing follows the marker (the last gist would predict the continuation's first token,
@@ -478,56 +478,33 @@ class TorchtuneGistLM(LM):
         if not after_ids:
             raise ValueError(_nothing_after_marker(i))
         whole = self._encode(after + continuation)
-        cont = whole[len(after_ids) :] if whole[: len(after_ids)] == after_ids else self._encode(continuation)
-        if self.mode == "truncate":
-            head = prompt[-self.num_gist_tokens :] + after_ids
-        else:
-            head = prompt + self.gist_token_ids + after_ids
-        return head + cont, len(head)
-
-    @torch.no_grad()
-    def _score(self, rows: List[Tuple[List[int], int]]) -> List[Tuple[float, bool]]:
-        s = max(len(r) for r, _ in rows)
-        if s > self.model.max_seq_len:
-            raise ValueError(f"a scored sequence has {s} tokens, beyond the model's max_seq_len={self.model.max_seq_len}")
-        tokens = torch.tensor([r + [self._pad_id] * (s - len(r)) for r, _ in rows], device=self._device)
-        valid = torch.tensor([[True] * len(r) + [False] * (s - len(r)) for r, _ in rows], device=self._device)
-        mask_mode = "pos_control" if self.mode == "truncate" else self.mode
-        mask = make_gist_mask(tokens, self.gist_token_ids, mode=mask_mode) & valid.unsqueeze(1)
-        mask |= torch.eye(s, dtype=torch.bool, device=self._device)
-        input_pos = torch.arange(s, device=self._device).expand(len(rows), s)
-        scored = torch.zeros(len(rows), s, dtype=torch.bool, device=self._device)
-        for b, (row, start) in enumerate(rows):
-            scored[b, start - 1 : len(row) - 1] = True  # the positions that predict the continuation
-        with output_at(self.model, scored):
-            logits = self.model(tokens, mask=mask, input_pos=input_pos).float()  # [n, vocab], n = continuation tokens
-        targets = torch.cat([tokens[b, start : len(row)] for b, (row, start) in enumerate(rows)])
-        picked = F.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        suppress = torch.tensor([t for t in self.gist_token_ids if t < logits.shape[-1]], dtype=torch.long, device=self._device)
-        hits = logits.index_fill(-1, suppress, float("-inf")).argmax(-1) == targets
-        counts = [len(row) - start for row, start in rows]
-        return [(float(p.sum()), bool(h.all())) for p, h in zip(picked.split(counts), hits.split(counts))]
+        scored = whole[len(after_ids) :] if whole[: len(after_ids)] == after_ids else self._encode(continuation)
+        if not scored:
+            raise ValueError(f"request {i}: the continuation to score is empty")
+        return prompt + self.gist_token_ids, after_ids + scored, len(scored)
 
     def loglikelihood(self, requests: List[Instance], disable_tqdm: bool = False) -> List[Tuple[float, bool]]:
-        """Log-probability of each continuation after its context, under this mode's gist mask.
+        """Log-probability of each continuation after its context, read as generation reads it in this mode.
 
-        The context holds :data:`GIST_MARKER`; the sequence is ``[BOS] prompt G after continuation``
-        (``truncate``: ``prompt[-K:] after continuation``, plainly causal), one forward per batch.
+        The context holds :data:`GIST_MARKER`; the prompt ``[BOS] prompt G`` is compressed (``gist``) or kept
+        as the mode keeps it, and ``after continuation`` follows, in chunks; logits only where tokens are scored.
 
         Returns:
             List[Tuple[float, bool]]: ``(logprob, is_greedy)`` per request (greedy with the gist ids
             never chosen, as in generation).
         """
-        rows = [self._sequence(i, *request.args) for i, request in enumerate(requests)]
-        for i, (row, start) in enumerate(rows):
-            if start == len(row):
-                raise ValueError(f"request {i}: the continuation to score is empty")
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]), reverse=True)
+        rows = [self._scored_request(i, *request.args) for i, request in enumerate(requests)]
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]), reverse=True)
         results: List[Optional[Tuple[float, bool]]] = [None] * len(rows)
         with tqdm(total=len(rows), disable=disable_tqdm, desc="Running loglikelihood requests") as bar:
             for start in range(0, len(order), self.batch_size):
                 chunk = order[start : start + self.batch_size]
-                for i, result in zip(chunk, self._score([rows[i] for i in chunk])):
+                prompts, continuations, counts = zip(*(rows[i] for i in chunk))
+                scores = score_continuations(
+                    self.model, prompts, continuations, counts, mode=self.mode, gist_token_ids=self.gist_token_ids,
+                    pad_id=self._pad_id,
+                )
+                for i, result in zip(chunk, scores):
                     results[i] = result
                     self.cache_hook.add_partial("loglikelihood", requests[i].args, result)
                 bar.update(len(chunk))

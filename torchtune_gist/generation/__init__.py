@@ -5,6 +5,8 @@
 - :func:`generate_from_cache` generates after a cache, holding only K + continuation + new tokens.
 - :func:`generate` runs the evaluation's modes (``gist``, ``pos_control``, ``neg_control``,
   ``truncate``) through the same decoding loop, reporting the KV bytes each holds.
+- :func:`score_continuations` scores continuations under the same modes through the same stores
+  (the log-probabilities lm-eval's ``loglikelihood`` asks for).
 
 Decoding attends over the filled cache slots only and never copies keys/values for grouped-query
 attention (see ``_attention.py``), so its cost follows what the cache holds. Prompts go through in
@@ -21,6 +23,7 @@ from torchtune_gist.generation._generate import (
     GenerationOutput,
     generate,
     generate_from_cache,
+    score_continuations,
 )
 
 __all__ = [
@@ -35,5 +38,6 @@ __all__ = [
     "generate_from_cache",
     "grouped_query_attention",
     "model_fingerprint",
+    "score_continuations",
     "store_attention",
 ]

@@ -298,18 +298,30 @@ def prefill(
     input_pos: torch.Tensor,
     valid: torch.Tensor,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    keep: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """:func:`forward_through_store` in chunks of ``chunk_size`` tokens: the same entries and outputs.
 
+    Args:
+        keep (Optional[torch.Tensor]): bool ``[b, s]``, the positions whose hidden states to return.
+
     Returns:
-        torch.Tensor: the last layer's hidden states of the last chunk ``[b, c, d]``.
+        torch.Tensor: the last layer's hidden states of the last chunk ``[b, c, d]``; with ``keep``, those at its
+        positions ``[n, d]``, in row-major order (as ``h[keep]`` would give).
 
     Raises:
         ValueError: for a ``chunk_size`` that is not a whole number >= 1.
     """
+    kept, where = [], []
     for part in _chunks(tokens.shape[1], chunk_size):
         h = forward_through_store(model, store, tokens[:, part], input_pos[:, part], valid[:, part])
-    return h
+        if keep is not None:
+            kept.append(h[keep[:, part]])
+            rows, cols = keep[:, part].nonzero(as_tuple=True)
+            where.append(rows * tokens.shape[1] + cols + part.start)
+    if keep is None:
+        return h
+    return torch.cat(kept)[torch.cat(where).argsort()]
 
 
 def gist_entries(

@@ -29,10 +29,11 @@ from dataclasses import dataclass
 from typing import List, Literal, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torchtune.generation import sample
 from torchtune.modules import TransformerDecoder
 
-from torchtune_gist._checks import check_whole
+from torchtune_gist._checks import check_whole, is_whole
 from torchtune_gist.generation._attention import (
     DEFAULT_CHUNK_SIZE,
     KVStore,
@@ -195,6 +196,25 @@ def _decode(
     )
 
 
+def _store_after(model: TransformerDecoder, cache: GistCache, num_rows: int, slots: int) -> KVStore:
+    """A store of ``num_rows`` rows holding ``cache``'s K entries (a 1-row cache in every row), ``slots`` more free."""
+    device, dtype = model_device_dtype(model)
+    store = KVStore.empty(model, num_rows, cache.num_gist_tokens + slots, dtype=dtype, device=device)
+    store.append(cache.keys, cache.values)
+    return store
+
+
+def _control_rows(
+    mode: str, prompt_rows: List[List[int]], cont_rows: List[List[int]], k: int
+) -> Tuple[List[List[int]], List[int]]:
+    """The rows a control mode (not ``gist``) feeds from an empty store, and their first positions."""
+    if mode == "pos_control":
+        return [p + c for p, c in zip(prompt_rows, cont_rows)], [0] * len(cont_rows)
+    if mode == "neg_control":
+        return cont_rows, [len(p) for p in prompt_rows]
+    return [p[:-k][-k:] + c for p, c in zip(prompt_rows, cont_rows)], [0] * len(cont_rows)
+
+
 def generate_from_cache(
     model: TransformerDecoder,
     cache: GistCache,
@@ -251,10 +271,7 @@ def generate_from_cache(
         raise ValueError(f"{len(rows)} continuations for a gist cache of {cache.batch_size} rows (expected {cache.batch_size} or a 1-row cache)")
     start = cache.next_pos.expand(len(rows)).tolist()
     check_max_position(model, max(p + len(r) for p, r in zip(start, rows)) + max_new_tokens - 2, "generation")
-    device, dtype = model_device_dtype(model)
-    capacity = cache.num_gist_tokens + max(len(r) for r in rows) + max_new_tokens - 1
-    store = KVStore.empty(model, len(rows), capacity, dtype=dtype, device=device)
-    store.append(cache.keys, cache.values)
+    store = _store_after(model, cache, len(rows), max(len(r) for r in rows) + max_new_tokens - 1)
     return _decode(
         model,
         store,
@@ -334,13 +351,7 @@ def generate(
     if mode == "gist":
         cache = compress(model, prompt_rows, gist_token_ids=ids, pad_id=pad_id, chunk_size=chunk_size)
         return generate_from_cache(model, cache, cont_rows, **sampling)
-    k = len(ids)
-    if mode == "pos_control":
-        rows, start = [p + c for p, c in zip(prompt_rows, cont_rows)], [0] * len(cont_rows)
-    elif mode == "neg_control":
-        rows, start = cont_rows, [len(p) for p in prompt_rows]
-    else:
-        rows, start = [p[:-k][-k:] + c for p, c in zip(prompt_rows, cont_rows)], [0] * len(cont_rows)
+    rows, start = _control_rows(mode, prompt_rows, cont_rows, len(ids))
     check_token_range(model, prompt_rows + cont_rows, ids, "prompts and continuations")
     check_pad_id(model, pad_id)
     _check_sampling(max_new_tokens, temperature, top_k)
@@ -348,3 +359,80 @@ def generate(
     device, dtype = model_device_dtype(model)
     store = KVStore.empty(model, len(rows), max(len(r) for r in rows) + max_new_tokens - 1, dtype=dtype, device=device)
     return _decode(model, store, rows, start, **sampling)
+
+
+@torch.no_grad()
+def score_continuations(
+    model: TransformerDecoder,
+    prompts: _Rows,
+    continuations: _Rows,
+    num_scored: Sequence[int],
+    *,
+    mode: GenerationMode,
+    gist_token_ids: Optional[Sequence[int]] = None,
+    pad_id: int = 0,
+    suppress_token_ids: Optional[Sequence[int]] = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> List[Tuple[float, bool]]:
+    """Score the last ``num_scored[i]`` tokens of each continuation, read as :func:`generate` reads under ``mode``.
+
+    In ``gist`` mode the prompts are compressed first and the continuations read only the K cached entries, so
+    scoring holds what generation holds; logits are computed only at the positions that predict scored tokens.
+
+    Args:
+        model (TransformerDecoder): the model (in eval mode).
+        prompts (_Rows): per example, the prompt's token ids followed by exactly the gist span.
+        continuations (_Rows): per example, the token ids that follow the gist span, the scored ones last.
+        num_scored (Sequence[int]): per example, how many of the continuation's last tokens to score: at least 1
+            and fewer than the continuation (its first token is predicted by the last gist, whose output no cache
+            keeps).
+        mode, gist_token_ids, pad_id, chunk_size: as in :func:`generate`.
+        suppress_token_ids (Optional[Sequence[int]]): ids greedy decoding never picks; default the gist ids.
+
+    Returns:
+        List[Tuple[float, bool]]: per example, the scored tokens' summed log-probability and whether greedy
+        decoding would produce exactly them.
+
+    Raises:
+        ValueError: as :func:`generate`, or for a ``num_scored`` outside ``1 .. len(continuation) - 1``.
+    """
+    if mode not in GENERATION_MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(GENERATION_MODES)}")
+    ids = resolve_gist_token_ids(model, gist_token_ids)
+    prompt_rows = token_rows(prompts, "prompts")
+    cont_rows = token_rows(continuations, "continuations")
+    if not len(prompt_rows) == len(cont_rows) == len(num_scored):
+        raise ValueError(f"{len(prompt_rows)} prompts, {len(cont_rows)} continuations and {len(num_scored)} num_scored")
+    for i, (n, row) in enumerate(zip(num_scored, cont_rows)):
+        if not is_whole(n, 1) or n >= len(row):
+            raise ValueError(f"num_scored[{i}]={n!r} must be at least 1 and below the continuation's {len(row)} tokens")
+    check_gist_suffix(prompt_rows, ids)
+    _check_continuations(cont_rows, ids)
+    check_token_range(model, prompt_rows + cont_rows, ids, "prompts and continuations")
+    check_pad_id(model, pad_id)
+    if mode == "gist":
+        start = [len(p) for p in prompt_rows]
+        rows = cont_rows
+    else:
+        rows, start = _control_rows(mode, prompt_rows, cont_rows, len(ids))
+    check_max_position(model, max(p + len(r) for p, r in zip(start, rows)) - 1, "scoring")
+    if mode == "gist":
+        cache = compress(model, prompt_rows, gist_token_ids=ids, pad_id=pad_id, chunk_size=chunk_size)
+        store = _store_after(model, cache, len(rows), max(len(r) for r in rows))
+    else:
+        device, dtype = model_device_dtype(model)
+        store = KVStore.empty(model, len(rows), max(len(r) for r in rows), dtype=dtype, device=device)
+    tokens, input_pos, valid = left_pad(rows, start, pad_id, store.valid.device)
+    s = tokens.shape[1]
+    predicting = torch.zeros_like(valid)  # left padding aligns the rows' ends: the scored tokens are the last n
+    for i, n in enumerate(num_scored):
+        predicting[i, s - n - 1 : s - 1] = True
+    targets = tokens[:, 1:][predicting[:, :-1]]
+    with store_attention(model, store):
+        h = prefill(model, store, tokens, input_pos, valid, chunk_size, keep=predicting)
+    logits = model.output(model.norm(h)).float()
+    picked = F.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    suppress = [t for t in (ids if suppress_token_ids is None else suppress_token_ids) if t < logits.shape[-1]]
+    greedy = logits.index_fill(-1, torch.tensor(suppress, dtype=torch.long, device=logits.device), float("-inf")).argmax(-1)
+    counts = list(num_scored)
+    return [(float(p.sum()), bool(g.all())) for p, g in zip(picked.split(counts), (greedy == targets).split(counts))]

@@ -707,6 +707,15 @@ def batched_decode(shape: Dict[str, int], s: Settings, k: int, pad_id: int) -> D
     return out
 
 
+def _peak_memory(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """``benchmarks/_peak_memory.py``'s measurement of one call, in a fresh process."""
+    proc = subprocess.run([sys.executable, str(BENCH_DIR / "_peak_memory.py"), json.dumps(spec)],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"_peak_memory.py failed for {spec}:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def compress_memory(shape: Dict[str, int], s: Settings, k: int, threads: int) -> Dict[str, Any]:
     """Peak memory and time of ``compress`` in one pass vs in chunks, each call in a fresh process."""
     arch = _arch(shape, s.infer_max_seq_len)
@@ -714,12 +723,8 @@ def compress_memory(shape: Dict[str, int], s: Settings, k: int, threads: int) ->
     for p in tqdm(s.memory_prompt_lens, desc="compress memory", leave=False):
         row: Dict[str, Any] = {"prompt_len": p}
         for name, chunk in (("one_pass", p + k), ("chunked", s.memory_chunk_size)):
-            spec = {"arch": arch, "rows": s.memory_rows, "prompt_len": p, "k": k, "chunk_size": chunk, "threads": threads}
-            proc = subprocess.run([sys.executable, str(BENCH_DIR / "_compress_memory.py"), json.dumps(spec)],
-                                  capture_output=True, text=True, check=False)
-            if proc.returncode != 0:
-                raise RuntimeError(f"_compress_memory.py failed for {spec}:\n{proc.stderr[-2000:]}")
-            row[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+            row[name] = _peak_memory({"op": "compress", "arch": arch, "rows": s.memory_rows, "prompt_len": p, "k": k,
+                                      "chunk_size": chunk, "threads": threads})
         row["peak_ratio_one_pass_vs_chunked"] = row["one_pass"]["peak_bytes"] / max(row["chunked"]["peak_bytes"], 1)
         row["time_ratio_one_pass_vs_chunked"] = row["one_pass"]["time_s"] / row["chunked"]["time_s"]
         print(f"  compress, {s.memory_rows} rows of P={p}: one pass {row['one_pass']['peak_bytes'] / 2**20:.0f} MiB "
@@ -729,8 +734,32 @@ def compress_memory(shape: Dict[str, int], s: Settings, k: int, threads: int) ->
     return {"shape": shape, "rows_per_call": s.memory_rows, "k": k, "chunk_size": s.memory_chunk_size, "cells": rows}
 
 
+def score_memory(shape: Dict[str, int], s: Settings, k: int, threads: int) -> Dict[str, Any]:
+    """Peak memory and time of lm-eval's ``loglikelihood`` scoring in ``gist`` mode: ``score_continuations`` (the
+    prompt compressed, the continuation read after the K entries, in chunks) vs one full-sequence forward under the
+    dense gist mask (the scoring it replaced), each call in a fresh process."""
+    arch = _arch(shape, s.infer_max_seq_len)
+    cont_len, scored = 2 * s.cont_len, s.cont_len  # an input of cont_len / 2 tokens, then the scored answer
+    rows = []
+    for p in tqdm(s.memory_prompt_lens, desc="score memory", leave=False):
+        row: Dict[str, Any] = {"prompt_len": p}
+        for name, op in (("dense", "score_dense"), ("stores", "score")):
+            row[name] = _peak_memory({"op": op, "arch": arch, "rows": s.memory_rows, "prompt_len": p, "k": k,
+                                      "chunk_size": s.memory_chunk_size, "cont_len": cont_len, "scored": scored,
+                                      "threads": threads})
+        row["peak_ratio_dense_vs_stores"] = row["dense"]["peak_bytes"] / max(row["stores"]["peak_bytes"], 1)
+        row["time_ratio_dense_vs_stores"] = row["dense"]["time_s"] / row["stores"]["time_s"]
+        print(f"  score, {s.memory_rows} rows of P={p}: dense {row['dense']['peak_bytes'] / 2**20:.0f} MiB "
+              f"{row['dense']['time_s']:.2f} s, stores {row['stores']['peak_bytes'] / 2**20:.0f} MiB "
+              f"{row['stores']['time_s']:.2f} s", flush=True)
+        rows.append(row)
+    return {"shape": shape, "rows_per_call": s.memory_rows, "k": k, "chunk_size": s.memory_chunk_size,
+            "cont_len": cont_len, "scored": scored, "cells": rows}
+
+
 def bench_inference(s: Settings, tokenizer: Any, threads: int) -> Dict[str, Any]:
-    """Section 3: KV bytes, prefill/compress, decode and latency; stock decode; reuse many; compression memory."""
+    """Section 3: KV bytes, prefill/compress, decode and latency; stock decode; reuse many; compression and scoring
+    memory."""
     _section_header("3. inference")
     pad = tokenizer.pad_id
     main = inference_grid("gqa", s.infer_shape, s, s.ks, pad)
@@ -739,9 +768,10 @@ def bench_inference(s: Settings, tokenizer: Any, threads: int) -> Dict[str, Any]
     reuse = reuse_many(s.infer_shape, s, pad)
     batched = batched_decode(s.infer_shape, s, s.attn_k, pad)
     memory = compress_memory(s.infer_shape, s, s.attn_k, threads)
+    scoring = score_memory(s.infer_shape, s, s.attn_k, threads)
     return {
         "max_seq_len": s.infer_max_seq_len, "batch_size": 1, "shapes": {"gqa": main, "mha": attn}, "stock": stock,
-        "reuse": reuse, "batched": batched, "compress_memory": memory,
+        "reuse": reuse, "batched": batched, "compress_memory": memory, "score_memory": scoring,
     }
 
 
@@ -983,20 +1013,36 @@ def make_plots(res: Dict[str, Any], out: Path) -> List[str]:
 
         if "compress_memory" in inf:
             cm = inf["compress_memory"]
-            x = [c["prompt_len"] for c in cm["cells"]]
-            fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6), layout="constrained")
-            for key, style, label in (("one_pass", "o-k", "one pass"), ("chunked", "s-r", f"chunks of {cm['chunk_size']}")):
-                a1.plot(x, [c[key]["peak_bytes"] / 2**20 for c in cm["cells"]], style, label=label)
-                a2.plot(x, [c[key]["time_s"] for c in cm["cells"]], style, label=label)
-            for ax, ylabel in ((a1, "peak memory above baseline (MiB)"), (a2, "compress time (s)")):
-                ax.set_xscale("log", base=2)
-                ax.set_xlabel("prompt length P (tokens)")
-                ax.set_ylabel(ylabel)
-                ax.set_ylim(bottom=0)
-                ax.legend(fontsize=8)
-            fig.suptitle(f"compress: {cm['rows_per_call']} prompts per call, K={cm['k']}, gqa shape (CPU, fp32)", fontsize=10)
-            files.append(save_png(fig, out / "compress_memory.png").name)
+            variants = (("one_pass", "o-k", "one pass"), ("chunked", "s-r", f"chunks of {cm['chunk_size']}"))
+            title = f"compress: {cm['rows_per_call']} prompts per call, K={cm['k']}, gqa shape (CPU, fp32)"
+            files.append(_memory_plot(cm["cells"], variants, "compress time (s)", title, out / "compress_memory.png"))
+        if "score_memory" in inf:
+            sm = inf["score_memory"]
+            variants = (("dense", "o-k", "one forward, dense gist mask"), ("stores", "s-r", "score_continuations"))
+            title = (f"loglikelihood (gist mode): {sm['rows_per_call']} requests per call, {sm['scored']} of "
+                     f"{sm['cont_len']} continuation tokens scored, K={sm['k']}, gqa shape (CPU, fp32)")
+            files.append(_memory_plot(sm["cells"], variants, "scoring time (s)", title, out / "score_memory.png"))
     return files
+
+
+def _memory_plot(cells: List[Dict[str, Any]], variants: Sequence[Tuple[str, str, str]], time_label: str, title: str,
+                 path: Path) -> str:
+    """Peak memory and time against the prompt length, one line per ``(key, style, label)`` variant."""
+    import matplotlib.pyplot as plt  # after make_plots chose the Agg backend
+
+    x = [c["prompt_len"] for c in cells]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6), layout="constrained")
+    for key, style, label in variants:
+        a1.plot(x, [c[key]["peak_bytes"] / 2**20 for c in cells], style, label=label)
+        a2.plot(x, [c[key]["time_s"] for c in cells], style, label=label)
+    for ax, ylabel in ((a1, "peak memory above baseline (MiB)"), (a2, time_label)):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("prompt length P (tokens)")
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    return save_png(fig, path).name
 
 
 def _ms(x: float) -> str:
@@ -1243,7 +1289,7 @@ def _render_inference(inf: Dict[str, Any]) -> List[str]:
                  for c in cm["cells"]],
             ),
             "",
-            "Each call runs in a fresh process (`benchmarks/_compress_memory.py`); peak = the resident set's high-water mark "
+            "Each call runs in a fresh process (`benchmarks/_peak_memory.py`); peak = the resident set's high-water mark "
             "above the resident set just before the call. `compress` goes layer by layer (one layer's prompt keys/values "
             "held at a time) and, within a layer, `chunk_size` tokens per pass; one pass = `chunk_size` >= the prompt. A "
             "pass of `c` tokens over `t` cached ones builds a `[b, c, t]` mask (folded to `[b, 1, g*c, t]` for grouped-query "
@@ -1251,6 +1297,31 @@ def _render_inference(inf: Dict[str, Any]) -> List[str]:
             "Chunks also skip the masked upper half of the score matrix a single pass computes.",
             "",
             "![compress memory](compress_memory.png)",
+            "",
+        ]
+    if "score_memory" in inf:
+        sm = inf["score_memory"]
+        out += [
+            f"#### Memory of lm-eval's `loglikelihood` scoring (gist mode): one full-sequence forward vs "
+            f"`score_continuations` (`gqa` shape, {sm['rows_per_call']} requests per call, {sm['scored']} of "
+            f"{sm['cont_len']} continuation tokens scored, K={sm['k']}, chunks of {sm['chunk_size']})",
+            "",
+            table(
+                ["P", "dense forward: peak MiB", "score_continuations: peak MiB", "dense / stores (memory)",
+                 "dense s", "stores s", "dense / stores (time)"],
+                [[c["prompt_len"], fmt(c["dense"]["peak_bytes"] / 2**20), fmt(c["stores"]["peak_bytes"] / 2**20),
+                  f"{c['peak_ratio_dense_vs_stores']:.2f}x", fmt(c["dense"]["time_s"]), fmt(c["stores"]["time_s"]),
+                  f"{c['time_ratio_dense_vs_stores']:.2f}x"]
+                 for c in sm["cells"]],
+            ),
+            "",
+            "Same process protocol as above. The dense forward is how `loglikelihood` scored before "
+            "`score_continuations`: one pass over `[BOS] prompt G continuation` under the `[b, s, s]` gist mask (logits "
+            "only at the scored positions). `score_continuations` compresses the prompt as `compress` does, then feeds "
+            "the continuation after the K gist entries and computes logits only where tokens are scored: the scores "
+            "are the same (tests/test_generation.py compares them with full-sequence references).",
+            "",
+            "![score memory](score_memory.png)",
             "",
         ]
     return out

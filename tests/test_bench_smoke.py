@@ -43,9 +43,10 @@ def test_quick_writes_json_with_every_section(quick_run: Path) -> None:
     for v in variants.values():  # every variant holds the same real tokens
         assert v["token_slots"] * (1 - v["padding_fraction"]) == pytest.approx(res["packing"]["real_tokens"])
     assert res["inference"]["stock"] and res["inference"]["reuse"]["variants"]
-    for cell in res["inference"]["compress_memory"]["cells"]:  # each call measured in its own process
-        for variant in ("one_pass", "chunked"):
-            assert cell[variant]["time_s"] > 0 and cell[variant]["baseline_rss_bytes"] > 0
+    for section, variants in (("compress_memory", ("one_pass", "chunked")), ("score_memory", ("dense", "stores"))):
+        for cell in res["inference"][section]["cells"]:  # each call measured in its own process
+            for variant in variants:
+                assert cell[variant]["time_s"] > 0 and cell[variant]["baseline_rss_bytes"] > 0
     assert res["masks"]["sizes"]
     assert {g["met"] for g in res["goals"]} <= {True, False} and len(res["goals"]) >= 4
 
@@ -69,7 +70,8 @@ def test_quick_writes_markdown_and_plots(quick_run: Path) -> None:
     assert "## CPU" in report and "### Goals" in report and "torch.set_num_threads(1)" in report
     assert "No GPU was lent" in report
     res = json.loads((quick_run / "results_cpu.json").read_text())
-    expected = {"train_throughput.png", "packing.png", "kv_bytes.png", "decode.png", "reuse_many.png", "compress_memory.png"}
+    expected = {"train_throughput.png", "packing.png", "kv_bytes.png", "decode.png", "reuse_many.png", "compress_memory.png",
+                "score_memory.png"}
     assert set(res["plots"]) == expected
     for name in expected:
         assert (quick_run / name).read_bytes()[:8] == PNG_MAGIC, name

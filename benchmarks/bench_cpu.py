@@ -169,8 +169,8 @@ FULL = Settings(
     mask_sizes=((8, 2048), (4, 4096)),
     mask_reps=3,
     mask_doc_len=200,
-    memory_prompt_lens=(2048, 4096),
-    memory_rows=4,
+    memory_prompt_lens=(1024, 2048, 4096),
+    memory_rows=2,
     memory_chunk_size=DEFAULT_CHUNK_SIZE,
 )
 

@@ -196,12 +196,36 @@ def _decode(
     )
 
 
-def _store_after(model: TransformerDecoder, cache: GistCache, num_rows: int, slots: int) -> KVStore:
-    """A store of ``num_rows`` rows holding ``cache``'s K entries (a 1-row cache in every row), ``slots`` more free."""
+def _new_store(model: TransformerDecoder, num_rows: int, slots: int, cache: Optional[GistCache] = None) -> KVStore:
+    """A store of ``num_rows`` rows with ``slots`` free slots, after ``cache``'s K entries when one is given (a 1-row
+    cache in every row)."""
     device, dtype = model_device_dtype(model)
-    store = KVStore.empty(model, num_rows, cache.num_gist_tokens + slots, dtype=dtype, device=device)
-    store.append(cache.keys, cache.values)
+    k = 0 if cache is None else cache.num_gist_tokens
+    store = KVStore.empty(model, num_rows, k + slots, dtype=dtype, device=device)
+    if cache is not None:
+        store.append(cache.keys, cache.values)
     return store
+
+
+def _mode_inputs(
+    model: TransformerDecoder, prompts: _Rows, continuations: _Rows, mode: str, gist_token_ids: Optional[Sequence[int]]
+) -> Tuple[List[int], List[List[int]], List[List[int]]]:
+    """The gist ids, prompt rows and continuation rows of :func:`generate` and :func:`score_continuations`, checked.
+
+    Raises:
+        ValueError: for an unknown mode, prompts without their gist span at the end, mismatched batch sizes or
+            empty continuations.
+    """
+    if mode not in GENERATION_MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(GENERATION_MODES)}")
+    ids = resolve_gist_token_ids(model, gist_token_ids)
+    prompt_rows = token_rows(prompts, "prompts")
+    cont_rows = token_rows(continuations, "continuations")
+    if len(prompt_rows) != len(cont_rows):
+        raise ValueError(f"{len(prompt_rows)} prompts but {len(cont_rows)} continuations")
+    check_gist_suffix(prompt_rows, ids)
+    _check_continuations(cont_rows, ids)
+    return ids, prompt_rows, cont_rows
 
 
 def _control_rows(
@@ -271,7 +295,7 @@ def generate_from_cache(
         raise ValueError(f"{len(rows)} continuations for a gist cache of {cache.batch_size} rows (expected {cache.batch_size} or a 1-row cache)")
     start = cache.next_pos.expand(len(rows)).tolist()
     check_max_position(model, max(p + len(r) for p, r in zip(start, rows)) + max_new_tokens - 2, "generation")
-    store = _store_after(model, cache, len(rows), max(len(r) for r in rows) + max_new_tokens - 1)
+    store = _new_store(model, len(rows), max(len(r) for r in rows) + max_new_tokens - 1, cache)
     return _decode(
         model,
         store,
@@ -327,15 +351,7 @@ def generate(
             batch sizes, empty continuations, bad sampling settings, positions beyond ``max_seq_len``
             or a ``chunk_size`` that is not a whole number >= 1.
     """
-    if mode not in GENERATION_MODES:
-        raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(GENERATION_MODES)}")
-    ids = resolve_gist_token_ids(model, gist_token_ids)
-    prompt_rows = token_rows(prompts, "prompts")
-    cont_rows = token_rows(continuations, "continuations")
-    if len(prompt_rows) != len(cont_rows):
-        raise ValueError(f"{len(prompt_rows)} prompts but {len(cont_rows)} continuations")
-    check_gist_suffix(prompt_rows, ids)
-    _check_continuations(cont_rows, ids)
+    ids, prompt_rows, cont_rows = _mode_inputs(model, prompts, continuations, mode, gist_token_ids)
     suppress = ids if suppress_token_ids is None else suppress_token_ids
     sampling = dict(
         max_new_tokens=max_new_tokens,
@@ -356,8 +372,7 @@ def generate(
     check_pad_id(model, pad_id)
     _check_sampling(max_new_tokens, temperature, top_k)
     check_max_position(model, max(p + len(r) for p, r in zip(start, rows)) + max_new_tokens - 2, "generation")
-    device, dtype = model_device_dtype(model)
-    store = KVStore.empty(model, len(rows), max(len(r) for r in rows) + max_new_tokens - 1, dtype=dtype, device=device)
+    store = _new_store(model, len(rows), max(len(r) for r in rows) + max_new_tokens - 1)
     return _decode(model, store, rows, start, **sampling)
 
 
@@ -396,18 +411,12 @@ def score_continuations(
     Raises:
         ValueError: as :func:`generate`, or for a ``num_scored`` outside ``1 .. len(continuation) - 1``.
     """
-    if mode not in GENERATION_MODES:
-        raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(GENERATION_MODES)}")
-    ids = resolve_gist_token_ids(model, gist_token_ids)
-    prompt_rows = token_rows(prompts, "prompts")
-    cont_rows = token_rows(continuations, "continuations")
-    if not len(prompt_rows) == len(cont_rows) == len(num_scored):
+    ids, prompt_rows, cont_rows = _mode_inputs(model, prompts, continuations, mode, gist_token_ids)
+    if len(num_scored) != len(cont_rows):
         raise ValueError(f"{len(prompt_rows)} prompts, {len(cont_rows)} continuations and {len(num_scored)} num_scored")
     for i, (n, row) in enumerate(zip(num_scored, cont_rows)):
         if not is_whole(n, 1) or n >= len(row):
             raise ValueError(f"num_scored[{i}]={n!r} must be at least 1 and below the continuation's {len(row)} tokens")
-    check_gist_suffix(prompt_rows, ids)
-    _check_continuations(cont_rows, ids)
     check_token_range(model, prompt_rows + cont_rows, ids, "prompts and continuations")
     check_pad_id(model, pad_id)
     if mode == "gist":
@@ -416,12 +425,8 @@ def score_continuations(
     else:
         rows, start = _control_rows(mode, prompt_rows, cont_rows, len(ids))
     check_max_position(model, max(p + len(r) for p, r in zip(start, rows)) - 1, "scoring")
-    if mode == "gist":
-        cache = compress(model, prompt_rows, gist_token_ids=ids, pad_id=pad_id, chunk_size=chunk_size)
-        store = _store_after(model, cache, len(rows), max(len(r) for r in rows))
-    else:
-        device, dtype = model_device_dtype(model)
-        store = KVStore.empty(model, len(rows), max(len(r) for r in rows), dtype=dtype, device=device)
+    cache = compress(model, prompt_rows, gist_token_ids=ids, pad_id=pad_id, chunk_size=chunk_size) if mode == "gist" else None
+    store = _new_store(model, len(rows), max(len(r) for r in rows), cache)
     tokens, input_pos, valid = left_pad(rows, start, pad_id, store.valid.device)
     s = tokens.shape[1]
     predicting = torch.zeros_like(valid)  # left padding aligns the rows' ends: the scored tokens are the last n

@@ -725,45 +725,44 @@ def _peak_memory(spec: Dict[str, Any]) -> Dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _memory_cells(what: str, s: Settings, specs: Callable[[int], Dict[str, Dict[str, Any]]]) -> List[Dict[str, Any]]:
+    """For each of ``s.memory_prompt_lens``, :func:`_peak_memory` of the two variants ``specs(p)`` names (``{name:
+    spec}``, the baseline first) and the baseline's peak and time over the other's."""
+    cells = []
+    for p in tqdm(s.memory_prompt_lens, desc=f"{what} memory", leave=False):
+        (a, spec_a), (b, spec_b) = specs(p).items()
+        cell: Dict[str, Any] = {"prompt_len": p, a: _peak_memory(spec_a), b: _peak_memory(spec_b)}
+        cell[f"peak_ratio_{a}_vs_{b}"] = cell[a]["peak_bytes"] / max(cell[b]["peak_bytes"], 1)
+        cell[f"time_ratio_{a}_vs_{b}"] = cell[a]["time_s"] / cell[b]["time_s"]
+        print(f"  {what}, {s.memory_rows} rows of P={p}: " + ", ".join(
+            f"{n} {cell[n]['peak_bytes'] / 2**20:.0f} MiB {cell[n]['time_s']:.2f} s" for n in (a, b)), flush=True)
+        cells.append(cell)
+    return cells
+
+
 def compress_memory(shape: Dict[str, int], s: Settings, k: int, threads: int) -> Dict[str, Any]:
     """Peak memory and time of ``compress`` in one pass vs in chunks, each call in a fresh process."""
-    arch = _arch(shape, s.infer_max_seq_len)
-    rows = []
-    for p in tqdm(s.memory_prompt_lens, desc="compress memory", leave=False):
-        row: Dict[str, Any] = {"prompt_len": p}
-        for name, chunk in (("one_pass", p + k), ("chunked", s.memory_chunk_size)):
-            row[name] = _peak_memory({"op": "compress", "arch": arch, "rows": s.memory_rows, "prompt_len": p, "k": k,
-                                      "chunk_size": chunk, "threads": threads})
-        row["peak_ratio_one_pass_vs_chunked"] = row["one_pass"]["peak_bytes"] / max(row["chunked"]["peak_bytes"], 1)
-        row["time_ratio_one_pass_vs_chunked"] = row["one_pass"]["time_s"] / row["chunked"]["time_s"]
-        print(f"  compress, {s.memory_rows} rows of P={p}: one pass {row['one_pass']['peak_bytes'] / 2**20:.0f} MiB "
-              f"{row['one_pass']['time_s']:.2f} s, chunks of {s.memory_chunk_size} {row['chunked']['peak_bytes'] / 2**20:.0f} MiB "
-              f"{row['chunked']['time_s']:.2f} s", flush=True)
-        rows.append(row)
-    return {"shape": shape, "rows_per_call": s.memory_rows, "k": k, "chunk_size": s.memory_chunk_size, "cells": rows}
+    base = {"op": "compress", "arch": _arch(shape, s.infer_max_seq_len), "rows": s.memory_rows, "k": k, "threads": threads}
+    cells = _memory_cells("compress", s, lambda p: {
+        "one_pass": {**base, "prompt_len": p, "chunk_size": p + k},
+        "chunked": {**base, "prompt_len": p, "chunk_size": s.memory_chunk_size},
+    })
+    return {"shape": shape, "rows_per_call": s.memory_rows, "k": k, "chunk_size": s.memory_chunk_size, "cells": cells}
 
 
 def score_memory(shape: Dict[str, int], s: Settings, k: int, threads: int) -> Dict[str, Any]:
     """Peak memory and time of lm-eval's ``loglikelihood`` scoring in ``gist`` mode: ``score_continuations`` (the
     prompt compressed, the continuation read after the K entries, in chunks) vs one full-sequence forward under the
     dense gist mask (the scoring it replaced), each call in a fresh process."""
-    arch = _arch(shape, s.infer_max_seq_len)
     cont_len, scored = 2 * s.cont_len, s.cont_len  # an input of cont_len / 2 tokens, then the scored answer
-    rows = []
-    for p in tqdm(s.memory_prompt_lens, desc="score memory", leave=False):
-        row: Dict[str, Any] = {"prompt_len": p}
-        for name, op in (("dense", "score_dense"), ("stores", "score")):
-            row[name] = _peak_memory({"op": op, "arch": arch, "rows": s.memory_rows, "prompt_len": p, "k": k,
-                                      "chunk_size": s.memory_chunk_size, "cont_len": cont_len, "scored": scored,
-                                      "threads": threads})
-        row["peak_ratio_dense_vs_stores"] = row["dense"]["peak_bytes"] / max(row["stores"]["peak_bytes"], 1)
-        row["time_ratio_dense_vs_stores"] = row["dense"]["time_s"] / row["stores"]["time_s"]
-        print(f"  score, {s.memory_rows} rows of P={p}: dense {row['dense']['peak_bytes'] / 2**20:.0f} MiB "
-              f"{row['dense']['time_s']:.2f} s, stores {row['stores']['peak_bytes'] / 2**20:.0f} MiB "
-              f"{row['stores']['time_s']:.2f} s", flush=True)
-        rows.append(row)
+    base = {"arch": _arch(shape, s.infer_max_seq_len), "rows": s.memory_rows, "k": k, "chunk_size": s.memory_chunk_size,
+            "cont_len": cont_len, "scored": scored, "threads": threads}
+    cells = _memory_cells("score", s, lambda p: {
+        "dense": {**base, "op": "score_dense", "prompt_len": p},
+        "stores": {**base, "op": "score", "prompt_len": p},
+    })
     return {"shape": shape, "rows_per_call": s.memory_rows, "k": k, "chunk_size": s.memory_chunk_size,
-            "cont_len": cont_len, "scored": scored, "cells": rows}
+            "cont_len": cont_len, "scored": scored, "cells": cells}
 
 
 def bench_inference(s: Settings, tokenizer: Any, threads: int) -> Dict[str, Any]:
@@ -1295,14 +1294,7 @@ def _render_inference(inf: Dict[str, Any]) -> List[str]:
             f"#### Memory of `compress`: one pass vs chunks of {cm['chunk_size']} tokens (`gqa` shape, {cm['rows_per_call']} "
             f"prompts per call, K={cm['k']})",
             "",
-            table(
-                ["P", "one pass: peak MiB", "chunked: peak MiB", "one pass / chunked (memory)", "one pass s", "chunked s",
-                 "one pass / chunked (time)"],
-                [[c["prompt_len"], fmt(c["one_pass"]["peak_bytes"] / 2**20), fmt(c["chunked"]["peak_bytes"] / 2**20),
-                  f"{c['peak_ratio_one_pass_vs_chunked']:.2f}x", fmt(c["one_pass"]["time_s"]), fmt(c["chunked"]["time_s"]),
-                  f"{c['time_ratio_one_pass_vs_chunked']:.2f}x"]
-                 for c in cm["cells"]],
-            ),
+            _memory_table(cm["cells"], ("one_pass", "one pass"), ("chunked", "chunked")),
             "",
             "Each call runs in a fresh process (`benchmarks/_peak_memory.py`); peak = the resident set's high-water mark "
             "above the resident set just before the call. `compress` goes layer by layer (one layer's prompt keys/values "
@@ -1321,14 +1313,7 @@ def _render_inference(inf: Dict[str, Any]) -> List[str]:
             f"`score_continuations` (`gqa` shape, {sm['rows_per_call']} requests per call, {sm['scored']} of "
             f"{sm['cont_len']} continuation tokens scored, K={sm['k']}, chunks of {sm['chunk_size']})",
             "",
-            table(
-                ["P", "dense forward: peak MiB", "score_continuations: peak MiB", "dense / stores (memory)",
-                 "dense s", "stores s", "dense / stores (time)"],
-                [[c["prompt_len"], fmt(c["dense"]["peak_bytes"] / 2**20), fmt(c["stores"]["peak_bytes"] / 2**20),
-                  f"{c['peak_ratio_dense_vs_stores']:.2f}x", fmt(c["dense"]["time_s"]), fmt(c["stores"]["time_s"]),
-                  f"{c['time_ratio_dense_vs_stores']:.2f}x"]
-                 for c in sm["cells"]],
-            ),
+            _memory_table(sm["cells"], ("dense", "dense forward"), ("stores", "score_continuations")),
             "",
             "Same process protocol as above. The dense forward is how `loglikelihood` scored before "
             "`score_continuations`: one pass over `[BOS] prompt G continuation` under the `[b, s, s]` gist mask (logits "
@@ -1340,6 +1325,17 @@ def _render_inference(inf: Dict[str, Any]) -> List[str]:
             "",
         ]
     return out
+
+
+def _memory_table(cells: List[Dict[str, Any]], baseline: Tuple[str, str], other: Tuple[str, str]) -> str:
+    """The table of :func:`_memory_cells`' cells; ``baseline`` and ``other`` are ``(key, column label)``."""
+    (a, la), (b, lb) = baseline, other
+    return table(
+        ["P", f"{la}: peak MiB", f"{lb}: peak MiB", f"{la} / {lb} (memory)", f"{la} s", f"{lb} s", f"{la} / {lb} (time)"],
+        [[c["prompt_len"], fmt(c[a]["peak_bytes"] / 2**20), fmt(c[b]["peak_bytes"] / 2**20),
+          f"{c[f'peak_ratio_{a}_vs_{b}']:.2f}x", fmt(c[a]["time_s"]), fmt(c[b]["time_s"]), f"{c[f'time_ratio_{a}_vs_{b}']:.2f}x"]
+         for c in cells],
+    )
 
 
 THREADS_NOTE = (

@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 
 import torch
 
-from torchtune_gist._io import atomic_write_json, atomic_write_text
+from torchtune_gist._io import atomic_write_json, atomic_write_text, temporary_sibling
 
 CPU_JSON = "results_cpu.json"
 GPU_JSON = "results_gpu.json"
@@ -153,13 +153,9 @@ def save_png(fig: Any, path: Path) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with temporary_sibling(path) as tmp:
         tmp.write_bytes(buf.getvalue())
         os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -181,7 +181,7 @@ def test_merged_export_carries_the_base_folders_token_ids_and_files(tmp_path: Pa
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         (base / name).write_text("{}")
     for name in ("model-00001-of-00004.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                 "adapter_config.json", ".tokenizer.json.tmp123", "README.md"):
+                 "adapter_config.json", ".tokenizer.json.tmp-host-123", "README.md"):
         (base / name).write_text("not for the export")
     (base / "original").mkdir()
     out = export_merged_hf(gist_llama3_1_tiny(), tmp_path / "out", base_dir=base, extra_config={"eos_token_id": 128009})
@@ -271,6 +271,37 @@ def test_saved_checkpoints_are_readable_like_any_new_file(tmp_path: Path):
     assert os.stat(path).st_mode & 0o777 == 0o644
     assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]
     assert load_file(path)["w"].tolist() == [1.0, 1.0]
+
+
+def test_a_write_removes_the_temporary_file_a_killed_writer_left(tmp_path: Path):
+    """A process killed between writing and renaming leaves its temporary file beside the target; the next write of
+    that file removes it, but keeps one whose process still runs and those of other files."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from torchtune_gist._io import atomic_save_safetensors
+
+    target = tmp_path / "prompt.gist.safetensors"
+    writer = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom torchtune_gist._io import temporary_sibling\n"
+         "with temporary_sibling(sys.argv[1]) as tmp:\n    tmp.write_bytes(b'half')\n    print(tmp, flush=True)\n"
+         "    time.sleep(60)", str(target)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    left = Path(writer.stdout.readline().strip())
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    writer.stdout.close()
+    assert left.read_bytes() == b"half" and left.name == f".{target.name}.tmp-{socket.gethostname()}-{writer.pid}"
+    running = left.with_name(f".{target.name}.tmp-{socket.gethostname()}-{os.getppid()}")
+    other = left.with_name(f".other.safetensors.tmp-{socket.gethostname()}-{writer.pid}")
+    running.write_bytes(b"busy")
+    other.write_bytes(b"half")
+    atomic_save_safetensors({"w": torch.ones(2)}, target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, running.name, other.name])
 
 
 def test_every_atomic_write_reaches_the_disk_before_its_rename(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

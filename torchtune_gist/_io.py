@@ -1,14 +1,18 @@
 """Crash-safe file writing: everything the project writes goes to a temporary name, then is renamed.
 
-Files are fsynced before the rename; whole directories (a checkpoint: adapter, recipe state, merged export)
+Files are fsynced before the rename and written under a name that carries the host and process id, so a later write
+of the same file removes what a killed process left (:func:`temporary_sibling`); whole directories (a checkpoint: adapter, recipe state, merged export)
 are written under a hidden temporary name and published by :func:`replace_directory`.
 """
 
+import glob
 import json
 import os
 import shutil
+import socket
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Iterator, Optional, Union
 
 import torch
 from safetensors.torch import save_file
@@ -31,37 +35,61 @@ def _new_file_mode() -> int:
     return 0o666 & ~umask
 
 
+def _process_alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this host (one of another user counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def temporary_sibling(path: Union[str, Path]) -> Iterator[Path]:
+    """A hidden name beside ``path`` to write into before renaming it to ``path``: ``.NAME.tmp-HOST-PID``.
+
+    Creates the parent directory. Temporary files for the same ``path`` that a process on this host left when it was
+    killed mid-write (its pid no longer runs) are removed first; the yielded one is removed on exit unless renamed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{path.name}.tmp-{socket.gethostname()}-"
+    for leftover in path.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = leftover.name[len(prefix):]
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+            leftover.unlink(missing_ok=True)
+    tmp = path.with_name(f"{prefix}{os.getpid()}")
+    try:
+        yield tmp
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def atomic_save_safetensors(
     tensors: Dict[str, torch.Tensor], path: Union[str, Path], metadata: Optional[Dict[str, str]] = None
 ) -> Path:
     """Write ``tensors`` as safetensors to ``path`` atomically (temporary file, fsync, rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with temporary_sibling(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, _new_file_mode())
         os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
 def atomic_write_text(text: str, path: Union[str, Path]) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically (temporary file, fsync, rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with temporary_sibling(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -73,15 +101,11 @@ def atomic_write_json(obj: Any, path: Union[str, Path]) -> Path:
 def atomic_copy(src: Union[str, Path], path: Union[str, Path]) -> Path:
     """Copy the file ``src`` to ``path`` atomically (temporary file, fsync, rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with temporary_sibling(path) as tmp:
         shutil.copyfile(src, tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

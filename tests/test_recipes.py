@@ -325,22 +325,22 @@ def test_a_second_ctrl_c_stops_at_once_but_not_a_copy_of_the_first():
 def test_an_interrupted_save_leaves_the_earlier_checkpoints_whole(assets, tmp_path, monkeypatch):
     """A crash while an epoch's checkpoint is written (here: in the merged export, its last part) leaves no
     ``epoch_0``: resume takes ``step_3`` and writes the epoch's checkpoint whole, merged export included."""
-    import torchtune_gist.training as training_module
+    import torchtune_gist.training._recipe as recipe_module
     from torchtune_gist.training import latest_checkpoint
 
     common = {"max_steps_per_epoch": 6, "save_every_n_steps": 3, "epochs": 1, "dataset.num_samples": 128}
     cfg = load_cfg(SINGLE, overrides(assets, tmp_path, **common))
-    export = training_module.export_merged_hf
+    export = recipe_module.export_merged_hf
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(training_module, "export_merged_hf", crash)
+    monkeypatch.setattr(recipe_module, "export_merged_hf", crash)
     with pytest.raises(KeyboardInterrupt):
         run_in_process(cfg)
     assert not (tmp_path / "epoch_0").exists() and latest_checkpoint(tmp_path) == tmp_path / "step_3"
     (tmp_path / ".epoch_0.partial").rename(tmp_path / ".step_5.partial")  # a leftover no later save would overwrite
-    monkeypatch.setattr(training_module, "export_merged_hf", export)
+    monkeypatch.setattr(recipe_module, "export_merged_hf", export)
     resumed = run_in_process(load_cfg(SINGLE, overrides(assets, tmp_path, resume_from_checkpoint=True, **common)))
     assert resumed.global_step == 6
     assert_checkpoint_loads(tmp_path / "epoch_0", 4)

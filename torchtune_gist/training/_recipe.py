@@ -1,10 +1,9 @@
-"""Gist fine-tuning logic shared by the ``gist_lora_single_device`` and ``gist_lora_distributed`` recipes.
+"""The training loop both gist LoRA recipes run: :class:`GistFinetuneRecipeBase`.
 
 The recipes differ only in how the model is built and sharded and how numbers are reduced across
-ranks; everything gist-specific lives here once: checking that model, tokenizer and data agree on
-the gist tokens, building gist batches (mask mode, padding or packing, ``BlockMask`` on CUDA),
-the masked forward and loss, the training loop with gradient accumulation, validation, and
-crash-safe checkpoints that resume exactly.
+ranks; the base class does the rest once: checking that model, tokenizer and data agree on the gist
+tokens, building gist batches (mask mode, padding or packing, ``BlockMask`` on CUDA), the masked
+forward and loss, gradient accumulation, validation, and crash-safe checkpoints that resume exactly.
 
 Checkpoint layout (each directory written whole under a hidden temporary name, then renamed into place, so
 an interrupted save leaves the earlier checkpoints and never a partial one)::
@@ -19,22 +18,15 @@ SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption) during training finishes t
 saves ``step_<N>`` and returns; a second Ctrl-C (seconds later) stops at once.
 """
 
-import inspect
-import json
 import math
-import re
-import shutil
 import signal
-import threading
 import time
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
-from safetensors import SafetensorError, safe_open
+from omegaconf import DictConfig, ListConfig
 from safetensors.torch import load_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
@@ -47,16 +39,8 @@ from torchtune.recipe_interfaces import FTRecipeInterface
 from torchtune.utils._import_guard import _SUPPORTS_FLEX_ATTENTION
 from tqdm import tqdm
 
-from torchtune_gist._checks import as_positive_int, is_whole
-from torchtune_gist._io import (
-    atomic_save_safetensors,
-    leftover_directory_of,
-    partial_directory,
-    replace_directory,
-    unwritable_reason,
-)
+from torchtune_gist._io import partial_directory, replace_directory, unwritable_reason
 from torchtune_gist.checkpointing import (
-    check_gist_adapter,
     check_not_merged_export,
     export_merged_hf,
     gist_adapter_path,
@@ -65,530 +49,45 @@ from torchtune_gist.checkpointing import (
     save_gist_adapter,
 )
 from torchtune_gist.data import PackedGistDataset, padded_gist_collate
-from torchtune_gist.gist_tokens import gist_token_ids
 from torchtune_gist.masks import MASK_MODES
-from torchtune_gist.modules import get_gist_embedding, initial_gist_rows, output_at, state_dict_name
+from torchtune_gist.modules import initial_gist_rows
+from torchtune_gist.training._loss import masked_loss
+from torchtune_gist.training._settings import (
+    TRAINING_KEYS,
+    build_tokenizer,
+    check_batch_length,
+    check_collate_fn,
+    check_dataset_gist_ids,
+    check_input_files,
+    check_required_keys,
+    check_setting_types,
+    check_supported_features,
+    count_setting,
+    get_device,
+)
+from torchtune_gist.training._signals import StopRequest
+from torchtune_gist.training._state import (
+    ADAPTER_FILE,
+    CHECKPOINT_NAME,
+    RECIPE_STATE_FILE,
+    latest_checkpoint,
+    load_recipe_state,
+    read_recipe_progress,
+    remove_leftover_checkpoints,
+    save_recipe_state,
+)
+from torchtune_gist.training._weights import StartingAdapter, check_base_shapes, check_gist_setup
 
 log = utils.get_logger("INFO")
 
-ADAPTER_FILE = "gist_adapter.safetensors"
-RECIPE_STATE_FILE = "recipe_state.safetensors"
-_CHECKPOINT_NAME = re.compile(r"^(step|epoch)_(\d+)$")
-_TRAINABLE_KEY_PARTS = ("lora_a", "lora_b", "magnitude", "gist_embeddings")
-_MODEL_INPUTS = ("tokens", "mask", "input_pos")
 # How the gist mask reaches attention: dense [b, s, s], FlexAttention BlockMask, or causal segments.
 MASK_FORMATS = ("dense", "block", "segments")
 # mask_format=auto without FlexAttention: segments from this row length (CPU SDPA's causal kernel skips key
 # blocks of 512, so shorter rows gain nothing from segments and pay their per-row calls), dense below.
 SEGMENT_MIN_LEN = 512
-# torchtune recipe features (config key, the setting that turns it on) that the gist recipes do not implement.
-_UNSUPPORTED_FEATURES = (("enable_activation_offloading", True), ("optimizer_in_bwd", True), ("profiler.enabled", True))
 # mask_format=block: padded batches are padded to a multiple of FlexAttention's block size, so that torchtune's
 # compiled flex_attention (dynamic=False) compiles once per multiple, not once per batch length.
 FLEX_BLOCK_SIZE = 128
-
-
-def get_device(device: Optional[str]) -> torch.device:
-    """torchtune's ``utils.get_device``, but ``cuda`` on a machine without CUDA is a clear error (torchtune
-    falls back to the CPU, where a bf16 config then fails with a message about bf16), and so is a name that is
-    not a device (``gpu``: torch's own message lists twenty device types)."""
-    if device is not None:
-        parse_device(device, " (or null to pick one)")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device={device} but this machine has no CUDA GPU: run on one, or set device=cpu")
-    return utils.get_device(device=device)
-
-
-def parse_device(device: str, hint: str = "") -> torch.device:
-    """``torch.device(device)``, or a ValueError naming ``device`` (with ``hint`` after the choices) for a name that is
-    not a device."""
-    try:
-        return torch.device(str(device))
-    except RuntimeError:
-        raise ValueError(f"device={device!r} is not a device: use cpu, cuda or cuda:N{hint}") from None
-
-
-def check_setting_types(cfg: DictConfig) -> None:
-    """Check the settings torchtune would otherwise reject deep inside its own code, or take silently: ``seed`` (a
-    whole number or null), ``optimizer.lr`` and ``clip_grad_norm`` (numbers > 0; the latter may be null),
-    ``lr_scheduler.num_warmup_steps`` (a whole number >= 0) and ``checkpointer.model_type`` (one of torchtune's).
-
-    Raises:
-        ValueError: naming the key and what it takes.
-    """
-    seed = cfg.get("seed")
-    if seed is not None and not is_whole(seed, 0):
-        raise ValueError(f"seed={seed!r} must be a whole number >= 0, or null for a random one")
-    numbers = (("optimizer.lr", cfg.get("optimizer", {}).get("lr"), ""),
-               ("clip_grad_norm", cfg.get("clip_grad_norm"), ", or null for no clipping"))
-    for key, value, alternative in numbers:
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
-            raise ValueError(f"{key}={value!r} must be a number > 0{alternative}")
-    warmup = cfg.get("lr_scheduler", {}).get("num_warmup_steps")
-    if warmup is not None and not is_whole(warmup, 0):
-        raise ValueError(f"lr_scheduler.num_warmup_steps={warmup!r} must be a whole number >= 0")
-    model_type = cfg.get("checkpointer", {}).get("model_type")
-    known = [m.name for m in training.ModelType]
-    if model_type is not None and str(model_type) not in known:
-        raise ValueError(f"checkpointer.model_type={model_type!r} is not one of torchtune's model types: {', '.join(known)}")
-
-
-def check_gist_setup(model: nn.Module, tokenizer: Any, num_gist_tokens: int, mask_mode: str) -> List[int]:
-    """Check that model, tokenizer and configuration agree on the gist tokens; return the gist ids.
-
-    Raises:
-        ValueError: for an unknown mask mode, a model that is not gist-aware, or a model whose K or
-            gist ids differ from the configuration's and the tokenizer's.
-    """
-    if mask_mode not in MASK_MODES:
-        raise ValueError(f"mask_mode={mask_mode!r} is not one of {', '.join(MASK_MODES)}")
-    emb = get_gist_embedding(model)
-    ids = gist_token_ids(tokenizer, num_gist_tokens)
-    if emb.num_gist_tokens != num_gist_tokens:
-        raise ValueError(
-            f"the model has {emb.num_gist_tokens} gist tokens but num_gist_tokens={num_gist_tokens} in the "
-            "configuration: set model.num_gist_tokens and dataset.num_gist_tokens from one value"
-        )
-    if list(emb.gist_token_ids) != ids:
-        raise ValueError(f"the model's gist ids {list(emb.gist_token_ids)} differ from the tokenizer's {ids}")
-    return ids
-
-
-def check_base_keys(missing: List[str], unexpected: List[str]) -> None:
-    """Check a base-model load: only gist rows and LoRA weights may be missing, nothing unexpected.
-
-    Raises:
-        ValueError: naming the offending keys.
-    """
-    bad_missing = [k for k in missing if not any(part in k for part in _TRAINABLE_KEY_PARTS)]
-    if bad_missing or unexpected:
-        raise ValueError(
-            "the base checkpoint does not fit the model: "
-            f"missing base weights {bad_missing[:8]}{'...' if len(bad_missing) > 8 else ''}, "
-            f"unexpected keys {list(unexpected)[:8]}{'...' if len(unexpected) > 8 else ''}"
-        )
-
-
-def check_base_shapes(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> None:
-    """Refuse base weights of another model size before anything loads them.
-
-    Raises:
-        ValueError: naming the first mismatched weights and the two config keys that must agree.
-    """
-    ours = {**dict(model.named_parameters()), **dict(model.named_buffers())}  # not state_dict(): QLoRA's dequantises
-    wrong = [
-        f"{k}: checkpoint {list(v.shape)} vs model {list(ours[k].shape)}"
-        for k, v in state_dict.items()
-        if k in ours and tuple(v.shape) != tuple(ours[k].shape)
-    ]
-    if wrong:
-        more = f" (and {len(wrong) - 3} more)" if len(wrong) > 3 else ""
-        raise ValueError(
-            f"the base checkpoint does not fit the model: {'; '.join(wrong[:3])}{more}. The checkpointer "
-            "(checkpointer.checkpoint_dir) and the model builder (model._component_) must be of the same model size"
-        )
-
-
-def initialize_dora_magnitudes(model: nn.Module) -> None:
-    """Set every DoRA magnitude from the loaded base weights (and the LoRA weights), as torchtune's recipes do.
-
-    Call it after the base weights load and before an adapter loads (a trained magnitude then wins).
-    """
-    with torch.no_grad():
-        for m in model.modules():
-            if hasattr(m, "initialize_dora_magnitude"):
-                m.initialize_dora_magnitude()
-
-
-def load_base_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> None:
-    """Load base weights into a gist-aware model (gist rows and LoRA stay as they are) and initialise DoRA.
-
-    Raises:
-        ValueError: as :func:`check_base_keys`.
-    """
-    check_base_shapes(model, state_dict)
-    check_base_keys(*model.load_state_dict(state_dict, strict=False))
-    initialize_dora_magnitudes(model)
-
-
-#: The top-level keys each recipe reads without a default; the others are optional.
-TRAINING_KEYS = (
-    "model", "tokenizer", "checkpointer", "dataset", "optimizer", "lr_scheduler", "loss", "metric_logger",
-    "output_dir", "num_gist_tokens", "epochs", "batch_size", "gradient_accumulation_steps", "shuffle", "seed",
-    "device", "dtype",
-)
-GENERATE_KEYS = ("model", "tokenizer", "checkpointer", "num_gist_tokens", "prompt_transform", "max_new_tokens",
-                 "temperature", "device", "dtype")
-
-
-def check_required_keys(cfg: DictConfig, keys: Tuple[str, ...], recipe: str, example: str) -> None:
-    """Raise naming every key of ``keys`` the config lacks (a generation config given to a training recipe, or the
-    other way round), before anything reads them.
-
-    Raises:
-        ValueError: naming the missing keys, the recipe and a config to start from.
-    """
-    missing = [key for key in keys if key not in cfg]
-    if missing:
-        raise ValueError(
-            f"the config has no {', '.join(missing)}, which {recipe} reads: is it a config for another recipe? "
-            f"Start from one like {example}"
-        )
-
-
-def check_supported_features(cfg: DictConfig) -> None:
-    """Refuse torchtune recipe features that the gist recipes do not implement (rather than ignore them).
-
-    Raises:
-        ValueError: naming the config key to remove.
-    """
-    for key, on in _UNSUPPORTED_FEATURES:
-        if OmegaConf.select(cfg, key, default=None) == on:
-            raise ValueError(
-                f"{key}={on} is a torchtune recipe feature that the gist recipes do not implement: "
-                f"remove {key} from the config or set it to {not on}"
-            )
-    if cfg.get("run_val_every_n_steps") and cfg.get("validation_dataset") is None:
-        raise ValueError(
-            f"run_val_every_n_steps={cfg.run_val_every_n_steps} but no validation_dataset is configured: "
-            "add a validation_dataset or set run_val_every_n_steps=null"
-        )
-
-
-def _missing_path_message(key: str, value: str, want_dir: bool) -> Optional[str]:
-    path = Path(value)
-    if path.is_dir() if want_dir else path.is_file():
-        return None
-    where = "" if path.is_absolute() else f" (relative to the current directory {Path.cwd()})"
-    what = "a directory" if want_dir else "a file"
-    return f"{key}: {value}{where} is not {what}"
-
-
-#: How to point a recipe's config key at a file: ``tune run`` takes overrides after the config.
-RECIPE_OVERRIDE_HINT = "or point a key elsewhere on the command line (KEY=PATH)"
-
-
-def check_input_files(
-    cfg: DictConfig, sections: Tuple[str, ...] = ("tokenizer", "checkpointer"), *, hint: str = RECIPE_OVERRIDE_HINT
-) -> None:
-    """Check that the files a config reads exist before anything is built: the tokenizer's files (its keys ending
-    in ``path`` or ``file``) and the checkpointer's ``checkpoint_dir`` and ``checkpoint_files`` (when a list).
-    ``hint`` says how the caller's users point a key elsewhere.
-
-    Raises:
-        FileNotFoundError: naming every missing file with its config key and how to point the key elsewhere.
-    """
-    problems = []
-    tokenizer = cfg.get("tokenizer") if "tokenizer" in sections else None
-    for key, value in (tokenizer or {}).items():
-        if isinstance(value, str) and key != "_component_" and key.endswith(("path", "file")):
-            problems.append(_missing_path_message(f"tokenizer.{key}", value, want_dir=False))
-    checkpointer = cfg.get("checkpointer") if "checkpointer" in sections else None
-    if checkpointer is not None and checkpointer.get("checkpoint_dir") is not None:
-        directory = str(checkpointer.checkpoint_dir)
-        problems.append(_missing_path_message("checkpointer.checkpoint_dir", directory, want_dir=True))
-        files = checkpointer.get("checkpoint_files")
-        if problems[-1] is None and isinstance(files, (list, ListConfig)):
-            problems += [
-                _missing_path_message("checkpointer.checkpoint_files", str(Path(directory) / str(f)), want_dir=False)
-                for f in files
-            ]
-    problems = [p for p in problems if p is not None]
-    if problems:
-        raise FileNotFoundError(
-            "\n  ".join(["the config names files that are not there:", *problems])
-            + f"\nThe config's header comments say how to make or download them; {hint}."
-        )
-
-
-def build_tokenizer(cfg: DictConfig) -> Any:
-    """The config's ``tokenizer`` section, instantiated.
-
-    Raises:
-        ValueError: naming the section's component and files when the tokenizer cannot read them (a file of another
-            kind: a ``tokenizer.json`` given to the Llama 3 tokenizer, weights, a malformed special-tokens file).
-    """
-    section = cfg.tokenizer
-    try:
-        return config.instantiate(section)
-    except Exception as e:  # tiktoken, json and the tokenizers library each raise their own kind
-        files = ", ".join(
-            f"tokenizer.{key}={value}" for key, value in section.items() if isinstance(value, str) and key != "_component_"
-        )
-        raise ValueError(
-            f"{section.get('_component_')} could not be built from {files or 'its settings'}: {e}\n"
-            "Is each file the kind this tokenizer reads? (Llama 3.1: original/tokenizer.model; SmolLM2: tokenizer.json)"
-        ) from e
-
-
-def count_setting(cfg: DictConfig, key: str, *, default: Optional[int] = None, optional: bool = False) -> Optional[int]:
-    """``cfg[key]`` as a whole number >= 1 (``default`` when absent; ``None`` allowed when ``optional``).
-
-    Raises:
-        ValueError: naming the key, for anything else (0, -1, 2.5, "abc", True).
-    """
-    value = cfg.get(key, default)
-    if value is None and optional:
-        return None
-    count = as_positive_int(value)
-    if count is None:
-        raise ValueError(f"{key}={value!r} must be a whole number >= 1" + (" (or null)" if optional else ""))
-    return count
-
-
-def check_collate_fn(collate_fn: Callable[..., Any], name: str, kwargs: Dict[str, Any]) -> None:
-    """Check that ``collate_fn`` takes the keyword arguments the gist recipes pass (``gist_token_ids``, ...).
-
-    Raises:
-        ValueError: naming ``collate_fn`` and the two gist collators.
-    """
-    params = inspect.signature(collate_fn).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    missing = [k for k in kwargs if k not in params]
-    if missing:
-        raise ValueError(
-            f"collate_fn={name} does not take {', '.join(missing)}: the gist recipes build the gist mask in the "
-            "collator; set collate_fn to torchtune_gist.data.padded_gist_collate (packed datasets: "
-            "torchtune_gist.data.packed_gist_collate), or remove collate_fn"
-        )
-
-
-def check_dataset_gist_ids(dataset: Any, cfg_dataset: DictConfig, key: str, model_ids: List[int]) -> None:
-    """Check that a dataset lays out the model's gist ids: its ``gist_token_ids`` (the gist datasets'), or else
-    (packed datasets) the ``num_gist_tokens`` of its config; a dataset with neither is not checked.
-
-    Raises:
-        ValueError: naming both values and the fix.
-    """
-    ids = getattr(dataset, "gist_token_ids", None)
-    fix = f"set {key}.num_gist_tokens and model.num_gist_tokens from one num_gist_tokens (${{num_gist_tokens}})"
-    if ids is not None:
-        if list(ids) != list(model_ids):
-            raise ValueError(
-                f"{key} lays out {len(ids)} gist tokens {list(ids)}, but the model has {len(model_ids)} "
-                f"{list(model_ids)}: {fix}"
-            )
-    elif cfg_dataset.get("num_gist_tokens") is not None and cfg_dataset.num_gist_tokens != len(model_ids):
-        raise ValueError(f"{key}.num_gist_tokens={cfg_dataset.num_gist_tokens}, but the model has {len(model_ids)} gist tokens: {fix}")
-
-
-def check_adapter_state(model: nn.Module, adapter_state_dict: Dict[str, torch.Tensor]) -> None:
-    """Check that gist rows / LoRA weights to load fit ``model`` (names and shapes).
-
-    Raises:
-        TypeError: if the model is not gist-aware.
-        ValueError: naming the keys that the model lacks or whose shapes differ (for instance a
-            checkpoint trained with another K).
-    """
-    get_gist_embedding(model)
-    shapes = {state_dict_name(n): tuple(p.shape) for n, p in model.named_parameters()}
-    unknown = [k for k in adapter_state_dict if k not in shapes]
-    wrong = [f"{k}: checkpoint {tuple(v.shape)} vs model {shapes[k]}" for k, v in adapter_state_dict.items() if k in shapes and tuple(v.shape) != shapes[k]]
-    if unknown or wrong:
-        raise ValueError(f"the gist/LoRA checkpoint does not fit the model: unknown keys {unknown[:8]}, shape mismatches {wrong[:8]}")
-
-
-@dataclass(frozen=True)
-class StartingAdapter:
-    """The gist rows and LoRA weights a run starts from.
-
-    Fresh gist rows carry no file; an ``initial_adapter`` or a resumed checkpoint also carries the config key that
-    named it, its path and its safetensors metadata (K, gist ids, LoRA rank, alpha and DoRA), checked in full.
-    """
-
-    state_dict: Dict[str, torch.Tensor]
-    key: Optional[str] = None
-    path: Optional[Path] = None
-    metadata: Optional[Dict[str, Any]] = None
-
-    def check(self, model: nn.Module) -> None:
-        """Raise ``ValueError`` (naming the config key) if ``model`` cannot load these weights."""
-        if self.path is None:
-            check_adapter_state(model, self.state_dict)
-            return
-        try:
-            check_gist_adapter(model, self.path, self.metadata or {}, self.state_dict)
-        except ValueError as e:
-            raise ValueError(f"{self.key}: {e}") from e
-
-
-def check_batch_length(batch: Dict[str, Any], max_seq_len: int, key: str) -> None:
-    """Refuse a batch longer than the model's ``max_seq_len`` before the forward pass (torchtune's error names
-    neither the data nor the settings to change).
-
-    Raises:
-        ValueError: naming ``key``'s settings that bound the row length.
-    """
-    length = batch["tokens"].shape[-1]
-    if length > max_seq_len:
-        raise ValueError(
-            f"a {key} batch has rows of {length} tokens, beyond the model's max_seq_len={max_seq_len}: bound the rows "
-            f"with {key}.max_seq_len (instruction data: longer records are truncated or dropped, see {key}.truncation) "
-            f"or a smaller {key}.context_tokens (passkey data), or use a model built with a larger max_seq_len"
-        )
-
-
-def model_inputs(batch: Dict[str, Any]) -> Dict[str, Any]:
-    """The keys of a gist batch that the model takes (``tokens``, ``mask``, ``input_pos``)."""
-    return {k: batch[k] for k in _MODEL_INPUTS if k in batch}
-
-
-def masked_loss(
-    model: nn.Module, batch: Dict[str, Any], loss_fn: nn.Module, ignore_index: int
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Forward a gist batch (mask and positions included) and return ``(sum of losses, tokens)``.
-
-    Labels are aligned with tokens and shifted here, torchtune's convention. The output projection
-    runs only where a label is (:func:`~torchtune_gist.modules.output_at`), unless the model returns
-    chunked logits for ``CEWithChunkedOutputLoss``. ``loss_fn`` averages over its labelled positions.
-    """
-    labels = batch["labels"]
-    labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], ignore_index)], dim=1)
-    labelled = labels != ignore_index
-    num_tokens = labelled.sum()
-    if getattr(model, "num_output_chunks", 0):
-        return loss_fn(model(**model_inputs(batch)), labels) * num_tokens, num_tokens
-    with output_at(model, labelled):
-        logits = model(**model_inputs(batch))
-    if logits.shape[0] == 0:
-        return logits.sum(), num_tokens
-    return loss_fn(logits, labels[labelled]) * num_tokens, num_tokens
-
-
-def _flatten_optimizer_state(state: Dict[str, Any]) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
-    tensors, scalars = {}, {}
-    for fqn, entries in state["state"].items():
-        for name, value in entries.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"optim.{fqn}.{name}"] = value
-            else:
-                scalars[f"{fqn}.{name}"] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
-
-
-def _unflatten_optimizer_state(tensors: Dict[str, torch.Tensor], meta: Dict[str, Any]) -> Dict[str, Any]:
-    state: Dict[str, Dict[str, Any]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            fqn, name = key[len("optim.") :].rsplit(".", 1)
-            state.setdefault(fqn, {})[name] = value
-    for key, value in meta["scalars"].items():
-        fqn, name = key.rsplit(".", 1)
-        state.setdefault(fqn, {})[name] = value
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def save_recipe_state(
-    path: Path, *, optimizer_state: Dict[str, Any], progress: Dict[str, Any], rng_states: Dict[str, torch.Tensor]
-) -> None:
-    """Write optimizer state, RNG states (``cpu``, and ``cuda`` when training there) and progress (JSON) to one
-    safetensors file, atomically."""
-    tensors, optim_meta = _flatten_optimizer_state(optimizer_state)
-    tensors.update({f"rng_state.{device}": state for device, state in rng_states.items()})
-    metadata = {"format": "torchtune-gist-recipe-state", "progress": json.dumps(progress), "optim": json.dumps(optim_meta)}
-    atomic_save_safetensors(tensors, path, metadata=metadata)
-
-
-def _read_recipe_state(path: Path, *, tensors: bool) -> Tuple[Dict[str, str], Dict[str, torch.Tensor]]:
-    """The metadata of a file written by :func:`save_recipe_state` and, if ``tensors``, its tensors.
-
-    Raises:
-        ValueError: if ``path`` is unreadable or not a recipe state file.
-    """
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != "torchtune-gist-recipe-state":
-                raise ValueError(f"{path} is not a torchtune-gist recipe state file")
-            return meta, ({k: f.get_tensor(k) for k in f.keys()} if tensors else {})
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
-
-
-def read_recipe_progress(path: Path) -> Dict[str, Any]:
-    """The progress (step, epoch, seed, settings, ...) of a file written by :func:`save_recipe_state`, without
-    reading its tensors.
-
-    Raises:
-        ValueError: if ``path`` is unreadable or not a recipe state file.
-    """
-    return json.loads(_read_recipe_state(path, tensors=False)[0]["progress"])
-
-
-def load_recipe_state(path: Path) -> Tuple[Dict[str, Any], Dict[str, Any], Dict[str, torch.Tensor]]:
-    """Read ``(optimizer_state, progress, rng_states)`` written by :func:`save_recipe_state`.
-
-    Raises:
-        ValueError: if ``path`` is unreadable or not a recipe state file.
-    """
-    meta, tensors = _read_recipe_state(path, tensors=True)
-    rng = {k.split(".", 1)[1]: tensors.pop(k) for k in list(tensors) if k.startswith("rng_state.")}
-    if "rng_state" in tensors:  # files written before the GPU's state was saved too
-        rng["cpu"] = tensors.pop("rng_state")
-    return _unflatten_optimizer_state(tensors, json.loads(meta["optim"])), json.loads(meta["progress"]), rng
-
-
-def remove_leftover_checkpoints(output_dir: Path) -> List[Path]:
-    """Delete what interrupted saves left under ``output_dir`` (``.step_N.partial``, ``.epoch_E.old``, ...);
-    returns them."""
-    leftovers = [
-        d for d in Path(output_dir).glob(".*") if d.is_dir() and _CHECKPOINT_NAME.match(leftover_directory_of(d.name) or "")
-    ]
-    for d in leftovers:
-        shutil.rmtree(d)
-    return leftovers
-
-
-def latest_checkpoint(output_dir: Path) -> Optional[Path]:
-    """The complete checkpoint directory (``step_<N>`` or ``epoch_<E>``) under ``output_dir`` with the highest
-    global step, if any; at equal steps the epoch's. Unreadable ones are skipped with a warning."""
-    best: Tuple[Tuple[int, bool], Optional[Path]] = ((-1, False), None)
-    for state_file in Path(output_dir).glob(f"*/{RECIPE_STATE_FILE}"):
-        match = _CHECKPOINT_NAME.match(state_file.parent.name)
-        if match is None or not (state_file.parent / ADAPTER_FILE).exists():
-            continue
-        try:
-            step = read_recipe_progress(state_file).get("global_step", -1)
-        except ValueError as e:
-            log.warning(f"skipping {state_file.parent}: {e}")
-            continue
-        key = (step, match.group(1) == "epoch")
-        if key > best[0]:
-            best = (key, state_file.parent)
-    return best[1]
-
-
-class StopRequest:
-    """While entered (in the main thread), SIGINT and SIGTERM set :attr:`requested` (and :attr:`signum`) instead of
-    ending the process: training saves a checkpoint after the optimizer step under way, then returns. A second
-    SIGINT at least ``patience`` seconds later raises ``KeyboardInterrupt`` at once (sooner, it is taken for a copy of
-    the first, as when a terminal and a launcher both signal a worker). The previous handlers come back on exit."""
-
-    def __init__(self, patience: float = 2.0) -> None:
-        self.requested = False
-        self.signum: Optional[int] = None
-        self._patience = patience
-        self._first = 0.0
-        self._previous: Dict[int, Any] = {}
-
-    def __enter__(self) -> "StopRequest":
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            if signum == signal.SIGINT and time.monotonic() - self._first >= self._patience:
-                raise KeyboardInterrupt
-            return
-        self.requested, self.signum, self._first = True, signum, time.monotonic()
-        log.warning(f"{signal.Signals(signum).name}: stopping after this step with a checkpoint (Ctrl-C again: at once)")
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 class GistFinetuneRecipeBase(FTRecipeInterface):
@@ -834,7 +333,7 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
         if not setting or latest:
             found, present = None, []
             if self._is_rank_zero and self._output_dir.is_dir():
-                present = sorted(d.name for d in self._output_dir.iterdir() if d.is_dir() and _CHECKPOINT_NAME.match(d.name))
+                present = sorted(d.name for d in self._output_dir.iterdir() if d.is_dir() and CHECKPOINT_NAME.match(d.name))
                 found = latest_checkpoint(self._output_dir) if setting and present else None
             found, present = self._from_rank_zero((None if found is None else str(found), present))
             if not setting:

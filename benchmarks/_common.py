@@ -192,7 +192,7 @@ def render_results(out_dir: Path) -> Path:
     followed by the recorded runs in :data:`RECORDED_RUNS` that exist."""
     import json
 
-    from bench_cpu import render_cpu_markdown  # noqa: E402 (scripts directory on sys.path)
+    from _cpu_report import render_cpu_markdown  # noqa: E402 (scripts directory on sys.path)
     from bench_gpu import render_gpu_markdown
 
     cpu_path, gpu_path = out_dir / CPU_JSON, out_dir / GPU_JSON

@@ -43,10 +43,11 @@ from torchtune_gist.modules import init_gist_embeddings
 from torchtune_gist.training import (
     GENERATE_KEYS,
     build_tokenizer,
-    check_required_keys,
+    check_components,
     check_dataset_gist_ids,
     check_gist_setup,
     check_input_files,
+    check_required_keys,
     check_setting_types,
     get_device,
     load_base_weights,
@@ -89,6 +90,7 @@ class GistGenerateRecipe:
 
     def __init__(self, cfg: DictConfig) -> None:
         check_required_keys(cfg, GENERATE_KEYS, "gist_generate", "configs/llama3_1/8B_gist_generate.yaml")
+        check_components(cfg)
         self._prompt = read_text_setting(cfg, "prompt")
         self._input = read_text_setting(cfg, "input") or ""
         check_setting_types(cfg)

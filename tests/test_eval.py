@@ -481,6 +481,15 @@ def test_merged_export_is_refused_by_a_qlora_config(tmp_path: Path, tiny_tokeniz
         TorchtuneGistLM(config=str(tmp_path / "qlora.yaml"), checkpoint_dir=str(tmp_path / "hf_merged"), device="cpu")
 
 
+def test_a_config_whose_model_section_the_builder_does_not_take_is_refused(
+    tmp_path: Path, tiny_tokenizer_files: Tuple[Path, Path]
+) -> None:
+    section = f"model:\n  _component_: torchtune_gist.models.gist_llama3_1_tiny\n  num_gist_tokens: {K}\n  lora_rank: 8\n"
+    (tmp_path / "bad.yaml").write_text(section + _tokenizer_section(tiny_tokenizer_files))
+    with pytest.raises(ValueError, match="model: torchtune_gist.models.gist_llama3_1_tiny takes no lora_rank"):
+        TorchtuneGistLM(config=str(tmp_path / "bad.yaml"), device="cpu")
+
+
 def test_dora_loads_from_the_base_the_adapter_and_the_merged_export(
     tmp_path: Path, tiny_tokenizer_files: Tuple[Path, Path], tiny_tokenizer: Any
 ) -> None:

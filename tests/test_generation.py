@@ -763,6 +763,11 @@ def test_gist_generate_names_what_a_training_config_lacks(tmp_path):
         GistGenerateRecipe(cfg)
 
 
+def test_gist_generate_checks_component_settings_first(tmp_path):
+    with pytest.raises(ValueError, match="prompt_transform: torchtune_gist.data.GistPasskeyTransform takes no num_gists"):
+        _generate_recipe(tmp_path / "assets", tmp_path, {}, ["prompt_transform.num_gists=2"])
+
+
 def test_gist_generate_without_an_adapter_initialises_dora_from_the_base(tmp_path):
     """No gist_checkpoint_dir with a DoRA model: magnitude = the base's row norms, so the model is the base."""
     from torchtune.modules.peft import DoRALinear

@@ -469,6 +469,35 @@ def test_clear_errors_for_configurations_that_cannot_work(assets, tmp_path):
     assert not (tmp_path / "missing").exists()
 
 
+def test_component_settings_are_checked_before_anything_is_built(assets, tmp_path, monkeypatch):
+    """A stock (not gist-aware) builder, a misspelt key or a component that does not import fails in the recipe's
+    constructor, every section named at once, before base weights, data or model are touched."""
+    from torchtune import config as tt_config
+
+    monkeypatch.setattr(tt_config, "instantiate", lambda *a, **k: pytest.fail("instantiated before the check"))
+
+    def construct(**extra):
+        cfg = load_cfg(SINGLE, overrides(assets, tmp_path, **extra))
+        GistLoRAFinetuneRecipeSingleDevice(cfg)
+
+    with pytest.raises(ValueError, match=r"model._component_=torchtune.models.llama3_1.lora_llama3_1_8b is not a "
+                       r"gist-aware builder \(it takes no num_gist_tokens\): use one of torchtune_gist.models"):
+        construct(**{"model._component_": "torchtune.models.llama3_1.lora_llama3_1_8b"})
+    with pytest.raises(ValueError) as e:
+        construct(**{"model.lora_rnak": 8, "optimizer.weight_decai": 0.1, "loss._component_": "torch.nn.NoSuchLoss"})
+    assert str(e.value).splitlines()[1:] == [
+        "  model: torchtune_gist.models.lora_gist_llama3_1_tiny takes no lora_rnak",
+        "  optimizer: torch.optim.AdamW takes no weight_decai",
+        "  loss._component_=torch.nn.NoSuchLoss cannot be imported: "
+        "ModuleNotFoundError(\"No module named 'torch.nn.NoSuchLoss'\") "
+        "Are you sure that 'NoSuchLoss' is importable from module 'torch.nn'?",
+    ]
+    with pytest.raises(ValueError, match=r"dataset\[1\]: torchtune_gist.data.gist_passkey_dataset takes no haystack"):
+        cfg = load_cfg(SINGLE, overrides(assets, tmp_path))
+        cfg.dataset = [cfg.dataset, {**cfg.dataset, "haystack": 3}]
+        GistLoRAFinetuneRecipeSingleDevice(cfg)
+
+
 def test_missing_input_files_are_all_named_with_their_keys(tmp_path):
     (tmp_path / "tok.model").write_text("")
     cfg = OmegaConf.create({

@@ -54,7 +54,14 @@ from torchtune_gist.eval._tasks import GIST_MARKER
 from torchtune_gist.generation import GENERATION_MODES, generate, score_continuations
 from torchtune_gist.gist_tokens import gist_token_ids as tokenizer_gist_ids
 from torchtune_gist.modules import get_gist_embedding, init_gist_embeddings
-from torchtune_gist.training import build_tokenizer, check_base_keys, check_input_files, load_base_weights, parse_device
+from torchtune_gist.training import (
+    build_tokenizer,
+    check_base_keys,
+    check_components,
+    check_input_files,
+    load_base_weights,
+    parse_device,
+)
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +116,8 @@ def load_config(path: Union[str, Path]) -> DictConfig:
 
     Raises:
         FileNotFoundError: if there is no such file.
-        ValueError: if it lacks a ``model`` or ``tokenizer`` section.
+        ValueError: if it lacks a ``model`` or ``tokenizer`` section, or a component does not take its settings
+            (:func:`~torchtune_gist.training.check_components`).
     """
     path = Path(path)
     if not path.is_file():
@@ -118,6 +126,7 @@ def load_config(path: Union[str, Path]) -> DictConfig:
     missing = [s for s in ("model", "tokenizer") if s not in cfg]
     if missing:
         raise ValueError(f"torchtune config {path} has no {' or '.join(missing)} section")
+    check_components(cfg)
     return cfg
 
 

@@ -13,6 +13,7 @@ from torchtune_gist.training._recipe import FLEX_BLOCK_SIZE, GistFinetuneRecipeB
 from torchtune_gist.training._settings import (
     GENERATE_KEYS,
     build_tokenizer,
+    check_components,
     check_dataset_gist_ids,
     check_input_files,
     check_required_keys,
@@ -46,6 +47,7 @@ __all__ = [
     "StartingAdapter",
     "StopRequest",
     "build_tokenizer",
+    "check_components",
     "check_base_keys",
     "check_dataset_gist_ids",
     "check_gist_setup",

@@ -57,6 +57,7 @@ from torchtune_gist.training._settings import (
     build_tokenizer,
     check_batch_length,
     check_collate_fn,
+    check_components,
     check_dataset_gist_ids,
     check_input_files,
     check_required_keys,
@@ -123,6 +124,7 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
 
     def __init__(self, cfg: DictConfig) -> None:
         check_required_keys(cfg, TRAINING_KEYS, "a gist training recipe", "configs/llama3_1/8B_gist_lora.yaml")
+        check_components(cfg)
         check_supported_features(cfg)
         check_setting_types(cfg)
         self._device = get_device(cfg.device)

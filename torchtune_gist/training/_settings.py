@@ -8,6 +8,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torchtune import config, training, utils
+from torchtune.config._errors import InstantiationError
+from torchtune.config._utils import _get_component_from_path, _has_component
 
 from torchtune_gist._checks import as_positive_int, is_whole
 
@@ -83,6 +85,50 @@ def check_required_keys(cfg: DictConfig, keys: Tuple[str, ...], recipe: str, exa
             f"the config has no {', '.join(missing)}, which {recipe} reads: is it a config for another recipe? "
             f"Start from one like {example}"
         )
+
+
+def _component_sections(cfg: DictConfig) -> List[Tuple[str, DictConfig]]:
+    """``(key, section)`` for each top-level section with a ``_component_``, and each such entry of a list."""
+    sections = []
+    for key, node in cfg.items():
+        entries = [(f"{key}[{i}]", n) for i, n in enumerate(node)] if isinstance(node, ListConfig) else [(str(key), node)]
+        sections += [(name, n) for name, n in entries if _has_component(n)]
+    return sections
+
+
+def check_components(cfg: DictConfig) -> None:
+    """Check every ``_component_`` of the config against its signature before anything is built, so that a misspelt
+    key or a builder of another kind fails at once, not after the base weights or the data have loaded: the component
+    must import and take each of its section's keys (unless it takes ``**kwargs``). A model builder that takes no
+    ``num_gist_tokens`` is named as not gist-aware.
+
+    Raises:
+        ValueError: naming each section, its component and the keys it does not take.
+    """
+    problems = []
+    for key, section in _component_sections(cfg):
+        path = section.get("_component_")
+        try:
+            component = _get_component_from_path(path)
+            params = inspect.signature(component).parameters.values()
+        except InstantiationError as e:
+            problems.append(f"{key}._component_={path} cannot be imported: {' '.join(str(e).splitlines()[1:])}")
+            continue
+        except (TypeError, ValueError):  # a builtin without a signature: nothing to check
+            continue
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+            continue
+        names = {p.name for p in params if p.kind is not inspect.Parameter.POSITIONAL_ONLY}
+        unknown = [str(k) for k in section if k != "_component_" and k not in names]
+        if key == "model" and "num_gist_tokens" in unknown:
+            problems.append(
+                f"model._component_={path} is not a gist-aware builder (it takes no num_gist_tokens): use one of "
+                "torchtune_gist.models (lora_gist_llama3_1_8b, qlora_gist_llama3_1_8b, ...)"
+            )
+        elif unknown:
+            problems.append(f"{key}: {path} takes no {', '.join(unknown)}")
+    if problems:
+        raise ValueError("\n  ".join(["the config's components do not fit their settings:", *problems]))
 
 
 def check_supported_features(cfg: DictConfig) -> None:

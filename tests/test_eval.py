@@ -587,6 +587,14 @@ def test_the_command_line_refuses_what_the_gist_model_cannot_honour(tmp_path: Pa
         assert "a_file" in refused_option(Namespace(output_path=str(tmp_path / output_path)))
     for output_path in ("results", "results.json", "new/results.json"):
         assert refused_option(Namespace(output_path=str(tmp_path / output_path))) == ""
+    misspelt = {"config": "c.yaml", "checkpint_dir": "x", "mdoe": "gist"}
+    assert refused_option(Namespace(model="torchtune_gist", model_args=misspelt)) == (
+        "--model_args checkpint_dir, mdoe: torchtune_gist takes no such argument (it takes config, checkpoint_dir, mode, "
+        "batch_size, device, dtype, max_gen_toks, max_batch_size)"
+    )
+    assert refused_option(Namespace(model="hf", model_args=misspelt)) == ""
+    with pytest.raises(ValueError, match="--model_args checkpint_dir, mdoe: torchtune_gist takes no such argument"):
+        TorchtuneGistLM.create_from_arg_string("config=c.yaml,checkpint_dir=x,mdoe=gist")
     proc = subprocess.run([sys.executable, "-m", "torchtune_gist.eval", "run", "--model", "torchtune_gist", "--tasks", "gist_passkey",
                            "--num_fewshot", "2"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and proc.stderr.strip().endswith("few-shot examples would put one gist marker per example in a context)")

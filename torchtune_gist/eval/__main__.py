@@ -2,8 +2,9 @@
 registered and the shipped tasks on the include path. Takes exactly lm-eval's arguments
 (``run``, ``ls``, ``validate``; a user's own ``--include_path`` is kept next to ours). Refuses, with a
 message, the ``run`` options the gist model cannot honour: ``--num_fewshot`` (one prompt per request is
-compressed), ``--apply_chat_template`` (the tasks lay prompts out as training did) and a ``--limit`` below 1; and,
-before the evaluation rather than after it, an ``--output_path`` that cannot be written."""
+compressed), ``--apply_chat_template`` (the tasks lay prompts out as training did), a ``--limit`` below 1 and
+``--model_args`` keys the model does not take; and, before the evaluation rather than after it, an ``--output_path``
+that cannot be written."""
 
 import argparse
 import sys
@@ -14,6 +15,7 @@ from lm_eval.utils import setup_logging
 
 from torchtune_gist._io import unwritable_reason
 from torchtune_gist.eval import TASKS_DIR
+from torchtune_gist.eval._model import unknown_model_args
 
 
 def refused_option(args: argparse.Namespace) -> str:
@@ -32,6 +34,9 @@ def refused_option(args: argparse.Namespace) -> str:
             "--apply_chat_template is not supported: the gist tasks lay prompts out as the gist training data "
             "did (a chat format belongs in the torchtune config's tokenizer and prompt template)"
         )
+    model_args = getattr(args, "model_args", None)
+    if getattr(args, "model", None) == "torchtune_gist" and isinstance(model_args, dict) and unknown_model_args(model_args):
+        return unknown_model_args(model_args)
     limit = getattr(args, "limit", None)
     if limit is not None and limit <= 0:
         return f"--limit {limit:g} leaves no examples: give a count >= 1 or a fraction in (0, 1]"

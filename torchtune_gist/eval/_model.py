@@ -21,6 +21,7 @@ continuations through the same stores (``torchtune_gist.generation.score_continu
 prompt is compressed and the continuation reads the K cached entries only.
 """
 
+import inspect
 import json
 import logging
 from collections import defaultdict
@@ -78,6 +79,16 @@ def kept_ratio(mode: str, prompt_tokens: float, num_gist_tokens: int) -> Optiona
     tokens (``truncate``), all of it (``pos_control``: 1.0) or none of it (``neg_control``: ``None``)."""
     kept = {"gist": num_gist_tokens, "truncate": min(num_gist_tokens, prompt_tokens), "pos_control": prompt_tokens}
     return prompt_tokens / kept[mode] if mode in kept and kept[mode] else None
+
+
+def unknown_model_args(arg_dict: Dict[str, Any]) -> str:
+    """What in ``--model_args`` (parsed) :class:`TorchtuneGistLM` does not take, with what it takes, or ``""``
+    (Python's own error would name only the first unknown key, from deep inside lm-eval)."""
+    takes = [n for n in inspect.signature(TorchtuneGistLM.__init__).parameters if n not in ("self", "model", "tokenizer")]
+    unknown = [str(k) for k in arg_dict if k not in takes]
+    if not unknown:
+        return ""
+    return f"--model_args {', '.join(unknown)}: torchtune_gist takes no such argument (it takes {', '.join(takes)})"
 
 
 class GistGeneration(str):
@@ -284,6 +295,9 @@ class TorchtuneGistLM(LM):
         """lm-eval's way in: ``--model_args`` values win over the ``--device`` / ``--batch_size`` /
         ``--max_batch_size`` values lm-eval adds (it adds ``--device``'s default ``cuda:0`` even when not given,
         so ``device`` in ``--model_args`` would otherwise be a duplicate keyword argument)."""
+        problem = unknown_model_args(arg_dict)
+        if problem:
+            raise ValueError(problem)
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
         return cls(**arg_dict, **extra)
 

@@ -1,8 +1,9 @@
 """Crash-safe file writing: everything the project writes goes to a temporary name, then is renamed.
 
-Files are fsynced before the rename and written under a name that carries the host and process id, so a later write
-of the same file removes what a killed process left (:func:`temporary_sibling`); whole directories (a checkpoint: adapter, recipe state, merged export)
-are written under a hidden temporary name and published by :func:`replace_directory`.
+Files are fsynced before the rename and written under a name that carries the host and process id, so a later
+write of the same file removes what a killed process left (:func:`temporary_sibling`); whole directories (a
+checkpoint: adapter, recipe state, merged export) are written under a hidden temporary name and published by
+:func:`replace_directory`.
 """
 
 import glob

@@ -636,6 +636,48 @@ def test_cli_runs_a_task(checkpoints: Tuple[Path, Path, torch.nn.Module], tmp_pa
     assert result["sample_len"] == 2 and int(saved["config"]["batch_size"]) == 2  # as README: --batch_size, not in model_args
     assert 0.0 <= result["acc,none"] <= 1.0 and 0.0 <= result["acc_96,none"] <= 1.0
     assert 40 < result["compression_ratio,none"] <= 96 / K
+    from torchtune_gist.eval import compare
+
+    assert f"| gist_passkey | acc | {result['acc,none']:.4g} |" in compare.main([str(out_dir)])
+
+
+def _results_file(path: Path, model_args: Any, scores: Dict[str, float], model: str = "torchtune_gist") -> Path:
+    """A results file laid out as lm-eval writes it (``metric,filter`` keys, stderr beside each)."""
+    results = {"name": "alpaca_plus_human", "alias": "alpaca_plus_human", "sample_len": 3}
+    for metric, value in scores.items():
+        results[f"{metric},none"], results[f"{metric}_stderr,none"] = value, 0.01
+    record = {"results": {"alpaca_plus_human": results}, "config": {"model": model, "model_args": model_args},
+              "higher_is_better": {"alpaca_plus_human": {"rougeL": True, "compression_ratio": True}}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record))
+    return path
+
+
+def test_compare_puts_runs_side_by_side_with_the_share_of_the_control_gap(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from torchtune_gist.eval import compare
+
+    _results_file(tmp_path / "gist" / "m" / "results_1.json", {"mode": "gist", "checkpoint_dir": "g"},
+                  {"rougeL": 0.4, "compression_ratio": 20.0})
+    _results_file(tmp_path / "pos" / "results_2.json", {"mode": "pos_control"}, {"rougeL": 0.6, "compression_ratio": 1.0})
+    _results_file(tmp_path / "neg" / "results_3.json", {"mode": "neg_control"}, {"rougeL": 0.2})
+    _results_file(tmp_path / "trunc" / "results_4.json", "config=c.yaml,mode=truncate", {"rougeL": 0.3, "compression_ratio": 20.0})
+    report = compare.main([str(tmp_path / d) for d in ("gist", "pos", "neg", "trunc")] + ["--out", str(tmp_path / "cmp")])
+    lines = report.splitlines()
+    assert lines[0] == "| task | metric | gist | pos_control | neg_control | truncate | gap share: gist | gap share: truncate |"
+    assert "| alpaca_plus_human | rougeL | 0.4 | 0.6 | 0.2 | 0.3 | 0.5 | 0.25 |" in lines
+    assert "| alpaca_plus_human | compression_ratio | 20 | 1 | - | 20 | - | - |" in lines
+    assert (tmp_path / "cmp" / "comparison.md").read_text() == report
+    assert (tmp_path / "cmp" / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+
+    _results_file(tmp_path / "gist2" / "results_5.json", {"mode": "gist", "checkpoint_dir": "h"}, {"rougeL": 0.5})
+    runs = compare.label_runs([compare.load_run(f) for f in compare.results_files([tmp_path / "gist", tmp_path / "gist2"])])
+    assert [r.label for r in runs] == ["gist (g)", "gist (h)"]
+    _results_file(tmp_path / "hf" / "results_6.json", {"pretrained": "x"}, {"rougeL": 0.5}, model="hf")
+    for bad, message in ((tmp_path / "hf", "a run of the model 'hf', not torchtune_gist"),
+                         (tmp_path / "nowhere", "no lm-eval results file")):
+        with pytest.raises(SystemExit) as e:
+            compare.main([str(bad)])
+        assert e.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_alpaca_plus_offline_names_the_data_dir_settings() -> None:

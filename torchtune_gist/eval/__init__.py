@@ -9,7 +9,8 @@ Importing this package registers the model with lm-eval. From the command line u
         --tasks alpaca_plus --metadata data_dir=/data/alpaca_plus --device cuda
 
 From Python, pass a :class:`TorchtuneGistLM` to ``lm_eval.simple_evaluate`` with
-``task_manager=gist_task_manager(...)``.
+``task_manager=gist_task_manager(...)``. ``python -m torchtune_gist.eval.compare`` puts the results files of several
+runs (gist and the controls) side by side, with the share of the control gap each keeps.
 """
 
 from torchtune_gist.eval._model import GistGeneration, TorchtuneGistLM, kept_ratio, load_config, load_tokenizer

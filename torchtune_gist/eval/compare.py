@@ -159,7 +159,7 @@ def plot(runs: Sequence[Run], rows: Sequence[Dict[str, Any]], path: Path) -> Pat
     ax.set_xticklabels([f"{row['task']}\n{row['metric']}" for row in scores], fontsize=8)
     ax.set_ylabel("score")
     ax.set_title("lm-eval scores by mode")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=min(3, len(runs)), frameon=False)
     fig.tight_layout()
     with temporary_sibling(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)

@@ -9,6 +9,8 @@ Usage::
         prompt="Translate to French." input="The cat sleeps." save_cache=/tmp/translate.safetensors
     tune run gist_generate --config configs/llama3_1/8B_gist_generate.yaml \\
         load_cache=/tmp/translate.safetensors input="The dog barks."
+    tune run gist_generate --config configs/llama3_1/8B_gist_generate.yaml \\
+        prompt="Translate to French." inputs_file=sentences.txt   # compress once, answer every line
 
 The base weights come through a torchtune checkpointer, the gist rows and LoRA weights from
 ``gist_checkpoint_dir`` (a ``gist_adapter.safetensors`` written by the gist fine-tuning recipes).
@@ -22,19 +24,22 @@ OmegaConf reads ``prompt=...`` / ``input=...`` on the command line as YAML: newl
 starts a comment, ``Note: x`` becomes a mapping and ``12345`` a number; tune refuses a value holding
 ``=``. Quote such text for YAML (``'prompt="12345"'``), or put it in a file: ``prompt_file=PATH`` / ``input_file=PATH`` (UTF-8,
 taken as is but for one final newline; a file replaces the config's ``prompt`` / ``input``).
+``inputs_file=PATH`` (one input per line, blank lines skipped; it replaces ``input``) answers many inputs from the
+one compressed prompt, ``batch_size`` (default 8) at a time: the prompt is compressed once, whatever the count.
 
-Prints the output, the compression ratio (prompt tokens / K) and the KV bytes held while
-generating, with the gist cache and as a full-prompt run would hold them.
+Prints the output (for several inputs, each after a ``[i/n] input`` line), the compression ratio (prompt tokens /
+K) and the KV bytes each answer held while generating, with the gist cache and as a full-prompt run would hold them.
 """
 
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from omegaconf import DictConfig
 from torchtune import config, training, utils
+from tqdm import tqdm
 
 from torchtune_gist._io import unwritable_reason
 from torchtune_gist.checkpointing import check_not_merged_export, load_gist_adapter
@@ -49,6 +54,7 @@ from torchtune_gist.training import (
     check_input_files,
     check_required_keys,
     check_setting_types,
+    count_setting,
     get_device,
     load_base_weights,
 )
@@ -82,17 +88,36 @@ def read_text_setting(cfg: DictConfig, key: str) -> Optional[str]:
     return value
 
 
+def read_inputs(cfg: DictConfig, single: str) -> List[str]:
+    """The lines of ``inputs_file`` (UTF-8, blank lines skipped) if set, else ``[single]``.
+
+    Raises:
+        FileNotFoundError: if the file does not exist.
+        ValueError: if it holds no input.
+    """
+    path = cfg.get("inputs_file")
+    if path is None:
+        return [single]
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"inputs_file={path}: no such file")
+    lines = [line.rstrip("\r") for line in Path(path).read_text(encoding="utf-8").split("\n") if line.strip()]
+    if not lines:
+        raise ValueError(f"inputs_file={path} holds no input: one input per line")
+    return lines
+
+
 class GistGenerateRecipe:
     """Generation from a gist cache. Config keys: ``model``, ``tokenizer``, ``checkpointer``,
     ``gist_checkpoint_dir``, ``num_gist_tokens``, ``prompt_transform``, ``prompt`` or ``prompt_file``,
-    ``input`` or ``input_file``, ``max_new_tokens``, ``temperature``, ``top_k``, ``save_cache``,
-    ``load_cache``, ``device``, ``dtype``, ``seed``."""
+    ``input`` or ``input_file`` or ``inputs_file``, ``batch_size``, ``max_new_tokens``, ``temperature``, ``top_k``,
+    ``save_cache``, ``load_cache``, ``device``, ``dtype``, ``seed``."""
 
     def __init__(self, cfg: DictConfig) -> None:
         check_required_keys(cfg, GENERATE_KEYS, "gist_generate", "configs/llama3_1/8B_gist_generate.yaml")
         check_components(cfg)
         self._prompt = read_text_setting(cfg, "prompt")
-        self._input = read_text_setting(cfg, "input") or ""
+        self._inputs = read_inputs(cfg, read_text_setting(cfg, "input") or "")
+        self._batch_size = count_setting(cfg, "batch_size", default=8)
         check_setting_types(cfg)
         self._device = get_device(cfg.device)
         self._dtype = training.get_dtype(dtype=cfg.dtype, device=self._device)
@@ -125,18 +150,17 @@ class GistGenerateRecipe:
         check_dataset_gist_ids(self._transform, cfg.prompt_transform, "prompt_transform", self._gist_ids)
 
     @torch.no_grad()
-    def generate(self, cfg: DictConfig) -> str:
-        """Compress (or load) the prompt, generate the answer, and report the compression.
+    def generate(self, cfg: DictConfig) -> List[str]:
+        """Compress (or load) the prompt once, answer every input from it, and report the compression.
 
         Returns:
-            str: the generated text.
+            List[str]: the generated text of each input.
 
         Raises:
             ValueError: without ``prompt`` (or ``prompt_file``) and ``load_cache``, for a cache made by another model,
                 or a ``save_cache`` path that cannot be a file.
         """
         k = len(self._gist_ids)
-        user_input = self._input
         problem = cfg.get("save_cache") and unwritable_reason(cfg.save_cache, directory=False)
         if problem:
             raise ValueError(f"save_cache: {problem}")
@@ -145,45 +169,54 @@ class GistGenerateRecipe:
             cache.check_compatible(self._model)
             if cache.batch_size != 1:
                 raise ValueError(f"{cfg.load_cache} holds {cache.batch_size} compressed prompts; gist_generate takes one")
-            encoded = self._transform.encode_prompt("", user_input)
+            encoded = [self._transform.encode_prompt("", user_input) for user_input in self._inputs]
             n_prompt = int(cache.next_pos[0]) - k
         else:
             if not self._prompt:
                 raise ValueError("set prompt=... or prompt_file=PATH (the text to compress), or load_cache=PATH")
-            encoded = self._transform.encode_prompt(self._prompt, user_input)
-            n_prompt = encoded["gist_start"]
+            encoded = [self._transform.encode_prompt(self._prompt, user_input) for user_input in self._inputs]
+            n_prompt = encoded[0]["gist_start"]
             t0 = time.perf_counter()
-            cache = compress(self._model, [encoded["tokens"][: n_prompt + k]], gist_token_ids=self._gist_ids)
+            cache = compress(self._model, [encoded[0]["tokens"][: n_prompt + k]], gist_token_ids=self._gist_ids)
             log.info(f"Compressed {n_prompt} prompt tokens into {k} gist tokens in {time.perf_counter() - t0:.2f} s")
         if cfg.get("save_cache"):
             log.info(f"Saved the gist cache to {cache.save(cfg.save_cache)}")
-        continuation = encoded["tokens"][encoded["gist_start"] + k :]
+        continuations = [e["tokens"][e["gist_start"] + k :] for e in encoded]
         rng = torch.Generator(device=self._device).manual_seed(self._seed)
+        stops = set(self._tokenizer.stop_tokens)
+        texts: List[str] = []
+        held: List[int] = []
         t0 = time.perf_counter()
-        out = generate_from_cache(
-            self._model,
-            cache,
-            [continuation],
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            top_k=cfg.get("top_k", None),
-            stop_tokens=self._tokenizer.stop_tokens,
-            rng=rng,
-        )
+        batches = range(0, len(continuations), self._batch_size)
+        for start in tqdm(batches, desc="answering", disable=len(batches) == 1):
+            rows = continuations[start : start + self._batch_size]
+            out = generate_from_cache(
+                self._model,
+                cache.repeat(len(rows)),
+                rows,
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                top_k=cfg.get("top_k", None),
+                stop_tokens=self._tokenizer.stop_tokens,
+                pad_id=self._tokenizer.pad_id,
+                rng=rng,
+            )
+            texts += [self._tokenizer.decode([t for t in tokens if t not in stops]) for tokens in out.tokens]
+            held += out.row_kv_bytes
         seconds = time.perf_counter() - t0
-        tokens = [t for t in out.tokens[0] if t not in self._tokenizer.stop_tokens]
-        text = self._tokenizer.decode(tokens)
-        per_slot = out.kv_bytes // out.kv_slots
-        full_slots = out.kv_slots - k + n_prompt
-        print(text)
-        log.info(f"Generated {len(out.tokens[0])} tokens in {seconds:.2f} s")
+        for i, (user_input, text) in enumerate(zip(self._inputs, texts)):
+            print(text if len(texts) == 1 else f"[{i + 1}/{len(texts)}] {user_input}\n{text}")
+        slot_bytes = cache.nbytes // k  # one entry of one row, every layer
+        slots = round(sum(held) / len(held) / slot_bytes)
+        each = "" if len(texts) == 1 else ", per answer (mean)"
+        log.info(f"Generated {len(texts)} answer(s) in {seconds:.2f} s from one compressed prompt")
         log.info(f"Compression: {n_prompt} prompt tokens -> K={k} gist tokens ({n_prompt / k:.1f}x)")
         log.info(
-            f"KV held while generating: {_kib(out.kv_bytes)} with the gist cache ({out.kv_slots} slots), "
-            f"{_kib(per_slot * full_slots)} with the full prompt ({full_slots} slots); the gist cache itself: "
-            f"{_kib(cache.nbytes)}"
+            f"KV held while generating{each}: {_kib(slots * slot_bytes)} with the gist cache ({slots} slots), "
+            f"{_kib((slots - k + n_prompt) * slot_bytes)} with the full prompt ({slots - k + n_prompt} slots); the gist "
+            f"cache itself: {_kib(cache.nbytes)}"
         )
-        return text
+        return texts
 
 
 @config.parse

@@ -666,8 +666,6 @@ def test_gist_generate_recipe_runs_by_name(tmp_path, tiny_tokenizer):
     encoded = GistPasskeyTransform(tiny_tokenizer, num_gist_tokens=4).encode_prompt(prompt, question)
     n_prompt, cont = encoded["gist_start"], encoded["tokens"][encoded["gist_start"] + 4 :]
     assert f"Compression: {n_prompt} prompt tokens -> K=4 gist tokens ({n_prompt / 4:.1f}x)" in log
-    slots = 4 + len(cont) + 6 - 1
-    assert f"with the gist cache ({slots} slots)" in log and f"with the full prompt ({slots - 4 + n_prompt} slots)" in log
 
     # the saved cache is what compress() gives on the same model, and the text is what generate_from_cache gives
     ids = encoded["tokens"][n_prompt : n_prompt + 4]
@@ -679,6 +677,8 @@ def test_gist_generate_recipe_runs_by_name(tmp_path, tiny_tokenizer):
     out = generate_from_cache(model, expected, [cont], max_new_tokens=6, stop_tokens=tiny_tokenizer.stop_tokens)
     stops = set(tiny_tokenizer.stop_tokens)
     assert text == tiny_tokenizer.decode([t for t in out.tokens[0] if t not in stops]) + "\n"
+    slots = 4 + len(cont) + len(out.tokens[0]) - 1  # the gists, the question, the new tokens but the last
+    assert f"with the gist cache ({slots} slots)" in log and f"with the full prompt ({slots - 4 + n_prompt} slots)" in log
 
     # reusing the saved cache (no prompt) reports the same compression and gives the same text
     text_again, log_again = tune_run(f"load_cache={cache_path}", "prompt=null")
@@ -714,7 +714,7 @@ def test_gist_generate_reads_prompt_and_input_files_and_refuses_yaml_parsed_text
         {"prompt_file": str(tmp_path / "prompt.txt"), "input_file": str(tmp_path / "input.txt")},  # files replace the config's texts
     ):
         recipe, cfg = _generate_recipe(assets, tmp_path, settings)
-        assert (recipe._prompt, recipe._input) == (prompt, question)
+        assert (recipe._prompt, recipe._inputs) == (prompt, [question])
         recipe.setup(cfg)
         texts.append(recipe.generate(cfg))
     assert texts[0] == texts[1]
@@ -725,6 +725,36 @@ def test_gist_generate_reads_prompt_and_input_files_and_refuses_yaml_parsed_text
         _generate_recipe(assets, tmp_path, {}, ["prompt=12345"])
     with pytest.raises(ValueError, match="input was read as DictConfig .*Note.*input_file=PATH"):
         _generate_recipe(assets, tmp_path, {}, ["input=Note: x"])
+
+
+def test_gist_generate_answers_every_line_of_inputs_file_from_one_compression(tmp_path, monkeypatch, capsys):
+    """inputs_file: the prompt is compressed once; each answer, batched with padding, equals the one a run with that
+    input alone gives."""
+    import gist_generate
+
+    assets = tmp_path / "assets"
+    write_tiny_tokenizer(assets)
+    write_tiny_base_checkpoint(assets)
+    questions = ["What is the pass key?", "", "Say the pass key, digit by digit, please.", "Key?"]
+    (tmp_path / "inputs.txt").write_text("\n".join(questions) + "\n", encoding="utf-8")
+    calls = []
+    monkeypatch.setattr(gist_generate, "compress", lambda *a, **k: calls.append(1) or compress(*a, **k))
+    recipe, cfg = _generate_recipe(assets, tmp_path, {"inputs_file": str(tmp_path / "inputs.txt"), "batch_size": 2})
+    recipe.setup(cfg)
+    texts = recipe.generate(cfg)
+    assert len(calls) == 1 and recipe._inputs == [q for q in questions if q]
+    alone = []
+    for question in recipe._inputs:
+        single, single_cfg = _generate_recipe(assets, tmp_path, {"input": question})
+        single.setup(single_cfg)
+        alone += single.generate(single_cfg)
+    assert texts == alone
+    assert "[3/3] Key?" in capsys.readouterr().out
+    (tmp_path / "blank.txt").write_text("\n  \n", encoding="utf-8")
+    with pytest.raises(ValueError, match="inputs_file=.*blank.txt holds no input"):
+        _generate_recipe(assets, tmp_path, {"inputs_file": str(tmp_path / "blank.txt")})
+    with pytest.raises(ValueError, match="batch_size=0 must be a whole number >= 1"):
+        _generate_recipe(assets, tmp_path, {"batch_size": 0})
 
 
 def test_gist_generate_refuses_a_prompt_transform_with_another_k(tmp_path):

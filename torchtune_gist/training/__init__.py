@@ -18,6 +18,7 @@ from torchtune_gist.training._settings import (
     check_input_files,
     check_required_keys,
     check_setting_types,
+    count_setting,
     get_device,
     parse_device,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "check_input_files",
     "check_required_keys",
     "check_setting_types",
+    "count_setting",
     "get_device",
     "initialize_dora_magnitudes",
     "latest_checkpoint",

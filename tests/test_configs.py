@@ -6,6 +6,8 @@ import pytest
 from omegaconf import OmegaConf
 from torchtune import config
 
+from torchtune_gist.training import check_components
+
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
 
 
@@ -17,6 +19,8 @@ def test_configs_exist():
         "llama3_1/8B_gist_passkey_qlora_single_device.yaml",
         "tiny/gist_lora_single_device.yaml",
         "tiny/gist_lora_distributed.yaml",
+        "tiny/gist_eval.yaml",
+        "llama3_1/8B_gist_eval.yaml",
     } <= names
 
 
@@ -24,6 +28,7 @@ def test_configs_exist():
 def test_config_validates_and_k_is_one_value(path: Path):
     cfg = OmegaConf.load(path)
     config.validate(cfg)
+    check_components(cfg)  # stricter than torchtune's: every section's keys against its component's signature
     assert cfg.model.num_gist_tokens == cfg.num_gist_tokens
     if "dataset" in cfg:
         assert cfg.dataset.num_gist_tokens == cfg.num_gist_tokens

@@ -680,6 +680,54 @@ def test_compare_puts_runs_side_by_side_with_the_share_of_the_control_gap(tmp_pa
         assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_eval_recipe_runs_gist_and_controls_by_name_and_resumes(
+    checkpoints: Tuple[Path, Path, torch.nn.Module], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tune run gist_eleuther_eval: each run's results file, then the comparison; a rerun evaluates only the runs
+    whose results are missing."""
+    import lm_eval
+    from gist_eleuther_eval import GistEleutherEvalRecipe
+
+    config, ckpt, _ = checkpoints
+    settings = {
+        "output_dir": str(tmp_path / "eval"), "tasks": ["gist_passkey"], "batch_size": 2, "max_gen_toks": 4,
+        "metadata": {"num_samples": 2, "context_tokens": [96]}, "device": "cpu", "dtype": "fp32",
+        "runs": [{"mode": "gist", "checkpoint_dir": str(ckpt)}, {"mode": "pos_control", "checkpoint_dir": str(ckpt)},
+                 {"mode": "neg_control", "checkpoint_dir": str(ckpt), "name": "no_prompt"}],
+    }
+    cfg = OmegaConf.merge(OmegaConf.load(config), settings)
+    OmegaConf.save(cfg, tmp_path / "eval.yaml")
+    cmd = [str(Path(sys.executable).parent / "tune"), "run", "gist_eleuther_eval", "--config", str(tmp_path / "eval.yaml")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = (tmp_path / "eval" / "comparison.md").read_text()
+    assert report.splitlines()[0] == "| task | metric | gist | pos_control | no_prompt | gap share: gist |"
+    gist = json.loads((tmp_path / "eval" / "gist" / "results.json").read_text())["results"]["gist_passkey"]
+    assert f"| gist_passkey | acc | {gist['acc,none']:.4g} |" in report and report in proc.stdout
+    assert (tmp_path / "eval" / "comparison.png").is_file()
+
+    (tmp_path / "eval" / "no_prompt" / "results.json").unlink()
+    evaluated = []
+    real = lm_eval.simple_evaluate
+    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kw: evaluated.append(kw["model"].mode) or real(**kw))
+    recipe = GistEleutherEvalRecipe(cfg)
+    recipe.setup(cfg)
+    assert recipe.evaluate() == report and evaluated == ["neg_control"]
+
+    bad_runs = [([{"mode": "gists"}], "runs\\[0\\]=.* needs a mode"), ([{"mode": "gist", "ckpt": "x"}], "runs\\[0\\] has ckpt"),
+                ([{"mode": "gist"}, {"mode": "gist"}], "runs share the names gist")]
+    for runs, message in bad_runs:
+        with pytest.raises(ValueError, match=message):
+            GistEleutherEvalRecipe(OmegaConf.merge(cfg, {"runs": runs}))
+
+
+def test_importing_the_eval_package_leaves_logging_alone() -> None:
+    """A root handler added on import would print every torchtune log line of the importing program twice."""
+    code = "import logging, torchtune_gist.eval, gist_eleuther_eval; print(len(logging.getLogger().handlers))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "0", proc.stderr[-2000:]
+
+
 def test_alpaca_plus_offline_names_the_data_dir_settings() -> None:
     with pytest.raises(FileNotFoundError, match=r"cannot read Alpaca\+ .*--metadata data_dir=DIR.*TORCHTUNE_GIST_ALPACA_PLUS"):
         alpaca_plus_dataset(alpaca_plus_split="validation_seen", data_dir="http://127.0.0.1:9/alpaca_plus")

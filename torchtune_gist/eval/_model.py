@@ -122,18 +122,21 @@ class GistGeneration(str):
         return kept_ratio(self.mode, self.prompt_tokens, self.num_gist_tokens)
 
 
-def load_config(path: Union[str, Path]) -> DictConfig:
-    """Read a torchtune YAML config.
+def load_config(path: Union[str, Path, DictConfig]) -> DictConfig:
+    """Read a torchtune YAML config (or check one already read, e.g. by a recipe).
 
     Raises:
         FileNotFoundError: if there is no such file.
         ValueError: if it lacks a ``model`` or ``tokenizer`` section, or a component does not take its settings
             (:func:`~torchtune_gist.training.check_components`).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"torchtune config {path} not found")
-    cfg = OmegaConf.load(path)
+    if isinstance(path, DictConfig):
+        cfg, path = path, "(given)"
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"torchtune config {path} not found")
+        cfg = OmegaConf.load(path)
     missing = [s for s in ("model", "tokenizer") if s not in cfg]
     if missing:
         raise ValueError(f"torchtune config {path} has no {' or '.join(missing)} section")
@@ -266,7 +269,7 @@ class TorchtuneGistLM(LM):
     ``model`` and ``tokenizer``.
 
     Args:
-        config (Optional[str]): path of the torchtune config.
+        config (Union[str, DictConfig, None]): path of the torchtune config, or the config itself.
         checkpoint_dir (Optional[str]): the gist checkpoint (a directory, or the adapter file). May be
             omitted outside ``gist`` mode (base weights, gist rows at their initial values).
         model (Optional[nn.Module]): a built gist-aware ``TransformerDecoder`` (instead of ``config``).
@@ -308,7 +311,7 @@ class TorchtuneGistLM(LM):
 
     def __init__(
         self,
-        config: Optional[str] = None,
+        config: Union[str, DictConfig, None] = None,
         checkpoint_dir: Optional[str] = None,
         *,
         model: Optional[nn.Module] = None,

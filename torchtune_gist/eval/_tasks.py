@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 import datasets
 from lm_eval.api.metrics import mean
 from lm_eval.api.task import ConfigurableTask
-from rouge_score import rouge_scorer
+from rouge_score import rouge_scorer, tokenizers
 
 from torchtune_gist.data import alpaca_plus_filename, make_passkey_samples
 from torchtune_gist.data._alpaca_plus import read_json_list
@@ -44,7 +44,9 @@ ALPACA_PLUS_ENV = "TORCHTUNE_GIST_ALPACA_PLUS"
 ALPACA_PLUS_URL = "https://raw.githubusercontent.com/jayelm/gisting/main/data/alpaca_plus"
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
-_SCORER = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+# The tokenizer is given, not defaulted: rouge-score logs its default through absl, which then configures the root
+# logger (logging.basicConfig) on import, and every torchtune log line of the importing program would print twice.
+_SCORER = rouge_scorer.RougeScorer(list(ROUGE_TYPES), tokenizer=tokenizers.DefaultTokenizer(use_stemmer=True))
 _NUMBER = re.compile(r"\d+")
 
 

@@ -1,0 +1,136 @@
+"""Evaluate gist models with lm-eval the paper's way: the gist run and its controls in one command, side by side.
+
+Usage::
+
+    tune run gist_eleuther_eval --config configs/llama3_1/8B_gist_eval.yaml
+    tune run gist_eleuther_eval --config configs/tiny/gist_eval.yaml limit=4
+
+Like torchtune's ``eleuther_eval``, with the ``torchtune_gist`` lm-eval model and the shipped tasks. Each entry of
+``runs`` (``mode``: gist / pos_control / neg_control / truncate; ``checkpoint_dir``: the gist adapter or merged
+export, none for the base model's controls; ``name``: default the mode) is evaluated on ``tasks`` with the config's
+``model``, ``tokenizer`` and ``checkpointer`` (the base weights); ``metadata`` goes to the tasks (``data_dir``,
+``num_samples``, ``context_tokens``, ...). Each run's results are written to ``output_dir/<name>/results.json`` as it
+finishes; a run whose file is there is not evaluated again, so an interrupted evaluation resumes at the next run
+(delete the file, or use another ``output_dir``, to redo one). Last, ``output_dir/comparison.md`` and
+``comparison.png`` put the runs side by side with each score's share of the control gap
+(:mod:`torchtune_gist.eval.compare`).
+"""
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Dict, List
+
+import lm_eval
+from lm_eval.utils import make_table
+from omegaconf import DictConfig, OmegaConf
+from torchtune import config, utils
+from torchtune.recipe_interfaces import EvalRecipeInterface
+
+from torchtune_gist._io import atomic_write_json, atomic_write_text, unwritable_reason
+from torchtune_gist.eval import TorchtuneGistLM, gist_task_manager
+from torchtune_gist.eval.compare import comparison_rows, load_run, plot, render_markdown
+from torchtune_gist.generation import GENERATION_MODES
+from torchtune_gist.training import check_components, check_input_files, check_required_keys, count_setting
+
+log = utils.get_logger("INFO")
+
+EVAL_KEYS = ("model", "tokenizer", "checkpointer", "runs", "tasks", "output_dir")
+
+
+def parse_runs(runs: Any) -> List[Dict[str, Any]]:
+    """``runs`` as ``[{"name", "mode", "checkpoint_dir"}]`` with unique names.
+
+    Raises:
+        ValueError: naming the entry that is not a mapping with a known ``mode``, an unknown key, or a repeated name.
+    """
+    if not isinstance(runs, (list, tuple)) or not runs:
+        raise ValueError(f"runs must be a list of {{mode, checkpoint_dir, name}} entries, got {runs!r}")
+    parsed = []
+    for i, run in enumerate(runs):
+        if not isinstance(run, dict) or run.get("mode") not in GENERATION_MODES:
+            raise ValueError(f"runs[{i}]={run!r} needs a mode, one of {', '.join(GENERATION_MODES)}")
+        unknown = sorted(set(run) - {"mode", "checkpoint_dir", "name"})
+        if unknown:
+            raise ValueError(f"runs[{i}] has {', '.join(unknown)}: an entry takes mode, checkpoint_dir and name")
+        parsed.append({"name": str(run.get("name") or run["mode"]), "mode": run["mode"], "checkpoint_dir": run.get("checkpoint_dir")})
+    names = [r["name"] for r in parsed]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"runs share the names {', '.join(repeated)}: give each entry its own name")
+    return parsed
+
+
+class GistEleutherEvalRecipe(EvalRecipeInterface):
+    """lm-eval over several runs of a gist model. Config keys: ``model``, ``tokenizer``, ``checkpointer``, ``runs``,
+    ``tasks``, ``metadata``, ``limit``, ``batch_size``, ``max_gen_toks``, ``output_dir``, ``device``, ``dtype``."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        check_required_keys(cfg, EVAL_KEYS, "gist_eleuther_eval", "configs/llama3_1/8B_gist_eval.yaml")
+        check_components(cfg)
+        self._runs = parse_runs(OmegaConf.to_container(cfg.runs, resolve=True))
+        self._tasks = [str(t) for t in (cfg.tasks if OmegaConf.is_list(cfg.tasks) else [cfg.tasks])]
+        self._metadata = OmegaConf.to_container(cfg.get("metadata") or OmegaConf.create({}), resolve=True)
+        self._limit = cfg.get("limit")
+        self._batch_size = count_setting(cfg, "batch_size", default=8)
+        self._max_gen_toks = count_setting(cfg, "max_gen_toks", default=256)
+        self._output_dir = Path(cfg.output_dir)
+
+    def setup(self, cfg: DictConfig) -> None:
+        """Check the config's files and ``output_dir`` before the first model loads."""
+        check_input_files(cfg)
+        for run in self._runs:
+            if run["checkpoint_dir"] is not None and not Path(run["checkpoint_dir"]).exists():
+                raise FileNotFoundError(f"runs: {run['name']}'s checkpoint_dir={run['checkpoint_dir']} does not exist")
+        problem = unwritable_reason(self._output_dir, directory=True)
+        if problem:
+            raise ValueError(f"output_dir: {problem}")
+        self._cfg = cfg
+
+    def evaluate(self) -> str:
+        """Evaluate each run not evaluated yet, then write and return the comparison (Markdown)."""
+        for run in self._runs:
+            path = self._output_dir / run["name"] / "results.json"
+            if path.is_file():
+                log.info(f"{run['name']}: {path} is there, not evaluated again")
+                continue
+            log.info(f"{run['name']}: mode={run['mode']}, checkpoint_dir={run['checkpoint_dir']}")
+            lm = TorchtuneGistLM(
+                config=self._cfg, checkpoint_dir=run["checkpoint_dir"], mode=run["mode"], batch_size=self._batch_size,
+                max_gen_toks=self._max_gen_toks,
+            )
+            results = lm_eval.simple_evaluate(
+                model=lm, tasks=self._tasks, limit=self._limit, log_samples=False,
+                task_manager=gist_task_manager(tokenizer=lm.tokenizer, **self._metadata),
+            )
+            print(make_table(results))
+            model_args = {"mode": run["mode"], "checkpoint_dir": run["checkpoint_dir"]}
+            record = {
+                "results": results["results"],
+                "higher_is_better": results["higher_is_better"],
+                "n-samples": results["n-samples"],
+                "config": {"model": "torchtune_gist", "model_args": model_args, "limit": self._limit, "tasks": self._tasks},
+            }
+            atomic_write_json(record, path)
+            del lm
+        runs = [replace(load_run(self._output_dir / r["name"] / "results.json"), label=r["name"]) for r in self._runs]
+        rows = comparison_rows(runs)
+        report = render_markdown(runs, rows)
+        atomic_write_text(report, self._output_dir / "comparison.md")
+        plot(runs, rows, self._output_dir / "comparison.png")
+        print(report)
+        log.info(f"Wrote {self._output_dir / 'comparison.md'} and {self._output_dir / 'comparison.png'}")
+        return report
+
+
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    """Entry point: ``tune run gist_eleuther_eval --config ...``."""
+    config.log_config(recipe_name="GistEleutherEvalRecipe", cfg=cfg)
+    recipe = GistEleutherEvalRecipe(cfg=cfg)
+    recipe.setup(cfg=cfg)
+    recipe.evaluate()
+
+
+if __name__ == "__main__":
+    sys.exit(recipe_main())

@@ -10,8 +10,9 @@ Like torchtune's ``eleuther_eval``, with the ``torchtune_gist`` lm-eval model an
 export, none for the base model's controls; ``name``: default the mode) is evaluated on ``tasks`` with the config's
 ``model``, ``tokenizer`` and ``checkpointer`` (the base weights); ``metadata`` goes to the tasks (``data_dir``,
 ``num_samples``, ``context_tokens``, ...). Each run's results are written to ``output_dir/<name>/results.json`` as it
-finishes; a run whose file is there is not evaluated again, so an interrupted evaluation resumes at the next run
-(delete the file, or use another ``output_dir``, to redo one). Last, ``output_dir/comparison.md`` and
+finishes; a run whose file is there (for the same mode, checkpoint, tasks, limit and metadata: other settings are
+refused) is not evaluated again, so an interrupted evaluation resumes at the next run (delete the file, or use another
+``output_dir``, to redo one). Last, ``output_dir/comparison.md`` and
 ``comparison.png`` put the runs side by side with each score's share of the control gap
 (:mod:`torchtune_gist.eval.compare`).
 """
@@ -91,7 +92,18 @@ class GistEleutherEvalRecipe(EvalRecipeInterface):
         """Evaluate each run not evaluated yet, then write and return the comparison (Markdown)."""
         for run in self._runs:
             path = self._output_dir / run["name"] / "results.json"
+            settings = {
+                "model": "torchtune_gist", "model_args": {"mode": run["mode"], "checkpoint_dir": run["checkpoint_dir"]},
+                "tasks": self._tasks, "limit": self._limit, "metadata": self._metadata,
+            }
             if path.is_file():
+                saved = load_run(path).settings
+                changed = sorted(k for k in settings if saved.get(k) != settings[k])
+                if changed:
+                    raise ValueError(
+                        f"{path} holds results of other {', '.join(changed)} than this config's: delete it to evaluate "
+                        "the run again, or give this evaluation another output_dir"
+                    )
                 log.info(f"{run['name']}: {path} is there, not evaluated again")
                 continue
             log.info(f"{run['name']}: mode={run['mode']}, checkpoint_dir={run['checkpoint_dir']}")
@@ -104,12 +116,11 @@ class GistEleutherEvalRecipe(EvalRecipeInterface):
                 task_manager=gist_task_manager(tokenizer=lm.tokenizer, **self._metadata),
             )
             print(make_table(results))
-            model_args = {"mode": run["mode"], "checkpoint_dir": run["checkpoint_dir"]}
             record = {
                 "results": results["results"],
                 "higher_is_better": results["higher_is_better"],
                 "n-samples": results["n-samples"],
-                "config": {"model": "torchtune_gist", "model_args": model_args, "limit": self._limit, "tasks": self._tasks},
+                "config": settings,
             }
             atomic_write_json(record, path)
             del lm

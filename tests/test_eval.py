@@ -719,6 +719,11 @@ def test_eval_recipe_runs_gist_and_controls_by_name_and_resumes(
     for runs, message in bad_runs:
         with pytest.raises(ValueError, match=message):
             GistEleutherEvalRecipe(OmegaConf.merge(cfg, {"runs": runs}))
+    changed = OmegaConf.merge(cfg, {"limit": 1})
+    recipe = GistEleutherEvalRecipe(changed)
+    recipe.setup(changed)
+    with pytest.raises(ValueError, match="gist/results.json holds results of other limit than this config's: delete it"):
+        recipe.evaluate()
 
 
 def test_importing_the_eval_package_leaves_logging_alone() -> None:

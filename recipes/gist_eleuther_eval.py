@@ -17,12 +17,14 @@ refused) is not evaluated again, so an interrupted evaluation resumes at the nex
 (:mod:`torchtune_gist.eval.compare`).
 """
 
+import gc
 import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List
 
 import lm_eval
+import torch
 from lm_eval.utils import make_table
 from omegaconf import DictConfig, OmegaConf
 from torchtune import config, utils
@@ -123,7 +125,10 @@ class GistEleutherEvalRecipe(EvalRecipeInterface):
                 "config": settings,
             }
             atomic_write_json(record, path)
-            del lm
+            del lm, results  # free the run's model before the next one loads
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         runs = [replace(load_run(self._output_dir / r["name"] / "results.json"), label=r["name"]) for r in self._runs]
         rows = comparison_rows(runs)
         report = render_markdown(runs, rows)

@@ -27,14 +27,13 @@ COST_METRICS = ("compression_ratio", "kv_bytes")
 
 @dataclass(frozen=True)
 class Run:
-    """One lm-eval results file: its label, mode, scores ``{task: {metric: value}}``, which scores are better
-    higher ``{task: {metric: bool}}`` and the file's ``config`` section (the run's settings)."""
+    """One lm-eval results file: its label, mode, scores ``{task: {metric: value}}`` and the file's ``config``
+    section (the run's settings)."""
 
     label: str
     mode: str
     path: Path
     scores: Dict[str, Dict[str, float]]
-    higher_is_better: Dict[str, Dict[str, bool]]
     settings: Dict[str, Any]
 
 
@@ -79,7 +78,7 @@ def load_run(path: Path) -> Run:
         for task, metrics in results.items()
     }
     label = f"{mode} ({model_args['checkpoint_dir']})" if model_args.get("checkpoint_dir") else mode
-    return Run(label, mode, Path(path), scores, record.get("higher_is_better", {}), config)
+    return Run(label, mode, Path(path), scores, config)
 
 
 def label_runs(runs: List[Run]) -> List[Run]:

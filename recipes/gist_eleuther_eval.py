@@ -75,6 +75,8 @@ class GistEleutherEvalRecipe(EvalRecipeInterface):
         self._tasks = [str(t) for t in (cfg.tasks if OmegaConf.is_list(cfg.tasks) else [cfg.tasks])]
         self._metadata = OmegaConf.to_container(cfg.get("metadata") or OmegaConf.create({}), resolve=True)
         self._limit = cfg.get("limit")
+        if self._limit is not None and (isinstance(self._limit, bool) or not isinstance(self._limit, (int, float)) or self._limit <= 0):
+            raise ValueError(f"limit={self._limit!r} must be a count >= 1, a fraction in (0, 1], or null for every example")
         self._batch_size = count_setting(cfg, "batch_size", default=8)
         self._max_gen_toks = count_setting(cfg, "max_gen_toks", default=256)
         self._output_dir = Path(cfg.output_dir)

@@ -719,6 +719,8 @@ def test_eval_recipe_runs_gist_and_controls_by_name_and_resumes(
     for runs, message in bad_runs:
         with pytest.raises(ValueError, match=message):
             GistEleutherEvalRecipe(OmegaConf.merge(cfg, {"runs": runs}))
+    with pytest.raises(ValueError, match="limit=0 must be a count >= 1, a fraction in"):
+        GistEleutherEvalRecipe(OmegaConf.merge(cfg, {"limit": 0}))
     changed = OmegaConf.merge(cfg, {"limit": 1})
     recipe = GistEleutherEvalRecipe(changed)
     recipe.setup(changed)

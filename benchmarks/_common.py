@@ -6,7 +6,6 @@ report always matches the numbers beside it. Everything is written atomically.
 """
 
 import datetime
-import io
 import os
 import platform
 import shlex
@@ -19,7 +18,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 
 import torch
 
-from torchtune_gist._io import atomic_write_json, atomic_write_text, temporary_sibling
+from torchtune_gist._io import atomic_save_figure, atomic_write_json, atomic_write_text
 
 CPU_JSON = "results_cpu.json"
 GPU_JSON = "results_gpu.json"
@@ -150,12 +149,8 @@ def save_png(fig: Any, path: Path) -> Path:
     """Save a matplotlib figure as PNG atomically (temporary name, then rename) and close it."""
     import matplotlib.pyplot as plt
 
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    atomic_save_figure(fig, path, dpi=110, bbox_inches="tight")
     plt.close(fig)
-    with temporary_sibling(path) as tmp:
-        tmp.write_bytes(buf.getvalue())
-        os.replace(tmp, path)
     return path
 
 

@@ -95,14 +95,11 @@ def read_inputs(cfg: DictConfig, single: str) -> List[str]:
         FileNotFoundError: if the file does not exist.
         ValueError: if it holds no input.
     """
-    path = cfg.get("inputs_file")
-    if path is None:
+    if cfg.get("inputs_file") is None:
         return [single]
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"inputs_file={path}: no such file")
-    lines = [line.rstrip("\r") for line in Path(path).read_text(encoding="utf-8").split("\n") if line.strip()]
+    lines = [line.rstrip("\r") for line in read_text_setting(cfg, "inputs").split("\n") if line.strip()]
     if not lines:
-        raise ValueError(f"inputs_file={path} holds no input: one input per line")
+        raise ValueError(f"inputs_file={cfg.inputs_file} holds no input: one input per line")
     return lines
 
 

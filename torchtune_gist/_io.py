@@ -94,6 +94,16 @@ def atomic_write_text(text: str, path: Union[str, Path]) -> Path:
     return path
 
 
+def atomic_save_figure(fig: Any, path: Union[str, Path], **savefig_kwargs: Any) -> Path:
+    """Save a matplotlib figure as PNG to ``path`` atomically (temporary file, rename); ``savefig_kwargs`` go to
+    ``fig.savefig``. The caller closes the figure."""
+    path = Path(path)
+    with temporary_sibling(path) as tmp:
+        fig.savefig(tmp, format="png", **savefig_kwargs)
+        os.replace(tmp, path)
+    return path
+
+
 def atomic_write_json(obj: Any, path: Union[str, Path]) -> Path:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
     return atomic_write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", path)

@@ -46,10 +46,10 @@ from torchtune.training.lr_schedulers import get_cosine_schedule_with_warmup
 from tqdm import tqdm
 
 from torchtune_gist._io import (
+    atomic_save_figure,
     atomic_save_safetensors,
     atomic_write_json,
     atomic_write_text,
-    temporary_sibling,
     unwritable_reason,
 )
 from torchtune_gist.data import gist_passkey_dataset
@@ -276,10 +276,8 @@ def plot(rows: List[Dict[str, Any]], curves: Dict[str, List[Tuple[int, float]]],
     ax2.set_title("Training loss")
     ax2.legend()
     fig.tight_layout()
-    with temporary_sibling(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-        plt.close(fig)
-        os.replace(tmp, path)
+    atomic_save_figure(fig, path, dpi=110)
+    plt.close(fig)
     return path
 
 

@@ -35,8 +35,10 @@ def refused_option(args: argparse.Namespace) -> str:
             "did (a chat format belongs in the torchtune config's tokenizer and prompt template)"
         )
     model_args = getattr(args, "model_args", None)
-    if getattr(args, "model", None) == "torchtune_gist" and isinstance(model_args, dict) and unknown_model_args(model_args):
-        return unknown_model_args(model_args)
+    if getattr(args, "model", None) == "torchtune_gist" and isinstance(model_args, dict):
+        problem = unknown_model_args(model_args)
+        if problem:
+            return problem
     limit = getattr(args, "limit", None)
     if limit is not None and limit <= 0:
         return f"--limit {limit:g} leaves no examples: give a count >= 1 or a fraction in (0, 1]"

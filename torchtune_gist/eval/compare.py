@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from lm_eval.utils import simple_parse_args_string
 
-from torchtune_gist._io import atomic_write_text, temporary_sibling
+from torchtune_gist._io import atomic_save_figure, atomic_write_text
 
 #: Metrics that describe what a run held, not how well it scored: no gap share for them.
 COST_METRICS = ("compression_ratio", "kv_bytes")
@@ -161,10 +161,8 @@ def plot(runs: Sequence[Run], rows: Sequence[Dict[str, Any]], path: Path) -> Pat
     ax.set_title("lm-eval scores by mode")
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=min(3, len(runs)), frameon=False)
     fig.tight_layout()
-    with temporary_sibling(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-        plt.close(fig)
-        tmp.replace(path)
+    atomic_save_figure(fig, path, dpi=110)
+    plt.close(fig)
     return path
 
 

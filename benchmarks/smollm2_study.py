@@ -39,7 +39,6 @@ Trainings run as ``tune run`` subprocesses.
 import argparse
 import json
 import os
-import random
 import resource
 import subprocess
 import sys
@@ -424,21 +423,14 @@ def _load(out_dir: Path, name: str) -> Optional[Dict[str, Any]]:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def gap_share(gist: Sequence[float], pos: Sequence[float], neg: Sequence[float], *, n_boot: int = 2000, seed: int = 0) -> Dict[str, float]:
+def gap_share(gist: Sequence[float], pos: Sequence[float], neg: Sequence[float]) -> Dict[str, float]:
     """``(gist - neg) / (pos - neg)`` of per-example scores (same examples), with a paired 95% bootstrap interval."""
-    n = len(gist)
-    if not (n == len(pos) == len(neg)) or n == 0:
-        raise ValueError("gist, pos and neg need the same, non-zero number of examples")
+    from torchtune_gist.eval import compare
+    from torchtune_gist.eval.bootstrap import gap_share_interval
 
-    def share(idx: Sequence[int]) -> float:
-        g, p, q = (sum(x[i] for i in idx) / len(idx) for x in (gist, pos, neg))
-        return (g - q) / (p - q) if p != q else float("nan")
-
-    rng = random.Random(seed)
-    boots = sorted(share([rng.randrange(n) for _ in range(n)]) for _ in range(n_boot))
-    boots = [b for b in boots if b == b]
-    lo, hi = (boots[int(0.025 * len(boots))], boots[int(0.975 * len(boots)) - 1]) if boots else (float("nan"),) * 2
-    return {"share": share(range(n)), "lo": lo, "hi": hi}
+    share = compare.gap_share(*(sum(x) / len(x) for x in (gist, pos, neg)))
+    lo, hi = gap_share_interval(gist, pos, neg) or (float("nan"),) * 2
+    return {"share": float("nan") if share is None else share, "lo": lo, "hi": hi}
 
 
 def _ratio(value: Optional[float]) -> str:

@@ -10,14 +10,16 @@ Like torchtune's ``eleuther_eval``, with the ``torchtune_gist`` lm-eval model an
 export, none for the base model's controls; ``name``: default the mode) is evaluated on ``tasks`` with the config's
 ``model``, ``tokenizer`` and ``checkpointer`` (the base weights); ``metadata`` goes to the tasks (``data_dir``,
 ``num_samples``, ``context_tokens``, ...). Each run's results are written to ``output_dir/<name>/results.json`` as it
-finishes; a run whose file is there (for the same mode, checkpoint, tasks, limit and metadata: other settings are
+finishes, with each task's per-example scores and answers beside it (``samples_<task>.jsonl``, lm-eval's sample
+records without the documents); a run whose file is there (for the same mode, checkpoint, tasks, limit and metadata: other settings are
 refused) is not evaluated again, so an interrupted evaluation resumes at the next run (delete the file, or use another
 ``output_dir``, to redo one). Last, ``output_dir/comparison.md`` and
-``comparison.png`` put the runs side by side with each score's share of the control gap
-(:mod:`torchtune_gist.eval.compare`).
+``comparison.png`` put the runs side by side with each score's share of the control gap and 95% bootstrap
+intervals, the runs resampled together (:mod:`torchtune_gist.eval.compare`).
 """
 
 import gc
+import json
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -32,13 +34,22 @@ from torchtune.recipe_interfaces import EvalRecipeInterface
 
 from torchtune_gist._io import atomic_write_json, atomic_write_text, unwritable_reason
 from torchtune_gist.eval import TorchtuneGistLM, gist_task_manager
-from torchtune_gist.eval.compare import comparison_rows, load_run, plot, render_markdown
+from torchtune_gist.eval.compare import comparison_rows, load_run, plot, render_markdown, samples_path
 from torchtune_gist.generation import GENERATION_MODES
 from torchtune_gist.training import check_components, check_input_files, check_required_keys, count_setting
 
 log = utils.get_logger("INFO")
 
 EVAL_KEYS = ("model", "tokenizer", "checkpointer", "runs", "tasks", "output_dir")
+
+#: What a per-example record keeps of lm-eval's (the document itself, a whole haystack perhaps, is left out).
+SAMPLE_FIELDS = ("doc_id", "target", "filtered_resps", "filter", "metrics")
+
+
+def sample_lines(samples: List[Dict[str, Any]]) -> str:
+    """lm-eval's per-example records of one task as JSON lines: :data:`SAMPLE_FIELDS` and each metric's score."""
+    keep = [{**{k: s[k] for k in SAMPLE_FIELDS if k in s}, **{m: s[m] for m in s.get("metrics", ())}} for s in samples]
+    return "".join(json.dumps(record, default=str, ensure_ascii=False) + "\n" for record in keep)
 
 
 def parse_runs(runs: Any) -> List[Dict[str, Any]]:
@@ -116,10 +127,12 @@ class GistEleutherEvalRecipe(EvalRecipeInterface):
                 max_gen_toks=self._max_gen_toks,
             )
             results = lm_eval.simple_evaluate(
-                model=lm, tasks=self._tasks, limit=self._limit, log_samples=False,
+                model=lm, tasks=self._tasks, limit=self._limit, log_samples=True,
                 task_manager=gist_task_manager(tokenizer=lm.tokenizer, **self._metadata),
             )
             print(make_table(results))
+            for task, samples in results["samples"].items():
+                atomic_write_text(sample_lines(samples), samples_path(path, task))
             record = {
                 "results": results["results"],
                 "higher_is_better": results["higher_is_better"],

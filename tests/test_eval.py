@@ -623,6 +623,7 @@ def test_cli_runs_a_task(checkpoints: Tuple[Path, Path, torch.nn.Module], tmp_pa
         sys.executable, "-m", "torchtune_gist.eval", "run", "--model", "torchtune_gist",
         "--model_args", f"config={config},checkpoint_dir={ckpt},mode=gist,max_gen_toks=4",
         "--tasks", "gist_passkey", "--limit", "2", "--device", "cpu", "--batch_size", "2", "--output_path", str(out_dir),
+        "--log_samples",
         "--metadata", json.dumps({"num_samples": 2, "context_tokens": [96], "depths": [0.5]}),
     ]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
@@ -638,7 +639,7 @@ def test_cli_runs_a_task(checkpoints: Tuple[Path, Path, torch.nn.Module], tmp_pa
     assert 40 < result["compression_ratio,none"] <= 96 / K
     from torchtune_gist.eval import compare
 
-    assert f"| gist_passkey | acc | {result['acc,none']:.4g} |" in compare.main([str(out_dir)])
+    assert f"| gist_passkey | acc | {result['acc,none']:.4g} [" in compare.main([str(out_dir)])  # its --log_samples file
 
 
 def _results_file(path: Path, model_args: Any, scores: Dict[str, float], model: str = "torchtune_gist") -> Path:
@@ -680,6 +681,67 @@ def test_compare_puts_runs_side_by_side_with_the_share_of_the_control_gap(tmp_pa
         assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_bootstrap_intervals_are_paired_and_as_wide_as_the_sampling_error() -> None:
+    from torchtune_gist.eval.bootstrap import gap_share_interval, mean_interval, resampled_means
+
+    coin = [1.0, 0.0] * 200  # mean 0.5 over 400 examples: a 95% half-width of about 1.96 * sqrt(0.25 / 400) = 0.049
+    lo, hi = mean_interval(coin)
+    assert lo < 0.5 < hi and 0.04 < (hi - lo) / 2 < 0.058
+    # each example's run score sits halfway between its controls, examples of very different difficulty: resampled
+    # together the share is 0.5 in every resample; resampled apart it would wander with the examples drawn
+    pos = [0.1 + 0.8 * ((7 * i) % 50) / 49 for i in range(50)]
+    neg = [p - 0.1 for p in pos]
+    run = [p - 0.05 for p in pos]
+    lo, hi = gap_share_interval(run, pos, neg)
+    assert abs(lo - 0.5) < 1e-9 and abs(hi - 0.5) < 1e-9
+    assert gap_share_interval(run, pos, pos) is None  # controls tie in every resample
+    assert (resampled_means([pos, neg], iters=300, seed=3) == resampled_means([pos, neg], iters=300, seed=3)).all()
+    with pytest.raises(ValueError, match="need the same examples, got 50, 50 and 49 scores"):
+        gap_share_interval(run, pos, neg[:-1])
+
+
+def _samples_file(results_path: Path, task: str, scores: Dict[str, List[float]], first_doc: int = 0) -> None:
+    """Per-example scores laid out as lm-eval's --log_samples writes them beside a results file."""
+    from torchtune_gist.eval.compare import samples_path
+
+    records = [
+        {"doc_id": first_doc + i, "doc": {"input": "x"}, "target": "y", "filter": "none", "metrics": list(scores),
+         **{metric: values[i] for metric, values in scores.items()}}
+        for i in range(len(next(iter(scores.values()))))
+    ]
+    samples_path(results_path, task).write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_compare_gives_paired_bootstrap_intervals_from_per_example_scores(tmp_path: Path) -> None:
+    from torchtune_gist.eval import compare
+
+    task = "alpaca_plus_human"
+    pos = [0.4 + 0.4 * (i % 5) / 4 for i in range(50)]  # mean 0.6
+    per_run = {"gist": [p - 0.2 for p in pos], "pos_control": pos, "neg_control": [p - 0.4 for p in pos]}
+    for i, (mode, scores) in enumerate(per_run.items()):
+        path = _results_file(tmp_path / mode / f"results_{i}.json", {"mode": mode}, {"rougeL": sum(scores) / 50})
+        _samples_file(path, task, {"rougeL": scores})
+    path = _results_file(tmp_path / "truncate" / "results_3.json", {"mode": "truncate"}, {"rougeL": 0.3})
+    _samples_file(path, task, {"rougeL": [0.3] * 50}, first_doc=1)  # other documents: no paired gap share
+    runs = [tmp_path / m for m in (*per_run, "truncate")]
+
+    report = compare.main([str(r) for r in runs] + ["--out", str(tmp_path / "cmp")])
+    row = next(line for line in report.splitlines() if line.startswith(f"| {task} | rougeL |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    gist, share, truncate_share = cells[2], cells[6], cells[7]
+    lo, hi = (float(x) for x in gist.removeprefix("0.4 [").removesuffix("]").split(", "))
+    assert lo < 0.4 < hi and hi - lo > 0.05
+    assert share == "0.5 [0.5, 0.5]"  # every example keeps half the gap: paired resamples agree
+    assert truncate_share == "0.25" and cells[5] == "0.3 [0.3, 0.3]"
+    assert "95% bootstrap interval" in report and (tmp_path / "cmp" / "comparison.png").is_file()
+    assert "[" not in compare.main([str(r) for r in runs] + ["--bootstrap-iters", "0"]).split("\n\n")[0]
+
+    _samples_file(tmp_path / "gist" / "results_0.json", task, {"rougeL": [0.9] * 50})  # not this evaluation's
+    report = compare.main([str(r) for r in runs])
+    assert f"{tmp_path / 'gist' / ('samples_' + task + '_0.jsonl')}: the mean of rougeL is not the results file's" in report
+    assert f"| {task} | rougeL | 0.4 | 0.6 [" in report and "| 0.5 | 0.25 |" in report
+
+
 def test_eval_recipe_runs_gist_and_controls_by_name_and_resumes(
     checkpoints: Tuple[Path, Path, torch.nn.Module], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -703,7 +765,9 @@ def test_eval_recipe_runs_gist_and_controls_by_name_and_resumes(
     report = (tmp_path / "eval" / "comparison.md").read_text()
     assert report.splitlines()[0] == "| task | metric | gist | pos_control | no_prompt | gap share: gist |"
     gist = json.loads((tmp_path / "eval" / "gist" / "results.json").read_text())["results"]["gist_passkey"]
-    assert f"| gist_passkey | acc | {gist['acc,none']:.4g} |" in report and report in proc.stdout
+    assert f"| gist_passkey | acc | {gist['acc,none']:.4g} [" in report and report in proc.stdout
+    samples = (tmp_path / "eval" / "gist" / "samples_gist_passkey.jsonl").read_text().splitlines()
+    assert len(samples) == 2 and set(json.loads(samples[0])) >= {"doc_id", "filtered_resps", "acc"}
     assert (tmp_path / "eval" / "comparison.png").is_file()
     # once: importing torchtune_gist.eval must not give the root logger a handler (rouge-score's absl logging did)
     assert proc.stderr.count(f"gist: mode=gist, checkpoint_dir={ckpt}") == 1

@@ -7,34 +7,44 @@ every task's metrics per run, with the share of the control gap each run keeps f
 
     python -m torchtune_gist.eval.compare outputs/eval/gist outputs/eval/pos outputs/eval/neg --out outputs/eval
 
-prints the Markdown table and, with ``--out``, writes ``comparison.md`` and ``comparison.png`` there.
+prints the Markdown table and, with ``--out``, writes ``comparison.md`` and ``comparison.png`` there. Where the
+per-example scores are beside a results file (lm-eval's ``--log_samples`` files, which ``tune run gist_eleuther_eval``
+always writes), each score and gap share gets a 95% bootstrap interval, the runs resampled together (paired).
 """
 
 import argparse
 import json
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from lm_eval.utils import simple_parse_args_string
 
 from torchtune_gist._io import atomic_save_figure, atomic_write_text
+from torchtune_gist.eval.bootstrap import BOOTSTRAP_ITERS, Interval, gap_share_interval, mean_interval
 
 #: Metrics that describe what a run held, not how well it scored: no gap share for them.
 COST_METRICS = ("compression_ratio", "kv_bytes")
 
 
+#: Per-example scores of one task: ``{metric: {doc_id: score}}``.
+Examples = Dict[str, Dict[str, float]]
+
+
 @dataclass(frozen=True)
 class Run:
-    """One lm-eval results file: its label, mode, scores ``{task: {metric: value}}`` and the file's ``config``
-    section (the run's settings)."""
+    """One lm-eval results file: its label, mode, scores ``{task: {metric: value}}``, the file's ``config`` section
+    (the run's settings), the per-example scores found beside it ``{task: {metric: {doc_id: score}}}`` and notes
+    on per-example files that could not be used."""
 
     label: str
     mode: str
     path: Path
     scores: Dict[str, Dict[str, float]]
     settings: Dict[str, Any]
+    examples: Dict[str, Examples] = field(default_factory=dict)
+    notes: Tuple[str, ...] = ()
 
 
 def results_files(paths: Sequence[Path]) -> List[Path]:
@@ -52,8 +62,62 @@ def results_files(paths: Sequence[Path]) -> List[Path]:
     return files
 
 
+def samples_path(results_path: Path, task: str) -> Path:
+    """Where lm-eval's ``--log_samples`` puts a task's per-example file beside a results file:
+    ``results_<date>.json`` -> ``samples_<task>_<date>.jsonl`` (``results.json`` -> ``samples_<task>.jsonl``)."""
+    return results_path.with_name(f"samples_{task}{results_path.stem[len('results'):]}.jsonl")
+
+
+def read_examples(path: Path) -> Examples:
+    """Per-example scores ``{metric: {doc_id: score}}`` of an lm-eval samples file (JSON lines naming their
+    ``metrics``).
+
+    Raises:
+        ValueError: if a line is not such a record, or a document is scored twice (several filters).
+    """
+    examples: Examples = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            doc_id, metrics = str(record["doc_id"]), record["metrics"]
+            scores = {m: float(record[m]) for m in metrics}
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}:{number} is not an lm-eval sample record with its metrics: {e}") from e
+        for metric, score in scores.items():
+            if doc_id in examples.setdefault(metric, {}):
+                raise ValueError(f"{path}: document {doc_id} is scored twice for {metric} (several filters)")
+            examples[metric][doc_id] = score
+    return examples
+
+
+def _examples_beside(path: Path, scores: Dict[str, Dict[str, float]]) -> Tuple[Dict[str, Examples], Tuple[str, ...]]:
+    """The per-example scores of each task found beside ``path`` whose means are the results file's scores, and a
+    note for each file left out."""
+    found, notes = {}, []
+    for task, metrics in scores.items():
+        file = samples_path(path, task)
+        if not file.is_file():
+            continue
+        try:
+            examples = read_examples(file)
+        except ValueError as e:
+            notes.append(f"{e}: no intervals for {task}")
+            continue
+        differ = sorted(
+            m for m, per_doc in examples.items()
+            if m in metrics and abs(sum(per_doc.values()) / len(per_doc) - metrics[m]) > 1e-6 * max(1.0, abs(metrics[m]))
+        )
+        if differ:
+            notes.append(f"{file}: the mean of {', '.join(differ)} is not the results file's (another evaluation?): no intervals for {task}")
+            continue
+        found[task] = examples
+    return found, tuple(notes)
+
+
 def load_run(path: Path) -> Run:
-    """Read one lm-eval results file written for the ``torchtune_gist`` model.
+    """Read one lm-eval results file written for the ``torchtune_gist`` model, and the per-example scores beside it.
 
     Raises:
         ValueError: if it is not lm-eval's results JSON of a ``torchtune_gist`` run.
@@ -78,7 +142,8 @@ def load_run(path: Path) -> Run:
         for task, metrics in results.items()
     }
     label = f"{mode} ({model_args['checkpoint_dir']})" if model_args.get("checkpoint_dir") else mode
-    return Run(label, mode, Path(path), scores, config)
+    examples, notes = _examples_beside(Path(path), scores)
+    return Run(label, mode, Path(path), scores, config, examples, notes)
 
 
 def label_runs(runs: List[Run]) -> List[Run]:
@@ -93,9 +158,21 @@ def gap_share(value: float, pos: float, neg: float) -> Optional[float]:
     return None if pos == neg else (value - neg) / (pos - neg)
 
 
-def comparison_rows(runs: Sequence[Run]) -> List[Dict[str, Any]]:
+def _paired(runs: Sequence[Run], task: str, metric: str) -> Optional[List[List[float]]]:
+    """The runs' per-example scores in one document order, or ``None`` unless every run has them for the same
+    documents."""
+    per_run = [run.examples.get(task, {}).get(metric) for run in runs]
+    if any(per_doc is None for per_doc in per_run) or len({frozenset(per_doc) for per_doc in per_run}) != 1:
+        return None
+    docs = sorted(per_run[0])
+    return [[per_doc[d] for d in docs] for per_doc in per_run]
+
+
+def comparison_rows(runs: Sequence[Run], *, iters: int = BOOTSTRAP_ITERS, seed: int = 0) -> List[Dict[str, Any]]:
     """One row per task and metric: each run's value and, for scores, each run's gap share when exactly one
-    ``pos_control`` and one ``neg_control`` run scored that task."""
+    ``pos_control`` and one ``neg_control`` run scored that task; with ``iters`` > 0, bootstrap intervals of the
+    scores (``intervals``) and gap shares (``gap_share_intervals``) where the per-example scores allow (the gap
+    share's only where the run and both controls scored the same documents)."""
     rows = []
     tasks = sorted({task for run in runs for task in run.scores})
     for task in tasks:
@@ -103,23 +180,38 @@ def comparison_rows(runs: Sequence[Run]) -> List[Dict[str, Any]]:
         controls = {mode: [r for r in runs if r.mode == mode and task in r.scores] for mode in ("pos_control", "neg_control")}
         for metric in metrics:
             values = {r.label: r.scores.get(task, {}).get(metric) for r in runs}
-            row: Dict[str, Any] = {"task": task, "metric": metric, "values": values, "gap_share": {}}
+            row: Dict[str, Any] = {"task": task, "metric": metric, "values": values, "gap_share": {},
+                                   "intervals": {}, "gap_share_intervals": {}}
+            if metric in COST_METRICS:
+                rows.append(row)
+                continue
+            if iters > 0:
+                row["intervals"] = {
+                    r.label: mean_interval(list(per_doc.values()), iters=iters, seed=seed)
+                    for r in runs if (per_doc := r.examples.get(task, {}).get(metric))
+                }
             pos, neg = controls["pos_control"], controls["neg_control"]
-            if metric not in COST_METRICS and len(pos) == 1 and len(neg) == 1:
+            if len(pos) == 1 and len(neg) == 1:
                 p, n = pos[0].scores[task].get(metric), neg[0].scores[task].get(metric)
                 if p is not None and n is not None:
-                    row["gap_share"] = {
-                        r.label: gap_share(v, p, n)
-                        for r in runs if r.mode not in ("pos_control", "neg_control") and (v := values[r.label]) is not None
-                    }
+                    shared = [r for r in runs if r.mode not in ("pos_control", "neg_control") and values[r.label] is not None]
+                    row["gap_share"] = {r.label: gap_share(values[r.label], p, n) for r in shared}
+                    for r in shared if iters > 0 else ():
+                        paired = _paired([r, pos[0], neg[0]], task, metric)
+                        if paired is not None:
+                            row["gap_share_intervals"][r.label] = gap_share_interval(*paired, iters=iters, seed=seed)
             rows.append(row)
     return rows
 
 
-def _cell(value: Optional[float]) -> str:
+def _number(value: float) -> str:
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+
+
+def _cell(value: Optional[float], interval: Optional[Interval] = None) -> str:
     if value is None:
         return "-"
-    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+    return _number(value) if interval is None else f"{_number(value)} [{_number(interval[0])}, {_number(interval[1])}]"
 
 
 def render_markdown(runs: Sequence[Run], rows: Sequence[Dict[str, Any]]) -> str:
@@ -128,19 +220,25 @@ def render_markdown(runs: Sequence[Run], rows: Sequence[Dict[str, Any]]) -> str:
     header = ["task", "metric", *[r.label for r in runs], *[f"gap share: {label}" for label in shared]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = [row["task"], row["metric"], *[_cell(row["values"][r.label]) for r in runs]]
-        cells += [_cell(row["gap_share"].get(label)) for label in shared]
+        cells = [row["task"], row["metric"], *[_cell(row["values"][r.label], row["intervals"].get(r.label)) for r in runs]]
+        cells += [_cell(row["gap_share"].get(label), row["gap_share_intervals"].get(label)) for label in shared]
         lines.append("| " + " | ".join(cells) + " |")
-    sources = "\n".join(f"- {r.label}: `{r.path}`" for r in runs)
+    sources = "\n".join(f"- {r.label}: `{r.path}`" + "".join(f"\n  - {note}" for note in r.notes) for r in runs)
     note = (
         "Gap share = (run - neg_control) / (pos_control - neg_control), per score: 1 keeps all of the full prompt's lead "
         "over no prompt, 0 none. compression_ratio = prompt tokens per token kept; kv_bytes = keys/values held per example."
     )
+    if any(row["intervals"] for row in rows):
+        note += (
+            " [low, high]: 95% bootstrap interval over the examples (runs and controls resampled together); scores "
+            "without one had no per-example scores beside their results (lm-eval's --log_samples)."
+        )
     return "\n".join([*lines, "", note, "", "Runs:", sources, ""])
 
 
 def plot(runs: Sequence[Run], rows: Sequence[Dict[str, Any]], path: Path) -> Path:
-    """Bar chart of every score (cost metrics left out), one bar per run, written atomically as PNG."""
+    """Bar chart of every score (cost metrics left out), one bar per run with its bootstrap interval where there is
+    one, written atomically as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -153,12 +251,18 @@ def plot(runs: Sequence[Run], rows: Sequence[Dict[str, Any]], path: Path) -> Pat
     for i, run in enumerate(runs):
         xs = [j + i * width for j in range(len(scores))]
         heights = [float("nan") if row["values"][run.label] is None else row["values"][run.label] for row in scores]
+        intervals = [row["intervals"].get(run.label) for row in scores]
+        errors = None
+        if any(intervals):
+            errors = [[h - i[0] if i else float("nan") for h, i in zip(heights, intervals)],
+                      [i[1] - h if i else float("nan") for h, i in zip(heights, intervals)]]
         ratio = next((values[run.label] for values in ratios.values() if values.get(run.label) is not None), None)
-        ax.bar(xs, heights, width, label=run.label if ratio is None else f"{run.label} ({ratio:.3g}x compression)")
+        ax.bar(xs, heights, width, yerr=errors, capsize=3, error_kw={"elinewidth": 1},
+               label=run.label if ratio is None else f"{run.label} ({ratio:.3g}x compression)")
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(scores))])
     ax.set_xticklabels([f"{row['task']}\n{row['metric']}" for row in scores], fontsize=8)
     ax.set_ylabel("score")
-    ax.set_title("lm-eval scores by mode")
+    ax.set_title("lm-eval scores by mode" + (" (95% bootstrap intervals)" if any(row["intervals"] for row in scores) else ""))
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=min(3, len(runs)), frameon=False)
     fig.tight_layout()
     atomic_save_figure(fig, path, dpi=110)
@@ -174,12 +278,17 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     )
     parser.add_argument("results", nargs="+", type=Path, help="results_*.json files or lm-eval --output_path directories")
     parser.add_argument("--out", type=Path, default=None, help="directory for comparison.md and comparison.png")
+    parser.add_argument("--bootstrap-iters", type=int, default=BOOTSTRAP_ITERS,
+                        help=f"resamples for the 95%% intervals (default {BOOTSTRAP_ITERS}; 0: no intervals)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the resampling (default 0)")
     args = parser.parse_args(argv)
+    if args.bootstrap_iters < 0:
+        parser.error(f"--bootstrap-iters={args.bootstrap_iters} must be >= 0")
     try:
         runs = label_runs([load_run(f) for f in results_files(args.results)])
     except (FileNotFoundError, ValueError) as e:
         parser.error(str(e))
-    rows = comparison_rows(runs)
+    rows = comparison_rows(runs, iters=args.bootstrap_iters, seed=args.seed)
     report = render_markdown(runs, rows)
     print(report)
     if args.out is not None:

@@ -17,7 +17,7 @@ def test_short_demo_produces_table_and_plot_and_gist_beats_negative_control(tmp_
     )
     results = run(settings)
     out = capsys.readouterr().out
-    assert "| mode | model | exact match |" in out and "Plot:" in out
+    assert "| mode | model | exact match [95% interval] |" in out and "Plot:" in out
     png = settings.out / "demo.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((settings.out / "results.json").read_text())
@@ -25,6 +25,13 @@ def test_short_demo_produces_table_and_plot_and_gist_beats_negative_control(tmp_
     acc = {r["mode"]: r["accuracy"] for r in results["rows"]}
     assert set(acc) == {"gist", "pos_control", "neg_control", "truncate"}
     assert acc["gist"] > acc["neg_control"]
+    for row in results["rows"]:  # 40 passkeys: a bootstrap interval around each accuracy, tens of points wide for gist
+        lo, hi = row["accuracy_interval"]
+        assert lo <= row["accuracy"] <= hi and f"{100 * row['accuracy']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]" in out
+    gist_steps = [step for step, _ in saved["loss_curves"]["stage 2: gist"]]
+    assert gist_steps == list(range(1, settings.gist_steps + 1))  # the plotted curve, one point per step
+    gist_lo, gist_hi = next(r for r in results["rows"] if r["mode"] == "gist")["accuracy_interval"]
+    assert acc["gist"] in (0.0, 1.0) or gist_hi - gist_lo > 0.1
     gist = next(r for r in results["rows"] if r["mode"] == "gist")
     pos = next(r for r in results["rows"] if r["mode"] == "pos_control")
     assert gist["compression_ratio"] == pytest.approx(gist["context_tokens"] / 4)
@@ -156,7 +163,7 @@ def test_demo_table_shows_what_each_mode_keeps():
     from torchtune_gist.eval import kept_ratio
 
     def row(mode: str) -> dict:
-        return {"mode": mode, "model": "m", "accuracy": 1.0, "context_tokens": 128.0, "num_gist_tokens": 8,
+        return {"mode": mode, "model": "m", "accuracy": 1.0, "accuracy_interval": [1.0, 1.0], "context_tokens": 128.0, "num_gist_tokens": 8,
                 "compression_ratio": kept_ratio(mode, 128.0, 8), "kv_bytes": 1024.0}
 
     assert kept_ratio("truncate", 4.0, 8) == 1.0

@@ -33,7 +33,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -190,17 +190,28 @@ def recipe_loss_history(run_dir: Path) -> List[Tuple[int, float]]:
         return [tuple(x) for x in json.loads(f.metadata()["progress"])["loss_history"]]
 
 
+def chained_loss_history(run_dirs: Sequence[Path]) -> List[Tuple[int, float]]:
+    """The ``(step, loss)`` histories of runs that continue one another, numbered on from one run to the next."""
+    curve: List[Tuple[int, float]] = []
+    for run_dir in run_dirs:
+        offset = len(curve)
+        curve += [(offset + step, loss) for step, loss in recipe_loss_history(run_dir)]
+    return curve
+
+
 def base_loss_history(base_dir: Path) -> List[Tuple[int, float]]:
     with safe_open(str(base_dir / "model.safetensors"), framework="pt") as f:
         return [tuple(x) for x in json.loads(f.metadata()["loss_history"])]
 
 
 def evaluate(settings: DemoSettings, assets: Path, base_dir: Path, run_dir: Path, mode: str) -> Dict[str, Any]:
-    """Score held-out passkeys through lm-eval in ``mode``; returns accuracy and the gist statistics."""
+    """Score held-out passkeys through lm-eval in ``mode``; returns accuracy (with its 95% bootstrap interval) and the
+    gist statistics."""
     import lm_eval
 
     from torchtune_gist.checkpointing import load_gist_adapter
     from torchtune_gist.eval import TorchtuneGistLM, gist_task_manager
+    from torchtune_gist.eval.bootstrap import mean_interval
     from torchtune_gist.models import lora_gist_llama3_1_tiny
 
     tokenizer = _tokenizer(assets)
@@ -216,12 +227,14 @@ def evaluate(settings: DemoSettings, assets: Path, base_dir: Path, run_dir: Path
         tokenizer=tokenizer, context_tokens=settings.context_tokens, num_samples=settings.eval_samples,
         passkey_digits=settings.passkey_digits, seed=settings.eval_seed, num_gist_tokens=settings.num_gist_tokens,
     )
-    results = lm_eval.simple_evaluate(model=lm, tasks=["gist_passkey"], task_manager=manager, log_samples=False, verbosity="ERROR")
+    results = lm_eval.simple_evaluate(model=lm, tasks=["gist_passkey"], task_manager=manager, log_samples=True, verbosity="ERROR")
     metrics = results["results"]["gist_passkey"]
+    interval = mean_interval([sample["acc"] for sample in results["samples"]["gist_passkey"]])
     stats = lm.stats
     return {
         "mode": mode,
         "accuracy": metrics["acc,none"],
+        "accuracy_interval": None if interval is None else list(interval),  # as results.json holds it
         "context_tokens": stats["mean_prompt_tokens"],
         "num_gist_tokens": settings.num_gist_tokens,
         "compression_ratio": stats["mean_compression_ratio"],
@@ -236,15 +249,21 @@ def compression_cell(row: Dict[str, Any]) -> str:
     return "1x (full)" if row["mode"] == "pos_control" else f"{row['compression_ratio']:.1f}x"
 
 
+def _percent(value: float, interval: Optional[Sequence[float]]) -> str:
+    """``98.5%``, with ``[96.5, 100.0]`` after it where there is an interval."""
+    return f"{100 * value:.1f}%" + ("" if interval is None else f" [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]")
+
+
 def results_table(rows: List[Dict[str, Any]]) -> str:
     """A Markdown table of the evaluation rows."""
     lines = [
-        "| mode | model | exact match | context tokens | K | compression | KV bytes held / example |",
+        "| mode | model | exact match [95% interval] | context tokens | K | compression | KV bytes held / example |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['mode']} | {r['model']} | {100 * r['accuracy']:.1f}% | {r['context_tokens']:.0f} | {r['num_gist_tokens']} "
+            f"| {r['mode']} | {r['model']} | {_percent(r['accuracy'], r['accuracy_interval'])} | {r['context_tokens']:.0f} "
+            f"| {r['num_gist_tokens']} "
             f"| {compression_cell(r)} | {r['kv_bytes']:,.0f} |"
         )
     return "\n".join(lines)
@@ -259,15 +278,19 @@ def plot(rows: List[Dict[str, Any]], curves: Dict[str, List[Tuple[int, float]]],
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     colors = {"gist": "tab:green", "pos_control": "tab:blue", "neg_control": "tab:red", "truncate": "tab:orange"}
-    bars = ax1.bar([r["mode"] for r in rows], [100 * r["accuracy"] for r in rows], color=[colors[r["mode"]] for r in rows])
-    for bar, r in zip(bars, rows):
+    intervals = [r["accuracy_interval"] or (r["accuracy"],) * 2 for r in rows]
+    errors = [[100 * (r["accuracy"] - lo) for r, (lo, _) in zip(rows, intervals)],
+              [100 * (hi - r["accuracy"]) for r, (_, hi) in zip(rows, intervals)]]
+    bars = ax1.bar([r["mode"] for r in rows], [100 * r["accuracy"] for r in rows], color=[colors[r["mode"]] for r in rows],
+                   yerr=errors, capsize=4, error_kw={"elinewidth": 1})
+    for bar, r, (_, hi) in zip(bars, rows, intervals):
         kv = f"{r['kv_bytes'] / 1024:.0f} KiB KV"
         ratio = f"{r['compression_ratio']:.0f}x, " if r["mode"] in ("gist", "truncate") else ""
-        ax1.annotate(f"{100 * r['accuracy']:.1f}%\n{ratio}{kv}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+        ax1.annotate(f"{100 * r['accuracy']:.1f}%\n{ratio}{kv}", (bar.get_x() + bar.get_width() / 2, 100 * hi),
                      ha="center", va="bottom", fontsize=9)
     ax1.set_ylim(0, 119)
     ax1.set_ylabel("passkey exact match (%)")
-    ax1.set_title("Held-out passkeys: context compressed into K gist tokens")
+    ax1.set_title("Held-out passkeys: context compressed into K gist tokens (95% intervals)")
     for name, curve in curves.items():
         ax2.plot([s for s, _ in curve], [l for _, l in curve], label=name)
     ax2.set_yscale("log")
@@ -373,13 +396,13 @@ def run(settings: DemoSettings, fresh: bool = False) -> Dict[str, Any]:
     if not (base_dir / "model.safetensors").exists():
         train_base(settings, assets, base_dir)
     previous: Optional[Path] = None
-    gist_curve: List[Tuple[int, float]] = []
+    gist_runs = []
     for name, context_tokens, steps, lr in gist_phases(settings):
         run_dir = out / name
         if not (run_dir / "epoch_0" / "gist_adapter.safetensors").exists():
             run_gist_recipe(settings, assets, base_dir, run_dir, "gist", steps, context_tokens, lr, initial_adapter=previous)
         previous = run_dir / "epoch_0"
-        gist_curve += [(len(gist_curve) + 1, loss) for _, loss in recipe_loss_history(run_dir)]
+        gist_runs.append(run_dir)
     runs = {"gist": out / "gist", "pos_control": out / "pos_control"}
     if not (runs["pos_control"] / "epoch_0" / "gist_adapter.safetensors").exists():
         run_gist_recipe(settings, assets, base_dir, runs["pos_control"], "pos_control", settings.control_steps,
@@ -391,12 +414,12 @@ def run(settings: DemoSettings, fresh: bool = False) -> Dict[str, Any]:
     for run_name, mode, label in tqdm(plan, desc="evaluation"):
         rows.append({**evaluate(settings, assets, base_dir, runs[run_name], mode), "model": label})
     curves = {"stage 1: causal base": base_loss_history(base_dir),
-              "stage 2: gist": gist_curve,
+              "stage 2: gist": chained_loss_history(gist_runs),
               "stage 2: pos_control": recipe_loss_history(runs["pos_control"])}
     png = plot(rows, curves, out / "demo.png")
     table = results_table(rows)
     results = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()},
-               "rows": rows, "seconds": time.perf_counter() - start}
+               "rows": rows, "loss_curves": curves, "seconds": time.perf_counter() - start}
     atomic_write_json(results, out / "results.json")
     atomic_write_text(table + "\n", out / "results.md")
     print("\n" + table)

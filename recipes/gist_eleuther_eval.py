@@ -12,8 +12,9 @@ export, none for the base model's controls; ``name``: default the mode) is evalu
 ``num_samples``, ``context_tokens``, ...). Each run's results are written to ``output_dir/<name>/results.json`` as it
 finishes, with each task's per-example scores and answers beside it (``samples_<task>.jsonl``, lm-eval's sample
 records without the documents); a run whose file is there (for the same mode, checkpoint, tasks, limit and metadata: other settings are
-refused) is not evaluated again, so an interrupted evaluation resumes at the next run (delete the file, or use another
-``output_dir``, to redo one). Last, ``output_dir/comparison.md`` and
+refused) is not evaluated again, and a run interrupted midway goes on from the responses it had computed
+(``output_dir/<name>/responses.jsonl``, deleted once its results are saved); delete ``results.json``, or use another
+``output_dir``, to redo a run. Last, ``output_dir/comparison.md`` and
 ``comparison.png`` put the runs side by side with each score's share of the control gap and 95% bootstrap
 intervals, the runs resampled together (:mod:`torchtune_gist.eval.compare`).
 """
@@ -41,6 +42,9 @@ from torchtune_gist.training import check_components, check_input_files, check_r
 log = utils.get_logger("INFO")
 
 EVAL_KEYS = ("model", "tokenizer", "checkpointer", "runs", "tasks", "output_dir")
+
+#: Each run's responses as they are computed (an interrupted run goes on from them), deleted once its results are saved.
+RESPONSES_FILE = "responses.jsonl"
 
 #: What a per-example record keeps of lm-eval's (the document itself, a whole haystack perhaps, is left out).
 SAMPLE_FIELDS = ("doc_id", "target", "filtered_resps", "filter", "metrics")
@@ -124,7 +128,7 @@ class GistEleutherEvalRecipe(EvalRecipeInterface):
             log.info(f"{run['name']}: mode={run['mode']}, checkpoint_dir={run['checkpoint_dir']}")
             lm = TorchtuneGistLM(
                 config=self._cfg, checkpoint_dir=run["checkpoint_dir"], mode=run["mode"], batch_size=self._batch_size,
-                max_gen_toks=self._max_gen_toks,
+                max_gen_toks=self._max_gen_toks, responses=str(path.with_name(RESPONSES_FILE)),
             )
             results = lm_eval.simple_evaluate(
                 model=lm, tasks=self._tasks, limit=self._limit, log_samples=True,
@@ -140,6 +144,7 @@ class GistEleutherEvalRecipe(EvalRecipeInterface):
                 "config": settings,
             }
             atomic_write_json(record, path)
+            lm.response_log.remove()  # the results hold them now; deleting results.json redoes the run afresh
             del lm, results  # free the run's model before the next one loads
             gc.collect()
             if torch.cuda.is_available():

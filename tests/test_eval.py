@@ -397,6 +397,60 @@ def test_loads_base_adapter_and_merged_export(checkpoints: Tuple[Path, Path, tor
     assert merged.loglikelihood(requests)[0][0] == pytest.approx(theirs, abs=1e-4)
 
 
+def test_responses_log_lets_an_interrupted_evaluation_go_on_where_it_stopped(
+    checkpoints: Tuple[Path, Path, torch.nn.Module], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from torchtune_gist.eval import _model
+
+    config, ckpt, trained = checkpoints
+    contexts = [f"Instruction: Repeat {w} twice.\n<GIST>\nInput: {w}{'!' * i}\nOutput:" for i, w in enumerate(["cat", "dog", "sun", "owl", "bee"])]
+    generate_requests = [Instance("generate_until", {}, (c, {"until": ["\n"], "max_gen_toks": 4}), i) for i, c in enumerate(contexts)]
+    score_requests = [_instance(c, " yes") for c in contexts[:3]]
+    settings = {"config": str(config), "checkpoint_dir": str(ckpt), "device": "cpu", "batch_size": 2}
+    reference = TorchtuneGistLM(**settings)
+    expected, expected_scores = reference.generate_until(generate_requests), reference.loglikelihood(score_requests)
+
+    real, batches = _model.generate, []
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        batches.append(len(args[1]))
+        if len(batches) == 2:
+            raise KeyboardInterrupt  # Ctrl-C during the second batch
+        return real(*args, **kwargs)
+
+    log_file = tmp_path / "responses.jsonl"
+    monkeypatch.setattr(_model, "generate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        TorchtuneGistLM(**settings, responses=str(log_file)).generate_until(generate_requests)
+    with open(log_file, "a") as f:
+        f.write('{"key": "0123", "resp')  # a line cut short by a kill
+    batches.clear()
+    monkeypatch.setattr(_model, "generate", lambda *a, **kw: batches.append(len(a[1])) or real(*a, **kw))
+    lm = TorchtuneGistLM(**settings, responses=str(log_file))
+    assert len(lm.response_log) == 2  # the first batch's
+    outputs = lm.generate_until(generate_requests)
+    assert sum(batches) == 3  # only the requests not logged are generated
+    assert outputs == expected and all(
+        (o.prompt_tokens, o.kv_bytes, o.mode) == (e.prompt_tokens, e.kv_bytes, e.mode) for o, e in zip(outputs, expected)
+    )
+    assert lm.loglikelihood(score_requests) == expected_scores
+
+    def fail(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a logged request was computed again")
+
+    monkeypatch.setattr(_model, "generate", fail)
+    monkeypatch.setattr(_model, "score_continuations", fail)
+    again = TorchtuneGistLM(**settings, responses=str(log_file))
+    assert again.generate_until(generate_requests) == expected and again.loglikelihood(score_requests) == expected_scores
+
+    with caplog.at_level(logging.WARNING):
+        other = TorchtuneGistLM(**{**settings, "mode": "truncate"}, responses=str(log_file))
+    assert f"{log_file} holds responses made with other mode: starting over" in caplog.text and len(other.response_log) == 0
+    with pytest.raises(ValueError, match="responses= needs config="):
+        TorchtuneGistLM(model=trained, tokenizer=reference.tokenizer, responses=str(log_file))
+
+
 def test_reading_a_checkpoint_in_another_mode_than_it_was_trained_warns(
     checkpoints: Tuple[Path, Path, torch.nn.Module], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -775,10 +829,11 @@ def test_eval_recipe_runs_gist_and_controls_by_name_and_resumes(
     (tmp_path / "eval" / "no_prompt" / "results.json").unlink()
     evaluated = []
     real = lm_eval.simple_evaluate
-    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kw: evaluated.append(kw["model"].mode) or real(**kw))
+    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kw: evaluated.append((kw["model"].mode, kw["model"].response_log.path)) or real(**kw))
     recipe = GistEleutherEvalRecipe(cfg)
     recipe.setup(cfg)
-    assert recipe.evaluate() == report and evaluated == ["neg_control"]
+    assert recipe.evaluate() == report and evaluated == [("neg_control", tmp_path / "eval" / "no_prompt" / "responses.jsonl")]
+    assert not list((tmp_path / "eval").rglob("responses.jsonl"))  # removed once each run's results were saved
 
     bad_runs = [([{"mode": "gists"}], "runs\\[0\\]=.* needs a mode"), ([{"mode": "gist", "ckpt": "x"}], "runs\\[0\\] has ckpt"),
                 ([{"mode": "gist"}, {"mode": "gist"}], "runs share the names gist")]

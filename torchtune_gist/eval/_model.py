@@ -51,6 +51,7 @@ from torchtune_gist.checkpointing import (
     load_gist_adapter,
     load_merged_hf,
 )
+from torchtune_gist.eval._responses import ResponseLog, file_fingerprint
 from torchtune_gist.eval._tasks import GIST_MARKER
 from torchtune_gist.generation import GENERATION_MODES, generate, score_continuations
 from torchtune_gist.gist_tokens import gist_token_ids as tokenizer_gist_ids
@@ -284,11 +285,15 @@ class TorchtuneGistLM(LM):
         max_gen_toks (Union[int, str]): new tokens per request when the request sets none. Default 512.
         max_batch_size (Optional[int]): lm-eval's cap for ``batch_size=auto``, which this model does not
             support: an error when given (use ``batch_size``).
+        responses (Optional[str]): with ``config``: a JSON-lines file each response is written to as it is
+            computed; a later evaluation with the same settings (mode, checkpoint files, model, tokenizer,
+            checkpointer, dtype, max_gen_toks) reads the responses there instead of computing them again, so an
+            interrupted evaluation goes on where it stopped (:class:`~torchtune_gist.eval._responses.ResponseLog`).
 
     Raises:
         ValueError: on an unknown mode, a bad batch size, ``max_batch_size``, both or neither of ``config`` and
-            ``model``, a model whose gist ids differ from the tokenizer's, a checkpoint without gist rows, or a
-            merged export with a QLoRA config.
+            ``model``, a model whose gist ids differ from the tokenizer's, a checkpoint without gist rows, a
+            merged export with a QLoRA config, or ``responses`` with ``model``.
         FileNotFoundError: if the config is missing.
         TypeError: if the model is not gist-aware.
     """
@@ -322,6 +327,7 @@ class TorchtuneGistLM(LM):
         dtype: Optional[str] = None,
         max_gen_toks: Union[int, str] = 512,
         max_batch_size: Optional[int] = None,
+        responses: Optional[str] = None,
     ) -> None:
         super().__init__()
         if max_batch_size is not None:
@@ -336,6 +342,12 @@ class TorchtuneGistLM(LM):
         self.max_gen_toks = _positive_int("max_gen_toks", max_gen_toks)
         if (config is None) == (model is None):
             raise ValueError("give either config=<torchtune config> (with checkpoint_dir) or model= and tokenizer=")
+        if responses is not None and model is not None:
+            raise ValueError(
+                "responses= needs config= (with checkpoint_dir): the settings a logged response was made with are "
+                "told from the config and the checkpoint's files, not from a model passed in"
+            )
+        self._responses: Optional[ResponseLog] = None
         if model is None:
             cfg = load_config(config)
             check_input_files(cfg, sections=("tokenizer",), hint=_CONFIG_EDIT_HINT)
@@ -345,6 +357,12 @@ class TorchtuneGistLM(LM):
             with training.set_default_dtype(training.get_dtype(dtype, self._device)), self._device:
                 model = tt_config.instantiate(cfg.model)
             _load_weights(model, cfg, checkpoint_dir, mode)
+            if responses is not None:
+                sections = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "tokenizer", "checkpointer")}
+                self._responses = ResponseLog(responses, {
+                    "mode": mode, "checkpoint_dir": checkpoint_dir, "checkpoint_files": file_fingerprint(checkpoint_dir),
+                    **sections, "dtype": dtype, "max_gen_toks": self.max_gen_toks,
+                })
         elif tokenizer is None:
             raise ValueError("tokenizer is required with model=")
         else:
@@ -367,6 +385,21 @@ class TorchtuneGistLM(LM):
     def num_gist_tokens(self) -> int:
         """K."""
         return len(self.gist_token_ids)
+
+    @property
+    def response_log(self) -> Optional[ResponseLog]:
+        """The log of ``responses=``, if one was given."""
+        return self._responses
+
+    def _logged(self, kind: str, request: Instance) -> Optional[Any]:
+        """The response logged for ``request`` by an earlier evaluation (JSON form), or ``None``."""
+        return None if self._responses is None else self._responses.get(kind, request.args)
+
+    def _done(self, kind: str, request: Instance, response: Any, logged: Any) -> None:
+        """Hand a computed response to lm-eval's cache hook and, in its JSON form ``logged``, to the log."""
+        self.cache_hook.add_partial(kind, request.args, response)
+        if self._responses is not None:
+            self._responses.add(kind, request.args, logged)
 
     @property
     def stats(self) -> Dict[str, Any]:
@@ -447,6 +480,7 @@ class TorchtuneGistLM(LM):
                 unsupported generation arguments or sequences beyond the model's ``max_seq_len``.
         """
         items = []
+        outputs: List[Optional[GistGeneration]] = [None] * len(requests)
         for i, request in enumerate(requests):
             context, gen_kwargs = request.args
             prompt, continuation = self.encode_context(context)
@@ -459,13 +493,19 @@ class TorchtuneGistLM(LM):
                     f"{self.model.max_seq_len}: evaluate shorter contexts (gist_passkey: --metadata "
                     "'{\"context_tokens\": [N, ...]}') or use a model built with a larger max_seq_len"
                 )
-            items.append((i, prompt, continuation, self._gen_settings(dict(gen_kwargs))))
+            settings = self._gen_settings(dict(gen_kwargs))
+            logged = self._logged("generate_until", request)
+            if logged is None:
+                items.append((i, prompt, continuation, settings))
+            else:
+                outputs[i] = GistGeneration(*logged)
+                self._records.append((outputs[i].prompt_tokens, outputs[i].kv_bytes))
         groups: Dict[Tuple[Any, ...], List[Tuple[int, List[int], List[int]]]] = defaultdict(list)
         for i, prompt, continuation, settings in items:
             groups[settings].append((i, prompt, continuation))
-        outputs: List[Optional[GistGeneration]] = [None] * len(requests)
         k = self.num_gist_tokens
-        with tqdm(total=len(requests), disable=disable_tqdm, desc="Running generate_until requests") as bar:
+        done = len(requests) - len(items)  # responses logged by an earlier evaluation
+        with tqdm(total=len(requests), initial=done, disable=disable_tqdm, desc="Running generate_until requests") as bar:
             for (until, max_gen_toks, temperature, top_k), group in groups.items():
                 group.sort(key=lambda x: len(x[1]) + len(x[2]), reverse=True)
                 for start in range(0, len(group), self.batch_size):
@@ -486,7 +526,7 @@ class TorchtuneGistLM(LM):
                         n_prompt = len(prompt) - len(self._bos)
                         outputs[i] = GistGeneration(self._text(tokens, until), n_prompt, k, kv_bytes, self.mode)
                         self._records.append((n_prompt, kv_bytes))
-                        self.cache_hook.add_partial("generate_until", requests[i].args, outputs[i])
+                        self._done("generate_until", requests[i], outputs[i], list(outputs[i].__getnewargs__()))
                     bar.update(len(batch))
         log.info("torchtune_gist %s", self.stats)
         return outputs
@@ -520,9 +560,15 @@ class TorchtuneGistLM(LM):
             never chosen, as in generation).
         """
         rows = [self._scored_request(i, *request.args) for i, request in enumerate(requests)]
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]), reverse=True)
         results: List[Optional[Tuple[float, bool]]] = [None] * len(rows)
-        with tqdm(total=len(rows), disable=disable_tqdm, desc="Running loglikelihood requests") as bar:
+        for i, request in enumerate(requests):
+            logged = self._logged("loglikelihood", request)
+            if logged is not None:
+                results[i] = (float(logged[0]), bool(logged[1]))
+        todo = [i for i in range(len(rows)) if results[i] is None]
+        order = sorted(todo, key=lambda i: len(rows[i][0]) + len(rows[i][1]), reverse=True)
+        done = len(rows) - len(todo)
+        with tqdm(total=len(rows), initial=done, disable=disable_tqdm, desc="Running loglikelihood requests") as bar:
             for start in range(0, len(order), self.batch_size):
                 chunk = order[start : start + self.batch_size]
                 prompts, continuations, counts = zip(*(rows[i] for i in chunk))
@@ -532,7 +578,7 @@ class TorchtuneGistLM(LM):
                 )
                 for i, result in zip(chunk, scores):
                     results[i] = result
-                    self.cache_hook.add_partial("loglikelihood", requests[i].args, result)
+                    self._done("loglikelihood", requests[i], result, [float(result[0]), bool(result[1])])
                 bar.update(len(chunk))
         return results
 

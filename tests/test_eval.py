@@ -644,7 +644,7 @@ def test_the_command_line_refuses_what_the_gist_model_cannot_honour(tmp_path: Pa
     misspelt = {"config": "c.yaml", "checkpint_dir": "x", "mdoe": "gist"}
     assert refused_option(Namespace(model="torchtune_gist", model_args=misspelt)) == (
         "--model_args checkpint_dir, mdoe: torchtune_gist takes no such argument (it takes config, checkpoint_dir, mode, "
-        "batch_size, device, dtype, max_gen_toks, max_batch_size)"
+        "batch_size, device, dtype, max_gen_toks, max_batch_size, responses)"
     )
     assert refused_option(Namespace(model="hf", model_args=misspelt)) == ""
     with pytest.raises(ValueError, match="--model_args checkpint_dir, mdoe: torchtune_gist takes no such argument"):

@@ -59,14 +59,6 @@ LONG_CONTEXT = 1024  # haystack tokens of the passkey part's long-context stages
 LONG_EVAL_CONTEXTS = (1024, 2048, 4096)  # haystacks the long-context model is read at (128x, 256x, 512x at K=8)
 PASSKEY_K_SWEEP = (1, 2, 4)  # gist models trained beside gist-8 (extras): how few gists still hold the passkey
 
-# Mu et al. (2023), Table 1, LLaMA-7B, ROUGE-L on seen / unseen / human.
-PAPER_LLAMA_7B = {
-    "pos_control": {"seen": 58.0, "unseen": 48.1, "human": 27.0},
-    "gist1": {"seen": 57.8, "unseen": 46.6, "human": 23.9},
-    "neg_control": {"seen": 31.5, "unseen": 31.4, "human": 14.4},
-}
-
-
 @dataclass(frozen=True)
 class Training:
     """One ``tune run gist_lora_single_device`` training.
@@ -440,6 +432,8 @@ def _ratio(value: Optional[float]) -> str:
 
 def alpaca_report(out_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
     """Tables (printed as Markdown) and numbers of the Alpaca+ part."""
+    from torchtune_gist.eval.compare import PAPER_LLAMA_7B_ROUGE_L
+
     rows = [("neg1_neg_control", "negative control (trained, no prompt)"), ("gist1_gist", "gist-1 (trained, prompt compressed)"),
             ("gist2_gist", "gist-2 (trained, prompt compressed)"), ("gist5_gist", "gist-5 (trained, prompt compressed)"),
             ("gist1_3ep_gist", "gist-1, 3 epochs (trained 3x longer than the rest)"),
@@ -473,7 +467,7 @@ def alpaca_report(out_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
                 per = [[s["rougeL"] for s in r["tasks"][task]["samples"]] for r in (g, p, q)]
                 sh = gap_share(*per)
                 summary["share"].setdefault(name, {})[task] = sh
-                paper = PAPER_LLAMA_7B
+                paper = PAPER_LLAMA_7B_ROUGE_L
                 paper_share = (paper["gist1"][split] - paper["neg_control"][split]) / (paper["pos_control"][split] - paper["neg_control"][split])
                 print(
                     f"| {name.removesuffix('_gist')} | {split} | {100 * sum(per[2]) / len(per[2]):.1f} | {100 * sum(per[0]) / len(per[0]):.1f} | "

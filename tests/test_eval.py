@@ -693,7 +693,9 @@ def test_cli_runs_a_task(checkpoints: Tuple[Path, Path, torch.nn.Module], tmp_pa
     assert 40 < result["compression_ratio,none"] <= 96 / K
     from torchtune_gist.eval import compare
 
-    assert f"| gist_passkey | acc | {result['acc,none']:.4g} [" in compare.main([str(out_dir)])  # its --log_samples file
+    report = compare.main([str(out_dir)])
+    assert f"| gist_passkey | acc | {result['acc,none']:.4g} [" in report  # from its --log_samples file
+    assert "Mu et al." not in report  # the paper's ROUGE-L only beside Alpaca+ scores
 
 
 def _results_file(path: Path, model_args: Any, scores: Dict[str, float], model: str = "torchtune_gist") -> Path:
@@ -721,6 +723,7 @@ def test_compare_puts_runs_side_by_side_with_the_share_of_the_control_gap(tmp_pa
     assert lines[0] == "| task | metric | gist | pos_control | neg_control | truncate | gap share: gist | gap share: truncate |"
     assert "| alpaca_plus_human | rougeL | 0.4 | 0.6 | 0.2 | 0.3 | 0.5 | 0.25 |" in lines
     assert "| alpaca_plus_human | compression_ratio | 20 | 1 | - | 20 | - | - |" in lines
+    assert "| alpaca_plus_human | 14.4 | 23.9 | 27.0 | 0.754 |" in lines  # the paper's LLaMA-7B, for scale
     assert (tmp_path / "cmp" / "comparison.md").read_text() == report
     assert (tmp_path / "cmp" / "comparison.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -27,6 +27,13 @@ from torchtune_gist.eval.bootstrap import BOOTSTRAP_ITERS, Interval, gap_share_i
 #: Metrics that describe what a run held, not how well it scored: no gap share for them.
 COST_METRICS = ("compression_ratio", "kv_bytes")
 
+#: Mu et al. (2023), Table 1: LLaMA-7B ROUGE-L (x 100) on the Alpaca+ validation splits, for scale.
+PAPER_LLAMA_7B_ROUGE_L = {
+    "pos_control": {"seen": 58.0, "unseen": 48.1, "human": 27.0},
+    "gist1": {"seen": 57.8, "unseen": 46.6, "human": 23.9},
+    "neg_control": {"seen": 31.5, "unseen": 31.4, "human": 14.4},
+}
+
 
 #: Per-example scores of one task: ``{metric: {doc_id: score}}``.
 Examples = Dict[str, Dict[str, float]]
@@ -233,7 +240,22 @@ def render_markdown(runs: Sequence[Run], rows: Sequence[Dict[str, Any]]) -> str:
             " [low, high]: 95% bootstrap interval over the examples (runs and controls resampled together); scores "
             "without one had no per-example scores beside their results (lm-eval's --log_samples)."
         )
-    return "\n".join([*lines, "", note, "", "Runs:", sources, ""])
+    reference = paper_reference(rows)
+    return "\n".join([*lines, "", note, "", *([reference, ""] if reference else []), "Runs:", sources, ""])
+
+
+def paper_reference(rows: Sequence[Dict[str, Any]]) -> str:
+    """The paper's LLaMA-7B ROUGE-L for the Alpaca+ splits among ``rows`` (Markdown; empty if none)."""
+    paper = PAPER_LLAMA_7B_ROUGE_L
+    splits = [split for split in paper["gist1"] if any(r["task"] == f"alpaca_plus_{split}" and r["metric"] == "rougeL" for r in rows)]
+    if not splits:
+        return ""
+    lines = ["Mu et al. (2023), LLaMA-7B, ROUGE-L (x 100), for scale:", "",
+             "| split | neg_control | gist-1 | pos_control | gap share: gist-1 |", "|---|---|---|---|---|"]
+    for split in splits:
+        neg, gist, pos = (paper[key][split] for key in ("neg_control", "gist1", "pos_control"))
+        lines.append(f"| alpaca_plus_{split} | {neg} | {gist} | {pos} | {_number(gap_share(gist, pos, neg))} |")
+    return "\n".join(lines)
 
 
 def plot(runs: Sequence[Run], rows: Sequence[Dict[str, Any]], path: Path) -> Path:

@@ -9,14 +9,15 @@ Like torchtune's ``eleuther_eval``, with the ``torchtune_gist`` lm-eval model an
 ``runs`` (``mode``: gist / pos_control / neg_control / truncate; ``checkpoint_dir``: the gist adapter or merged
 export, none for the base model's controls; ``name``: default the mode) is evaluated on ``tasks`` with the config's
 ``model``, ``tokenizer`` and ``checkpointer`` (the base weights); ``metadata`` goes to the tasks (``data_dir``,
-``num_samples``, ``context_tokens``, ...). Each run's results are written to ``output_dir/<name>/results.json`` as it
-finishes, with each task's per-example scores and answers beside it (``samples_<task>.jsonl``, lm-eval's sample
-records without the documents); a run whose file is there (for the same mode, checkpoint, tasks, limit and metadata: other settings are
-refused) is not evaluated again, and a run interrupted midway goes on from the responses it had computed
-(``output_dir/<name>/responses.jsonl``, deleted once its results are saved); delete ``results.json``, or use another
-``output_dir``, to redo a run. Last, ``output_dir/comparison.md`` and
-``comparison.png`` put the runs side by side with each score's share of the control gap and 95% bootstrap
-intervals, the runs resampled together (:mod:`torchtune_gist.eval.compare`).
+``num_samples``, ``context_tokens``, ...).
+
+Each run's results are written to ``output_dir/<name>/results.json`` as it finishes, with each task's per-example
+scores and answers beside it (``samples_<task>.jsonl``: lm-eval's sample records without the documents). A run whose
+results are there (for the same mode, checkpoint, tasks, limit and metadata: other settings are refused) is not
+evaluated again; a run interrupted midway goes on from the responses it had computed (``responses.jsonl`` in its
+folder, deleted once its results are saved). Delete a run's ``results.json``, or use another ``output_dir``, to redo
+it. Last, ``output_dir/comparison.md`` and ``comparison.png`` put the runs side by side with each score's share of
+the control gap and paired 95% bootstrap intervals (:mod:`torchtune_gist.eval.compare`).
 """
 
 import gc

@@ -203,10 +203,10 @@ def comparison_rows(runs: Sequence[Run], *, iters: int = BOOTSTRAP_ITERS, seed: 
                 if p is not None and n is not None:
                     shared = [r for r in runs if r.mode not in ("pos_control", "neg_control") and values[r.label] is not None]
                     row["gap_share"] = {r.label: gap_share(values[r.label], p, n) for r in shared}
-                    for r in shared if iters > 0 else ():
-                        paired = _paired([r, pos[0], neg[0]], task, metric)
-                        if paired is not None:
-                            row["gap_share_intervals"][r.label] = gap_share_interval(*paired, iters=iters, seed=seed)
+                    paired = {r.label: _paired([r, pos[0], neg[0]], task, metric) for r in shared} if iters > 0 else {}
+                    row["gap_share_intervals"] = {
+                        label: gap_share_interval(*scores, iters=iters, seed=seed) for label, scores in paired.items() if scores
+                    }
             rows.append(row)
     return rows
 

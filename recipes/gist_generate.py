@@ -27,7 +27,7 @@ taken as is but for one final newline; a file replaces the config's ``prompt`` /
 ``inputs_file=PATH`` (one input per line, blank lines skipped; it replaces ``input``) answers many inputs from the
 one compressed prompt, ``batch_size`` (default 8) at a time: the prompt is compressed once, whatever the count.
 
-Prints the output (for several inputs, each after a ``[i/n] input`` line), the compression ratio (prompt tokens /
+Prints the output (for several inputs, each after a ``[i/n] input`` line, as each batch finishes), the compression ratio (prompt tokens /
 K) and the KV bytes each answer held while generating, with the gist cache and as a full-prompt run would hold them.
 """
 
@@ -198,11 +198,12 @@ class GistGenerateRecipe:
                 pad_id=self._tokenizer.pad_id,
                 rng=rng,
             )
-            texts += [self._tokenizer.decode([t for t in tokens if t not in stops]) for tokens in out.tokens]
+            for tokens in out.tokens:  # printed as each batch finishes: an interruption keeps what was answered
+                texts.append(self._tokenizer.decode([t for t in tokens if t not in stops]))
+                n = len(continuations)
+                tqdm.write(texts[-1] if n == 1 else f"[{len(texts)}/{n}] {self._inputs[len(texts) - 1]}\n{texts[-1]}")
             held += out.row_kv_bytes
         seconds = time.perf_counter() - t0
-        for i, (user_input, text) in enumerate(zip(self._inputs, texts)):
-            print(text if len(texts) == 1 else f"[{i + 1}/{len(texts)}] {user_input}\n{text}")
         slot_bytes = cache.nbytes // k  # one entry of one row, every layer
         slots = round(sum(held) / len(held) / slot_bytes)
         each = "" if len(texts) == 1 else ", per answer (mean)"

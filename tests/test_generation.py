@@ -737,12 +737,20 @@ def test_gist_generate_answers_every_line_of_inputs_file_from_one_compression(tm
     write_tiny_base_checkpoint(assets)
     questions = ["What is the pass key?", "", "Say the pass key, digit by digit, please.", "Key?"]
     (tmp_path / "inputs.txt").write_text("\n".join(questions) + "\n", encoding="utf-8")
-    calls = []
+    calls, printed_before_batch, answer = [], [], gist_generate.generate_from_cache
+
+    def answering(*args, **kwargs):
+        printed_before_batch.append(capsys.readouterr().out.count("/3] "))
+        return answer(*args, **kwargs)
+
     monkeypatch.setattr(gist_generate, "compress", lambda *a, **k: calls.append(1) or compress(*a, **k))
+    monkeypatch.setattr(gist_generate, "generate_from_cache", answering)
     recipe, cfg = _generate_recipe(assets, tmp_path, {"inputs_file": str(tmp_path / "inputs.txt"), "batch_size": 2})
     recipe.setup(cfg)
     texts = recipe.generate(cfg)
     assert len(calls) == 1 and recipe._inputs == [q for q in questions if q]
+    assert printed_before_batch == [0, 2]  # the first batch's answers are out before the second batch runs
+    monkeypatch.undo()
     alone = []
     for question in recipe._inputs:
         single, single_cfg = _generate_recipe(assets, tmp_path, {"input": question})

@@ -823,6 +823,9 @@ def test_eval_recipe_runs_gist_and_controls_by_name_and_resumes(
     assert report.splitlines()[0] == "| task | metric | gist | pos_control | no_prompt | gap share: gist |"
     gist = json.loads((tmp_path / "eval" / "gist" / "results.json").read_text())["results"]["gist_passkey"]
     assert f"| gist_passkey | acc | {gist['acc,none']:.4g} [" in report and report in proc.stdout
+    from torchtune_gist.eval import compare
+
+    assert f"| gist_passkey | acc | {gist['acc,none']:.4g} [" in compare.main([str(tmp_path / "eval")])  # its results.json files
     samples = (tmp_path / "eval" / "gist" / "samples_gist_passkey.jsonl").read_text().splitlines()
     assert len(samples) == 2 and set(json.loads(samples[0])) >= {"doc_id", "filtered_resps", "acc"}
     assert (tmp_path / "eval" / "comparison.png").is_file()

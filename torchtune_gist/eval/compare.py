@@ -55,16 +55,19 @@ class Run:
 
 
 def results_files(paths: Sequence[Path]) -> List[Path]:
-    """The ``results_*.json`` files named, or found under the directories named (lm-eval's ``--output_path``).
+    """The results files named, or found under the directories named: lm-eval's ``results_<date>.json`` (its
+    ``--output_path``) and ``results.json`` (``tune run gist_eleuther_eval``'s ``output_dir``).
 
     Raises:
         FileNotFoundError: for a path that is neither, or a directory without results.
     """
     files = []
     for path in map(Path, paths):
-        found = [path] if path.is_file() else sorted(path.rglob("results_*.json")) if path.is_dir() else []
+        found = [path] if path.is_file() else []
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("results*.json") if p.stem == "results" or p.stem.startswith("results_"))
         if not found:
-            raise FileNotFoundError(f"{path}: no lm-eval results file (results_*.json) there")
+            raise FileNotFoundError(f"{path}: no lm-eval results file (results_*.json or results.json) there")
         files += found
     return files
 

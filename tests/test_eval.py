@@ -752,6 +752,7 @@ def test_bootstrap_intervals_are_paired_and_as_wide_as_the_sampling_error() -> N
     lo, hi = gap_share_interval(run, pos, neg)
     assert abs(lo - 0.5) < 1e-9 and abs(hi - 0.5) < 1e-9
     assert gap_share_interval(run, pos, pos) is None  # controls tie in every resample
+    assert mean_interval([0.5, float("nan"), 1.0]) is None
     assert (resampled_means([pos, neg], iters=300, seed=3) == resampled_means([pos, neg], iters=300, seed=3)).all()
     with pytest.raises(ValueError, match="need the same examples, got 50, 50 and 49 scores"):
         gap_share_interval(run, pos, neg[:-1])

@@ -58,7 +58,10 @@ def mean_interval(
     scores: Sequence[float], *, iters: int = BOOTSTRAP_ITERS, seed: int = 0, level: float = 0.95
 ) -> Optional[Interval]:
     """Bootstrap interval of the mean of one run's per-example ``scores`` (``None`` if a score is NaN)."""
-    return percentile_interval(resampled_means(np.asarray(scores)[None], iters=iters, seed=seed)[0], level)
+    scores = np.asarray(scores, dtype=np.float64)
+    if np.isnan(scores).any():
+        return None
+    return percentile_interval(resampled_means(scores[None], iters=iters, seed=seed)[0], level)
 
 
 def gap_share_interval(
@@ -71,7 +74,7 @@ def gap_share_interval(
         run, pos, neg: per-example scores of the run and the two controls, the same examples in the same order.
 
     Returns:
-        The interval, or ``None`` if the controls tie in every resample.
+        The interval over the resamples where the controls differ, or ``None`` if they tie in every resample.
 
     Raises:
         ValueError: if the three do not hold the same number of examples.

@@ -432,7 +432,7 @@ def _ratio(value: Optional[float]) -> str:
 
 def alpaca_report(out_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
     """Tables (printed as Markdown) and numbers of the Alpaca+ part."""
-    from torchtune_gist.eval.compare import PAPER_LLAMA_7B_ROUGE_L
+    from torchtune_gist.eval.compare import PAPER_LLAMA_7B_ROUGE_L, gap_share as share_of_gap
 
     rows = [("neg1_neg_control", "negative control (trained, no prompt)"), ("gist1_gist", "gist-1 (trained, prompt compressed)"),
             ("gist2_gist", "gist-2 (trained, prompt compressed)"), ("gist5_gist", "gist-5 (trained, prompt compressed)"),
@@ -468,7 +468,7 @@ def alpaca_report(out_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
                 sh = gap_share(*per)
                 summary["share"].setdefault(name, {})[task] = sh
                 paper = PAPER_LLAMA_7B_ROUGE_L
-                paper_share = (paper["gist1"][split] - paper["neg_control"][split]) / (paper["pos_control"][split] - paper["neg_control"][split])
+                paper_share = share_of_gap(paper["gist1"][split], paper["pos_control"][split], paper["neg_control"][split])
                 print(
                     f"| {name.removesuffix('_gist')} | {split} | {100 * sum(per[2]) / len(per[2]):.1f} | {100 * sum(per[0]) / len(per[0]):.1f} | "
                     f"{100 * sum(per[1]) / len(per[1]):.1f} | {100 * sh['share']:.0f}% [{100 * sh['lo']:.0f}%, {100 * sh['hi']:.0f}%] | "

@@ -27,8 +27,9 @@ taken as is but for one final newline; a file replaces the config's ``prompt`` /
 ``inputs_file=PATH`` (one input per line, blank lines skipped; it replaces ``input``) answers many inputs from the
 one compressed prompt, ``batch_size`` (default 8) at a time: the prompt is compressed once, whatever the count.
 
-Prints the output (for several inputs, each after a ``[i/n] input`` line, as each batch finishes), the compression ratio (prompt tokens /
-K) and the KV bytes each answer held while generating, with the gist cache and as a full-prompt run would hold them.
+Prints the output (for several inputs, each after a ``[i/n] input`` line, as each batch finishes), the compression
+ratio (prompt tokens / K) and the KV bytes each answer held while generating, with the gist cache and as a
+full-prompt run would hold them.
 """
 
 import sys
@@ -184,7 +185,8 @@ class GistGenerateRecipe:
         texts: List[str] = []
         held: List[int] = []
         t0 = time.perf_counter()
-        batches = range(0, len(continuations), self._batch_size)
+        n = len(continuations)
+        batches = range(0, n, self._batch_size)
         for start in tqdm(batches, desc="answering", disable=len(batches) == 1):
             rows = continuations[start : start + self._batch_size]
             out = generate_from_cache(
@@ -200,7 +202,6 @@ class GistGenerateRecipe:
             )
             for tokens in out.tokens:  # printed as each batch finishes: an interruption keeps what was answered
                 texts.append(self._tokenizer.decode([t for t in tokens if t not in stops]))
-                n = len(continuations)
                 tqdm.write(texts[-1] if n == 1 else f"[{len(texts)}/{n}] {self._inputs[len(texts) - 1]}\n{texts[-1]}")
             held += out.row_kv_bytes
         seconds = time.perf_counter() - t0

@@ -11,6 +11,8 @@ Usage::
         load_cache=/tmp/translate.safetensors input="The dog barks."
     tune run gist_generate --config configs/llama3_1/8B_gist_generate.yaml \\
         prompt="Translate to French." inputs_file=sentences.txt   # compress once, answer every line
+    tune run gist_generate --config configs/llama3_1/8B_gist_generate.yaml \\
+        prompt="Translate to French." inputs_file=sentences.txt outputs_file=french.jsonl   # resumable, as JSON lines
 
 The base weights come through a torchtune checkpointer, the gist rows and LoRA weights from
 ``gist_checkpoint_dir`` (a ``gist_adapter.safetensors`` written by the gist fine-tuning recipes).
@@ -26,23 +28,30 @@ starts a comment, ``Note: x`` becomes a mapping and ``12345`` a number; tune ref
 taken as is but for one final newline; a file replaces the config's ``prompt`` / ``input``).
 ``inputs_file=PATH`` (one input per line, blank lines skipped; it replaces ``input``) answers many inputs from the
 one compressed prompt, ``batch_size`` (default 8) at a time: the prompt is compressed once, whatever the count.
+``outputs_file=PATH`` also writes the answers there, one JSON object per line and input (``input``, ``output``,
+``kv_bytes``), once all are answered; meanwhile each batch's answers are appended to ``PATH.partial``, and the same
+command run again after an interruption answers only the inputs not answered yet (greedy answers are then those of an
+uninterrupted run; sampled ones are new draws). Other settings (prompt, weights, model, sampling) start it over.
 
 Prints the output (for several inputs, each after a ``[i/n] input`` line, as each batch finishes), the compression
 ratio (prompt tokens / K) and the KV bytes each answer held while generating, with the gist cache and as a
 full-prompt run would hold them.
 """
 
+import hashlib
+import json
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torchtune import config, training, utils
 from tqdm import tqdm
 
-from torchtune_gist._io import unwritable_reason
+from torchtune_gist._io import atomic_write_text, unwritable_reason
+from torchtune_gist._responses import ResponseLog, file_fingerprint
 from torchtune_gist.checkpointing import check_not_merged_export, load_gist_adapter
 from torchtune_gist.generation import GistCache, compress, generate_from_cache
 from torchtune_gist.modules import init_gist_embeddings
@@ -104,11 +113,31 @@ def read_inputs(cfg: DictConfig, single: str) -> List[str]:
     return lines
 
 
+def partial_path(outputs_file: str) -> Path:
+    """Where the answers of an ``outputs_file`` run are logged until all are answered: ``<outputs_file>.partial``."""
+    return Path(f"{outputs_file}.partial")
+
+
+def answer_settings(cfg: DictConfig, prompt: Optional[str]) -> Dict[str, Any]:
+    """What an answer depends on besides its input: the prompt (a hash) or the loaded cache's file, the weights'
+    files, the model, tokenizer, checkpointer and prompt layout sections, dtype and the sampling settings."""
+    sections = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "tokenizer", "checkpointer", "prompt_transform")}
+    load_cache = cfg.get("load_cache")
+    return {
+        "prompt_sha256": None if load_cache else hashlib.sha256((prompt or "").encode()).hexdigest(),
+        "load_cache": file_fingerprint(load_cache) if load_cache else None,
+        "base_files": file_fingerprint(cfg.checkpointer.get("checkpoint_dir")),
+        "gist_checkpoint_files": file_fingerprint(cfg.get("gist_checkpoint_dir") or None),
+        **sections,
+        **{k: cfg.get(k) for k in ("dtype", "max_new_tokens", "temperature", "top_k", "seed")},
+    }
+
+
 class GistGenerateRecipe:
     """Generation from a gist cache. Config keys: ``model``, ``tokenizer``, ``checkpointer``,
     ``gist_checkpoint_dir``, ``num_gist_tokens``, ``prompt_transform``, ``prompt`` or ``prompt_file``,
     ``input`` or ``input_file`` or ``inputs_file``, ``batch_size``, ``max_new_tokens``, ``temperature``, ``top_k``,
-    ``save_cache``, ``load_cache``, ``device``, ``dtype``, ``seed``."""
+    ``save_cache``, ``load_cache``, ``outputs_file``, ``device``, ``dtype``, ``seed``."""
 
     def __init__(self, cfg: DictConfig) -> None:
         check_required_keys(cfg, GENERATE_KEYS, "gist_generate", "configs/llama3_1/8B_gist_generate.yaml")
@@ -117,6 +146,10 @@ class GistGenerateRecipe:
         self._inputs = read_inputs(cfg, read_text_setting(cfg, "input") or "")
         self._batch_size = count_setting(cfg, "batch_size", default=8)
         check_setting_types(cfg)
+        for key in ("save_cache", "outputs_file"):
+            problem = cfg.get(key) and unwritable_reason(cfg[key], directory=False)
+            if problem:
+                raise ValueError(f"{key}: {problem}")
         self._device = get_device(cfg.device)
         self._dtype = training.get_dtype(dtype=cfg.dtype, device=self._device)
         self._seed = training.set_seed(seed=cfg.get("seed", None))
@@ -147,6 +180,43 @@ class GistGenerateRecipe:
         self._transform = config.instantiate(cfg.prompt_transform, self._tokenizer)
         check_dataset_gist_ids(self._transform, cfg.prompt_transform, "prompt_transform", self._gist_ids)
 
+    def _answer(
+        self, cfg: DictConfig, cache: GistCache, continuations: List[List[int]], log_file: Optional[ResponseLog]
+    ) -> Tuple[List[Dict[str, Any]], int]:
+        """Answer each input (``continuations``: its tokens after the gist span) from ``cache``, ``batch_size`` at a
+        time, printing the answers as each batch finishes; inputs answered in ``log_file`` are read from it, the others
+        added to it.
+
+        Returns:
+            Tuple[List[Dict[str, Any]], int]: each input's ``{"output": text, "kv_bytes": n}`` and how many were
+            computed (not read from the log).
+        """
+        answers = [None if log_file is None else log_file.get("answer", (x,)) for x in self._inputs]
+        todo = [i for i, answer in enumerate(answers) if answer is None]
+        rng = torch.Generator(device=self._device).manual_seed(self._seed)
+        stops = set(self._tokenizer.stop_tokens)
+        n = len(answers)
+        batches = [todo[start : start + self._batch_size] for start in range(0, len(todo), self._batch_size)]
+        for batch in tqdm(batches, desc="answering", disable=len(batches) <= 1):
+            out = generate_from_cache(
+                self._model,
+                cache.repeat(len(batch)),
+                [continuations[i] for i in batch],
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                top_k=cfg.get("top_k", None),
+                stop_tokens=self._tokenizer.stop_tokens,
+                pad_id=self._tokenizer.pad_id,
+                rng=rng,
+            )
+            for i, tokens, kv_bytes in zip(batch, out.tokens, out.row_kv_bytes):
+                text = self._tokenizer.decode([t for t in tokens if t not in stops])
+                answers[i] = {"output": text, "kv_bytes": kv_bytes}
+                if log_file is not None:
+                    log_file.add("answer", (self._inputs[i],), answers[i])
+                tqdm.write(text if n == 1 else f"[{i + 1}/{n}] {self._inputs[i]}\n{text}")
+        return answers, len(todo)
+
     @torch.no_grad()
     def generate(self, cfg: DictConfig) -> List[str]:
         """Compress (or load) the prompt once, answer every input from it, and report the compression.
@@ -155,13 +225,9 @@ class GistGenerateRecipe:
             List[str]: the generated text of each input.
 
         Raises:
-            ValueError: without ``prompt`` (or ``prompt_file``) and ``load_cache``, for a cache made by another model,
-                or a ``save_cache`` path that cannot be a file.
+            ValueError: without ``prompt`` (or ``prompt_file``) and ``load_cache``, or for a cache made by another model.
         """
         k = len(self._gist_ids)
-        problem = cfg.get("save_cache") and unwritable_reason(cfg.save_cache, directory=False)
-        if problem:
-            raise ValueError(f"save_cache: {problem}")
         if cfg.get("load_cache"):
             cache = GistCache.load(cfg.load_cache, device=self._device)
             cache.check_compatible(self._model)
@@ -179,36 +245,21 @@ class GistGenerateRecipe:
             log.info(f"Compressed {n_prompt} prompt tokens into {k} gist tokens in {time.perf_counter() - t0:.2f} s")
         if cfg.get("save_cache"):
             log.info(f"Saved the gist cache to {cache.save(cfg.save_cache)}")
-        continuations = [e["tokens"][e["gist_start"] + k :] for e in encoded]
-        rng = torch.Generator(device=self._device).manual_seed(self._seed)
-        stops = set(self._tokenizer.stop_tokens)
-        texts: List[str] = []
-        held: List[int] = []
+        log_file = None
+        if cfg.get("outputs_file"):
+            log_file = ResponseLog(partial_path(cfg.outputs_file), answer_settings(cfg, self._prompt))
         t0 = time.perf_counter()
-        n = len(continuations)
-        batches = range(0, n, self._batch_size)
-        for start in tqdm(batches, desc="answering", disable=len(batches) == 1):
-            rows = continuations[start : start + self._batch_size]
-            out = generate_from_cache(
-                self._model,
-                cache.repeat(len(rows)),
-                rows,
-                max_new_tokens=cfg.max_new_tokens,
-                temperature=cfg.temperature,
-                top_k=cfg.get("top_k", None),
-                stop_tokens=self._tokenizer.stop_tokens,
-                pad_id=self._tokenizer.pad_id,
-                rng=rng,
-            )
-            for tokens in out.tokens:  # printed as each batch finishes: an interruption keeps what was answered
-                texts.append(self._tokenizer.decode([t for t in tokens if t not in stops]))
-                tqdm.write(texts[-1] if n == 1 else f"[{len(texts)}/{n}] {self._inputs[len(texts) - 1]}\n{texts[-1]}")
-            held += out.row_kv_bytes
-        seconds = time.perf_counter() - t0
+        answers, computed = self._answer(cfg, cache, [e["tokens"][e["gist_start"] + k :] for e in encoded], log_file)
+        log.info(f"Generated {computed} answer(s) in {time.perf_counter() - t0:.2f} s from one compressed prompt")
+        texts = [a["output"] for a in answers]
+        held = [a["kv_bytes"] for a in answers]
+        if log_file is not None:
+            lines = [json.dumps({"input": x, **a}, ensure_ascii=False) + "\n" for x, a in zip(self._inputs, answers)]
+            log.info(f"Wrote the {len(lines)} answer(s) to {atomic_write_text(''.join(lines), cfg.outputs_file)}")
+            log_file.remove()
         slot_bytes = cache.nbytes // k  # one entry of one row, every layer
         slots = round(sum(held) / len(held) / slot_bytes)
         each = "" if len(texts) == 1 else ", per answer (mean)"
-        log.info(f"Generated {len(texts)} answer(s) in {seconds:.2f} s from one compressed prompt")
         log.info(f"Compression: {n_prompt} prompt tokens -> K={k} gist tokens ({n_prompt / k:.1f}x)")
         log.info(
             f"KV held while generating{each}: {_kib(slots * slot_bytes)} with the gist cache ({slots} slots), "

@@ -7,6 +7,8 @@ fail if positions restarted after the gists or the prompt leaked.
 """
 
 import copy
+import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -763,6 +765,61 @@ def test_gist_generate_answers_every_line_of_inputs_file_from_one_compression(tm
         _generate_recipe(assets, tmp_path, {"inputs_file": str(tmp_path / "blank.txt")})
     with pytest.raises(ValueError, match="batch_size=0 must be a whole number >= 1"):
         _generate_recipe(assets, tmp_path, {"batch_size": 0})
+
+
+def test_gist_generate_outputs_file_goes_on_where_an_interrupted_run_stopped(tmp_path, monkeypatch, caplog):
+    """outputs_file: Ctrl-C in the second batch keeps the first batch's answers in PATH.partial; the same command again
+    computes only the rest and writes what an uninterrupted run writes; another prompt starts over."""
+    import gist_generate
+
+    assets = tmp_path / "assets"
+    write_tiny_tokenizer(assets)
+    write_tiny_base_checkpoint(assets)
+    questions = ["What is the pass key?", "Key?", "Say the pass key.", "The key, please.", "Pass key?"]
+    (tmp_path / "inputs.txt").write_text("\n".join(questions) + "\n", encoding="utf-8")
+    answer, computed = gist_generate.generate_from_cache, []
+
+    def run(out: Path, interrupt_at: Optional[int] = None, **settings) -> None:
+        def answering(model, cache, rows, **kwargs):
+            if len(computed) == interrupt_at:
+                raise KeyboardInterrupt
+            computed.append(len(rows))
+            return answer(model, cache, rows, **kwargs)
+
+        monkeypatch.setattr(gist_generate, "generate_from_cache", answering)
+        computed.clear()
+        recipe, cfg = _generate_recipe(
+            assets, tmp_path, {"inputs_file": str(tmp_path / "inputs.txt"), "batch_size": 2, "outputs_file": str(out), **settings}
+        )
+        recipe.setup(cfg)
+        recipe.generate(cfg)
+
+    def lines(path: Path) -> List[dict]:
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+    whole = tmp_path / "whole.jsonl"
+    run(whole)
+    expected = lines(whole)
+    assert [e["input"] for e in expected] == questions and all(e["kv_bytes"] > 0 for e in expected)
+    assert not gist_generate.partial_path(str(whole)).exists()
+
+    out = tmp_path / "answers" / "resumed.jsonl"
+    partial = gist_generate.partial_path(str(out))
+    with pytest.raises(KeyboardInterrupt):
+        run(out, interrupt_at=1)
+    assert not out.exists() and len(lines(partial)) == 1 + 2  # the settings, then the first batch's answers
+    with open(partial, "a", encoding="utf-8") as f:
+        f.write('{"key": "a line cut short by a ki')
+    run(out)
+    assert computed == [2, 1] and lines(out) == expected and not partial.exists()
+
+    with pytest.raises(KeyboardInterrupt):
+        run(out, interrupt_at=1)
+    with caplog.at_level(logging.WARNING):
+        run(out, prompt="Another prompt. The pass key is 1111.")
+    assert computed == [2, 2, 1] and "prompt_sha256" in caplog.text
+    with pytest.raises(ValueError, match="outputs_file: .* is a directory, not a file"):
+        _generate_recipe(assets, tmp_path, {"outputs_file": str(tmp_path)})
 
 
 def test_gist_generate_refuses_a_prompt_transform_with_another_k(tmp_path):

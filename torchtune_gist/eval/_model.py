@@ -51,7 +51,7 @@ from torchtune_gist.checkpointing import (
     load_gist_adapter,
     load_merged_hf,
 )
-from torchtune_gist.eval._responses import ResponseLog, file_fingerprint
+from torchtune_gist._responses import ResponseLog, file_fingerprint
 from torchtune_gist.eval._tasks import GIST_MARKER
 from torchtune_gist.generation import GENERATION_MODES, generate, score_continuations
 from torchtune_gist.gist_tokens import gist_token_ids as tokenizer_gist_ids
@@ -288,7 +288,7 @@ class TorchtuneGistLM(LM):
         responses (Optional[str]): with ``config``: a JSON-lines file each response is written to as it is
             computed; a later evaluation with the same settings (mode, checkpoint files, model, tokenizer,
             checkpointer, dtype, max_gen_toks) reads the responses there instead of computing them again, so an
-            interrupted evaluation goes on where it stopped (:class:`~torchtune_gist.eval._responses.ResponseLog`).
+            interrupted evaluation goes on where it stopped (:class:`~torchtune_gist._responses.ResponseLog`).
 
     Raises:
         ValueError: on an unknown mode, a bad batch size, ``max_batch_size``, both or neither of ``config`` and

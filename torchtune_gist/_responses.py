@@ -1,4 +1,5 @@
-"""Responses an evaluation has computed, kept as they come so an interrupted evaluation goes on where it stopped.
+"""Responses a run has computed (an evaluation's, ``gist_generate``'s answers), kept as they come so an interrupted
+run goes on where it stopped.
 
 A JSON-lines file: the first line records what the responses depend on (``settings``: the mode, the checkpoint's
 files, the model config, ...); each further line holds one response, keyed by a hash of the request. A file made

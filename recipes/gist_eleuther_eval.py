@@ -13,8 +13,8 @@ export, none for the base model's controls; ``name``: default the mode) is evalu
 
 Each run's results are written to ``output_dir/<name>/results.json`` as it finishes, with each task's per-example
 scores and answers beside it (``samples_<task>.jsonl``: lm-eval's sample records without the documents). A run whose
-results are there (for the same mode, checkpoint, tasks, limit and metadata: other settings are refused) is not
-evaluated again; a run interrupted midway goes on from the responses it had computed (``responses.jsonl`` in its
+results are there (for the same mode, checkpoint and base weight files, model, tokenizer and checkpointer sections,
+dtype, max_gen_toks, tasks, limit and metadata: other settings are refused, naming them) is not evaluated again; a run interrupted midway goes on from the responses it had computed (``responses.jsonl`` in its
 folder, deleted once its results are saved). Delete a run's ``results.json``, or use another ``output_dir``, to redo
 it. Last, ``output_dir/comparison.md`` and ``comparison.png`` put the runs side by side with each score's share of
 the control gap and paired 95% bootstrap intervals (:mod:`torchtune_gist.eval.compare`).
@@ -35,7 +35,7 @@ from torchtune import config, utils
 from torchtune.recipe_interfaces import EvalRecipeInterface
 
 from torchtune_gist._io import atomic_write_json, atomic_write_text, unwritable_reason
-from torchtune_gist.eval import TorchtuneGistLM, gist_task_manager
+from torchtune_gist.eval import TorchtuneGistLM, gist_task_manager, response_settings
 from torchtune_gist.eval.compare import comparison_rows, load_run, plot, render_markdown, samples_path
 from torchtune_gist.generation import GENERATION_MODES
 from torchtune_gist.training import check_components, check_input_files, check_required_keys, count_setting
@@ -61,7 +61,8 @@ def parse_runs(runs: Any) -> List[Dict[str, Any]]:
     """``runs`` as ``[{"name", "mode", "checkpoint_dir"}]`` with unique names.
 
     Raises:
-        ValueError: naming the entry that is not a mapping with a known ``mode``, an unknown key, or a repeated name.
+        ValueError: naming the entry that is not a mapping with a known ``mode``, an unknown key, a gist run without a
+            ``checkpoint_dir``, or a repeated name.
     """
     if not isinstance(runs, (list, tuple)) or not runs:
         raise ValueError(f"runs must be a list of {{mode, checkpoint_dir, name}} entries, got {runs!r}")
@@ -72,6 +73,8 @@ def parse_runs(runs: Any) -> List[Dict[str, Any]]:
         unknown = sorted(set(run) - {"mode", "checkpoint_dir", "name"})
         if unknown:
             raise ValueError(f"runs[{i}] has {', '.join(unknown)}: an entry takes mode, checkpoint_dir and name")
+        if run["mode"] == "gist" and not run.get("checkpoint_dir"):
+            raise ValueError(f"runs[{i}]: mode gist needs a checkpoint_dir (the trained gist rows)")
         parsed.append({"name": str(run.get("name") or run["mode"]), "mode": run["mode"], "checkpoint_dir": run.get("checkpoint_dir")})
     names = [r["name"] for r in parsed]
     repeated = sorted({n for n in names if names.count(n) > 1})
@@ -112,13 +115,20 @@ class GistEleutherEvalRecipe(EvalRecipeInterface):
         """Evaluate each run not evaluated yet, then write and return the comparison (Markdown)."""
         for run in self._runs:
             path = self._output_dir / run["name"] / "results.json"
+            evaluated_with = response_settings(
+                self._cfg, run["checkpoint_dir"], run["mode"], self._cfg.get("dtype", "fp32"), self._max_gen_toks
+            )
             settings = {
                 "model": "torchtune_gist", "model_args": {"mode": run["mode"], "checkpoint_dir": run["checkpoint_dir"]},
                 "tasks": self._tasks, "limit": self._limit, "metadata": self._metadata,
+                "evaluated_with": json.loads(json.dumps(evaluated_with, default=str)),
             }
             if path.is_file():
                 saved = load_run(path).settings
-                changed = sorted(k for k in settings if saved.get(k) != settings[k])
+                changed = sorted(k for k in settings if k != "evaluated_with" and saved.get(k) != settings[k])
+                before, now = saved.get("evaluated_with"), settings["evaluated_with"]
+                if before is not None:  # results written before the recipe recorded them say nothing
+                    changed += sorted(k for k in {**before, **now} if before.get(k) != now.get(k))
                 if changed:
                     raise ValueError(
                         f"{path} holds results of other {', '.join(changed)} than this config's: delete it to evaluate "

@@ -730,6 +730,9 @@ def test_compare_puts_runs_side_by_side_with_the_share_of_the_control_gap(tmp_pa
     _results_file(tmp_path / "gist2" / "results_5.json", {"mode": "gist", "checkpoint_dir": "h"}, {"rougeL": 0.5})
     runs = compare.label_runs([compare.load_run(f) for f in compare.results_files([tmp_path / "gist", tmp_path / "gist2"])])
     assert [r.label for r in runs] == ["gist (g)", "gist (h)"]
+    _results_file(tmp_path / "pos2" / "results_7.json", {"mode": "pos_control"}, {"rougeL": 0.5})  # e.g. another task
+    report = compare.main([str(tmp_path / d) for d in ("pos", "pos2")] + ["--out", str(tmp_path / "cmp2")])
+    assert "| alpaca_plus_human | rougeL | 0.6 | 0.5 |" in report and "| pos_control | pos_control #2 |" in report
     _results_file(tmp_path / "hf" / "results_6.json", {"pretrained": "x"}, {"rougeL": 0.5}, model="hf")
     for bad, message in ((tmp_path / "hf", "a run of the model 'hf', not torchtune_gist"),
                          (tmp_path / "nowhere", "no lm-eval results file")):
@@ -799,6 +802,11 @@ def test_compare_gives_paired_bootstrap_intervals_from_per_example_scores(tmp_pa
     assert f"{tmp_path / 'gist' / ('samples_' + task + '_0.jsonl')}: the mean of rougeL is not the results file's" in report
     assert f"| {task} | rougeL | 0.4 | 0.6 [" in report and "| 0.5 | 0.25 |" in report
 
+    path = _results_file(tmp_path / "flat" / "results_8.json", {"mode": "gist"}, {"rougeL": 0.7})
+    _samples_file(path, task, {"rougeL": [0.7] * 3})  # the resampled means round to just below 0.7
+    assert "| 0.7 [0.7, 0.7] |" in compare.main([str(tmp_path / "flat"), "--out", str(tmp_path / "cmp3")])
+    assert (tmp_path / "cmp3" / "comparison.png").is_file()  # error bars clamped at 0, not a matplotlib error
+
 
 def test_eval_recipe_runs_gist_and_controls_by_name_and_resumes(
     checkpoints: Tuple[Path, Path, torch.nn.Module], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -843,7 +851,8 @@ def test_eval_recipe_runs_gist_and_controls_by_name_and_resumes(
     assert not list((tmp_path / "eval").rglob("responses.jsonl"))  # removed once each run's results were saved
 
     bad_runs = [([{"mode": "gists"}], "runs\\[0\\]=.* needs a mode"), ([{"mode": "gist", "ckpt": "x"}], "runs\\[0\\] has ckpt"),
-                ([{"mode": "gist"}, {"mode": "gist"}], "runs share the names gist")]
+                ([{"mode": "gist"}], "runs\\[0\\]: mode gist needs a checkpoint_dir"),
+                ([{"mode": "gist", "checkpoint_dir": "x"}, {"mode": "gist", "checkpoint_dir": "y"}], "runs share the names gist")]
     for runs, message in bad_runs:
         with pytest.raises(ValueError, match=message):
             GistEleutherEvalRecipe(OmegaConf.merge(cfg, {"runs": runs}))
@@ -853,6 +862,11 @@ def test_eval_recipe_runs_gist_and_controls_by_name_and_resumes(
     recipe = GistEleutherEvalRecipe(changed)
     recipe.setup(changed)
     with pytest.raises(ValueError, match="gist/results.json holds results of other limit than this config's: delete it"):
+        recipe.evaluate()
+    changed = OmegaConf.merge(cfg, {"max_gen_toks": 5, "dtype": "bf16"})  # what the answers depend on, beyond the runs
+    recipe = GistEleutherEvalRecipe(changed)
+    recipe.setup(changed)
+    with pytest.raises(ValueError, match="gist/results.json holds results of other dtype, max_gen_toks than this config's"):
         recipe.evaluate()
 
 

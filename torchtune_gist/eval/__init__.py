@@ -13,7 +13,14 @@ From Python, pass a :class:`TorchtuneGistLM` to ``lm_eval.simple_evaluate`` with
 runs (gist and the controls) side by side, with the share of the control gap each keeps.
 """
 
-from torchtune_gist.eval._model import GistGeneration, TorchtuneGistLM, kept_ratio, load_config, load_tokenizer
+from torchtune_gist.eval._model import (
+    GistGeneration,
+    TorchtuneGistLM,
+    kept_ratio,
+    load_config,
+    load_tokenizer,
+    response_settings,
+)
 from torchtune_gist.eval._tasks import (
     ALPACA_PLUS_ENV,
     ALPACA_PLUS_URL,
@@ -48,6 +55,7 @@ __all__ = [
     "kept_ratio",
     "load_config",
     "load_tokenizer",
+    "response_settings",
     "passkey_dataset",
     "passkey_doc_to_text",
     "passkey_exact_match",

@@ -41,6 +41,7 @@ from torchtune.modules import TiedLinear
 from torchtune.modules.peft import DoRALinear, LoRALinear
 
 from torchtune_gist._checks import as_positive_int
+from torchtune_gist._responses import ResponseLog, file_fingerprint
 from torchtune_gist.checkpointing import (
     ADAPTER_FILE,
     GIST_CONFIG_FILE,
@@ -51,7 +52,6 @@ from torchtune_gist.checkpointing import (
     load_gist_adapter,
     load_merged_hf,
 )
-from torchtune_gist._responses import ResponseLog, file_fingerprint
 from torchtune_gist.eval._tasks import GIST_MARKER
 from torchtune_gist.generation import GENERATION_MODES, generate, score_continuations
 from torchtune_gist.gist_tokens import gist_token_ids as tokenizer_gist_ids
@@ -204,6 +204,20 @@ def _load_merged(model: nn.Module, directory: Path) -> Dict[str, Any]:
     return saved
 
 
+def response_settings(
+    cfg: DictConfig, checkpoint_dir: Optional[str], mode: str, dtype: str, max_gen_toks: int
+) -> Dict[str, Any]:
+    """What a response of ``TorchtuneGistLM(config=cfg, ...)`` depends on (the ``responses=`` log's header, and what
+    ``gist_eleuther_eval`` checks before reusing a run's results): the mode, the checkpoint's and the base weights'
+    files (names, sizes, mtimes), the model, tokenizer and checkpointer sections, dtype and ``max_gen_toks``."""
+    sections = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "tokenizer", "checkpointer")}
+    return {
+        "mode": mode, "checkpoint_dir": checkpoint_dir, "checkpoint_files": file_fingerprint(checkpoint_dir),
+        "base_files": file_fingerprint(cfg.checkpointer.get("checkpoint_dir")), **sections, "dtype": dtype,
+        "max_gen_toks": max_gen_toks,
+    }
+
+
 def _load_weights(model: nn.Module, cfg: DictConfig, checkpoint_dir: Optional[str], mode: str) -> None:
     """Load the base weights and the gist rows (adapter or merged export); warn when ``mode`` is not the mask
     mode the checkpoint was trained with."""
@@ -286,9 +300,9 @@ class TorchtuneGistLM(LM):
         max_batch_size (Optional[int]): lm-eval's cap for ``batch_size=auto``, which this model does not
             support: an error when given (use ``batch_size``).
         responses (Optional[str]): with ``config``: a JSON-lines file each response is written to as it is
-            computed; a later evaluation with the same settings (mode, checkpoint files, model, tokenizer,
-            checkpointer, dtype, max_gen_toks) reads the responses there instead of computing them again, so an
-            interrupted evaluation goes on where it stopped (:class:`~torchtune_gist._responses.ResponseLog`).
+            computed; a later evaluation with the same settings (:func:`response_settings`) reads the responses there
+            instead of computing them again, so an interrupted evaluation goes on where it stopped
+            (:class:`~torchtune_gist._responses.ResponseLog`).
 
     Raises:
         ValueError: on an unknown mode, a bad batch size, ``max_batch_size``, both or neither of ``config`` and
@@ -358,11 +372,7 @@ class TorchtuneGistLM(LM):
                 model = tt_config.instantiate(cfg.model)
             _load_weights(model, cfg, checkpoint_dir, mode)
             if responses is not None:
-                sections = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "tokenizer", "checkpointer")}
-                self._responses = ResponseLog(responses, {
-                    "mode": mode, "checkpoint_dir": checkpoint_dir, "checkpoint_files": file_fingerprint(checkpoint_dir),
-                    **sections, "dtype": dtype, "max_gen_toks": self.max_gen_toks,
-                })
+                self._responses = ResponseLog(responses, response_settings(cfg, checkpoint_dir, mode, dtype, self.max_gen_toks))
         elif tokenizer is None:
             raise ValueError("tokenizer is required with model=")
         else:

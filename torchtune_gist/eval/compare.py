@@ -157,9 +157,16 @@ def load_run(path: Path) -> Run:
 
 
 def label_runs(runs: List[Run]) -> List[Run]:
-    """Label each run by its mode alone where no other run shares it."""
+    """Label each run by its mode alone where no other run shares it, else by mode and checkpoint; runs that still
+    share a label (two results files of one model: other tasks, or a rerun) are numbered ``#2``, ``#3``... in order."""
     modes = [r.mode for r in runs]
-    return [replace(r, label=r.mode) if modes.count(r.mode) == 1 else r for r in runs]
+    runs = [replace(r, label=r.mode) if modes.count(r.mode) == 1 else r for r in runs]
+    seen: Dict[str, int] = {}
+    numbered = []
+    for r in runs:
+        seen[r.label] = seen.get(r.label, 0) + 1
+        numbered.append(r if seen[r.label] == 1 else replace(r, label=f"{r.label} #{seen[r.label]}"))
+    return numbered
 
 
 def gap_share(value: float, pos: float, neg: float) -> Optional[float]:
@@ -279,8 +286,8 @@ def plot(runs: Sequence[Run], rows: Sequence[Dict[str, Any]], path: Path) -> Pat
         intervals = [row["intervals"].get(run.label) for row in scores]
         errors = None
         if any(intervals):
-            errors = [[h - i[0] if i else float("nan") for h, i in zip(heights, intervals)],
-                      [i[1] - h if i else float("nan") for h, i in zip(heights, intervals)]]
+            errors = [[max(0.0, h - i[0]) if i else float("nan") for h, i in zip(heights, intervals)],  # rounding:
+                      [max(0.0, i[1] - h) if i else float("nan") for h, i in zip(heights, intervals)]]  # never < 0
         ratio = next((values[run.label] for values in ratios.values() if values.get(run.label) is not None), None)
         ax.bar(xs, heights, width, yerr=errors, capsize=3, error_kw={"elinewidth": 1},
                label=run.label if ratio is None else f"{run.label} ({ratio:.3g}x compression)")

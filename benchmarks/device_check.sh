@@ -7,14 +7,15 @@
 # 1. benchmarks/gpu_smoke.py: BlockMask training equals the dense mask (loss, gradients; every mode on padded batches,
 #    the gist mode on packed rows), grouped-query generation in bf16, an NF4 QLoRA step with activation checkpointing.
 # 2. The recipes by name on CUDA in bf16 (tiny model, mask_format auto = FlexAttention BlockMasks, activation
-#    checkpointing): single device, resumed, FSDP2 with NCCL (one process), and gist_generate from the result.
+#    checkpointing): single device, resumed, FSDP2 with NCCL (one process), gist_generate from the result, and
+#    gist_eleuther_eval (lm-eval through TorchtuneGistLM: gist, truncate and full-prompt reads of it).
 # 3. benchmarks/bench_gpu.py sized to the time left, on 8 layers of the 8B shape: decode (no compiles, the most
 #    telling), then the 8B QLoRA memory beside torchtune's stock config, attention throughput and packing (in that
 #    order; results_gpu.json is rewritten after every measured row, so a cut run keeps what it measured).
 #
-# Everything lands in $OUT: log.txt, summary.txt (one line per step: exit status and seconds), results_gpu.json,
-# RESULTS.md and the plots. Back here: copy results_gpu.json to benchmarks/ and run
-# `python benchmarks/bench_cpu.py --render-only` to put the GPU section into benchmarks/RESULTS.md.
+# Everything lands in $OUT: log.txt, summary.txt (one line per step: exit status and seconds), eval/ (the eval step's
+# results and comparison.md), results_gpu.json, RESULTS.md and the plots. Back here: copy results_gpu.json to
+# benchmarks/ and run `python benchmarks/bench_cpu.py --render-only` to put the GPU section into benchmarks/RESULTS.md.
 # To check the script on a CPU: PY=.venv/bin/python DEVICE=cpu DTYPE=fp32 BENCH_ARGS=--tiny TIME_SCALE=4 bash benchmarks/device_check.sh
 # (TIME_SCALE multiplies every step's time limit, sized for the device tool's 600 s).
 set -uo pipefail
@@ -66,8 +67,12 @@ step resume 90 "${TUNE[@]}" gist_lora_single_device --config configs/tiny/gist_l
     "${ON[@]}" output_dir="$TINY/single" max_steps_per_epoch=20 epochs=2 resume_from_checkpoint=True
 step distributed 120 "${TUNE[@]}" --nproc_per_node 1 gist_lora_distributed --config configs/tiny/gist_lora_distributed.yaml \
     "${ON[@]}" output_dir="$TINY/distributed" max_steps_per_epoch=10
+TRAINED=$(ls -d "$TINY"/single/epoch_* 2>/dev/null | sort -V | tail -1)  # resume's epoch_1, else epoch_0
 step generate 60 "${TUNE[@]}" gist_generate --config configs/tiny/gist_generate.yaml device="$DEVICE" dtype="$DTYPE" \
-    assets_dir="$TINY/assets" gist_checkpoint_dir="$(ls -d "$TINY"/single/epoch_* 2>/dev/null | sort -V | tail -1)"  # resume's epoch_1, else epoch_0
+    assets_dir="$TINY/assets" gist_checkpoint_dir="$TRAINED"
+step eval 90 "${TUNE[@]}" gist_eleuther_eval --config configs/tiny/gist_eval.yaml device="$DEVICE" dtype="$DTYPE" \
+    assets_dir="$TINY/assets" output_dir="$OUT/eval" metadata.num_samples=8 \
+    "runs=[{mode: gist, checkpoint_dir: $TRAINED}, {mode: truncate, checkpoint_dir: $TRAINED}, {mode: pos_control, checkpoint_dir: $TRAINED}]"
 # The rest of the device tool's 600 s, less a margin for the files' trip back.
 if [ "$SECONDS" -lt $((480 * TIME_SCALE)) ]; then
     # shellcheck disable=SC2086

@@ -125,8 +125,10 @@ def test_device_check_runs_every_step(tmp_path: Path) -> None:
     out = tmp_path / "out"
     summary = (out / "summary.txt").read_text()
     assert proc.returncode == 0, summary + proc.stdout[-3000:]
-    steps = ["smoke", "tiny_assets", "single_device", "resume", "distributed", "generate", "bench"]
+    steps = ["smoke", "tiny_assets", "single_device", "resume", "distributed", "generate", "eval", "bench"]
     assert [line.split()[:2] for line in summary.splitlines()] == [[step, "rc=0"] for step in steps]
+    for mode in ("gist", "truncate", "pos_control"):
+        assert json.loads((out / "eval" / mode / "results.json").read_text())["config"]["model_args"]["mode"] == mode
     res = json.loads((out / "results_gpu.json").read_text())
     assert res["meta"]["tiny"] is True and {"attention", "packing", "memory", "decode"} <= set(res)
     assert "tiny shapes: a check of the script" in (out / "RESULTS.md").read_text()

@@ -20,7 +20,7 @@ The base weights come through a torchtune checkpointer, the gist rows and LoRA w
 ``prompt`` is the instruction, ``input`` the input; ``GistPasskeyTransform``: ``prompt`` is the
 context, ``input`` the question). Everything before the gist span is compressed; the rest is
 the continuation that is fed after the cached gist entries. A saved cache is reused with
-``load_cache`` (``prompt`` is then ignored) after checking that it was made by this model.
+``load_cache`` (``prompt`` is then ignored) after checking that it was made by this model with this prompt layout.
 
 OmegaConf reads ``prompt=...`` / ``input=...`` on the command line as YAML: newlines fold, ``#``
 starts a comment, ``Note: x`` becomes a mapping and ``12345`` a number; tune refuses a value holding
@@ -111,6 +111,13 @@ def read_inputs(cfg: DictConfig, single: str) -> List[str]:
     if not lines:
         raise ValueError(f"inputs_file={cfg.inputs_file} holds no input: one input per line")
     return lines
+
+
+def prompt_layout(cfg: DictConfig) -> Dict[str, Any]:
+    """What lays the tokens out around the gist span: ``prompt_transform``'s component and ``template`` (if set).
+    Recorded in a saved cache: a continuation fed in another layout than its prompt's would read garbage."""
+    section = OmegaConf.to_container(cfg.prompt_transform, resolve=True)
+    return {k: section[k] for k in ("_component_", "template") if k in section}
 
 
 def partial_path(outputs_file: str) -> Path:
@@ -225,7 +232,8 @@ class GistGenerateRecipe:
             List[str]: the generated text of each input.
 
         Raises:
-            ValueError: without ``prompt`` (or ``prompt_file``) and ``load_cache``, or for a cache made by another model.
+            ValueError: without ``prompt`` (or ``prompt_file``) and ``load_cache``, or for a cache made by another model
+                or with another prompt layout.
         """
         k = len(self._gist_ids)
         if cfg.get("load_cache"):
@@ -233,6 +241,12 @@ class GistGenerateRecipe:
             cache.check_compatible(self._model)
             if cache.batch_size != 1:
                 raise ValueError(f"{cfg.load_cache} holds {cache.batch_size} compressed prompts; gist_generate takes one")
+            saved, layout = cache.fingerprint.get("prompt_layout"), prompt_layout(cfg)
+            if saved is not None and saved != layout:
+                raise ValueError(
+                    f"{cfg.load_cache} was compressed with prompt_transform {saved}, this config lays the input out "
+                    f"with {layout}: use the prompt_transform that made the cache, or compress the prompt again"
+                )
             encoded = [self._transform.encode_prompt("", user_input) for user_input in self._inputs]
             n_prompt = int(cache.next_pos[0]) - k
         else:
@@ -242,6 +256,7 @@ class GistGenerateRecipe:
             n_prompt = encoded[0]["gist_start"]
             t0 = time.perf_counter()
             cache = compress(self._model, [encoded[0]["tokens"][: n_prompt + k]], gist_token_ids=self._gist_ids)
+            cache.fingerprint["prompt_layout"] = prompt_layout(cfg)
             log.info(f"Compressed {n_prompt} prompt tokens into {k} gist tokens in {time.perf_counter() - t0:.2f} s")
         if cfg.get("save_cache"):
             log.info(f"Saved the gist cache to {cache.save(cfg.save_cache)}")
@@ -260,7 +275,8 @@ class GistGenerateRecipe:
         slot_bytes = cache.nbytes // k  # one entry of one row, every layer
         slots = round(sum(held) / len(held) / slot_bytes)
         each = "" if len(texts) == 1 else ", per answer (mean)"
-        log.info(f"Compression: {n_prompt} prompt tokens -> K={k} gist tokens ({n_prompt / k:.1f}x)")
+        n_text = n_prompt - int(encoded[0]["tokens"][:1] == [self._tokenizer.bos_id])  # as lm-eval's runs count it
+        log.info(f"Compression: {n_text} prompt tokens (BOS aside) -> K={k} gist tokens ({n_text / k:.1f}x)")
         log.info(
             f"KV held while generating{each}: {_kib(slots * slot_bytes)} with the gist cache ({slots} slots), "
             f"{_kib((slots - k + n_prompt) * slot_bytes)} with the full prompt ({slots - k + n_prompt} slots); the gist "

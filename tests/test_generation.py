@@ -427,6 +427,8 @@ def test_bad_cache_uses_are_refused_clearly(model):
         cache.select([2])
     with pytest.raises(ValueError, match="unknown mode"):
         generate(model, [[1] + IDS], [[2]], mode="gisted", gist_token_ids=IDS, max_new_tokens=2)
+    with pytest.raises(TypeError, match="expected a torchtune TransformerDecoder, got Linear"):
+        compress(nn.Linear(2, 2), [[1] + IDS], gist_token_ids=IDS)
 
 
 def test_one_cache_reused_for_many_continuations(model):
@@ -667,7 +669,8 @@ def test_gist_generate_recipe_runs_by_name(tmp_path, tiny_tokenizer):
     model = _tiny_gist_model(assets, tmp_path / "adapter")
     encoded = GistPasskeyTransform(tiny_tokenizer, num_gist_tokens=4).encode_prompt(prompt, question)
     n_prompt, cont = encoded["gist_start"], encoded["tokens"][encoded["gist_start"] + 4 :]
-    assert f"Compression: {n_prompt} prompt tokens -> K=4 gist tokens ({n_prompt / 4:.1f}x)" in log
+    assert encoded["tokens"][0] == tiny_tokenizer.bos_id
+    assert f"Compression: {n_prompt - 1} prompt tokens (BOS aside) -> K=4 gist tokens ({(n_prompt - 1) / 4:.1f}x)" in log
 
     # the saved cache is what compress() gives on the same model, and the text is what generate_from_cache gives
     ids = encoded["tokens"][n_prompt : n_prompt + 4]
@@ -685,7 +688,7 @@ def test_gist_generate_recipe_runs_by_name(tmp_path, tiny_tokenizer):
     # reusing the saved cache (no prompt) reports the same compression and gives the same text
     text_again, log_again = tune_run(f"load_cache={cache_path}", "prompt=null")
     assert text_again == text
-    assert f"Compression: {n_prompt} prompt tokens" in log_again and "Compressed" not in log_again
+    assert f"Compression: {n_prompt - 1} prompt tokens" in log_again and "Compressed" not in log_again
 
 
 def _generate_recipe(assets: Path, tmp_path: Path, settings: dict, dotlist: Sequence[str] = ()):
@@ -820,6 +823,24 @@ def test_gist_generate_outputs_file_goes_on_where_an_interrupted_run_stopped(tmp
     assert computed == [2, 2, 1] and "prompt_sha256" in caplog.text
     with pytest.raises(ValueError, match="outputs_file: .* is a directory, not a file"):
         _generate_recipe(assets, tmp_path, {"outputs_file": str(tmp_path)})
+
+
+def test_gist_generate_refuses_a_cache_compressed_in_another_prompt_layout(tmp_path):
+    """A cache saved with the passkey layout, loaded with the instruction layout: the input would follow the gists
+    in a layout the prompt was not compressed for."""
+    assets = tmp_path / "assets"
+    write_tiny_tokenizer(assets)
+    write_tiny_base_checkpoint(assets)
+    cache_path = tmp_path / "cache.safetensors"
+    recipe, cfg = _generate_recipe(assets, tmp_path, {"save_cache": str(cache_path)})
+    recipe.setup(cfg)
+    recipe.generate(cfg)
+    assert GistCache.load(cache_path).fingerprint["prompt_layout"] == {"_component_": "torchtune_gist.data.GistPasskeyTransform"}
+    instruct = {"_component_": "torchtune_gist.data.GistInstructTransform", "num_gist_tokens": 4, "template": "plain"}
+    recipe, cfg = _generate_recipe(assets, tmp_path, {"load_cache": str(cache_path), "prompt_transform": instruct})
+    recipe.setup(cfg)
+    with pytest.raises(ValueError, match="was compressed with prompt_transform .*GistPasskeyTransform.* this config lays"):
+        recipe.generate(cfg)
 
 
 def test_gist_generate_refuses_a_prompt_transform_with_another_k(tmp_path):

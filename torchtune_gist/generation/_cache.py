@@ -38,8 +38,8 @@ CACHE_FORMAT_VERSION = "2"  # 2: large weights enter the fingerprint through a s
 #: Weights of more values than this enter the fingerprint through an even sample of about this many
 #: (Llama 3.1 8B's first and last attention: 32 MiB hashed per call instead of 336 MiB; 0.06 s instead of 0.6 s on a CPU).
 _FINGERPRINT_SAMPLE = 1 << 20
-# Rotary embedding attributes that change the rotations (torchtune's RotaryPositionalEmbeddings, Llama3ScaledRoPE).
 _ADAPTER_PARAMS = ("lora_a.weight", "lora_b.weight", "magnitude")  # LoRALinear / DoRALinear, when ``disabled``
+# Rotary embedding attributes that change the rotations (torchtune's RotaryPositionalEmbeddings, Llama3ScaledRoPE).
 _ROPE_SETTINGS = ("dim", "base", "scale_factor", "low_freq_factor", "high_freq_factor", "old_context_len")
 
 
@@ -115,8 +115,9 @@ class GistCache:
         next_pos (torch.Tensor): long ``[b]``: the absolute position right after each row's gist span.
         gist_token_ids (List[int]): the K gist ids, in span order.
         fingerprint (Dict[str, Any]): :func:`model_fingerprint` of the model that made the cache
-            (:func:`compress` records it). A cache built without one can be generated from (only its
-            shapes are checked), but :meth:`check_compatible` refuses it.
+            (:func:`compress` records it), and what a caller adds about the prompt (``gist_generate``: its layout,
+            ``prompt_layout``). A cache built without one can be generated from (only its shapes are checked), but
+            :meth:`check_compatible` refuses it.
 
     Raises:
         ValueError: if the tensors' shapes disagree with each other or with K.

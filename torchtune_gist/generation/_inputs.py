@@ -14,8 +14,10 @@ def resolve_gist_token_ids(model: TransformerDecoder, gist_token_ids: Optional[S
     Raises:
         ValueError: if neither is available, the ids are empty or repeated, or they disagree
             with the model's own gist ids.
-        TypeError: if an id is not an integer.
+        TypeError: if ``model`` is not a torchtune decoder or an id is not an integer.
     """
+    if not isinstance(model, TransformerDecoder):
+        raise TypeError(f"expected a torchtune TransformerDecoder, got {type(model).__name__}")
     own = getattr(model.tok_embeddings, "gist_token_ids", None)
     if gist_token_ids is None:
         if own is None:

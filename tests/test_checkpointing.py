@@ -343,3 +343,44 @@ def test_a_directory_replaces_its_older_self_whole(tmp_path: Path, monkeypatch: 
     _io.replace_directory(partial, target)
     assert [p.name for p in target.iterdir()] == ["new.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_4"] and synced == [str(partial), str(tmp_path)]
+
+
+def test_a_save_cut_between_its_two_renames_is_put_in_place_at_the_next_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The old checkpoint renamed aside, the crash before the new one is renamed in: the next start puts the new one
+    (complete: it was finished before the renames) in place instead of deleting both."""
+    from torchtune_gist import _io
+    from torchtune_gist.training._state import remove_leftover_checkpoints
+
+    target = tmp_path / "step_4"
+    target.mkdir()
+    (target / "old.safetensors").write_text("old")
+    partial = _io.partial_directory(target)
+    (partial / "new.safetensors").write_text("new")
+    real_replace, calls = _io.os.replace, []
+
+    def crash_on_the_second(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(_io.os, "replace", crash_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        _io.replace_directory(partial, target)
+    monkeypatch.undo()
+    assert not target.exists() and sorted(p.name for p in tmp_path.iterdir()) == [".step_4.old", ".step_4.partial"]
+    assert remove_leftover_checkpoints(tmp_path) == [tmp_path / ".step_4.old"]
+    assert [p.name for p in tmp_path.iterdir()] == ["step_4"] and (target / "new.safetensors").read_text() == "new"
+    assert _io.finish_replace(target) is None  # nothing to finish
+
+
+def test_unwritable_reason_names_a_folder_this_process_may_not_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A read-only output_dir is named before training, not at the first checkpoint hours in."""
+    from torchtune_gist import _io
+
+    (tmp_path / "file").write_text("x")
+    assert _io.unwritable_reason(tmp_path / "new" / "out.json", directory=False) is None
+    assert "lies under" in _io.unwritable_reason(tmp_path / "file" / "out", directory=True)
+    monkeypatch.setattr(_io.os, "access", lambda path, mode: Path(path) != tmp_path)  # as on a read-only mount
+    for path in (tmp_path, tmp_path / "new" / "out.json"):
+        assert _io.unwritable_reason(path, directory=path == tmp_path) == f"this process may not write in {tmp_path} (read-only, or another user's)"

@@ -347,12 +347,12 @@ def test_an_interrupted_save_leaves_the_earlier_checkpoints_whole(assets, tmp_pa
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
-def test_latest_checkpoint_prefers_the_epoch_and_skips_what_it_cannot_read(tmp_path):
+def test_latest_checkpoint_is_the_one_saved_last_prefers_the_epoch_and_skips_what_it_cannot_read(tmp_path):
     from torchtune_gist.training import RECIPE_STATE_FILE, latest_checkpoint, save_recipe_state
 
-    def checkpoint(name: str, step: int) -> Path:
+    def checkpoint(name: str, step: int, **progress: float) -> Path:
         save_recipe_state(tmp_path / name / RECIPE_STATE_FILE, optimizer_state={"state": {}, "param_groups": []},
-                          progress={"global_step": step}, rng_states={})
+                          progress={"global_step": step, **progress}, rng_states={})
         (tmp_path / name / "gist_adapter.safetensors").write_bytes(b"")
         return tmp_path / name
 
@@ -364,6 +364,10 @@ def test_latest_checkpoint_prefers_the_epoch_and_skips_what_it_cannot_read(tmp_p
     checkpoint("step_12", 12)
     (tmp_path / "step_12" / RECIPE_STATE_FILE).write_bytes(b"truncated")
     assert latest_checkpoint(tmp_path) == tmp_path / "epoch_0"
+    # a run started afresh over those, then preempted: auto continues it, not the older run's higher step
+    checkpoint("step_20", 20, saved_at=100.0)
+    checkpoint("step_4", 4, saved_at=200.0)
+    assert latest_checkpoint(tmp_path) == tmp_path / "step_4"
 
 
 def test_resume_refuses_settings_that_would_train_wrong(assets, tmp_path):
@@ -378,6 +382,8 @@ def test_resume_refuses_settings_that_would_train_wrong(assets, tmp_path):
         resume(batch_size=8)
     with pytest.raises(ValueError, match="train_lora was True, now False"):
         resume(train_lora=False)
+    with pytest.raises(ValueError, match="mask_mode was 'gist', now 'pos_control'"):  # a control would mix masks
+        resume(mask_mode="pos_control")
     with pytest.raises(ValueError, match="seed was 0, now 1"):
         resume(seed=1)
     (tmp_path / "step_2" / "recipe_state.safetensors").write_bytes(b"truncated")

@@ -21,12 +21,18 @@ from safetensors.torch import save_file
 
 def unwritable_reason(path: Union[str, Path], *, directory: bool) -> Optional[str]:
     """Why ``path`` cannot be written as a directory (``directory=True``) or a file, or ``None``: it exists as the
-    other kind, or a parent of it is a file. Checks only what exists (nothing is created)."""
+    other kind, a parent of it is a file, or this process may not write there (a read-only mount, another user's
+    folder). Checks only what exists (nothing is created)."""
     path = Path(path)
     if path.exists() and path.is_dir() != directory:
         return f"{path} is a {'file' if directory else 'directory'}, not a {'directory' if directory else 'file'}"
     blocking = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
-    return None if blocking is None else f"{path} lies under {blocking}, which is a file"
+    if blocking is not None:
+        return f"{path} lies under {blocking}, which is a file"
+    existing = path if path.is_dir() else next(parent for parent in path.parents if parent.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"this process may not write in {existing} (read-only, or another user's)"
+    return None
 
 
 def _new_file_mode() -> int:
@@ -161,8 +167,8 @@ def partial_directory(path: Union[str, Path]) -> Path:
 def replace_directory(src: Union[str, Path], path: Union[str, Path]) -> Path:
     """Put the finished directory ``src`` at ``path``, replacing an older one there.
 
-    A crash at any point leaves ``path`` either the old directory, the new one, or absent (the old one then
-    waits under a hidden name): never a mix of the two.
+    A crash at any point leaves ``path`` either the old directory, the new one, or absent (the new one then waits
+    under its hidden name, and :func:`finish_replace` puts it in place): never a mix of the two.
     """
     src, path = Path(src), Path(path)
     for directory in [src, *(d for d in src.rglob("*") if d.is_dir())]:
@@ -176,4 +182,17 @@ def replace_directory(src: Union[str, Path], path: Union[str, Path]) -> Path:
     _fsync_directory(path.parent)
     if old.exists():
         shutil.rmtree(old)
+    return path
+
+
+def finish_replace(path: Union[str, Path]) -> Optional[Path]:
+    """Finish a :func:`replace_directory` that a crash cut between its two renames (``path`` absent, the old directory
+    at ``.NAME.old``, the finished new one at ``.NAME.partial``): the new one is put at ``path`` (the old one, should
+    the new one be gone). Returns ``path`` when it did, else ``None``."""
+    path = Path(path)
+    old, new = (path.with_name(f".{path.name}{suffix}") for suffix in (_OLD_SUFFIX, _PARTIAL_SUFFIX))
+    if path.exists() or not old.is_dir():
+        return None
+    os.replace(new if new.is_dir() else old, path)
+    _fsync_directory(path.parent)
     return path

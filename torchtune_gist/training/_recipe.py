@@ -280,6 +280,7 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
             self._allow_flex_recompiles(self._model.max_seq_len)
         self._settings = {
             "train_lora": self._train_lora,
+            "mask_mode": self._mask_mode,
             "batch_size": self._batch_size,
             "gradient_accumulation_steps": self._gradient_accumulation_steps,
             "world_size": self.world_size,
@@ -372,8 +373,8 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
 
     def _check_resume_settings(self, path: Path, saved: Dict[str, Any]) -> None:
         """Refuse a resume whose settings differ from the checkpoint's where they would train silently wrong:
-        ``train_lora`` always; mid-epoch, what fixes the data order and position."""
-        keys = ["train_lora"]
+        ``train_lora`` and ``mask_mode`` always; mid-epoch, what fixes the data order and position."""
+        keys = ["train_lora", "mask_mode"]
         if self._batches_into_epoch:
             keys += ["batch_size", "gradient_accumulation_steps", "world_size", "shuffle", "num_examples", "seed"]
         changed = [f"{k} was {saved[k]!r}, now {self._settings[k]!r}" for k in keys if k in saved and saved[k] != self._settings[k]]
@@ -512,8 +513,8 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
             return
         self._optimizer.zero_grad(set_to_none=True)
         running_loss, num_tokens = torch.zeros((), device=self._device), torch.zeros((), device=self._device, dtype=torch.long)
-        t0 = time.perf_counter()
         for epoch in range(self.epochs_run, self.total_epochs):
+            t0 = time.perf_counter()
             pbar = tqdm(
                 total=self._steps_per_epoch,
                 initial=self._batches_into_epoch // self._gradient_accumulation_steps,
@@ -533,6 +534,8 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
                 training.scale_grads(self._model, self.world_size / total_tokens.clamp(min=1))
                 if self._clip_grad_norm is not None:
                     grad_norm = torch.nn.utils.clip_grad_norm_(self._model.parameters(), max_norm=float(self._clip_grad_norm))
+                    if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2: every rank takes part in the gather
+                        grad_norm = grad_norm.full_tensor()
                 self._optimizer.step()
                 self._optimizer.zero_grad(set_to_none=True)
                 self._lr_scheduler.step()
@@ -549,13 +552,12 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
                         "tokens_per_second_per_gpu": float(total_tokens) / (elapsed * self.world_size),
                     }
                     if self._clip_grad_norm is not None:
-                        metrics["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+                        metrics["grad_norm"] = float(grad_norm)
                     if self._log_peak_memory_stats:
                         metrics.update(training.get_memory_stats(device=self._device))
                     self._metric_logger.log_dict(metrics, step=self.global_step)
                 running_loss.zero_()
                 num_tokens.zero_()
-                t0 = time.perf_counter()
                 if self._stop_requested(stop.requested):
                     # The quick way out: the validation due now is skipped, the merged export waits for the epoch's end.
                     self.save_checkpoint(f"step_{self.global_step}", end_of_epoch=False)
@@ -569,6 +571,7 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
                 epoch_done = self._batches_into_epoch // self._gradient_accumulation_steps >= self._steps_per_epoch
                 if not epoch_done and self._save_every_n_steps and self.global_step % self._save_every_n_steps == 0:
                     self.save_checkpoint(f"step_{self.global_step}", end_of_epoch=False)
+                t0 = time.perf_counter()  # the next step's throughput leaves validation and saving out
             pbar.close()
             self.epochs_run = epoch + 1
             self._batches_into_epoch = 0
@@ -577,7 +580,8 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
     @torch.no_grad()
     def validate(self) -> float:
         """Mean validation loss per supervised token over the validation split (every example, the last
-        partial batch included)."""
+        partial batch included; across N ranks the sampler repeats up to N - 1 examples so each rank runs as many
+        forward passes, which FSDP's gathers need)."""
         if self._val_dataloader is None:
             raise ValueError("validate() needs a validation_dataset in the config")
         self._model.eval()
@@ -616,6 +620,7 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
             "loss_history": self.loss_history,
             "dataloader": None if end_of_epoch else self._dataloader.state_dict(),
             "settings": self._settings,
+            "saved_at": time.time(),  # resume_from_checkpoint=True/auto continue the checkpoint saved last
         }
         save_recipe_state(partial_dir / RECIPE_STATE_FILE, optimizer_state=optim_sd, progress=progress, rng_states=rng_states)
         if end_of_epoch and self._save_merged_hf:

@@ -10,7 +10,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torchtune import utils
 
-from torchtune_gist._io import atomic_save_safetensors, leftover_directory_of
+from torchtune_gist._io import atomic_save_safetensors, finish_replace, leftover_directory_of
 
 log = utils.get_logger("INFO")
 
@@ -93,8 +93,13 @@ def load_recipe_state(path: Path) -> Tuple[Dict[str, Any], Dict[str, Any], Dict[
 
 
 def remove_leftover_checkpoints(output_dir: Path) -> List[Path]:
-    """Delete what interrupted saves left under ``output_dir`` (``.step_N.partial``, ``.epoch_E.old``, ...);
-    returns them."""
+    """Delete what interrupted saves left under ``output_dir`` (``.step_N.partial``, ``.epoch_E.old``, ...), after
+    putting in place a checkpoint whose save a crash cut between its two renames (:func:`finish_replace`);
+    returns what was deleted."""
+    for old in Path(output_dir).glob(".*.old"):
+        name = leftover_directory_of(old.name)
+        if name and CHECKPOINT_NAME.match(name) and finish_replace(Path(output_dir) / name):
+            log.warning(f"put {Path(output_dir) / name} in place: a crash had cut its save short between two renames")
     leftovers = [
         d for d in Path(output_dir).glob(".*") if d.is_dir() and CHECKPOINT_NAME.match(leftover_directory_of(d.name) or "")
     ]
@@ -104,19 +109,21 @@ def remove_leftover_checkpoints(output_dir: Path) -> List[Path]:
 
 
 def latest_checkpoint(output_dir: Path) -> Optional[Path]:
-    """The complete checkpoint directory (``step_<N>`` or ``epoch_<E>``) under ``output_dir`` with the highest
-    global step, if any; at equal steps the epoch's. Unreadable ones are skipped with a warning."""
-    best: Tuple[Tuple[int, bool], Optional[Path]] = ((-1, False), None)
+    """The complete checkpoint directory (``step_<N>`` or ``epoch_<E>``) under ``output_dir`` saved last, if any
+    (a run started afresh over an older run's checkpoints is continued, not the older run's higher step); among
+    checkpoints of before ``saved_at`` was recorded, the highest global step; at equal steps the epoch's.
+    Unreadable ones are skipped with a warning."""
+    best: Tuple[Tuple[float, int, bool], Optional[Path]] = ((-1.0, -1, False), None)
     for state_file in Path(output_dir).glob(f"*/{RECIPE_STATE_FILE}"):
         match = CHECKPOINT_NAME.match(state_file.parent.name)
         if match is None or not (state_file.parent / ADAPTER_FILE).exists():
             continue
         try:
-            step = read_recipe_progress(state_file).get("global_step", -1)
+            progress = read_recipe_progress(state_file)
         except ValueError as e:
             log.warning(f"skipping {state_file.parent}: {e}")
             continue
-        key = (step, match.group(1) == "epoch")
+        key = (float(progress.get("saved_at", 0.0)), progress.get("global_step", -1), match.group(1) == "epoch")
         if key > best[0]:
             best = (key, state_file.parent)
     return best[1]

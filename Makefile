@@ -40,6 +40,7 @@ gpu-kit:
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any \
 		-d .whl -r benchmarks/gpu_kit.txt
+	$(PYTHON) -m pip wheel -q --no-deps -w .whl -r benchmarks/gpu_kit_sdist.txt
 
 clean:
 	rm -rf outputs .pytest_cache

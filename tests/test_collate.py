@@ -136,6 +136,10 @@ def test_padded_collate_errors():
         padded_gist_collate(BATCH, gist_token_ids=GIST, pad_id=PAD, mask_mode="none")
     with pytest.raises(ValueError, match="gist_token_ids must be a non-empty list"):
         padded_gist_collate(BATCH, gist_token_ids=[], pad_id=PAD)
+    with pytest.raises(ValueError, match="gist_token_ids must be a list of the K gist token ids, got 510"):
+        padded_gist_collate(BATCH, gist_token_ids=510, pad_id=PAD)  # a bare id from YAML
+    with pytest.raises(ValueError, match="batch example 1: tokens must be integer ids, got dtype torch.float32"):
+        padded_gist_collate([BATCH[0], {"tokens": [1.5, 510, 511], "labels": [IGNORE] * 3}], gist_token_ids=GIST, pad_id=PAD)
     with pytest.raises(ValueError, match="batch example 1: tokens \\(3\\) and labels \\(2\\)"):
         padded_gist_collate([BATCH[0], {"tokens": [1, 2, 3], "labels": [1, 2]}], gist_token_ids=GIST, pad_id=PAD)
     split_span = {"tokens": [1, 510, 2, 511, 3], "labels": [IGNORE] * 5}

@@ -36,6 +36,7 @@ def _check_inputs(
     gist_token_ids: Collection[int],
     mode: str,
     document_ids: Optional[torch.Tensor],
+    pad_id: Optional[int],
 ) -> None:
     if not isinstance(tokens, torch.Tensor):
         raise TypeError(f"tokens must be a torch.Tensor of shape [b, s], got {type(tokens).__name__}")
@@ -47,11 +48,17 @@ def _check_inputs(
         raise ValueError(f"unknown mask mode {mode!r}; expected one of {', '.join(MASK_MODES)}")
     if isinstance(gist_token_ids, torch.Tensor):
         gist_token_ids = gist_token_ids.tolist()
+    if is_whole(gist_token_ids) or not isinstance(gist_token_ids, Collection):
+        raise TypeError(f"gist_token_ids must be a list of the K gist token ids, got {gist_token_ids!r}")
     if len(gist_token_ids) == 0:
         raise ValueError("gist_token_ids is empty: at least one gist token id is needed")
     if not all(is_whole(t) for t in gist_token_ids):
         raise TypeError(f"gist_token_ids must be integers, got {list(gist_token_ids)!r}")
     gist_token_ids = [int(t) for t in gist_token_ids]
+    if pad_id is not None and not is_whole(pad_id):
+        raise TypeError(f"pad_id must be an integer token id or None, got {pad_id!r}")
+    if pad_id is not None and int(pad_id) in gist_token_ids:
+        raise ValueError(f"pad_id={pad_id} is one of the gist token ids {gist_token_ids}: the gists would count as padding")
     if document_ids is not None:
         if not isinstance(document_ids, torch.Tensor) or document_ids.shape != tokens.shape:
             shape = tuple(document_ids.shape) if isinstance(document_ids, torch.Tensor) else None
@@ -164,7 +171,7 @@ def make_gist_mask(
                 [0, 0, 1, 1, 1, 0],
                 [0, 0, 1, 1, 1, 1]], dtype=torch.int32)
     """
-    _check_inputs(tokens, gist_token_ids, mode, document_ids)
+    _check_inputs(tokens, gist_token_ids, mode, document_ids, pad_id)
     b, s = tokens.shape
     first, last = gist_span_bounds(tokens, gist_token_ids, document_ids=document_ids)
     q = torch.arange(s, device=tokens.device).view(1, s, 1)
@@ -192,7 +199,7 @@ def gist_mask_mod(
     Same arguments and semantics as :func:`make_gist_mask`; the returned function closes over
     ``[b, s]`` tensors on ``device`` (default ``tokens.device``).
     """
-    _check_inputs(tokens, gist_token_ids, mode, document_ids)
+    _check_inputs(tokens, gist_token_ids, mode, document_ids, pad_id)
     device = device if device is not None else tokens.device
     first, last = (t.to(device) for t in gist_span_bounds(tokens, gist_token_ids, document_ids=document_ids))
     not_pad = (tokens != pad_id).to(device) if pad_id is not None else None

@@ -197,7 +197,7 @@ def make_gist_segment_mask(
         ValueError: on a bad shape or mode, gist tokens that are not contiguous, padding inside a
             row, or a document split into several runs.
     """
-    _check_inputs(tokens, gist_token_ids, mode, document_ids)
+    _check_inputs(tokens, gist_token_ids, mode, document_ids, pad_id)
     b, s = tokens.shape
     first, last = (t.tolist() for t in gist_span_bounds(tokens, gist_token_ids, document_ids=document_ids))
     is_pad = (tokens == pad_id).tolist() if pad_id is not None else [[False] * s for _ in range(b)]

@@ -25,11 +25,22 @@ from torchtune_gist.segment_masks import GistSegmentMask, make_gist_segment_mask
 _Mask = Union[torch.Tensor, BlockMask, GistSegmentMask]
 
 
+def _ids(values: Sequence[int], what: str) -> torch.Tensor:
+    """``values`` as a long tensor, or a ValueError naming ``what`` for values that are not integers."""
+    ids = torch.as_tensor(values)
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise ValueError(f"{what} must be integer ids, got dtype {ids.dtype}")
+    return ids.long()
+
+
 def _check_settings(gist_token_ids: Collection[int], pad_id: int, mask_mode: str) -> Tuple[List[int], int]:
     """The gist ids and ``pad_id`` as Python ints, or a ValueError naming the bad setting."""
     if mask_mode not in MASK_MODES:
         raise ValueError(f"unknown mask_mode {mask_mode!r}; expected one of {', '.join(MASK_MODES)}")
-    ids = gist_token_ids.tolist() if isinstance(gist_token_ids, torch.Tensor) else list(gist_token_ids)
+    ids = gist_token_ids.tolist() if isinstance(gist_token_ids, torch.Tensor) else gist_token_ids
+    if is_whole(ids) or isinstance(ids, str) or not isinstance(ids, Collection):
+        raise ValueError(f"gist_token_ids must be a list of the K gist token ids, got {gist_token_ids!r}")
+    ids = list(ids)
     if not ids or not all(is_whole(t) for t in ids):
         raise ValueError(f"gist_token_ids must be a non-empty list of integer ids, got {gist_token_ids!r}")
     ids = [int(t) for t in ids]
@@ -106,12 +117,10 @@ def padded_gist_collate(
         n_tok, n_lab = len(example["tokens"]), len(example["labels"])
         if n_tok == 0 or n_tok != n_lab:
             raise ValueError(f"batch example {i}: tokens ({n_tok}) and labels ({n_lab}) must be non-empty and equal")
-    tokens = pad_sequence(
-        [torch.as_tensor(ex["tokens"], dtype=torch.long) for ex in batch], batch_first=True, padding_value=pad_id
-    )
-    labels = pad_sequence(
-        [torch.as_tensor(ex["labels"], dtype=torch.long) for ex in batch], batch_first=True, padding_value=ignore_idx
-    )
+    tokens = pad_sequence([_ids(ex["tokens"], f"batch example {i}: tokens") for i, ex in enumerate(batch)],
+                          batch_first=True, padding_value=pad_id)
+    labels = pad_sequence([_ids(ex["labels"], f"batch example {i}: labels") for i, ex in enumerate(batch)],
+                          batch_first=True, padding_value=ignore_idx)
     extra = -tokens.shape[1] % pad_to_multiple_of
     if extra:
         tokens = F.pad(tokens, (0, extra), value=pad_id)

@@ -22,7 +22,8 @@ end token are learned.
 Truncation policies for examples longer than ``max_seq_len`` (the gist span is never cut):
 
 - ``"output_right"`` (default, as the official code): cut the completion from the right (the end
-  token goes with it). A record whose prompt leaves no room for one completion token is an error.
+  token goes with it). A record whose prompt leaves no room for one completion token is dropped (the
+  official collator skips it too).
 - ``"prompt_left"``: cut instruction tokens from the left (the template's head, ``Instruction:``
   or the user header and ``\\n\\n``, stays, and so does the last token before the gist span). A
   record that does not fit even so is an error.
@@ -221,22 +222,16 @@ def truncate_example(example: Mapping[str, Any], *, max_seq_len: int, truncation
         Optional[Dict[str, Any]]: the example (cut if needed), or ``None`` when dropped.
 
     Raises:
-        ValueError: if the policy cannot fit the example without cutting the gist span or the whole output.
+        ValueError: if ``prompt_left`` cannot fit the example without cutting the gist span, the input or the output.
     """
     _check_choice("truncation", truncation, TRUNCATION_POLICIES)
     tokens, labels = list(example["tokens"]), list(example["labels"])
     n, prompt_len, gist_start = len(tokens), example["prompt_len"], example["gist_start"]
     if n <= max_seq_len:
         return dict(example)
-    if truncation == "drop":
+    if truncation == "drop" or (truncation == "output_right" and prompt_len >= max_seq_len):
         return None
     if truncation == "output_right":
-        if prompt_len >= max_seq_len:
-            raise ValueError(
-                f"the prompt (instruction + gists + input) is {prompt_len} tokens, which leaves no room for "
-                f"the output within max_seq_len={max_seq_len}; use truncation='drop' to skip such records "
-                "or raise max_seq_len"
-            )
         return {**example, "tokens": tokens[:max_seq_len], "labels": labels[:max_seq_len]}
     excess, start = n - max_seq_len, example["instruction_start"]
     cuttable = gist_start - 1 - start

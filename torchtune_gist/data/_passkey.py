@@ -128,7 +128,7 @@ def make_passkey_sample(
     budget = context_tokens - count(" " + needle)
     if budget < 0:
         raise ValueError(
-            f"context_tokens={context_tokens} is too short: the needle alone is {count(needle)} tokens"
+            f"context_tokens={context_tokens} is too short: the needle alone is {count(' ' + needle)} tokens"
         )
     words: List[str] = []
     cumulative: List[int] = [0]
@@ -285,6 +285,15 @@ class GistPasskeyTransform(Transform):
             "question_start": gist_start + len(self.gist_token_ids),
         }
 
+    def num_tokens(self, sample: Mapping[str, Any]) -> int:
+        """The length of ``self(sample)`` for a record of :func:`make_passkey_samples`, from its measured
+        ``context_tokens``: only the question and the answer are tokenized (cheap for long haystacks)."""
+        question, answer = (self._field(sample, f) for f in ("question", "answer"))
+        return (
+            len(self._head) + int(sample["context_tokens"]) + len(self.gist_token_ids)
+            + len(encode_text(self.tokenizer, f"\n{question}\n")) + len(encode_text(self.tokenizer, answer)) + 1
+        )
+
     def __call__(self, sample: Mapping[str, Any]) -> Dict[str, Any]:
         """Tokenize one record.
 
@@ -378,7 +387,7 @@ def gist_passkey_dataset(
         answer_only_loss (bool): learn only answer + EOS (False: the question too).
         train_on_context (bool): also learn the context.
         max_seq_len (Optional[int]): the longest example allowed; default the tokenizer's ``max_seq_len``
-            (``None``: no bound). The first example of each context length is checked here, the rest on access.
+            (``None``: no bound). Every example is checked here (:meth:`GistPasskeyTransform.num_tokens`).
 
     Returns:
         GistPasskeyDataset: items with ``tokens``, ``labels``, ``gist_start``, ``prompt_len``,
@@ -397,8 +406,14 @@ def gist_passkey_dataset(
     )
     if max_seq_len is None:
         max_seq_len = getattr(tokenizer, "max_seq_len", None)
-    dataset = GistPasskeyDataset(records, transform, max_seq_len)
-    lengths = 1 if isinstance(context_tokens, int) else len(context_tokens)
-    for index in range(min(lengths, len(dataset))):
-        dataset[index]  # raises for an example beyond max_seq_len
-    return dataset
+    if max_seq_len is not None:
+        lengths = [transform.num_tokens(record) for record in records]
+        too_long = [i for i, n in enumerate(lengths) if n > max_seq_len]
+        if too_long:
+            i = too_long[0]
+            raise ValueError(
+                f"{len(too_long)} of {len(records)} passkey examples are longer than max_seq_len={max_seq_len} (the "
+                f"tokenizer's unless given), example {i} with {lengths[i]} tokens ({records[i]['context_tokens']} of "
+                "context) first: raise tokenizer.max_seq_len or lower the dataset's context_tokens"
+            )
+    return GistPasskeyDataset(records, transform, max_seq_len)

@@ -130,17 +130,21 @@ def decode_split(stamps: Sequence[Tuple[float, int]], start: float) -> Tuple[flo
     """Prefill time and median per-token decode time from :func:`forward_stamps` of one generation call.
 
     Args:
-        stamps: the stamps of one call: the prefill forward first, then one forward per new token.
+        stamps: the stamps of one call: the prefill forwards (a long prompt's in chunks, then the continuation's),
+            then one forward of one token per row for each new token but the first.
         start: when the call started.
 
     Returns:
-        Tuple[float, float, int]: seconds from ``start`` to the first decode forward (prefill and the
-        first token), the median seconds between consecutive decode forwards (one whole decode
-        step each), and the number of intervals measured.
+        Tuple[float, float, int]: seconds from ``start`` to the first decode forward (every prefill chunk and the
+        first token), the median seconds between consecutive decode forwards (one whole decode step each), and
+        the number of intervals measured.
     """
-    if len(stamps) < 3:
+    first = len(stamps)
+    while first > 1 and stamps[first - 1][1] == 1:  # the decode forwards: the trailing one-token ones
+        first -= 1
+    decode_starts = [t for t, _ in stamps[first:]]
+    if len(decode_starts) < 2:
         raise ValueError(f"need a prefill and at least two decode steps to time decoding, got {len(stamps)} forwards")
-    decode_starts = [t for t, _ in stamps[1:]]
     steps = [b - a for a, b in zip(decode_starts, decode_starts[1:])]
     return decode_starts[0] - start, median(steps), len(steps)
 

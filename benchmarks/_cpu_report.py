@@ -351,8 +351,8 @@ def _render_inference(inf: Dict[str, Any]) -> List[str]:
         f"n = {n} continuation + generated tokens held beside the prompt's KV (the last new token is never fed back). "
         "Everything goes through `torchtune_gist.generation`: full prompt = `generate(mode='pos_control')`, gist = "
         "`compress` then `generate_from_cache`, truncation = `generate(mode='truncate')` (the prompt's last K tokens). "
-        "Prefill = from the call to the first decode step (includes the first token); decode = median time between "
-        "decode forwards (one whole step each); end-to-end for gist includes `compress`."
+        "Prefill = from the call to the first decode step (every prefill chunk and the first token); decode = median "
+        "time between one-token decode forwards (one whole step each); end-to-end for gist includes `compress`."
         + (f" At the longest prompt (the cells the decode goals read) the three run {rounds} times, interleaved, and "
            "each variant's call with the median decode time counts (single calls varied by a third between reruns)."
            if (rounds := max(c.get("rounds", 1) for c in main["cells"])) > 1 else ""),
@@ -441,7 +441,8 @@ def _render_inference(inf: Dict[str, Any]) -> List[str]:
     r = inf["reuse"]
     out += [
         f"#### Compress once, reuse many (`gqa` shape, one {r['prompt_len']}-token prompt, K={r['k']}, {r['inputs']} inputs "
-        f"of {r['cont_len']} tokens, {r['new_tokens']} new tokens each; compression time included)",
+        f"of {r['cont_len']} tokens, {r['new_tokens']} new tokens each; compression time included; each variant once, "
+        "after a one-input warm-up of each)",
         "",
         table(
             ["variant", "time s", "inputs/s", "speedup", "KV bytes held (largest call)"],

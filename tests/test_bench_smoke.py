@@ -262,3 +262,19 @@ def test_a_ctrl_c_during_a_study_training_waits_for_its_checkpoint(tmp_path: Pat
     with pytest.raises(KeyboardInterrupt):
         study.train(study.PARTS["alpaca"], training, tmp_path, threads=1)
     assert Interrupted.waits == 2
+
+
+def test_decode_split_counts_every_prefill_chunk_as_prefill() -> None:
+    """A long prompt's prefill runs in chunks, each a forward: only the trailing one-token forwards are decode steps
+    (counting the chunks as steps put the prefill of one chunk in the prefill column and chunks in the decode median)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        from _common import decode_split
+    finally:
+        sys.path.remove(str(BENCH))
+    stamps = [(1.0, 512), (2.0, 512), (3.0, 8), (3.1, 1), (3.2, 1), (3.35, 1)]  # two chunks, the continuation, 3 steps
+    prefill, step, n = decode_split(stamps, 0.5)
+    assert prefill == pytest.approx(2.6) and step == pytest.approx(0.125) and n == 2
+    assert decode_split([(1.0, 1), (2.0, 1), (2.5, 1)], 0.0) == (2.0, 0.5, 1)  # a one-token prompt is still the prefill
+    with pytest.raises(ValueError, match="at least two decode steps"):
+        decode_split([(1.0, 512), (2.0, 1)], 0.0)

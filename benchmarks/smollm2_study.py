@@ -174,9 +174,13 @@ def _atomic_json(obj: Any, path: Path) -> None:
 # ------------------------------------------------------------------------------------ training
 
 
-def train(part: Part, training: Training, out_dir: Path, threads: int, dtype: str = "fp32", seed: Optional[int] = None) -> Path:
+def train(
+    part: Part, training: Training, out_dir: Path, threads: int, dtype: str = "fp32", seed: Optional[int] = None,
+    data_dir: Optional[Path] = None,
+) -> Path:
     """Run one training unless its final adapter exists; resume from a ``step_N`` checkpoint if any.
-    ``seed``, when given, replaces the config's training seed and its generated data's seed (``dataset.seed``).
+    ``seed``, when given, replaces the config's training seed and its generated data's seed (``dataset.seed``);
+    ``data_dir``, the config's Alpaca+ folder (where it reads one).
 
     The log (``train.log``) gets ``start <unix time>`` / ``end <unix time> rc <code> cpu <seconds>``
     lines around the recipe's output (cpu: the subprocess's user + system time); each (re)start appends.
@@ -196,10 +200,13 @@ def train(part: Part, training: Training, out_dir: Path, threads: int, dtype: st
         print(f"[skip] training {run_dir} (done)")
         return run_dir
     overrides = {"output_dir": str(run_dir), "dtype": dtype, **training.overrides}
+    config = OmegaConf.load(ROOT / training.config)
     if seed is not None:
         overrides["seed"] = seed
-        if OmegaConf.select(OmegaConf.load(ROOT / training.config), "dataset.seed") is not None:
+        if OmegaConf.select(config, "dataset.seed") is not None:
             overrides["dataset.seed"] = seed
+    if data_dir is not None and "data_dir" in config:
+        overrides["data_dir"] = str(data_dir)
     if training.start_from is not None:
         start = next(t for t in part.trainings if t.name == training.start_from)
         initial = start.final_dir(out_dir / start.name) / ADAPTER
@@ -731,7 +738,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             part = PARTS[name]
             for t in part.trainings:
                 if _selected(t.name, t.extra, args):
-                    train(part, t, out_dir / part.name, args.threads, args.dtype, args.seed)
+                    train(part, t, out_dir / part.name, args.threads, args.dtype, args.seed, Path(args.data_dir))
             for e in part.evaluations:
                 if _selected(e.name, e.extra, args):
                     evaluate(part, e, out_dir / part.name, args)

@@ -170,3 +170,36 @@ def test_demo_table_shows_what_each_mode_keeps():
     cells = {line.split("|")[1].strip(): line.split("|")[6].strip()
              for line in results_table([row(m) for m in ("gist", "pos_control", "neg_control", "truncate")]).splitlines()[2:]}
     assert cells == {"gist": "16.0x", "pos_control": "1x (full)", "neg_control": "-", "truncate": "16.0x"}
+
+
+def test_a_gist_stage_stopped_by_ctrl_c_is_waited_for_and_goes_on_from_its_checkpoint(tmp_path: Path, monkeypatch):
+    """Ctrl-C reaches the recipe too: the demo waits while it saves its step (subprocess.run would kill it 0.25 s
+    later), and the next run resumes that checkpoint instead of starting the stage over."""
+    from torchtune_gist import demo
+    from torchtune_gist.training import RECIPE_STATE_FILE, save_recipe_state
+
+    calls, waits = [], []
+
+    class Recipe:
+        def __init__(self, cmd, **kwargs):
+            calls.append(cmd)
+
+        def wait(self):
+            waits.append(1)
+            if len(waits) == 1:
+                raise KeyboardInterrupt  # the terminal's Ctrl-C, while the recipe saves step_N
+            return 0
+
+        def kill(self):
+            raise AssertionError("killed before it saved")
+
+    monkeypatch.setattr(demo.subprocess, "Popen", Recipe)
+    args = (DemoSettings(out=tmp_path), tmp_path / "assets", tmp_path / "base", tmp_path / "gist", "gist", 10, 128, 1e-3)
+    with pytest.raises(KeyboardInterrupt):
+        demo.run_gist_recipe(*args, initial_adapter=tmp_path / "earlier")
+    assert len(waits) == 2 and any(a.startswith("initial_adapter=") for a in calls[0])
+    save_recipe_state(tmp_path / "gist" / "step_3" / RECIPE_STATE_FILE, optimizer_state={"state": {}, "param_groups": []},
+                      progress={"global_step": 3}, rng_states={})
+    (tmp_path / "gist" / "step_3" / "gist_adapter.safetensors").write_bytes(b"")
+    demo.run_gist_recipe(*args, initial_adapter=tmp_path / "earlier")
+    assert "resume_from_checkpoint=True" in calls[1] and not any(a.startswith("initial_adapter=") for a in calls[1])

@@ -15,8 +15,8 @@
 5. Writes ``results.json``, ``results.md`` and a PNG plot under ``outputs/demo/`` (``outputs/demo_quick/``
    for ``--quick``).
 
-Stages whose outputs exist are reused, so an interrupted demo picks up where it stopped
-(``--fresh`` starts over, deleting only a folder the demo wrote). Deterministic given ``--seed``.
+Stages whose outputs exist are reused, and a gist training stopped by Ctrl-C saves its step and goes on from it, so
+an interrupted demo picks up where it stopped (``--fresh`` starts over, deleting only a folder the demo wrote). Deterministic given ``--seed``.
 
 Stage 1 uses a short loop of its own: torchtune's full fine-tuning recipe writes ``.bin`` files with
 ``torch.save``, and everything this project writes is safetensors.
@@ -54,6 +54,7 @@ from torchtune_gist._io import (
 )
 from torchtune_gist.data import gist_passkey_dataset
 from torchtune_gist.tiny import TINY_LLAMA3_1_ARGS, write_tiny_tokenizer
+from torchtune_gist.training import latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK_OUT = REPO / "outputs" / "demo_quick"
@@ -175,13 +176,26 @@ def run_gist_recipe(
         "optimizer.lr": lr, "lr_scheduler.num_warmup_steps": 10, "seed": settings.seed,
         "save_merged_hf": False, "log_every_n_steps": 10, **{f"model.{k}": v for k, v in DEMO_SIZES.items()},
     }
-    if initial_adapter is not None:
+    if latest_checkpoint(out_dir) is not None:  # an interrupted run: go on from its last checkpoint
+        overrides["resume_from_checkpoint"] = True
+    elif initial_adapter is not None:
         overrides["initial_adapter"] = initial_adapter
     cmd = [sys.executable, "-m", "torchtune._cli.tune", "run", "gist_lora_single_device", "--config", str(TINY_CONFIG),
            *(f"{k}={v}" for k, v in overrides.items())]
     print(f"\n$ tune run gist_lora_single_device --config {TINY_CONFIG.relative_to(REPO)} mask_mode={mask_mode} "
           f"dataset.context_tokens={context_tokens} ...", flush=True)
-    subprocess.run(cmd, cwd=REPO, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        rc = proc.wait()
+    except KeyboardInterrupt:  # the recipe got the Ctrl-C too: it finishes its step and saves step_N, then exits
+        print("waiting for the training to save a checkpoint (Ctrl-C again: stop at once)", flush=True)
+        try:
+            proc.wait()
+        except KeyboardInterrupt:
+            proc.kill()
+        raise
+    if rc:
+        raise subprocess.CalledProcessError(rc, cmd)
 
 
 def recipe_loss_history(run_dir: Path) -> List[Tuple[int, float]]:
@@ -222,7 +236,7 @@ def evaluate(settings: DemoSettings, assets: Path, base_dir: Path, run_dir: Path
     with safe_open(str(base_dir / "model.safetensors"), framework="pt") as f:
         model.load_state_dict({k: f.get_tensor(k) for k in f.keys()}, strict=False)
     load_gist_adapter(model, run_dir / "epoch_0")
-    lm = TorchtuneGistLM(model=model, tokenizer=tokenizer, mode=mode, batch_size=50, max_gen_toks=settings.passkey_digits + 2)
+    lm = TorchtuneGistLM(model=model, tokenizer=tokenizer, mode=mode, batch_size=50)  # the task sets max_gen_toks (16)
     manager = gist_task_manager(
         tokenizer=tokenizer, context_tokens=settings.context_tokens, num_samples=settings.eval_samples,
         passkey_digits=settings.passkey_digits, seed=settings.eval_seed, num_gist_tokens=settings.num_gist_tokens,

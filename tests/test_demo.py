@@ -141,7 +141,15 @@ def test_demo_runs_stage_2_through_the_running_python(tmp_path: Path, monkeypatc
         runpy.run_module("torchtune._cli.tune", run_name="__main__")
     assert exit_info.value.code == 0 and "tune run" in capsys.readouterr().out
     calls = []
-    monkeypatch.setattr(demo.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+
+    class Recipe:
+        def __init__(self, cmd, **kwargs):
+            calls.append(cmd)
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(demo.subprocess, "Popen", Recipe)
     demo.run_gist_recipe(DemoSettings(), tmp_path, tmp_path, tmp_path / "run", "gist", 2, 64, 1e-3)
     assert calls[0][:5] == [sys.executable, "-m", "torchtune._cli.tune", "run", "gist_lora_single_device"]
 

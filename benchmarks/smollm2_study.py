@@ -193,7 +193,7 @@ def train(
     """
     from omegaconf import OmegaConf
 
-    from torchtune_gist.training import latest_checkpoint
+    from torchtune_gist.training import latest_checkpoint, wait_for_recipe
 
     run_dir = out_dir / training.name
     if (training.final_dir(run_dir) / ADAPTER).is_file():
@@ -224,16 +224,7 @@ def train(
         log.write(f"start {time.time():.0f}\n")
         log.flush()
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            rc = proc.wait()
-        except KeyboardInterrupt:  # the recipe got the Ctrl-C too: it saves a step_N checkpoint, then exits
-            print("waiting for the training to save a checkpoint (Ctrl-C again: stop at once)", flush=True)
-            try:
-                proc.wait()
-            except KeyboardInterrupt:
-                proc.kill()
-            raise
+        rc = wait_for_recipe(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
         log.write(f"end {time.time():.0f} rc {rc} cpu {cpu:.0f}\n")

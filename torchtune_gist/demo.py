@@ -54,7 +54,7 @@ from torchtune_gist._io import (
 )
 from torchtune_gist.data import gist_passkey_dataset
 from torchtune_gist.tiny import TINY_LLAMA3_1_ARGS, write_tiny_tokenizer
-from torchtune_gist.training import latest_checkpoint
+from torchtune_gist.training import latest_checkpoint, wait_for_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK_OUT = REPO / "outputs" / "demo_quick"
@@ -184,16 +184,7 @@ def run_gist_recipe(
            *(f"{k}={v}" for k, v in overrides.items())]
     print(f"\n$ tune run gist_lora_single_device --config {TINY_CONFIG.relative_to(REPO)} mask_mode={mask_mode} "
           f"dataset.context_tokens={context_tokens} ...", flush=True)
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        rc = proc.wait()
-    except KeyboardInterrupt:  # the recipe got the Ctrl-C too: it finishes its step and saves step_N, then exits
-        print("waiting for the training to save a checkpoint (Ctrl-C again: stop at once)", flush=True)
-        try:
-            proc.wait()
-        except KeyboardInterrupt:
-            proc.kill()
-        raise
+    rc = wait_for_recipe(subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}))
     if rc:
         raise subprocess.CalledProcessError(rc, cmd)
 

@@ -22,7 +22,7 @@ from torchtune_gist.training._settings import (
     get_device,
     parse_device,
 )
-from torchtune_gist.training._signals import StopRequest
+from torchtune_gist.training._signals import StopRequest, wait_for_recipe
 from torchtune_gist.training._state import (
     ADAPTER_FILE,
     RECIPE_STATE_FILE,
@@ -65,4 +65,5 @@ __all__ = [
     "parse_device",
     "read_recipe_progress",
     "save_recipe_state",
+    "wait_for_recipe",
 ]

@@ -1,6 +1,7 @@
 """Stopping a training run cleanly on SIGINT or SIGTERM."""
 
 import signal
+import subprocess
 import threading
 import time
 from typing import Any, Dict, Optional
@@ -40,3 +41,18 @@ class StopRequest:
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def wait_for_recipe(proc: subprocess.Popen) -> int:
+    """Wait for a recipe run as a child process and return its exit code. On Ctrl-C (which the child gets too, and
+    answers by saving a checkpoint after its step) wait for it to finish saving, then re-raise; a second Ctrl-C kills
+    it at once. (``subprocess.run`` kills the child 0.25 s after a Ctrl-C, before it can save.)"""
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        print("waiting for the training to save a checkpoint (Ctrl-C again: stop at once)", flush=True)
+        try:
+            proc.wait()
+        except KeyboardInterrupt:
+            proc.kill()
+        raise

@@ -169,7 +169,7 @@ def fmt(x: Any, digits: int = 3) -> str:
     if isinstance(x, float):
         if x == 0:
             return "0"
-        if abs(x) >= 10 ** digits:
+        if abs(x) >= 10**digits:
             return f"{x:,.0f}"
         return f"{x:.{digits}g}"
     return str(x)
@@ -208,5 +208,8 @@ def render_results(out_dir: Path) -> Path:
     ]
     for name in RECORDED_RUNS:
         if (out_dir / name).is_file():
-            parts += [f"<!-- included from {name}, a recorded run with its own date, machine and command -->", (out_dir / name).read_text()]
+            parts += [
+                f"<!-- included from {name}, a recorded run with its own date, machine and command -->",
+                (out_dir / name).read_text(),
+            ]
     return atomic_write_text("\n".join(parts), out_dir / RESULTS_MD)

@@ -40,50 +40,65 @@ def evaluate_goals(res: Dict[str, Any]) -> List[Dict[str, Any]]:
         for row in res["training"]["shapes"]:
             dense, segments = row["gist_vs_causal_none"], row["gist_segments_vs_causal_none"]
             r, variant = max((dense, "gist"), (segments, "gist_segments"))
-            goals.append({
-                "goal": f"training, {row['name']}: gist tokens/s vs causal (mask=None), medians, the faster gist mask format",
-                "target": ">= 0.9x",
-                "measured": f"{r:.3f}x with {'segments' if variant == 'gist_segments' else 'the dense mask'} (dense {dense:.3f}x, "
-                f"segments {segments:.3f}x; fastest steps: {_fastest_ratio(row['step_s'], variant):.3f}x; step times spread "
-                f"+-{100 * _spread(row['step_s']):.0f}%)",
-                "met": r >= 0.9,
-            })
+            goals.append(
+                {
+                    "goal": f"training, {row['name']}: gist tokens/s vs causal (mask=None), medians, the faster gist mask format",
+                    "target": ">= 0.9x",
+                    "measured": f"{r:.3f}x with {'segments' if variant == 'gist_segments' else 'the dense mask'} (dense {dense:.3f}x, "
+                    f"segments {segments:.3f}x; fastest steps: {_fastest_ratio(row['step_s'], variant):.3f}x; step times spread "
+                    f"+-{100 * _spread(row['step_s']):.0f}%)",
+                    "met": r >= 0.9,
+                }
+            )
     if "packing" in res:
         packed = {n: v for n, v in res["packing"]["variants"].items() if n.startswith("packed_")}
         lean = {n: v for n, v in packed.items() if v["padding_fraction"] < 0.1}
         name, pk = max((lean or packed).items(), key=lambda item: item[1]["speedup_vs_bs1"])
-        goals.append({
-            "goal": "packing tokens/s vs batch size 1, with < 10% padding (best packed row length under 10% padding)",
-            "target": ">= 3x, < 10% padding",
-            "measured": f"{name}: {pk['speedup_vs_bs1']:.2f}x, {100 * pk['padding_fraction']:.1f}% padding"
-            + ("" if lean else " (no row length gave < 10% padding)"),
-            "met": pk["speedup_vs_bs1"] >= 3 and pk["padding_fraction"] < 0.1,
-        })
+        goals.append(
+            {
+                "goal": "packing tokens/s vs batch size 1, with < 10% padding (best packed row length under 10% padding)",
+                "target": ">= 3x, < 10% padding",
+                "measured": f"{name}: {pk['speedup_vs_bs1']:.2f}x, {100 * pk['padding_fraction']:.1f}% padding"
+                + ("" if lean else " (no row length gave < 10% padding)"),
+                "met": pk["speedup_vs_bs1"] >= 3 and pk["padding_fraction"] < 0.1,
+            }
+        )
     if "inference" in res:
         inf = res["inference"]
         cells = [c for sh in inf["shapes"].values() for c in sh["cells"]]
-        goals.append({
-            "goal": "KV bytes gist / full prompt == (K + n) / (P + K + n) exactly, every P and K (and truncation == gist)",
-            "target": "exact", "measured": f"{sum(c['kv_ratio']['exact'] and c['kv_truncate_equals_gist'] for c in cells)}/{len(cells)} exact",
-            "met": all(c["kv_ratio"]["exact"] and c["kv_truncate_equals_gist"] for c in cells),
-        })
+        goals.append(
+            {
+                "goal": "KV bytes gist / full prompt == (K + n) / (P + K + n) exactly, every P and K (and truncation == gist)",
+                "target": "exact",
+                "measured": f"{sum(c['kv_ratio']['exact'] and c['kv_truncate_equals_gist'] for c in cells)}/{len(cells)} exact",
+                "met": all(c["kv_ratio"]["exact"] and c["kv_truncate_equals_gist"] for c in cells),
+            }
+        )
         for name, sh in inf["shapes"].items():
             longest = max(c["prompt_len"] for c in sh["cells"])
             speedups = [c["decode_speedup_gist_vs_full"] for c in sh["cells"] if c["prompt_len"] == longest]
             r = median(speedups)
             spread = f" (K cells: {min(speedups):.2f}-{max(speedups):.2f}x)" if len(speedups) > 1 else ""
-            goals.append({
-                "goal": f"decode at {longest}-token prompts, {name} shape: full-prompt / gist-cache ms per token",
-                "target": ">= 2x", "measured": f"{r:.2f}x{spread}", "met": r >= 2,
-            })
+            goals.append(
+                {
+                    "goal": f"decode at {longest}-token prompts, {name} shape: full-prompt / gist-cache ms per token",
+                    "target": ">= 2x",
+                    "measured": f"{r:.2f}x{spread}",
+                    "met": r >= 2,
+                }
+            )
         if "batched" in inf:
             b = inf["batched"]
             r = b["decode_speedup_gist_vs_full"]
-            goals.append({
-                "goal": f"decode at {b['prompt_len']}-token prompts, gqa shape, {b['rows']} rows per batch (each its own "
-                "prompt): full-prompt / gist-cache ms per step",
-                "target": ">= 2x", "measured": f"{r:.2f}x (K={b['k']})", "met": r >= 2,
-            })
+            goals.append(
+                {
+                    "goal": f"decode at {b['prompt_len']}-token prompts, gqa shape, {b['rows']} rows per batch (each its own "
+                    "prompt): full-prompt / gist-cache ms per step",
+                    "target": ">= 2x",
+                    "measured": f"{r:.2f}x (K={b['k']})",
+                    "met": r >= 2,
+                }
+            )
     return goals
 
 
@@ -100,10 +115,14 @@ def make_plots(res: Dict[str, Any], out: Path) -> List[str]:
         cols = min(3, len(shapes))
         rows = -(-len(shapes) // cols)
         fig, axes = plt.subplots(rows, cols, figsize=(5.6 * cols, 4.2 * rows), squeeze=False, layout="constrained")
-        for ax in axes.flat[len(shapes):]:
+        for ax in axes.flat[len(shapes) :]:
             ax.axis("off")
-        labels = {"causal_none": "causal\nmask=None", "causal_dense": "causal\ndense mask", "gist": "gist\ndense mask",
-                  "gist_segments": "gist\nsegments"}
+        labels = {
+            "causal_none": "causal\nmask=None",
+            "causal_dense": "causal\ndense mask",
+            "gist": "gist\ndense mask",
+            "gist_segments": "gist\nsegments",
+        }
         for ax, row in zip(axes.flat, shapes):
             names = list(labels)
             vals = [row["tokens_per_s"][n] for n in names]
@@ -120,11 +139,25 @@ def make_plots(res: Dict[str, Any], out: Path) -> List[str]:
         pk = res["packing"]["variants"]
         names = sorted(pk, key=_variant_order)
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8))
-        colors = ["#888" if n == "batch_size_1" else "#aab" if n.startswith("padded") else "#e83" if n.endswith("segments")
-                  else "#4a4" for n in names]
+        colors = [
+            "#888"
+            if n == "batch_size_1"
+            else "#aab"
+            if n.startswith("padded")
+            else "#e83"
+            if n.endswith("segments")
+            else "#4a4"
+            for n in names
+        ]
         bars = a1.bar(names, [pk[n]["tokens_per_s"] for n in names], color=colors)
         for bar, n in zip(bars, names):
-            a1.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"{pk[n]['speedup_vs_bs1']:.1f}x", ha="center", va="bottom")
+            a1.text(
+                bar.get_x() + bar.get_width() / 2,
+                bar.get_height(),
+                f"{pk[n]['speedup_vs_bs1']:.1f}x",
+                ha="center",
+                va="bottom",
+            )
         a1.set_ylabel("training tokens/s (real tokens)")
         a2.bar(names, [100 * pk[n]["padding_fraction"] for n in names], color=colors)
         a2.axhline(10, color="k", ls="--", lw=0.8)
@@ -141,11 +174,25 @@ def make_plots(res: Dict[str, Any], out: Path) -> List[str]:
         k_ref = inf["shapes"]["mha"]["cells"][0]["k"]
         fig, ax = plt.subplots(figsize=(6, 4))
         full = [c for c in main["cells"] if c["k"] == k_ref]
-        ax.plot([c["prompt_len"] for c in full], [c["full"]["kv_bytes"] for c in full], "o-", color="k", label=f"full prompt (K={k_ref})")
+        ax.plot(
+            [c["prompt_len"] for c in full],
+            [c["full"]["kv_bytes"] for c in full],
+            "o-",
+            color="k",
+            label=f"full prompt (K={k_ref})",
+        )
         for k in ks:
             cs = [c for c in main["cells"] if c["k"] == k]
-            ax.plot([c["prompt_len"] for c in cs], [c["gist"]["kv_bytes"] for c in cs], "s-", label=f"gist cache, K={k}")
-        ax.plot([c["prompt_len"] for c in full], [c["truncate"]["kv_bytes"] for c in full], "x--", color="gray", label=f"truncation, K={k_ref}")
+            ax.plot(
+                [c["prompt_len"] for c in cs], [c["gist"]["kv_bytes"] for c in cs], "s-", label=f"gist cache, K={k}"
+            )
+        ax.plot(
+            [c["prompt_len"] for c in full],
+            [c["truncate"]["kv_bytes"] for c in full],
+            "x--",
+            color="gray",
+            label=f"truncation, K={k_ref}",
+        )
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("prompt length P (tokens)")
@@ -158,15 +205,26 @@ def make_plots(res: Dict[str, Any], out: Path) -> List[str]:
         for ax, (name, sh) in zip(axes, inf["shapes"].items()):
             cs = [c for c in sh["cells"] if c["k"] == k_ref]
             x = [c["prompt_len"] for c in cs]
-            for key, style, label in (("full", "o-k", "full prompt"), ("gist", "s-r", "gist cache"), ("truncate", "x--", "truncation")):
+            for key, style, label in (
+                ("full", "o-k", "full prompt"),
+                ("gist", "s-r", "gist cache"),
+                ("truncate", "x--", "truncation"),
+            ):
                 ax.plot(x, [1e3 * c[key]["decode_s_per_token"] for c in cs], style, label=label)
             if name == "gqa" and inf["stock"]:
-                ax.plot([r["prompt_len"] for r in inf["stock"]], [1e3 * r["decode_s_per_token"] for r in inf["stock"]], "^:b",
-                        label=f"torchtune stock, cache {inf['max_seq_len']} slots")
+                ax.plot(
+                    [r["prompt_len"] for r in inf["stock"]],
+                    [1e3 * r["decode_s_per_token"] for r in inf["stock"]],
+                    "^:b",
+                    label=f"torchtune stock, cache {inf['max_seq_len']} slots",
+                )
             ax.set_xscale("log", base=2)
             ax.set_xlabel("prompt length P (tokens)")
             ax.set_ylabel("decode ms / token (batch 1)")
-            ax.set_title(f"{name}: {sh['shape']['num_heads']} heads / {sh['shape']['num_kv_heads']} KV heads, K={k_ref}", fontsize=9)
+            ax.set_title(
+                f"{name}: {sh['shape']['num_heads']} heads / {sh['shape']['num_kv_heads']} KV heads, K={k_ref}",
+                fontsize=9,
+            )
             ax.set_ylim(bottom=0)
             ax.legend(fontsize=7)
         files.append(save_png(fig, out / "decode.png").name)
@@ -174,13 +232,24 @@ def make_plots(res: Dict[str, Any], out: Path) -> List[str]:
         rv = inf["reuse"]["variants"]
         names = list(REUSE_VARIANTS)
         fig, ax = plt.subplots(figsize=(6, 3.6))
-        bars = ax.bar(["recompute\nfull prompt", "compress once,\nreuse (sequential)", "compress once,\nreuse (batched)"],
-                      [rv[n]["inputs_per_s"] for n in names], color=["#888", "#c44", "#a22"])
+        bars = ax.bar(
+            ["recompute\nfull prompt", "compress once,\nreuse (sequential)", "compress once,\nreuse (batched)"],
+            [rv[n]["inputs_per_s"] for n in names],
+            color=["#888", "#c44", "#a22"],
+        )
         for bar, n in zip(bars, names):
-            ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"{rv[n]['speedup']:.1f}x", ha="center", va="bottom")
+            ax.text(
+                bar.get_x() + bar.get_width() / 2,
+                bar.get_height(),
+                f"{rv[n]['speedup']:.1f}x",
+                ha="center",
+                va="bottom",
+            )
         ax.set_ylabel("inputs / s")
         r = inf["reuse"]
-        ax.set_title(f"One {r['prompt_len']}-token prompt, {r['inputs']} inputs, {r['new_tokens']} new tokens each", fontsize=9)
+        ax.set_title(
+            f"One {r['prompt_len']}-token prompt, {r['inputs']} inputs, {r['new_tokens']} new tokens each", fontsize=9
+        )
         files.append(save_png(fig, out / "reuse_many.png").name)
 
         if "compress_memory" in inf:
@@ -191,14 +260,17 @@ def make_plots(res: Dict[str, Any], out: Path) -> List[str]:
         if "score_memory" in inf:
             sm = inf["score_memory"]
             variants = (("dense", "o-k", "one forward, dense gist mask"), ("stores", "s-r", "score_continuations"))
-            title = (f"loglikelihood (gist mode): {sm['rows_per_call']} requests per call, {sm['scored']} of "
-                     f"{sm['cont_len']} continuation tokens scored, K={sm['k']}, gqa shape (CPU, fp32)")
+            title = (
+                f"loglikelihood (gist mode): {sm['rows_per_call']} requests per call, {sm['scored']} of "
+                f"{sm['cont_len']} continuation tokens scored, K={sm['k']}, gqa shape (CPU, fp32)"
+            )
             files.append(_memory_plot(sm["cells"], variants, "scoring time (s)", title, out / "score_memory.png"))
     return files
 
 
-def _memory_plot(cells: List[Dict[str, Any]], variants: Sequence[Tuple[str, str, str]], time_label: str, title: str,
-                 path: Path) -> str:
+def _memory_plot(
+    cells: List[Dict[str, Any]], variants: Sequence[Tuple[str, str, str]], time_label: str, title: str, path: Path
+) -> str:
     """Peak memory and time against the prompt length, one line per ``(key, style, label)`` variant."""
     import matplotlib.pyplot as plt  # after make_plots chose the Agg backend
 
@@ -237,15 +309,22 @@ def render_cpu_markdown(res: Dict[str, Any]) -> str:
         f"(Python {mach['python']}), fp32; `torch.set_num_threads({mach['torch_threads']})`.",
         f"- Command: `{m['command']}` ({fmt(m['duration_s'])} s)",
         f"- Load average (1/5/15 min) before: {la0}, after: {la1}, at each section: {m.get('load_sections')}. "
-        + ("**The machine was loaded** (other jobs shared the CPU during the run): absolute numbers are low and noisy; "
-           "ratios compare variants measured side by side, interleaved." if loaded else "The machine was otherwise idle."),
+        + (
+            "**The machine was loaded** (other jobs shared the CPU during the run): absolute numbers are low and noisy; "
+            "ratios compare variants measured side by side, interleaved."
+            if loaded
+            else "The machine was otherwise idle."
+        ),
         f"- Threads: {m['threads_note']}",
         "- Method: every comparison is measured in this run, variants interleaved (A B C A B C ...) after a warm-up, "
         "medians of the timed repetitions; goals are ratios of numbers measured together.",
         "",
         "### Goals",
         "",
-        table(["goal", "target", "measured", "met"], [[g["goal"], g["target"], g["measured"], g["met"]] for g in res["goals"]]),
+        table(
+            ["goal", "target", "measured", "met"],
+            [[g["goal"], g["target"], g["measured"], g["met"]] for g in res["goals"]],
+        ),
         "",
     ]
     if "training" in res:
@@ -260,21 +339,51 @@ def render_cpu_markdown(res: Dict[str, Any]) -> str:
             "torchtune's causal SDPA path, `is_causal=True`). Same model, batch and optimizer; tokens/s counts real tokens.",
             "",
             table(
-                ["shape", "params", "batch", "real tokens", "data", "mask=None tok/s", "dense causal tok/s", "gist tok/s",
-                 "gist segments tok/s", "gist / mask=None", "gist segments / mask=None", "gist / dense causal",
-                 "gist / mask=None, fastest steps", "step-time spread"],
-                [[r["name"], r["params"], f"{r['batch'][0]}x{r['batch'][1]}", r["real_tokens_per_step"], r["data"],
-                  r["tokens_per_s"]["causal_none"], r["tokens_per_s"]["causal_dense"], r["tokens_per_s"]["gist"],
-                  r["tokens_per_s"]["gist_segments"], f"{r['gist_vs_causal_none']:.3f}x", f"{r['gist_segments_vs_causal_none']:.3f}x",
-                  f"{r['gist_vs_causal_dense']:.3f}x", f"{_fastest_ratio(r['step_s']):.3f}x", f"+-{100 * _spread(r['step_s']):.0f}%"]
-                 for r in tr["shapes"]],
+                [
+                    "shape",
+                    "params",
+                    "batch",
+                    "real tokens",
+                    "data",
+                    "mask=None tok/s",
+                    "dense causal tok/s",
+                    "gist tok/s",
+                    "gist segments tok/s",
+                    "gist / mask=None",
+                    "gist segments / mask=None",
+                    "gist / dense causal",
+                    "gist / mask=None, fastest steps",
+                    "step-time spread",
+                ],
+                [
+                    [
+                        r["name"],
+                        r["params"],
+                        f"{r['batch'][0]}x{r['batch'][1]}",
+                        r["real_tokens_per_step"],
+                        r["data"],
+                        r["tokens_per_s"]["causal_none"],
+                        r["tokens_per_s"]["causal_dense"],
+                        r["tokens_per_s"]["gist"],
+                        r["tokens_per_s"]["gist_segments"],
+                        f"{r['gist_vs_causal_none']:.3f}x",
+                        f"{r['gist_segments_vs_causal_none']:.3f}x",
+                        f"{r['gist_vs_causal_dense']:.3f}x",
+                        f"{_fastest_ratio(r['step_s']):.3f}x",
+                        f"+-{100 * _spread(r['step_s']):.0f}%",
+                    ]
+                    for r in tr["shapes"]
+                ],
             ),
             "",
             "Ratios are of median step times (the goal) and, as a check, of the fastest step of each variant; the "
             "spread is half the interquartile range of a variant's step times over its median (the worst variant's), "
-            "a rough measure of how far load alone moves a median. Median step seconds: " + "; ".join(
-                f"{r['name']}: " + ", ".join(f"{k} {v:.4f}" for k, v in r["median_step_s"].items()) for r in tr["shapes"]
-            ) + ". On CPU, SDPA with `is_causal=True` skips the upper triangle (in key blocks of 512); with any explicit "
+            "a rough measure of how far load alone moves a median. Median step seconds: "
+            + "; ".join(
+                f"{r['name']}: " + ", ".join(f"{k} {v:.4f}" for k, v in r["median_step_s"].items())
+                for r in tr["shapes"]
+            )
+            + ". On CPU, SDPA with `is_causal=True` skips the upper triangle (in key blocks of 512); with any explicit "
             "mask it computes every block and applies the mask, so both dense masks cost the same and the gap to `mask=None` "
             "grows with the attention share of the step (longer rows, wider models). Segments cut the gist mask into causal "
             "SDPA calls per row (prompt and gists; gists and what follows), which skip the masked blocks too: for rows of "
@@ -298,11 +407,29 @@ def render_cpu_markdown(res: Dict[str, Any]) -> str:
             "`packed_<L>_segments`, with segment masks (`segment_mask=True`).",
             "",
             table(
-                ["variant", "steps", "token slots", "padding", "attention work (q-k pairs) vs bs 1", "time s", "tokens/s",
-                 "vs batch size 1"],
-                [[n, v["steps"], v["token_slots"], f"{100 * v['padding_fraction']:.1f}%", f"{v['qk_pairs_vs_bs1']:.1f}x",
-                  v["time_s"], v["tokens_per_s"], f"{v['speedup_vs_bs1']:.2f}x"]
-                 for n, v in sorted(pk["variants"].items(), key=lambda item: _variant_order(item[0]))],
+                [
+                    "variant",
+                    "steps",
+                    "token slots",
+                    "padding",
+                    "attention work (q-k pairs) vs bs 1",
+                    "time s",
+                    "tokens/s",
+                    "vs batch size 1",
+                ],
+                [
+                    [
+                        n,
+                        v["steps"],
+                        v["token_slots"],
+                        f"{100 * v['padding_fraction']:.1f}%",
+                        f"{v['qk_pairs_vs_bs1']:.1f}x",
+                        v["time_s"],
+                        v["tokens_per_s"],
+                        f"{v['speedup_vs_bs1']:.2f}x",
+                    ]
+                    for n, v in sorted(pk["variants"].items(), key=lambda item: _variant_order(item[0]))
+                ],
             ),
             "",
             "Attention work counts the query-key pairs the attention calls span: `b * s^2` per step for a dense `[b, s, s]` "
@@ -331,10 +458,27 @@ def render_cpu_markdown(res: Dict[str, Any]) -> str:
             "by the collator and shared by all layers.",
             "",
             table(
-                ["mask", "bool bytes", "dense gist build s", "packed gist build s", "train step s", "dense share", "packed share"],
-                [[f"[{r['batch'][0]}, {r['batch'][1]}, {r['batch'][1]}]", r["mask_bytes"], r["median_build_s"]["dense_gist"],
-                  r["median_build_s"]["packed_gist"], r["train_step_s"], f"{100 * r['share_of_step']['dense_gist']:.1f}%",
-                  f"{100 * r['share_of_step']['packed_gist']:.1f}%"] for r in mk["sizes"]],
+                [
+                    "mask",
+                    "bool bytes",
+                    "dense gist build s",
+                    "packed gist build s",
+                    "train step s",
+                    "dense share",
+                    "packed share",
+                ],
+                [
+                    [
+                        f"[{r['batch'][0]}, {r['batch'][1]}, {r['batch'][1]}]",
+                        r["mask_bytes"],
+                        r["median_build_s"]["dense_gist"],
+                        r["median_build_s"]["packed_gist"],
+                        r["train_step_s"],
+                        f"{100 * r['share_of_step']['dense_gist']:.1f}%",
+                        f"{100 * r['share_of_step']['packed_gist']:.1f}%",
+                    ]
+                    for r in mk["sizes"]
+                ],
             ),
             "",
         ]
@@ -353,9 +497,12 @@ def _render_inference(inf: Dict[str, Any]) -> List[str]:
         "`compress` then `generate_from_cache`, truncation = `generate(mode='truncate')` (the prompt's last K tokens). "
         "Prefill = from the call to the first decode step (every prefill chunk and the first token); decode = median "
         "time between one-token decode forwards (one whole step each); end-to-end for gist includes `compress`."
-        + (f" At the longest prompt (the cells the decode goals read) the three run {rounds} times, interleaved, and "
-           "each variant's call with the median decode time counts (single calls varied by a third between reruns)."
-           if (rounds := max(c.get("rounds", 1) for c in main["cells"])) > 1 else ""),
+        + (
+            f" At the longest prompt (the cells the decode goals read) the three run {rounds} times, interleaved, and "
+            "each variant's call with the median decode time counts (single calls varied by a third between reruns)."
+            if (rounds := max(c.get("rounds", 1) for c in main["cells"])) > 1
+            else ""
+        ),
         "",
     ]
     for name, sh, why in (
@@ -370,15 +517,49 @@ def _render_inference(inf: Dict[str, Any]) -> List[str]:
             f"KV bytes per token) — {why}",
             "",
             table(
-                ["P", "K", "KV full", "KV gist", "KV trunc", "gist/full (exact)", "== (K+n)/(P+K+n)", "prefill full ms",
-                 "compress ms", "prefill trunc ms", "decode full ms/tok", "decode gist ms/tok", "decode trunc ms/tok",
-                 "full / gist decode", "e2e full ms", "e2e gist ms (incl. compress)", "e2e gist from cache ms", "e2e trunc ms"],
-                [[c["prompt_len"], c["k"], c["full"]["kv_bytes"], c["gist"]["kv_bytes"], c["truncate"]["kv_bytes"],
-                  c["kv_ratio"]["measured"], c["kv_ratio"]["exact"], _ms(c["full"]["prefill_s"]), _ms(c["gist"]["compress_s"]),
-                  _ms(c["truncate"]["prefill_s"]), _ms(c["full"]["decode_s_per_token"]), _ms(c["gist"]["decode_s_per_token"]),
-                  _ms(c["truncate"]["decode_s_per_token"]), f"{c['decode_speedup_gist_vs_full']:.2f}x", _ms(c["full"]["e2e_s"]),
-                  _ms(c["gist"]["e2e_s"]), _ms(c["gist"]["e2e_from_cache_s"]), _ms(c["truncate"]["e2e_s"])]
-                 for c in sh["cells"]],
+                [
+                    "P",
+                    "K",
+                    "KV full",
+                    "KV gist",
+                    "KV trunc",
+                    "gist/full (exact)",
+                    "== (K+n)/(P+K+n)",
+                    "prefill full ms",
+                    "compress ms",
+                    "prefill trunc ms",
+                    "decode full ms/tok",
+                    "decode gist ms/tok",
+                    "decode trunc ms/tok",
+                    "full / gist decode",
+                    "e2e full ms",
+                    "e2e gist ms (incl. compress)",
+                    "e2e gist from cache ms",
+                    "e2e trunc ms",
+                ],
+                [
+                    [
+                        c["prompt_len"],
+                        c["k"],
+                        c["full"]["kv_bytes"],
+                        c["gist"]["kv_bytes"],
+                        c["truncate"]["kv_bytes"],
+                        c["kv_ratio"]["measured"],
+                        c["kv_ratio"]["exact"],
+                        _ms(c["full"]["prefill_s"]),
+                        _ms(c["gist"]["compress_s"]),
+                        _ms(c["truncate"]["prefill_s"]),
+                        _ms(c["full"]["decode_s_per_token"]),
+                        _ms(c["gist"]["decode_s_per_token"]),
+                        _ms(c["truncate"]["decode_s_per_token"]),
+                        f"{c['decode_speedup_gist_vs_full']:.2f}x",
+                        _ms(c["full"]["e2e_s"]),
+                        _ms(c["gist"]["e2e_s"]),
+                        _ms(c["gist"]["e2e_from_cache_s"]),
+                        _ms(c["truncate"]["e2e_s"]),
+                    ]
+                    for c in sh["cells"]
+                ],
             ),
             "",
         ]
@@ -407,17 +588,40 @@ def _render_inference(inf: Dict[str, Any]) -> List[str]:
             f"#### Batched decode: {b['rows']} rows, each with its own {b['prompt_len']}-token prompt, K={b['k']} (`gqa` shape)",
             "",
             table(
-                ["variant", "KV bytes held", "prefill / compress ms", "decode ms/step (all rows)", "full / gist decode"],
-                [["full prompt", b["full"]["kv_bytes"], _ms(b["full"]["prefill_s"]), _ms(b["full"]["decode_s_per_step"]), "1.00x"],
-                 ["gist cache", b["gist"]["kv_bytes"], _ms(b["gist"]["compress_s"]), _ms(b["gist"]["decode_s_per_step"]),
-                  f"{b['decode_speedup_gist_vs_full']:.2f}x"]],
+                [
+                    "variant",
+                    "KV bytes held",
+                    "prefill / compress ms",
+                    "decode ms/step (all rows)",
+                    "full / gist decode",
+                ],
+                [
+                    [
+                        "full prompt",
+                        b["full"]["kv_bytes"],
+                        _ms(b["full"]["prefill_s"]),
+                        _ms(b["full"]["decode_s_per_step"]),
+                        "1.00x",
+                    ],
+                    [
+                        "gist cache",
+                        b["gist"]["kv_bytes"],
+                        _ms(b["gist"]["compress_s"]),
+                        _ms(b["gist"]["decode_s_per_step"]),
+                        f"{b['decode_speedup_gist_vs_full']:.2f}x",
+                    ],
+                ],
             ),
             "",
             "A decode step reads the weights once for all rows, and each row's own prompt KV: with several rows (a server's "
             "usual case) the prompts' KV outweighs the weights and dropping it pays most."
-            + (f" Each side ran {b['rounds']} times, interleaved; the table gives the median call (median steps per call: "
-               f"full {', '.join(_ms(x) for x in b['full']['decode_s_per_step_each_round'])} ms, gist "
-               f"{', '.join(_ms(x) for x in b['gist']['decode_s_per_step_each_round'])} ms)." if "rounds" in b else ""),
+            + (
+                f" Each side ran {b['rounds']} times, interleaved; the table gives the median call (median steps per call: "
+                f"full {', '.join(_ms(x) for x in b['full']['decode_s_per_step_each_round'])} ms, gist "
+                f"{', '.join(_ms(x) for x in b['gist']['decode_s_per_step_each_round'])} ms)."
+                if "rounds" in b
+                else ""
+            ),
             "",
         ]
     if inf["stock"]:
@@ -426,12 +630,34 @@ def _render_inference(inf: Dict[str, Any]) -> List[str]:
             f"`max_seq_len` = {inf['max_seq_len']} slots, `gqa` shape, plain causal)",
             "",
             table(
-                ["P", "cache slots", "KV bytes", "prefill ms", "decode ms/tok", "ours, full prompt: decode ms/tok", "stock / ours"],
-                [[r["prompt_len"], r["cache_slots"], r["kv_bytes"], _ms(r["prefill_s"]), _ms(r["decode_s_per_token"]),
-                  _ms(ours), f"{r['decode_s_per_token'] / ours:.2f}x"]
-                 for r in inf["stock"]
-                 for ours in [next(c["full"]["decode_s_per_token"] for c in main["cells"]
-                                   if c["prompt_len"] == r["prompt_len"] and c["k"] == r["k"])]],
+                [
+                    "P",
+                    "cache slots",
+                    "KV bytes",
+                    "prefill ms",
+                    "decode ms/tok",
+                    "ours, full prompt: decode ms/tok",
+                    "stock / ours",
+                ],
+                [
+                    [
+                        r["prompt_len"],
+                        r["cache_slots"],
+                        r["kv_bytes"],
+                        _ms(r["prefill_s"]),
+                        _ms(r["decode_s_per_token"]),
+                        _ms(ours),
+                        f"{r['decode_s_per_token'] / ours:.2f}x",
+                    ]
+                    for r in inf["stock"]
+                    for ours in [
+                        next(
+                            c["full"]["decode_s_per_token"]
+                            for c in main["cells"]
+                            if c["prompt_len"] == r["prompt_len"] and c["k"] == r["k"]
+                        )
+                    ]
+                ],
             ),
             "",
             "torchtune's cached attention attends over every allocated slot and expands the keys/values of all of them "
@@ -446,8 +672,10 @@ def _render_inference(inf: Dict[str, Any]) -> List[str]:
         "",
         table(
             ["variant", "time s", "inputs/s", "speedup", "KV bytes held (largest call)"],
-            [[n, v["time_s"], v["inputs_per_s"], f"{v['speedup']:.2f}x", v["kv_bytes_held"]]
-             for n, v in ((n, r["variants"][n]) for n in REUSE_VARIANTS)],
+            [
+                [n, v["time_s"], v["inputs_per_s"], f"{v['speedup']:.2f}x", v["kv_bytes_held"]]
+                for n, v in ((n, r["variants"][n]) for n in REUSE_VARIANTS)
+            ],
         ),
         "",
         "![reuse many](reuse_many.png)",
@@ -496,8 +724,25 @@ def _memory_table(cells: List[Dict[str, Any]], baseline: Tuple[str, str], other:
     """The table of :func:`_memory_cells`' cells; ``baseline`` and ``other`` are ``(key, column label)``."""
     (a, la), (b, lb) = baseline, other
     return table(
-        ["P", f"{la}: peak MiB", f"{lb}: peak MiB", f"{la} / {lb} (memory)", f"{la} s", f"{lb} s", f"{la} / {lb} (time)"],
-        [[c["prompt_len"], fmt(c[a]["peak_bytes"] / 2**20), fmt(c[b]["peak_bytes"] / 2**20),
-          f"{c[f'peak_ratio_{a}_vs_{b}']:.2f}x", fmt(c[a]["time_s"]), fmt(c[b]["time_s"]), f"{c[f'time_ratio_{a}_vs_{b}']:.2f}x"]
-         for c in cells],
+        [
+            "P",
+            f"{la}: peak MiB",
+            f"{lb}: peak MiB",
+            f"{la} / {lb} (memory)",
+            f"{la} s",
+            f"{lb} s",
+            f"{la} / {lb} (time)",
+        ],
+        [
+            [
+                c["prompt_len"],
+                fmt(c[a]["peak_bytes"] / 2**20),
+                fmt(c[b]["peak_bytes"] / 2**20),
+                f"{c[f'peak_ratio_{a}_vs_{b}']:.2f}x",
+                fmt(c[a]["time_s"]),
+                fmt(c[b]["time_s"]),
+                f"{c[f'time_ratio_{a}_vs_{b}']:.2f}x",
+            ]
+            for c in cells
+        ],
     )

@@ -40,7 +40,9 @@ def _status_bytes(field: str) -> int:
 
 
 @torch.no_grad()
-def _score_dense(model: torch.nn.Module, prompts: List[List[int]], conts: List[List[int]], scored: int, ids: List[int]) -> List[float]:
+def _score_dense(
+    model: torch.nn.Module, prompts: List[List[int]], conts: List[List[int]], scored: int, ids: List[int]
+) -> List[float]:
     tokens = torch.tensor([p + c for p, c in zip(prompts, conts)])
     at = torch.zeros_like(tokens, dtype=torch.bool)
     at[:, -scored - 1 : -1] = True
@@ -50,12 +52,16 @@ def _score_dense(model: torch.nn.Module, prompts: List[List[int]], conts: List[L
     return F.log_softmax(logits, -1).gather(-1, targets[:, None]).view(len(prompts), scored).sum(-1).tolist()
 
 
-def _call(spec: Dict[str, Any], model: torch.nn.Module, prompts: List[List[int]], conts: List[List[int]], ids: List[int]) -> Callable[[], Any]:
+def _call(
+    spec: Dict[str, Any], model: torch.nn.Module, prompts: List[List[int]], conts: List[List[int]], ids: List[int]
+) -> Callable[[], Any]:
     chunk, scored = spec["chunk_size"], spec.get("scored", 1)
     if spec["op"] == "compress":
         return lambda: compress(model, prompts, gist_token_ids=ids, chunk_size=chunk)
     if spec["op"] == "score":
-        return lambda: score_continuations(model, prompts, conts, [scored] * len(prompts), mode="gist", gist_token_ids=ids, chunk_size=chunk)
+        return lambda: score_continuations(
+            model, prompts, conts, [scored] * len(prompts), mode="gist", gist_token_ids=ids, chunk_size=chunk
+        )
     if spec["op"] == "score_dense":
         return lambda: _score_dense(model, prompts, conts, scored, ids)
     raise ValueError(f"unknown op {spec['op']!r}")

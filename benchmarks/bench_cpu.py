@@ -43,6 +43,19 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from _common import (
+    CPU_JSON,
+    command_line,
+    decode_split,
+    forward_stamps,
+    interleaved,
+    load_average,
+    machine_info,
+    median,
+    render_results,
+    write_json,
+)
+from _cpu_report import REUSE_VARIANTS, evaluate_goals, make_plots
 from torch.nn.attention.flex_attention import BlockMask
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate_sft
 from torchtune.generation import generate as torchtune_generate
@@ -51,19 +64,6 @@ from torchtune.models.llama3_1 import llama3_1
 from torchtune.modules.common_utils import delete_kv_caches
 from tqdm import tqdm
 
-from _common import (
-    CPU_JSON,
-    decode_split,
-    forward_stamps,
-    interleaved,
-    load_average,
-    machine_info,
-    command_line,
-    median,
-    render_results,
-    write_json,
-)
-from _cpu_report import REUSE_VARIANTS, evaluate_goals, make_plots
 from torchtune_gist.data import (
     PackedGistDataset,
     alpaca_plus_dataset,
@@ -75,8 +75,8 @@ from torchtune_gist.generation import DEFAULT_CHUNK_SIZE, compress, generate, ge
 from torchtune_gist.gist_tokens import gist_token_ids
 from torchtune_gist.masks import document_ids_from_lengths, make_gist_mask
 from torchtune_gist.models import gist_llama3_1, lora_gist_llama3_1
-from torchtune_gist.segment_masks import GistSegmentMask
 from torchtune_gist.modules import init_gist_embeddings, set_trainable_params
+from torchtune_gist.segment_masks import GistSegmentMask
 from torchtune_gist.tiny import TINY_LLAMA3_1_ARGS, write_tiny_tokenizer
 from torchtune_gist.training import FLEX_BLOCK_SIZE, masked_loss
 
@@ -103,7 +103,9 @@ QUICK_MHA_SHAPE: Dict[str, int] = {**QUICK_SHAPE, "num_kv_heads": 4}
 class Settings:
     """Sizes of one run (``FULL`` or ``QUICK``)."""
 
-    train_shapes: Tuple[Tuple[str, Dict[str, int], int, Optional[int]], ...]  # name, shape, batch, passkey context (None: Alpaca+)
+    train_shapes: Tuple[
+        Tuple[str, Dict[str, int], int, Optional[int]], ...
+    ]  # name, shape, batch, passkey context (None: Alpaca+)
     demo_shape: Dict[str, int]  # the model of the packing and mask sections
     train_reps: Tuple[int, ...]  # timed steps per variant, per shape
     max_example_len: int
@@ -173,7 +175,10 @@ FULL = Settings(
 )
 
 QUICK = Settings(
-    train_shapes=(("quick (2L, d64, 4/2 heads), Alpaca+", QUICK_SHAPE, 2, None), ("quick, passkey 128", QUICK_SHAPE, 2, 128)),
+    train_shapes=(
+        ("quick (2L, d64, 4/2 heads), Alpaca+", QUICK_SHAPE, 2, None),
+        ("quick, passkey 128", QUICK_SHAPE, 2, 128),
+    ),
     train_reps=(2, 2),
     demo_shape=QUICK_SHAPE,
     max_example_len=256,
@@ -238,8 +243,13 @@ def load_examples(tokenizer: Any, data_dir: Path, n: int, max_len: int, k: int) 
     if (data_dir / "alpaca_plus_validation_seen.json").is_file():
         for max_records in (4 * n + 16, None):  # records longer than max_len are dropped: read a margin first
             ds = alpaca_plus_dataset(
-                tokenizer, data_dir=data_dir, split="validation_seen", num_gist_tokens=k, max_seq_len=max_len,
-                truncation="drop", max_examples=max_records,
+                tokenizer,
+                data_dir=data_dir,
+                split="validation_seen",
+                num_gist_tokens=k,
+                max_seq_len=max_len,
+                truncation="drop",
+                max_examples=max_records,
             )
             if len(ds) >= n:
                 break
@@ -253,7 +263,9 @@ def load_examples(tokenizer: Any, data_dir: Path, n: int, max_len: int, k: int) 
     return [{"tokens": ds[i]["tokens"], "labels": ds[i]["labels"]} for i in range(n)], source
 
 
-def build_train_model(shape: Dict[str, int], k: int, ids: List[int], max_seq_len: int) -> Tuple[torch.nn.Module, torch.optim.Optimizer]:
+def build_train_model(
+    shape: Dict[str, int], k: int, ids: List[int], max_seq_len: int
+) -> Tuple[torch.nn.Module, torch.optim.Optimizer]:
     """The recipe's model (LoRA on q/k/v/output, rank 16, gist rows trainable) and its AdamW."""
     torch.manual_seed(0)
     model = lora_gist_llama3_1(
@@ -289,7 +301,9 @@ def bench_training(s: Settings, tokenizer: Any, data_dir: Path) -> Dict[str, Any
         if context is None:
             examples, source = load_examples(tokenizer, data_dir, batch_size, s.max_example_len, k)
         else:
-            ds = gist_passkey_dataset(tokenizer, num_gist_tokens=k, num_samples=batch_size, context_tokens=context, seed=0)
+            ds = gist_passkey_dataset(
+                tokenizer, num_gist_tokens=k, num_samples=batch_size, context_tokens=context, seed=0
+            )
             examples = [{"tokens": ds[i]["tokens"], "labels": ds[i]["labels"]} for i in range(batch_size)]
             source = f"generated passkey examples, {context}-token contexts"
         model, opt = build_train_model(shape, k, ids, max(s.max_example_len, 2 * (context or 0)))
@@ -297,7 +311,9 @@ def bench_training(s: Settings, tokenizer: Any, data_dir: Path) -> Dict[str, Any
         variants: Dict[str, Callable[[], Any]] = {
             "gist": lambda: train_step(model, opt, gist_collate(examples)),
             "gist_segments": lambda: train_step(model, opt, gist_collate(examples, segment_mask=True)),
-            "causal_none": lambda: train_step(model, opt, padded_collate_sft(examples, padding_idx=pad, ignore_idx=IGNORE)),
+            "causal_none": lambda: train_step(
+                model, opt, padded_collate_sft(examples, padding_idx=pad, ignore_idx=IGNORE)
+            ),
             "causal_dense": lambda: train_step(model, opt, gist_collate(examples, mask_mode="pos_control")),
         }
         probe = gist_collate(examples)
@@ -333,8 +349,14 @@ def bench_training(s: Settings, tokenizer: Any, data_dir: Path) -> Dict[str, Any
 
 
 def packing_plans(
-    examples: List[Dict[str, Any]], ids: List[int], pad: int, *, batch_size: int, row_lens: Sequence[int],
-    segment_row_lens: Sequence[int] = (), block_mask_device: Optional[torch.device] = None,
+    examples: List[Dict[str, Any]],
+    ids: List[int],
+    pad: int,
+    *,
+    batch_size: int,
+    row_lens: Sequence[int],
+    segment_row_lens: Sequence[int] = (),
+    block_mask_device: Optional[torch.device] = None,
 ) -> Tuple[Dict[str, List[Callable[[], Dict[str, Any]]]], Dict[str, Dict[str, Any]]]:
     """Batch size 1, padded batches (data order) and packed rows of each length over the same examples;
     packed rows of ``segment_row_lens`` also with segment masks (``packed_<L>_segments``). With
@@ -350,18 +372,27 @@ def packing_plans(
     """
     blocks = {"block_mask": block_mask_device is not None, "block_mask_device": block_mask_device}
     # As the recipe: BlockMask batches padded to FlexAttention's block size (one compile per multiple of 128).
-    pcollate = partial(padded_gist_collate, gist_token_ids=ids, pad_id=pad, **blocks,
-                       pad_to_multiple_of=FLEX_BLOCK_SIZE if block_mask_device is not None else 1)
+    pcollate = partial(
+        padded_gist_collate,
+        gist_token_ids=ids,
+        pad_id=pad,
+        **blocks,
+        pad_to_multiple_of=FLEX_BLOCK_SIZE if block_mask_device is not None else 1,
+    )
     kcollate = partial(packed_gist_collate, gist_token_ids=ids, pad_id=pad, **blocks)
     plans: Dict[str, List[Callable[[], Dict[str, Any]]]] = {
         "batch_size_1": [partial(pcollate, [ex]) for ex in examples],
-        f"padded_bs{batch_size}": [partial(pcollate, examples[i : i + batch_size]) for i in range(0, len(examples), batch_size)],
+        f"padded_bs{batch_size}": [
+            partial(pcollate, examples[i : i + batch_size]) for i in range(0, len(examples), batch_size)
+        ],
     }
     for row_len in row_lens:
         packed = PackedGistDataset(examples, max_seq_len=row_len, pad_id=pad)
         plans[f"packed_{row_len}"] = [partial(kcollate, [packed[i]]) for i in range(len(packed))]
         if row_len in segment_row_lens:
-            plans[f"packed_{row_len}_segments"] = [partial(kcollate, [packed[i]], segment_mask=True) for i in range(len(packed))]
+            plans[f"packed_{row_len}_segments"] = [
+                partial(kcollate, [packed[i]], segment_mask=True) for i in range(len(packed))
+            ]
     real_total = sum(len(ex["tokens"]) for ex in examples)
     stats: Dict[str, Dict[str, Any]] = {}
     for name, plan in plans.items():
@@ -389,7 +420,9 @@ def _qk_pairs(batch: Dict[str, Any]) -> int:
     if isinstance(mask, GistSegmentMask):
         return sum((end - ka) ** 2 for _, _, ka, end in mask.blocks())
     if isinstance(mask, BlockMask):
-        blocks = mask.kv_num_blocks.sum() + (mask.full_kv_num_blocks.sum() if mask.full_kv_num_blocks is not None else 0)
+        blocks = mask.kv_num_blocks.sum() + (
+            mask.full_kv_num_blocks.sum() if mask.full_kv_num_blocks is not None else 0
+        )
         return int(blocks) * mask.BLOCK_SIZE[0] * mask.BLOCK_SIZE[1]
     b, s = batch["tokens"].shape
     return b * s * s
@@ -432,7 +465,9 @@ def run_plans(
     return times
 
 
-def packing_summary(stats: Dict[str, Dict[str, Any]], times: Dict[str, float], real_total: int) -> Dict[str, Dict[str, Any]]:
+def packing_summary(
+    stats: Dict[str, Dict[str, Any]], times: Dict[str, float], real_total: int
+) -> Dict[str, Dict[str, Any]]:
     """Add time, tokens/s and the ratios to batch size 1 to each variant's numbers (and print them)."""
     base = stats["batch_size_1"]
     for name, st in stats.items():
@@ -513,7 +548,9 @@ def run_cell(
     compress_s = time.perf_counter() - t0
     calls = {
         "full": lambda: generate(model, [prompt], [cont], mode="pos_control", max_new_tokens=new_tokens, pad_id=pad_id),
-        "truncate": lambda: generate(model, [prompt], [cont], mode="truncate", max_new_tokens=new_tokens, pad_id=pad_id),
+        "truncate": lambda: generate(
+            model, [prompt], [cont], mode="truncate", max_new_tokens=new_tokens, pad_id=pad_id
+        ),
         "gist": lambda: generate_from_cache(model, cache, [cont], max_new_tokens=new_tokens, pad_id=pad_id),
     }
     runs: Dict[str, List[Dict[str, Any]]] = {name: [] for name in calls}
@@ -524,14 +561,29 @@ def run_cell(
                 res = call()
                 t2 = time.perf_counter()
             prefill, decode, n_steps = decode_split(stamps, t1)
-            runs[name].append({"kv_bytes": res.kv_bytes, "kv_slots": res.kv_slots, "prefill_s": prefill,
-                               "decode_s_per_token": decode, "decode_intervals": n_steps, "e2e_s": t2 - t1})
+            runs[name].append(
+                {
+                    "kv_bytes": res.kv_bytes,
+                    "kv_slots": res.kv_slots,
+                    "prefill_s": prefill,
+                    "decode_s_per_token": decode,
+                    "decode_intervals": n_steps,
+                    "e2e_s": t2 - t1,
+                }
+            )
     out: Dict[str, Any] = {"rounds": rounds}
     for name, results in runs.items():
-        out[name] = {**sorted(results, key=lambda r: r["decode_s_per_token"])[len(results) // 2],
-                     "decode_s_per_token_each_round": [r["decode_s_per_token"] for r in results]}
+        out[name] = {
+            **sorted(results, key=lambda r: r["decode_s_per_token"])[len(results) // 2],
+            "decode_s_per_token_each_round": [r["decode_s_per_token"] for r in results],
+        }
     gist = out["gist"]
-    gist.update(cache_bytes=cache.nbytes, compress_s=compress_s, e2e_from_cache_s=gist["e2e_s"], e2e_s=compress_s + gist["e2e_s"])
+    gist.update(
+        cache_bytes=cache.nbytes,
+        compress_s=compress_s,
+        e2e_from_cache_s=gist["e2e_s"],
+        e2e_s=compress_s + gist["e2e_s"],
+    )
     p, n = len(prompt) - k, len(cont) + new_tokens - 1
     measured = Fraction(out["gist"]["kv_bytes"], out["full"]["kv_bytes"])
     expected = Fraction(k + n, p + k + n)
@@ -546,9 +598,7 @@ def run_cell(
     return out
 
 
-def inference_grid(
-    name: str, shape: Dict[str, int], s: Settings, ks: Sequence[int], pad_id: int
-) -> Dict[str, Any]:
+def inference_grid(name: str, shape: Dict[str, int], s: Settings, ks: Sequence[int], pad_id: int) -> Dict[str, Any]:
     """Run :func:`run_cell` for every prompt length and K on one model shape."""
     models = GistModels(shape, s.infer_max_seq_len)
     gen = torch.Generator().manual_seed(1)
@@ -561,8 +611,11 @@ def inference_grid(
             for p in s.prompt_lens:
                 prompt, cont = _rand_ids(p, gen) + list(ids), _rand_ids(s.cont_len, gen)
                 rounds = s.decode_rounds if p == max(s.prompt_lens) else 1  # the cells the decode goals read
-                cell = {"prompt_len": p, "k": k,
-                        **run_cell(model, prompt, cont, k=k, new_tokens=s.new_tokens, pad_id=pad_id, rounds=rounds)}
+                cell = {
+                    "prompt_len": p,
+                    "k": k,
+                    **run_cell(model, prompt, cont, k=k, new_tokens=s.new_tokens, pad_id=pad_id, rounds=rounds),
+                }
                 r = cell["kv_ratio"]
                 tqdm.write(
                     f"[{name}] P={p:5d} K={k:2d}: KV gist/full = {cell['gist']['kv_bytes']}/{cell['full']['kv_bytes']} = "
@@ -598,9 +651,7 @@ def stock_decode(shape: Dict[str, int], s: Settings, k: int, pad_id: int) -> Lis
     for p in tqdm(s.stock_prompt_lens, desc="torchtune stock decode", file=sys.stderr):
         prompt = torch.tensor([_rand_ids(p, gen) + ids + _rand_ids(s.cont_len, gen)])
         model.setup_caches(batch_size=1, dtype=torch.float32, decoder_max_seq_len=s.infer_max_seq_len)
-        kv_bytes = sum(
-            l.attn.kv_cache.k_cache.numel() * 4 + l.attn.kv_cache.v_cache.numel() * 4 for l in model.layers
-        )
+        kv_bytes = sum(l.attn.kv_cache.k_cache.numel() * 4 + l.attn.kv_cache.v_cache.numel() * 4 for l in model.layers)
         with forward_stamps(model) as stamps:
             t0 = time.perf_counter()
             torchtune_generate(model, prompt, max_generated_tokens=s.new_tokens, pad_id=pad_id, temperature=0.0)
@@ -652,7 +703,11 @@ def reuse_many(shape: Dict[str, int], s: Settings, pad_id: int) -> Dict[str, Any
         "new_tokens": s.new_tokens,
         "variants": {},
     }
-    fns = {"recompute_full_prompt": recompute, "compress_once_reuse_sequential": reuse_sequential, "compress_once_reuse_batched": reuse_batched}
+    fns = {
+        "recompute_full_prompt": recompute,
+        "compress_once_reuse_sequential": reuse_sequential,
+        "compress_once_reuse_batched": reuse_batched,
+    }
     for fn in fns.values():  # a warm-up on one input each: first-call costs land on no variant
         fn(conts[:1])
     for name in tqdm(REUSE_VARIANTS, desc="reuse many", file=sys.stderr):
@@ -664,7 +719,10 @@ def reuse_many(shape: Dict[str, int], s: Settings, pad_id: int) -> Dict[str, Any
     base = out["variants"]["recompute_full_prompt"]["inputs_per_s"]
     for name, v in out["variants"].items():
         v["speedup"] = v["inputs_per_s"] / base
-        print(f"reuse: {name}: {v['inputs_per_s']:.2f} inputs/s ({v['speedup']:.2f}x), KV held {v['kv_bytes_held']} bytes", flush=True)
+        print(
+            f"reuse: {name}: {v['inputs_per_s']:.2f} inputs/s ({v['speedup']:.2f}x), KV held {v['kv_bytes_held']} bytes",
+            flush=True,
+        )
     return out
 
 
@@ -688,8 +746,10 @@ def batched_decode(shape: Dict[str, int], s: Settings, k: int, pad_id: int) -> D
     runs: Dict[str, List[Tuple[float, float]]] = {"full": [], "gist": []}
     kv_bytes: Dict[str, int] = {}
     for _ in range(s.decode_rounds):
-        for name, call in (("full", lambda: generate(model, prompts, conts, mode="pos_control", **gen_kwargs)),
-                           ("gist", lambda: generate_from_cache(model, cache, conts, **gen_kwargs))):
+        for name, call in (
+            ("full", lambda: generate(model, prompts, conts, mode="pos_control", **gen_kwargs)),
+            ("gist", lambda: generate_from_cache(model, cache, conts, **gen_kwargs)),
+        ):
             with forward_stamps(model) as stamps:
                 t0 = time.perf_counter()
                 result = call()
@@ -699,11 +759,22 @@ def batched_decode(shape: Dict[str, int], s: Settings, k: int, pad_id: int) -> D
     full_decode, full_prefill = sorted(runs["full"])[len(runs["full"]) // 2]
     gist_decode = sorted(runs["gist"])[len(runs["gist"]) // 2][0]
     out = {
-        "rows": s.batched_rows, "prompt_len": p, "k": k, "rounds": s.decode_rounds,
-        "full": {"kv_bytes": kv_bytes["full"], "prefill_s": full_prefill, "decode_s_per_step": full_decode,
-                 "decode_s_per_step_each_round": [r[0] for r in runs["full"]]},
-        "gist": {"kv_bytes": kv_bytes["gist"], "compress_s": compress_s, "decode_s_per_step": gist_decode,
-                 "decode_s_per_step_each_round": [r[0] for r in runs["gist"]]},
+        "rows": s.batched_rows,
+        "prompt_len": p,
+        "k": k,
+        "rounds": s.decode_rounds,
+        "full": {
+            "kv_bytes": kv_bytes["full"],
+            "prefill_s": full_prefill,
+            "decode_s_per_step": full_decode,
+            "decode_s_per_step_each_round": [r[0] for r in runs["full"]],
+        },
+        "gist": {
+            "kv_bytes": kv_bytes["gist"],
+            "compress_s": compress_s,
+            "decode_s_per_step": gist_decode,
+            "decode_s_per_step_each_round": [r[0] for r in runs["gist"]],
+        },
         "decode_speedup_gist_vs_full": full_decode / gist_decode,
     }
     print(
@@ -717,8 +788,12 @@ def batched_decode(shape: Dict[str, int], s: Settings, k: int, pad_id: int) -> D
 
 def _peak_memory(spec: Dict[str, Any]) -> Dict[str, Any]:
     """``benchmarks/_peak_memory.py``'s measurement of one call, in a fresh process."""
-    proc = subprocess.run([sys.executable, str(BENCH_DIR / "_peak_memory.py"), json.dumps(spec)],
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [sys.executable, str(BENCH_DIR / "_peak_memory.py"), json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"_peak_memory.py failed for {spec}:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -733,19 +808,32 @@ def _memory_cells(what: str, s: Settings, specs: Callable[[int], Dict[str, Dict[
         cell: Dict[str, Any] = {"prompt_len": p, a: _peak_memory(spec_a), b: _peak_memory(spec_b)}
         cell[f"peak_ratio_{a}_vs_{b}"] = cell[a]["peak_bytes"] / max(cell[b]["peak_bytes"], 1)
         cell[f"time_ratio_{a}_vs_{b}"] = cell[a]["time_s"] / cell[b]["time_s"]
-        print(f"  {what}, {s.memory_rows} rows of P={p}: " + ", ".join(
-            f"{n} {cell[n]['peak_bytes'] / 2**20:.0f} MiB {cell[n]['time_s']:.2f} s" for n in (a, b)), flush=True)
+        print(
+            f"  {what}, {s.memory_rows} rows of P={p}: "
+            + ", ".join(f"{n} {cell[n]['peak_bytes'] / 2**20:.0f} MiB {cell[n]['time_s']:.2f} s" for n in (a, b)),
+            flush=True,
+        )
         cells.append(cell)
     return cells
 
 
 def compress_memory(shape: Dict[str, int], s: Settings, k: int, threads: int) -> Dict[str, Any]:
     """Peak memory and time of ``compress`` in one pass vs in chunks, each call in a fresh process."""
-    base = {"op": "compress", "arch": _arch(shape, s.infer_max_seq_len), "rows": s.memory_rows, "k": k, "threads": threads}
-    cells = _memory_cells("compress", s, lambda p: {
-        "one_pass": {**base, "prompt_len": p, "chunk_size": p + k},
-        "chunked": {**base, "prompt_len": p, "chunk_size": s.memory_chunk_size},
-    })
+    base = {
+        "op": "compress",
+        "arch": _arch(shape, s.infer_max_seq_len),
+        "rows": s.memory_rows,
+        "k": k,
+        "threads": threads,
+    }
+    cells = _memory_cells(
+        "compress",
+        s,
+        lambda p: {
+            "one_pass": {**base, "prompt_len": p, "chunk_size": p + k},
+            "chunked": {**base, "prompt_len": p, "chunk_size": s.memory_chunk_size},
+        },
+    )
     return {"shape": shape, "rows_per_call": s.memory_rows, "k": k, "chunk_size": s.memory_chunk_size, "cells": cells}
 
 
@@ -754,14 +842,32 @@ def score_memory(shape: Dict[str, int], s: Settings, k: int, threads: int) -> Di
     prompt compressed, the continuation read after the K entries, in chunks) vs one full-sequence forward under the
     dense gist mask (the scoring it replaced), each call in a fresh process."""
     cont_len, scored = 2 * s.cont_len, s.cont_len  # an input of cont_len / 2 tokens, then the scored answer
-    base = {"arch": _arch(shape, s.infer_max_seq_len), "rows": s.memory_rows, "k": k, "chunk_size": s.memory_chunk_size,
-            "cont_len": cont_len, "scored": scored, "threads": threads}
-    cells = _memory_cells("score", s, lambda p: {
-        "dense": {**base, "op": "score_dense", "prompt_len": p},
-        "stores": {**base, "op": "score", "prompt_len": p},
-    })
-    return {"shape": shape, "rows_per_call": s.memory_rows, "k": k, "chunk_size": s.memory_chunk_size,
-            "cont_len": cont_len, "scored": scored, "cells": cells}
+    base = {
+        "arch": _arch(shape, s.infer_max_seq_len),
+        "rows": s.memory_rows,
+        "k": k,
+        "chunk_size": s.memory_chunk_size,
+        "cont_len": cont_len,
+        "scored": scored,
+        "threads": threads,
+    }
+    cells = _memory_cells(
+        "score",
+        s,
+        lambda p: {
+            "dense": {**base, "op": "score_dense", "prompt_len": p},
+            "stores": {**base, "op": "score", "prompt_len": p},
+        },
+    )
+    return {
+        "shape": shape,
+        "rows_per_call": s.memory_rows,
+        "k": k,
+        "chunk_size": s.memory_chunk_size,
+        "cont_len": cont_len,
+        "scored": scored,
+        "cells": cells,
+    }
 
 
 def bench_inference(s: Settings, tokenizer: Any, threads: int) -> Dict[str, Any]:
@@ -777,8 +883,14 @@ def bench_inference(s: Settings, tokenizer: Any, threads: int) -> Dict[str, Any]
     memory = compress_memory(s.infer_shape, s, s.attn_k, threads)
     scoring = score_memory(s.infer_shape, s, s.attn_k, threads)
     return {
-        "max_seq_len": s.infer_max_seq_len, "batch_size": 1, "shapes": {"gqa": main, "mha": attn}, "stock": stock,
-        "reuse": reuse, "batched": batched, "compress_memory": memory, "score_memory": scoring,
+        "max_seq_len": s.infer_max_seq_len,
+        "batch_size": 1,
+        "shapes": {"gqa": main, "mha": attn},
+        "stock": stock,
+        "reuse": reuse,
+        "batched": batched,
+        "compress_memory": memory,
+        "score_memory": scoring,
     }
 
 
@@ -786,7 +898,9 @@ def bench_inference(s: Settings, tokenizer: Any, threads: int) -> Dict[str, Any]
 # Masks
 
 
-def _packed_rows(b: int, s: int, doc_len: int, ids: List[int], gen: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+def _packed_rows(
+    b: int, s: int, doc_len: int, ids: List[int], gen: torch.Generator
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """``b`` rows of ``s`` tokens packed with documents of ``doc_len`` tokens, each with its gist span a third in."""
     lens = [doc_len] * (s // doc_len) + ([s % doc_len] if s % doc_len else [])
     tokens = torch.randint(0, 256, (b, s), generator=gen)
@@ -817,7 +931,12 @@ def bench_masks(s: Settings, tokenizer: Any) -> Dict[str, Any]:
         }
         times = interleaved(builds, reps=s.mask_reps, warmup=1)
         labels = packed.clone()
-        batch = {"tokens": packed, "labels": labels, "mask": builds["packed_gist"](), "input_pos": torch.arange(seq).expand(b, seq)}
+        batch = {
+            "tokens": packed,
+            "labels": labels,
+            "mask": builds["packed_gist"](),
+            "input_pos": torch.arange(seq).expand(b, seq),
+        }
         t0 = time.perf_counter()
         train_step(model, opt, batch)
         step = time.perf_counter() - t0
@@ -850,13 +969,34 @@ THREADS_NOTE = (
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Run the CPU benchmarks, write results_cpu.json, the PNG plots and RESULTS.md."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds), for the smoke test; writes to outputs/bench_quick by default")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: benchmarks/, or outputs/bench_quick with --quick)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny sizes (seconds), for the smoke test; writes to outputs/bench_quick by default",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default: benchmarks/, or outputs/bench_quick with --quick)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1, see RESULTS.md)")
-    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help=f"Alpaca+ folder (default {DEFAULT_DATA_DIR})")
-    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections to run (default all: {','.join(SECTIONS)})")
-    parser.add_argument("--render-only", action="store_true", help="measure nothing: redo goals, plots and RESULTS.md from --out's results_cpu.json")
+    parser.add_argument(
+        "--data-dir", type=Path, default=DEFAULT_DATA_DIR, help=f"Alpaca+ folder (default {DEFAULT_DATA_DIR})"
+    )
+    parser.add_argument(
+        "--only",
+        default=",".join(SECTIONS),
+        help=f"comma-separated sections to run (default all: {','.join(SECTIONS)})",
+    )
+    parser.add_argument(
+        "--render-only",
+        action="store_true",
+        help="measure nothing: redo goals, plots and RESULTS.md from --out's results_cpu.json",
+    )
     args = parser.parse_args(argv)
     only = [x.strip() for x in args.only.split(",") if x.strip()]
     unknown = sorted(set(only) - set(SECTIONS))

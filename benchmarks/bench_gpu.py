@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-
 from _common import (
     GPU_JSON,
     command_line,
@@ -60,18 +59,41 @@ SECTIONS = ("attention", "packing", "memory", "decode")
 
 #: torchtune's ``llama3_1_8b`` shape.
 LLAMA3_1_8B_ARGS: Dict[str, Any] = dict(
-    vocab_size=128_256, num_layers=32, num_heads=32, num_kv_heads=8, embed_dim=4096, max_seq_len=131072,
-    intermediate_dim=14336, attn_dropout=0.0, norm_eps=1e-5, rope_base=500_000,
+    vocab_size=128_256,
+    num_layers=32,
+    num_heads=32,
+    num_kv_heads=8,
+    embed_dim=4096,
+    max_seq_len=131072,
+    intermediate_dim=14336,
+    attn_dropout=0.0,
+    norm_eps=1e-5,
+    rope_base=500_000,
 )
 #: ``--tiny``: a shape NF4 can quantise (every weight a multiple of 64 * 256 values), to check the script anywhere.
 TINY_ARGS: Dict[str, Any] = dict(
-    vocab_size=512, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=256, max_seq_len=4096,
-    intermediate_dim=512, attn_dropout=0.0, norm_eps=1e-5, rope_base=500_000,
+    vocab_size=512,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    embed_dim=256,
+    max_seq_len=4096,
+    intermediate_dim=512,
+    attn_dropout=0.0,
+    norm_eps=1e-5,
+    rope_base=500_000,
 )
 #: ``--tiny``: smaller defaults for the options left unset, so the check takes about a minute on a CPU.
 TINY_DEFAULTS: Dict[str, Any] = dict(
-    train_shapes=[[1, 512], [1, 1024]], reps=2, pack_examples=16, pack_row_lens=[1024, 2048],
-    qlora_shapes=[[1, 512]], passkey_context=1000, prompt_lens=[256, 1024], decode_batch=[1, 2], new_tokens=8,
+    train_shapes=[[1, 512], [1, 1024]],
+    reps=2,
+    pack_examples=16,
+    pack_row_lens=[1024, 2048],
+    qlora_shapes=[[1, 512]],
+    passkey_context=1000,
+    prompt_lens=[256, 1024],
+    decode_batch=[1, 2],
+    new_tokens=8,
 )
 #: The configs whose model and loss the memory section builds (torchtune's stock one: :func:`stock_qlora_config`).
 GIST_QLORA_CONFIG = REPO / "configs" / "llama3_1" / "8B_gist_qlora_single_device.yaml"
@@ -101,25 +123,71 @@ def _parse_ints(text: str) -> List[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dry-run", action="store_true", help="print the plan and whether a CUDA GPU is present; measure nothing")
-    p.add_argument("--tiny", action="store_true", help="tiny model and shapes on any device (checks the script in about a minute; writes to outputs/bench_gpu_tiny)")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/, or outputs/bench_gpu_tiny with --tiny)")
-    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections, run in this order (default all: {','.join(SECTIONS)})")
-    p.add_argument("--layers", type=int, default=32, help="decoder layers of the 8B-shaped stack for attention/decode (default 32, the full depth)")
-    p.add_argument("--train-shapes", type=_parse_shapes, default=[[1, 2048], [1, 8192]], help="BATCHxSEQ of the attention section (default 1x2048,1x8192)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the plan and whether a CUDA GPU is present; measure nothing"
+    )
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="tiny model and shapes on any device (checks the script in about a minute; writes to outputs/bench_gpu_tiny)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default benchmarks/, or outputs/bench_gpu_tiny with --tiny)",
+    )
+    p.add_argument(
+        "--only",
+        default=",".join(SECTIONS),
+        help=f"comma-separated sections, run in this order (default all: {','.join(SECTIONS)})",
+    )
+    p.add_argument(
+        "--layers",
+        type=int,
+        default=32,
+        help="decoder layers of the 8B-shaped stack for attention/decode (default 32, the full depth)",
+    )
+    p.add_argument(
+        "--train-shapes",
+        type=_parse_shapes,
+        default=[[1, 2048], [1, 8192]],
+        help="BATCHxSEQ of the attention section (default 1x2048,1x8192)",
+    )
     p.add_argument("--doc-len", type=int, default=256, help="document length of the packed rows (default 256)")
     p.add_argument("--k", type=int, default=10, help="gist tokens in the attention and decode sections (default 10)")
     p.add_argument("--reps", type=int, default=10, help="timed steps per variant (default 10)")
     p.add_argument("--pack-examples", type=int, default=64, help="Alpaca+ examples in the packing section (default 64)")
-    p.add_argument("--pack-row-lens", type=_parse_ints, default=[2048, 4096], help="packed row lengths (default 2048,4096)")
-    p.add_argument("--qlora-shapes", type=_parse_shapes, default=[[1, 2048], [4, 512]], help="BATCHxSEQ of the memory section (default 1x2048,4x512)")
+    p.add_argument(
+        "--pack-row-lens", type=_parse_ints, default=[2048, 4096], help="packed row lengths (default 2048,4096)"
+    )
+    p.add_argument(
+        "--qlora-shapes",
+        type=_parse_shapes,
+        default=[[1, 2048], [4, 512]],
+        help="BATCHxSEQ of the memory section (default 1x2048,4x512)",
+    )
     p.add_argument("--passkey-context", type=int, default=3000, help="passkey context tokens (default 3000)")
-    p.add_argument("--passkey-k", type=int, default=16, help="gist tokens of the passkey batch (default 16, the passkey config's)")
-    p.add_argument("--prompt-lens", type=_parse_ints, default=[1024, 4096, 16384], help="decode prompt lengths (default 1024,4096,16384)")
+    p.add_argument(
+        "--passkey-k", type=int, default=16, help="gist tokens of the passkey batch (default 16, the passkey config's)"
+    )
+    p.add_argument(
+        "--prompt-lens",
+        type=_parse_ints,
+        default=[1024, 4096, 16384],
+        help="decode prompt lengths (default 1024,4096,16384)",
+    )
     p.add_argument("--decode-batch", type=_parse_ints, default=[1, 8], help="decode batch sizes (default 1,8)")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per decode measurement (default 32)")
-    p.add_argument("--stock-cache-len", type=int, default=None, help="slots of torchtune's stock KV cache (default: the model's max_seq_len)")
+    p.add_argument(
+        "--stock-cache-len",
+        type=int,
+        default=None,
+        help="slots of torchtune's stock KV cache (default: the model's max_seq_len)",
+    )
     return p
 
 
@@ -186,7 +254,9 @@ def _example_tokens(b: int, s: int, k: int, vocab: int, *, doc_len: Optional[int
     return tokens, labels, document_ids_from_lengths([lens] * b, s)
 
 
-def bench_attention(args: argparse.Namespace, device: torch.device, save: Callable[[Dict[str, Any]], None]) -> Dict[str, Any]:
+def bench_attention(
+    args: argparse.Namespace, device: torch.device, save: Callable[[Dict[str, Any]], None]
+) -> Dict[str, Any]:
     """bf16 LoRA training steps: gist BlockMask vs dense gist SDPA vs mask=None vs causal BlockMask."""
     from torchtune import training
     from torchtune.utils._import_guard import _SUPPORTS_FLEX_ATTENTION
@@ -205,12 +275,18 @@ def bench_attention(args: argparse.Namespace, device: torch.device, save: Callab
         )
     params = set_trainable_params(model)
     opt = torch.optim.AdamW(params.values(), lr=1e-5, fused=device.type == "cuda")
-    loss_fn = torch.nn.CrossEntropyLoss(ignore_index=-100)  # the 8B configs' loss: projections at labelled positions only
+    loss_fn = torch.nn.CrossEntropyLoss(
+        ignore_index=-100
+    )  # the 8B configs' loss: projections at labelled positions only
     ids = _gist_ids(arch["vocab_size"], k)
     gen = torch.Generator().manual_seed(0)
     out: Dict[str, Any] = {
-        "arch": arch, "dtype": str(dtype), "k": k, "flex_available": bool(_SUPPORTS_FLEX_ATTENTION),
-        "params": sum(p.numel() for p in model.parameters()), "rows": [],
+        "arch": arch,
+        "dtype": str(dtype),
+        "k": k,
+        "flex_available": bool(_SUPPORTS_FLEX_ATTENTION),
+        "params": sum(p.numel() for p in model.parameters()),
+        "rows": [],
     }
 
     def step(batch: Dict[str, Any]) -> None:
@@ -229,14 +305,21 @@ def bench_attention(args: argparse.Namespace, device: torch.device, save: Callab
             base = {"tokens": tokens, "labels": labels}
             makers: Dict[str, Callable[[], Dict[str, Any]]] = {
                 "causal_none": lambda: dict(base),
-                "gist_dense_sdpa": lambda: {**base, "input_pos": input_pos, "mask": make_gist_mask(tokens, ids, document_ids=docs)},
+                "gist_dense_sdpa": lambda: {
+                    **base,
+                    "input_pos": input_pos,
+                    "mask": make_gist_mask(tokens, ids, document_ids=docs),
+                },
             }
             if _SUPPORTS_FLEX_ATTENTION:
                 makers["gist_block_mask"] = lambda: {
-                    **base, "input_pos": input_pos, "mask": make_gist_block_mask(tokens, ids, document_ids=docs)
+                    **base,
+                    "input_pos": input_pos,
+                    "mask": make_gist_block_mask(tokens, ids, document_ids=docs),
                 }
                 makers["causal_block_mask"] = lambda: {
-                    **base, "input_pos": input_pos,
+                    **base,
+                    "input_pos": input_pos,
                     "mask": make_gist_block_mask(tokens, ids, document_ids=docs, mode="pos_control"),
                 }
             row: Dict[str, Any] = {"batch": [b, s], "layout": layout, "variants": {}}
@@ -279,25 +362,37 @@ def bench_attention(args: argparse.Namespace, device: torch.device, save: Callab
                     v["error"] = failed[name]
                     continue
                 t = median(times[name])
-                v.update(step_s=times[name], median_step_s=t, median_mask_s=median(mask_s[name]),
-                         tokens_per_s=b * s / t, peak_gib=peaks.get(name))
+                v.update(
+                    step_s=times[name],
+                    median_step_s=t,
+                    median_mask_s=median(mask_s[name]),
+                    tokens_per_s=b * s / t,
+                    peak_gib=peaks.get(name),
+                )
                 if base_t is not None:
                     v["vs_causal_none"] = base_t / t
-            print(f"[attention] {b}x{s} {layout}: " + ", ".join(
-                f"{n} {v.get('tokens_per_s', 0):.0f} tok/s" if "error" not in v else f"{n} {v['error']}"
-                for n, v in row["variants"].items()), flush=True)
+            print(
+                f"[attention] {b}x{s} {layout}: "
+                + ", ".join(
+                    f"{n} {v.get('tokens_per_s', 0):.0f} tok/s" if "error" not in v else f"{n} {v['error']}"
+                    for n, v in row["variants"].items()
+                ),
+                flush=True,
+            )
             out["rows"].append(row)
             save(out)
             _free(device)
     return out
 
 
-def bench_packing(args: argparse.Namespace, device: torch.device, save: Callable[[Dict[str, Any]], None]) -> Dict[str, Any]:
+def bench_packing(
+    args: argparse.Namespace, device: torch.device, save: Callable[[Dict[str, Any]], None]
+) -> Dict[str, Any]:
     """Batch size 1 vs padded vs packed rows (BlockMasks on CUDA) on the 8B-shaped LoRA stack, same examples."""
+    from bench_cpu import DEFAULT_DATA_DIR, load_examples, packing_plans, packing_summary, run_plans
     from torchtune import training, utils
     from torchtune.models.llama3 import llama3_tokenizer
 
-    from bench_cpu import DEFAULT_DATA_DIR, load_examples, packing_plans, packing_summary, run_plans
     from torchtune_gist.models import lora_gist_llama3_1
     from torchtune_gist.modules import set_trainable_params
     from torchtune_gist.tiny import write_tiny_tokenizer
@@ -315,10 +410,14 @@ def bench_packing(args: argparse.Namespace, device: torch.device, save: Callable
     ids, pad = _gist_ids(arch["vocab_size"], k), tok.pad_id + shift
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     with training.set_default_dtype(dtype), device:
-        model = lora_gist_llama3_1(["q_proj", "k_proj", "v_proj", "output_proj"], **arch, lora_rank=16, lora_alpha=32, num_gist_tokens=k)
+        model = lora_gist_llama3_1(
+            ["q_proj", "k_proj", "v_proj", "output_proj"], **arch, lora_rank=16, lora_alpha=32, num_gist_tokens=k
+        )
     params = set_trainable_params(model)
     opt = torch.optim.AdamW(params.values(), lr=1e-5, fused=device.type == "cuda")
-    loss_fn = torch.nn.CrossEntropyLoss(ignore_index=-100)  # the 8B configs' loss: projections at labelled positions only
+    loss_fn = torch.nn.CrossEntropyLoss(
+        ignore_index=-100
+    )  # the 8B configs' loss: projections at labelled positions only
 
     def step(batch: Dict[str, Any]) -> None:
         utils.batch_to_device(batch, device)
@@ -328,12 +427,25 @@ def bench_packing(args: argparse.Namespace, device: torch.device, save: Callable
         opt.zero_grad(set_to_none=True)
         _sync(device)
 
-    plans, stats = packing_plans(examples, ids, pad, batch_size=8, row_lens=args.pack_row_lens,
-                                  block_mask_device=device if device.type == "cuda" else None)
+    plans, stats = packing_plans(
+        examples,
+        ids,
+        pad,
+        batch_size=8,
+        row_lens=args.pack_row_lens,
+        block_mask_device=device if device.type == "cuda" else None,
+    )
     times = run_plans(plans, step, rounds=4, desc="packing", warm_every_shape=True)  # compiles stay out of the timings
     real_total = sum(len(ex["tokens"]) for ex in examples)
-    return {"data": source, "examples": len(examples), "real_tokens": real_total, "arch": arch, "dtype": str(dtype),
-            "block_mask": device.type == "cuda", "variants": packing_summary(stats, times, real_total)}
+    return {
+        "data": source,
+        "examples": len(examples),
+        "real_tokens": real_total,
+        "arch": arch,
+        "dtype": str(dtype),
+        "block_mask": device.type == "cuda",
+        "variants": packing_summary(stats, times, real_total),
+    }
 
 
 def _passkey_batches(args: argparse.Namespace, device: torch.device) -> Tuple[Dict[str, Any], Dict[str, Any]]:
@@ -354,19 +466,31 @@ def _passkey_batches(args: argparse.Namespace, device: torch.device) -> Tuple[Di
     shift = 0 if args.tiny else _TINY_TO_LLAMA3  # specials (BOS, EOS, gists) keep their Llama 3 roles
     remap = lambda seq: [t + shift if t >= 256 else t for t in seq]  # noqa: E731
     ids = _gist_ids(_arch(args)["vocab_size"], k)
-    collate = partial(padded_gist_collate, [{"tokens": remap(ex["tokens"]), "labels": remap(ex["labels"])}],
-                      gist_token_ids=ids, pad_id=tok.pad_id + shift)
+    collate = partial(
+        padded_gist_collate,
+        [{"tokens": remap(ex["tokens"]), "labels": remap(ex["labels"])}],
+        gist_token_ids=ids,
+        pad_id=tok.pad_id + shift,
+    )
     blocks = device.type == "cuda"
-    gist = collate(block_mask=blocks, block_mask_device=device,
-                   pad_to_multiple_of=FLEX_BLOCK_SIZE if blocks else 1)  # as the recipe pads BlockMask batches
+    gist = collate(
+        block_mask=blocks, block_mask_device=device, pad_to_multiple_of=FLEX_BLOCK_SIZE if blocks else 1
+    )  # as the recipe pads BlockMask batches
     stock = collate()
     stock = {"tokens": stock["tokens"], "labels": stock["labels"]}
     to_device = lambda batch: {k_: (v.to(device) if isinstance(v, torch.Tensor) else v) for k_, v in batch.items()}  # noqa: E731
     return to_device(gist), to_device(stock)
 
 
-def _qlora_peak(builder: Callable[[], torch.nn.Module], make_batch: Callable[[], Dict[str, Any]], device: torch.device,
-                *, gist: bool, loss_fn: torch.nn.Module, steps: int = 3) -> Dict[str, Any]:
+def _qlora_peak(
+    builder: Callable[[], torch.nn.Module],
+    make_batch: Callable[[], Dict[str, Any]],
+    device: torch.device,
+    *,
+    gist: bool,
+    loss_fn: torch.nn.Module,
+    steps: int = 3,
+) -> Dict[str, Any]:
     """Peak memory and step time of a QLoRA model (built by ``builder``) over ``steps`` optimizer steps."""
     from torchtune import modules, training
     from torchtune.modules.peft import get_adapter_params, set_trainable_params
@@ -404,8 +528,14 @@ def _qlora_peak(builder: Callable[[], torch.nn.Module], make_batch: Callable[[],
             opt.zero_grad(set_to_none=True)
             _sync(device)
             times.append(time.perf_counter() - t1)
-        result = {"model_gib": model_gib, "peak_gib": _peak_gib(device), "peak_reserved_gib": _peak_reserved_gib(device),
-                  "build_s": build_s, "step_s": times, "median_step_s": median(times[1:] or times)}
+        result = {
+            "model_gib": model_gib,
+            "peak_gib": _peak_gib(device),
+            "peak_reserved_gib": _peak_reserved_gib(device),
+            "build_s": build_s,
+            "step_s": times,
+            "median_step_s": median(times[1:] or times),
+        }
     except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
         if not _is_oom(err):
             raise
@@ -416,22 +546,34 @@ def _qlora_peak(builder: Callable[[], torch.nn.Module], make_batch: Callable[[],
 
 
 def _print_memory_row(row: Dict[str, Any]) -> None:
-    items = [f"{n}: peak {v['peak_gib']} GiB" if "peak_gib" in v else f"{n}: {v['error']}" for n, v in row.items() if isinstance(v, dict)]
+    items = [
+        f"{n}: peak {v['peak_gib']} GiB" if "peak_gib" in v else f"{n}: {v['error']}"
+        for n, v in row.items()
+        if isinstance(v, dict)
+    ]
     print(f"[memory] {row['batch'][0]}x{row['batch'][1]}: " + "; ".join(items), flush=True)
 
 
-def _model_and_loss(path: Path, tiny: bool, **model_overrides: Any) -> Tuple[Callable[[], torch.nn.Module], torch.nn.Module, Dict[str, Any]]:
+def _model_and_loss(
+    path: Path, tiny: bool, **model_overrides: Any
+) -> Tuple[Callable[[], torch.nn.Module], torch.nn.Module, Dict[str, Any]]:
     """A config's model builder (its LoRA settings; ``tiny``: on the tiny shape) and loss, and the LoRA settings."""
     from omegaconf import OmegaConf
     from torchtune import config as tt_config
     from torchtune.config._utils import _get_component_from_path
 
     cfg = OmegaConf.load(path)
-    kwargs = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=False).items() if k not in ("_component_", "num_gist_tokens")}
+    kwargs = {
+        k: v
+        for k, v in OmegaConf.to_container(cfg.model, resolve=False).items()
+        if k not in ("_component_", "num_gist_tokens")
+    }
     kwargs.update(model_overrides)
     component = str(cfg.model._component_)
     if tiny:  # the same family's generic builder on the tiny shape (8B -> TINY_ARGS), NF4 as the config
-        generic = component.replace("qlora_gist_llama3_1_8b", "lora_gist_llama3_1").replace("qlora_llama3_1_8b", "lora_llama3_1")
+        generic = component.replace("qlora_gist_llama3_1_8b", "lora_gist_llama3_1").replace(
+            "qlora_llama3_1_8b", "lora_llama3_1"
+        )
         builder = partial(_get_component_from_path(generic), **TINY_ARGS, quantize_base=True, **kwargs)
     else:
         builder = partial(_get_component_from_path(component), **kwargs)
@@ -442,10 +584,18 @@ def stock_qlora_config() -> Path:
     """torchtune's own ``llama3_1/8B_qlora_single_device.yaml`` (installed with torchtune's recipes)."""
     import torchtune
 
-    return Path(torchtune.__file__).resolve().parents[1] / "recipes" / "configs" / "llama3_1" / "8B_qlora_single_device.yaml"
+    return (
+        Path(torchtune.__file__).resolve().parents[1]
+        / "recipes"
+        / "configs"
+        / "llama3_1"
+        / "8B_qlora_single_device.yaml"
+    )
 
 
-def bench_memory(args: argparse.Namespace, device: torch.device, save: Callable[[Dict[str, Any]], None]) -> Dict[str, Any]:
+def bench_memory(
+    args: argparse.Namespace, device: torch.device, save: Callable[[Dict[str, Any]], None]
+) -> Dict[str, Any]:
     """Peak memory: our 8B gist QLoRA config vs torchtune's stock 8B QLoRA config, same shapes; and the passkey batch.
 
     Each side as its config trains: its LoRA settings and its loss (ours: ``CrossEntropyLoss`` through
@@ -459,8 +609,12 @@ def bench_memory(args: argparse.Namespace, device: torch.device, save: Callable[
     gist_builder, gist_loss, gist_lora = _model_and_loss(gist_path, args.tiny, num_gist_tokens=1)
     gen = torch.Generator().manual_seed(1)
     rows: List[Dict[str, Any]] = []
-    result = {"lora": {"gist": gist_lora, "stock": stock_lora}, "activation_checkpointing": True,
-              "loss": {"gist": type(gist_loss).__name__, "stock": type(stock_loss).__name__}, "rows": rows}
+    result = {
+        "lora": {"gist": gist_lora, "stock": stock_lora},
+        "activation_checkpointing": True,
+        "loss": {"gist": type(gist_loss).__name__, "stock": type(stock_loss).__name__},
+        "rows": rows,
+    }
     for b, s in args.qlora_shapes:
         tokens, labels, _ = _example_tokens(b, s, 1, vocab, doc_len=None, gen=gen)
         tokens, labels = tokens.to(device), labels.to(device)
@@ -468,12 +622,18 @@ def bench_memory(args: argparse.Namespace, device: torch.device, save: Callable[
         build_mask = make_gist_block_mask if device.type == "cuda" else make_gist_mask
 
         def gist_batch() -> Dict[str, Any]:
-            return {"tokens": tokens, "labels": labels, "input_pos": torch.arange(s, device=device).expand(b, s),
-                    "mask": build_mask(tokens, ids)}
+            return {
+                "tokens": tokens,
+                "labels": labels,
+                "input_pos": torch.arange(s, device=device).expand(b, s),
+                "mask": build_mask(tokens, ids),
+            }
 
         row = {
             "batch": [b, s],
-            f"gist ({gist_path.name}, K=1)": _qlora_peak(gist_builder, gist_batch, device, gist=True, loss_fn=gist_loss),
+            f"gist ({gist_path.name}, K=1)": _qlora_peak(
+                gist_builder, gist_batch, device, gist=True, loss_fn=gist_loss
+            ),
             f"stock ({stock_path.name}, mask=None)": _qlora_peak(
                 stock_builder, lambda: {"tokens": tokens, "labels": labels}, device, gist=False, loss_fn=stock_loss
             ),
@@ -483,17 +643,25 @@ def bench_memory(args: argparse.Namespace, device: torch.device, save: Callable[
         save(result)
     passkey, stock_pk = _passkey_batches(args, device)
     pk_builder, pk_loss, _ = _model_and_loss(passkey_path, args.tiny, num_gist_tokens=args.passkey_k)
-    rows.append({
-        "batch": [int(n) for n in passkey["tokens"].shape],
-        "passkey": f"context {args.passkey_context} tokens, K={args.passkey_k}; stock unpadded: {stock_pk['tokens'].shape[1]} tokens",
-        f"gist ({passkey_path.name}, K={args.passkey_k})": _qlora_peak(pk_builder, lambda: passkey, device, gist=True, loss_fn=pk_loss),
-        f"stock ({stock_path.name}, mask=None)": _qlora_peak(stock_builder, lambda: stock_pk, device, gist=False, loss_fn=stock_loss),
-    })
+    rows.append(
+        {
+            "batch": [int(n) for n in passkey["tokens"].shape],
+            "passkey": f"context {args.passkey_context} tokens, K={args.passkey_k}; stock unpadded: {stock_pk['tokens'].shape[1]} tokens",
+            f"gist ({passkey_path.name}, K={args.passkey_k})": _qlora_peak(
+                pk_builder, lambda: passkey, device, gist=True, loss_fn=pk_loss
+            ),
+            f"stock ({stock_path.name}, mask=None)": _qlora_peak(
+                stock_builder, lambda: stock_pk, device, gist=False, loss_fn=stock_loss
+            ),
+        }
+    )
     _print_memory_row(rows[-1])
     return result
 
 
-def bench_decode(args: argparse.Namespace, device: torch.device, save: Callable[[Dict[str, Any]], None]) -> Dict[str, Any]:
+def bench_decode(
+    args: argparse.Namespace, device: torch.device, save: Callable[[Dict[str, Any]], None]
+) -> Dict[str, Any]:
     """Per-token decode from the gist cache vs the full prompt vs torchtune's stock cache, 8B-shaped layers."""
     from torchtune import training
     from torchtune.generation import generate as torchtune_generate
@@ -512,13 +680,19 @@ def bench_decode(args: argparse.Namespace, device: torch.device, save: Callable[
     ids = list(model.tok_embeddings.gist_token_ids)
     gen = torch.Generator().manual_seed(2)
     cont_len, t_new = 8, args.new_tokens
-    sync = (lambda: _sync(device))
+    sync = lambda: _sync(device)
     rows: List[Dict[str, Any]] = []
     result = {"arch": arch, "dtype": str(dtype), "k": k, "cont_len": cont_len, "new_tokens": t_new, "rows": rows}
     for bsz in args.decode_batch:
         for p in args.prompt_lens:
-            prompts = [torch.randint(0, 128000 if not args.tiny else 256, (p,), generator=gen).tolist() + ids for _ in range(bsz)]
-            conts = [torch.randint(0, 128000 if not args.tiny else 256, (cont_len,), generator=gen).tolist() for _ in range(bsz)]
+            prompts = [
+                torch.randint(0, 128000 if not args.tiny else 256, (p,), generator=gen).tolist() + ids
+                for _ in range(bsz)
+            ]
+            conts = [
+                torch.randint(0, 128000 if not args.tiny else 256, (cont_len,), generator=gen).tolist()
+                for _ in range(bsz)
+            ]
             row: Dict[str, Any] = {"batch": bsz, "prompt_len": p}
             for method in ("full", "gist", "stock"):
                 try:
@@ -543,9 +717,17 @@ def bench_decode(args: argparse.Namespace, device: torch.device, save: Callable[
                             try:
                                 with device:  # torchtune's KVCache allocates on the default device
                                     model.setup_caches(batch_size=bsz, dtype=dtype, decoder_max_seq_len=slots)
-                                kv = sum(l.attn.kv_cache.k_cache.nbytes + l.attn.kv_cache.v_cache.nbytes for l in model.layers)
-                                torchtune_generate(model, torch.tensor([a + c for a, c in zip(prompts, conts)], device=device),
-                                                   max_generated_tokens=t_new, pad_id=-1, temperature=0.0)
+                                kv = sum(
+                                    l.attn.kv_cache.k_cache.nbytes + l.attn.kv_cache.v_cache.nbytes
+                                    for l in model.layers
+                                )
+                                torchtune_generate(
+                                    model,
+                                    torch.tensor([a + c for a, c in zip(prompts, conts)], device=device),
+                                    max_generated_tokens=t_new,
+                                    pad_id=-1,
+                                    temperature=0.0,
+                                )
                             finally:
                                 if model.caches_are_setup():  # also after an out-of-memory error half-way through
                                     delete_kv_caches(model)
@@ -553,8 +735,15 @@ def bench_decode(args: argparse.Namespace, device: torch.device, save: Callable[
                         sync()
                         t1 = time.perf_counter()
                     prefill, decode, n = decode_split(stamps, t0)
-                    row[method] = {"kv_bytes": kv, "prefill_s": prefill, "decode_s_per_token": decode, "decode_intervals": n,
-                                   "e2e_s": t1 - t0, "peak_gib": _peak_gib(device), **extra}
+                    row[method] = {
+                        "kv_bytes": kv,
+                        "prefill_s": prefill,
+                        "decode_s_per_token": decode,
+                        "decode_intervals": n,
+                        "e2e_s": t1 - t0,
+                        "peak_gib": _peak_gib(device),
+                        **extra,
+                    }
                 except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
                     if not _is_oom(err):
                         raise
@@ -574,10 +763,19 @@ def bench_decode(args: argparse.Namespace, device: torch.device, save: Callable[
                     row[name] = {"error": "out of memory", "chunk_size": chunk}
                 _free(device)
             if "decode_s_per_token" in row.get("full", {}) and "decode_s_per_token" in row.get("gist", {}):
-                row["decode_speedup_gist_vs_full"] = row["full"]["decode_s_per_token"] / row["gist"]["decode_s_per_token"]
-            print(f"[decode] batch {bsz}, P={p}: " + ", ".join(
-                f"{m} {1e3 * row[m]['decode_s_per_token']:.2f} ms/tok" if "decode_s_per_token" in row[m] else f"{m} {row[m]['error']}"
-                for m in ("full", "gist", "stock")), flush=True)
+                row["decode_speedup_gist_vs_full"] = (
+                    row["full"]["decode_s_per_token"] / row["gist"]["decode_s_per_token"]
+                )
+            print(
+                f"[decode] batch {bsz}, P={p}: "
+                + ", ".join(
+                    f"{m} {1e3 * row[m]['decode_s_per_token']:.2f} ms/tok"
+                    if "decode_s_per_token" in row[m]
+                    else f"{m} {row[m]['error']}"
+                    for m in ("full", "gist", "stock")
+                ),
+                flush=True,
+            )
             rows.append(row)
             save(result)
     del model
@@ -611,7 +809,11 @@ def make_gpu_plots(res: Dict[str, Any], out: Path) -> List[str]:
         for bsz in sorted({r["batch"] for r in res["decode"]["rows"]}):
             rows = [r for r in res["decode"]["rows"] if r["batch"] == bsz]
             for method, style in (("full", "o-"), ("gist", "s-"), ("stock", "^:")):
-                pts = [(r["prompt_len"], 1e3 * r[method]["decode_s_per_token"]) for r in rows if "decode_s_per_token" in r[method]]
+                pts = [
+                    (r["prompt_len"], 1e3 * r[method]["decode_s_per_token"])
+                    for r in rows
+                    if "decode_s_per_token" in r[method]
+                ]
                 if pts:
                     ax.plot(*zip(*pts), style, label=f"{method}, batch {bsz}")
         ax.set_xscale("log", base=2)
@@ -649,7 +851,11 @@ def render_gpu_markdown(res: Optional[Dict[str, Any]]) -> str:
         f"- Date: {mach['date']}; device: {mach['cuda'] or 'cpu'}; host CPU {mach['cpu_model']} ({mach['cores']} cores); "
         f"torch {mach['torch']}",
         f"- Command: `{m['command']}` ("
-        + (f"{fmt(m['duration_s'])} s)" if "duration_s" in m else "cut short: the sections below finished, the rest did not)"),
+        + (
+            f"{fmt(m['duration_s'])} s)"
+            if "duration_s" in m
+            else "cut short: the sections below finished, the rest did not)"
+        ),
         "",
     ]
     if "attention" in res:
@@ -659,11 +865,23 @@ def render_gpu_markdown(res: Optional[Dict[str, Any]]) -> str:
             f"layers of Llama 3.1 8B's shape, {a['dtype']}, LoRA rank 16 on q/k/v/output, K={a['k']}; FlexAttention "
             f"available: {a['flex_available']})",
             "",
-            table(["batch", "layout", "variant", "tokens/s", "vs mask=None", "mask build ms", "peak GiB", "note"],
-                  [[f"{r['batch'][0]}x{r['batch'][1]}", r["layout"], n, v.get("tokens_per_s"),
-                    f"{v['vs_causal_none']:.3f}x" if "vs_causal_none" in v else None,
-                    1e3 * v["median_mask_s"] if "median_mask_s" in v else None, v.get("peak_gib"), v.get("error")]
-                   for r in a["rows"] for n, v in r["variants"].items()]),
+            table(
+                ["batch", "layout", "variant", "tokens/s", "vs mask=None", "mask build ms", "peak GiB", "note"],
+                [
+                    [
+                        f"{r['batch'][0]}x{r['batch'][1]}",
+                        r["layout"],
+                        n,
+                        v.get("tokens_per_s"),
+                        f"{v['vs_causal_none']:.3f}x" if "vs_causal_none" in v else None,
+                        1e3 * v["median_mask_s"] if "median_mask_s" in v else None,
+                        v.get("peak_gib"),
+                        v.get("error"),
+                    ]
+                    for r in a["rows"]
+                    for n, v in r["variants"].items()
+                ],
+            ),
             "",
         ]
     if "packing" in res:
@@ -672,9 +890,19 @@ def render_gpu_markdown(res: Optional[Dict[str, Any]]) -> str:
             f"### Batching and packing ({pk['arch']['num_layers']} layers of Llama 3.1 8B's shape, {pk['dtype']}, LoRA; "
             f"{pk['examples']} examples, {pk['real_tokens']:,} real tokens; BlockMasks: {pk['block_mask']})",
             "",
-            table(["variant", "steps", "padding", "tokens/s", "vs batch size 1"],
-                  [[n, v["steps"], f"{100 * v['padding_fraction']:.1f}%", v["tokens_per_s"], f"{v['speedup_vs_bs1']:.2f}x"]
-                   for n, v in pk["variants"].items()]),
+            table(
+                ["variant", "steps", "padding", "tokens/s", "vs batch size 1"],
+                [
+                    [
+                        n,
+                        v["steps"],
+                        f"{100 * v['padding_fraction']:.1f}%",
+                        v["tokens_per_s"],
+                        f"{v['speedup_vs_bs1']:.2f}x",
+                    ]
+                    for n, v in pk["variants"].items()
+                ],
+            ),
             "",
         ]
     if "memory" in res:
@@ -682,32 +910,77 @@ def render_gpu_markdown(res: Optional[Dict[str, Any]]) -> str:
         for r in res["memory"]["rows"]:
             for n, v in r.items():
                 if isinstance(v, dict):
-                    rows.append([f"{r['batch'][0]}x{r['batch'][1]}" + (f" ({r['passkey']})" if "passkey" in r else ""), n,
-                                 v.get("model_gib"), v.get("peak_gib"), v.get("peak_reserved_gib"), v.get("median_step_s"), v.get("error")])
+                    rows.append(
+                        [
+                            f"{r['batch'][0]}x{r['batch'][1]}" + (f" ({r['passkey']})" if "passkey" in r else ""),
+                            n,
+                            v.get("model_gib"),
+                            v.get("peak_gib"),
+                            v.get("peak_reserved_gib"),
+                            v.get("median_step_s"),
+                            v.get("error"),
+                        ]
+                    )
         mem = res["memory"]
-        out += ["### Peak memory, 8B QLoRA single device (random weights, activation checkpointing; each side its "
-                f"config's LoRA settings and loss: gist {mem['loss']['gist']}, stock {mem['loss']['stock']})", "",
-                table(["batch", "config", "after build GiB", "peak allocated GiB", "peak reserved GiB", "step s", "note"], rows), ""]
+        out += [
+            "### Peak memory, 8B QLoRA single device (random weights, activation checkpointing; each side its "
+            f"config's LoRA settings and loss: gist {mem['loss']['gist']}, stock {mem['loss']['stock']})",
+            "",
+            table(
+                ["batch", "config", "after build GiB", "peak allocated GiB", "peak reserved GiB", "step s", "note"],
+                rows,
+            ),
+            "",
+        ]
     if "decode" in res:
         d = res["decode"]
         out += [
             f"### Decode on 8B-shaped layers ({d['arch']['num_layers']} layers, {d['dtype']}, K={d['k']}, "
-            f"{d['new_tokens']} new tokens)", "",
-            table(["batch", "P", "full ms/tok", "gist ms/tok", "stock ms/tok", "full / gist", "KV full", "KV gist", "KV stock"],
-                  [[r["batch"], r["prompt_len"]] + [1e3 * r[m]["decode_s_per_token"] if "decode_s_per_token" in r[m] else r[m].get("error")
-                                                    for m in ("full", "gist", "stock")]
-                   + [f"{r['decode_speedup_gist_vs_full']:.2f}x" if "decode_speedup_gist_vs_full" in r else None]
-                   + [r[m].get("kv_bytes") for m in ("full", "gist", "stock")] for r in d["rows"]]),
+            f"{d['new_tokens']} new tokens)",
+            "",
+            table(
+                [
+                    "batch",
+                    "P",
+                    "full ms/tok",
+                    "gist ms/tok",
+                    "stock ms/tok",
+                    "full / gist",
+                    "KV full",
+                    "KV gist",
+                    "KV stock",
+                ],
+                [
+                    [r["batch"], r["prompt_len"]]
+                    + [
+                        1e3 * r[m]["decode_s_per_token"] if "decode_s_per_token" in r[m] else r[m].get("error")
+                        for m in ("full", "gist", "stock")
+                    ]
+                    + [f"{r['decode_speedup_gist_vs_full']:.2f}x" if "decode_speedup_gist_vs_full" in r else None]
+                    + [r[m].get("kv_bytes") for m in ("full", "gist", "stock")]
+                    for r in d["rows"]
+                ],
+            ),
             "",
         ]
         if any("compress_chunked" in r for r in d["rows"]):
             out += [
                 "Compression alone (`compress`), layer by layer in chunks of 512 tokens vs in one pass (`chunk_size` >= P); "
-                "peak = `torch.cuda.max_memory_allocated` during the call, weights included:", "",
-                table(["batch", "P", "chunked s", "chunked peak GiB", "one pass s", "one pass peak GiB"],
-                      [[r["batch"], r["prompt_len"]] + [r[m].get(f) if f in r[m] else r[m].get("error")
-                                                        for m in ("compress_chunked", "compress_one_pass") for f in ("time_s", "peak_gib")]
-                       for r in d["rows"] if "compress_chunked" in r]),
+                "peak = `torch.cuda.max_memory_allocated` during the call, weights included:",
+                "",
+                table(
+                    ["batch", "P", "chunked s", "chunked peak GiB", "one pass s", "one pass peak GiB"],
+                    [
+                        [r["batch"], r["prompt_len"]]
+                        + [
+                            r[m].get(f) if f in r[m] else r[m].get("error")
+                            for m in ("compress_chunked", "compress_one_pass")
+                            for f in ("time_s", "peak_gib")
+                        ]
+                        for r in d["rows"]
+                        if "compress_chunked" in r
+                    ],
+                ),
                 "",
             ]
     out += [f"![{p}]({p})\n" for p in res.get("plots", [])]
@@ -727,25 +1000,38 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
     has_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if has_gpu else "cpu")
-    print(f"CUDA GPU: {torch.cuda.get_device_name(0) if has_gpu else 'none (no GPU: nothing to measure without --tiny)'}")
-    print(f"sections: {', '.join(only)}; shape: {'tiny' if args.tiny else f'Llama 3.1 8B, {args.layers} layers'}; "
-          f"train shapes {args.train_shapes}; QLoRA shapes {args.qlora_shapes}; passkey {args.passkey_context} tokens, "
-          f"K={args.passkey_k}; decode P {args.prompt_lens}, batch {args.decode_batch}")
+    print(
+        f"CUDA GPU: {torch.cuda.get_device_name(0) if has_gpu else 'none (no GPU: nothing to measure without --tiny)'}"
+    )
+    print(
+        f"sections: {', '.join(only)}; shape: {'tiny' if args.tiny else f'Llama 3.1 8B, {args.layers} layers'}; "
+        f"train shapes {args.train_shapes}; QLoRA shapes {args.qlora_shapes}; passkey {args.passkey_context} tokens, "
+        f"K={args.passkey_k}; decode P {args.prompt_lens}, batch {args.decode_batch}"
+    )
     if args.dry_run:
         print("dry run: nothing measured")
         return 0
     if not has_gpu and not args.tiny:
-        print("no CUDA GPU on this machine: bench_gpu.py measures nothing here (use --dry-run or --tiny)", file=sys.stderr)
+        print(
+            "no CUDA GPU on this machine: bench_gpu.py measures nothing here (use --dry-run or --tiny)", file=sys.stderr
+        )
         return 2
     out = args.out or (REPO / "outputs" / "bench_gpu_tiny" if args.tiny else BENCH_DIR)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    res: Dict[str, Any] = {"meta": {"machine": machine_info(torch.get_num_threads()), "command": command_line(),
-                                    "tiny": args.tiny, "load_before": load_average()}}
+    res: Dict[str, Any] = {
+        "meta": {
+            "machine": machine_info(torch.get_num_threads()),
+            "command": command_line(),
+            "tiny": args.tiny,
+            "load_before": load_average(),
+        }
+    }
     runs = {"attention": bench_attention, "packing": bench_packing, "memory": bench_memory, "decode": bench_decode}
     # torchtune compiles flex_attention with dynamic=False: one compile per shape, and the attention section
     # alone has 8; past the limit dynamo would run FlexAttention unfused and the figures would not be its own.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+
     def save(name: str, partial: Dict[str, Any]) -> None:
         res[name] = partial
         write_json(res, out / GPU_JSON)  # after every row: a run cut short keeps what it measured

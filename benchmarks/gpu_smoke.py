@@ -67,15 +67,23 @@ def check_block_mask(device: torch.device, dtype: torch.dtype) -> bool:
     flex = device.type == "cuda" and _SUPPORTS_FLEX_ATTENTION
     torch.manual_seed(0)
     with training.set_default_dtype(dtype), device:
-        model = lora_gist_llama3_1_tiny(["q_proj", "k_proj", "v_proj", "output_proj"], num_gist_tokens=K,
-                                        num_heads=4, num_kv_heads=2, embed_dim=128, intermediate_dim=256)
+        model = lora_gist_llama3_1_tiny(
+            ["q_proj", "k_proj", "v_proj", "output_proj"],
+            num_gist_tokens=K,
+            num_heads=4,
+            num_kv_heads=2,
+            embed_dim=128,
+            intermediate_dim=256,
+        )
     set_trainable_params(model)
     ok = True
     examples = _examples([300, 190, 520, 77])
     packed_rows = PackedGistDataset(examples, max_seq_len=1024, pad_id=PAD)
     layouts: Dict[str, Callable[..., Dict[str, torch.Tensor]]] = {
         "padded": lambda **kw: padded_gist_collate(examples, gist_token_ids=GIST, pad_id=PAD, ignore_idx=IGNORE, **kw),
-        "packed": lambda **kw: packed_gist_collate([packed_rows[i] for i in range(len(packed_rows))], gist_token_ids=GIST, pad_id=PAD, **kw),
+        "packed": lambda **kw: packed_gist_collate(
+            [packed_rows[i] for i in range(len(packed_rows))], gist_token_ids=GIST, pad_id=PAD, **kw
+        ),
     }
     # Each (layout, mode) pair compiles FlexAttention anew (the mode is a constant of mask_mod): the packed
     # layout is checked in the gist mode alone, to keep the compiles few.
@@ -98,8 +106,10 @@ def check_block_mask(device: torch.device, dtype: torch.dtype) -> bool:
                 # mask mode moves them by about 0.9: 0.1 tells the two apart.
                 passed = diff < (1e-1 if dtype == torch.bfloat16 else 1e-4)
                 ok &= passed
-                print(f"  {'PASS' if passed else 'FAIL'} {layout} {mode} {name} vs dense: loss {float(results[name]['loss']):.4f} "
-                      f"vs {float(results['dense']['loss']):.4f}, largest relative gradient difference {diff:.2e}")
+                print(
+                    f"  {'PASS' if passed else 'FAIL'} {layout} {mode} {name} vs dense: loss {float(results[name]['loss']):.4f} "
+                    f"vs {float(results['dense']['loss']):.4f}, largest relative gradient difference {diff:.2e}"
+                )
     if not flex:
         print("  (no FlexAttention here: BlockMasks not checked)")
     return ok
@@ -117,7 +127,9 @@ def check_generation(device: torch.device, dtype: torch.dtype) -> bool:
     ref = generate(model, prompts, conts, mode="gist", gist_token_ids=GIST, max_new_tokens=12)
     full = generate(model, prompts, conts, mode="pos_control", gist_token_ids=GIST, max_new_tokens=12)
     same = ours.tokens == ref.tokens
-    print(f"  {'PASS' if same else 'FAIL'} gist cache tokens == gist-mode generate tokens (3 rows, grouped-query 8/2 heads, {dtype})")
+    print(
+        f"  {'PASS' if same else 'FAIL'} gist cache tokens == gist-mode generate tokens (3 rows, grouped-query 8/2 heads, {dtype})"
+    )
     ratio = ours.kv_bytes / full.kv_bytes
     print(f"  INFO KV bytes held: gist {ours.kv_bytes:,}, full prompt {full.kv_bytes:,} ({ratio:.3f})")
     return same
@@ -126,8 +138,16 @@ def check_generation(device: torch.device, dtype: torch.dtype) -> bool:
 def check_qlora(device: torch.device, dtype: torch.dtype) -> bool:
     torch.manual_seed(0)
     with training.set_default_dtype(dtype), device:
-        model = lora_gist_llama3_1_tiny(["q_proj", "v_proj"], apply_lora_to_mlp=True, quantize_base=True, num_gist_tokens=K,
-                                        embed_dim=256, num_heads=4, num_kv_heads=2, intermediate_dim=512)
+        model = lora_gist_llama3_1_tiny(
+            ["q_proj", "v_proj"],
+            apply_lora_to_mlp=True,
+            quantize_base=True,
+            num_gist_tokens=K,
+            embed_dim=256,
+            num_heads=4,
+            num_kv_heads=2,
+            intermediate_dim=512,
+        )
     params = set_trainable_params(model)
     training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
     opt = torch.optim.AdamW(params.values(), lr=1e-3)
@@ -141,7 +161,9 @@ def check_qlora(device: torch.device, dtype: torch.dtype) -> bool:
         opt.step()
         losses.append(float(loss_sum.detach() / n))
     passed = all(map(math.isfinite, losses)) and losses[-1] < losses[0]
-    print(f"  {'PASS' if passed else 'FAIL'} NF4 QLoRA gist steps with activation checkpointing: losses {['%.3f' % x for x in losses]}")
+    print(
+        f"  {'PASS' if passed else 'FAIL'} NF4 QLoRA gist steps with activation checkpointing: losses {['%.3f' % x for x in losses]}"
+    )
     return passed
 
 
@@ -155,7 +177,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.error(f"unknown checks {unknown}; choose from {', '.join(CHECKS)}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    print(f"device {torch.cuda.get_device_name(0) if device.type == 'cuda' else 'cpu'}, {dtype}, torch {torch.__version__}")
+    print(
+        f"device {torch.cuda.get_device_name(0) if device.type == 'cuda' else 'cpu'}, {dtype}, torch {torch.__version__}"
+    )
     checks = {"block_mask": check_block_mask, "generation": check_generation, "qlora": check_qlora}
     failures = 0
     for name in only:

@@ -59,6 +59,7 @@ LONG_CONTEXT = 1024  # haystack tokens of the passkey part's long-context stages
 LONG_EVAL_CONTEXTS = (1024, 2048, 4096)  # haystacks the long-context model is read at (128x, 256x, 512x at K=8)
 PASSKEY_K_SWEEP = (1, 2, 4)  # gist models trained beside gist-8 (extras): how few gists still hold the passkey
 
+
 @dataclass(frozen=True)
 class Training:
     """One ``tune run gist_lora_single_device`` training.
@@ -141,11 +142,27 @@ PARTS = {
             Training("gist8", PASSKEY_CONFIG, {"num_gist_tokens": 8, "mask_mode": "gist"}),
             # The positive control reads the passkey straight from the context: its loss is below 0.05 from
             # step 8, so 60 steps (240 examples, the same warmup and cosine decay) stand for the gist model's 300.
-            Training("pos8", PASSKEY_CONFIG, {"num_gist_tokens": 8, "mask_mode": "pos_control", "dataset.num_samples": 240}),
+            Training(
+                "pos8", PASSKEY_CONFIG, {"num_gist_tokens": 8, "mask_mode": "pos_control", "dataset.num_samples": 240}
+            ),
             # The long-context curriculum (extra): gist8's adapter, then 50 steps on 1,024-token haystacks (128x).
-            Training("gist8_long", PASSKEY_CONFIG, {"num_gist_tokens": 8, "mask_mode": "gist", "context_tokens": [LONG_CONTEXT],
-                                                    "dataset.num_samples": 200, "optimizer.lr": 1e-3}, extra=True, start_from="gist8"),
-            *(Training(f"gist{k}", PASSKEY_CONFIG, {"num_gist_tokens": k, "mask_mode": "gist"}, extra=True) for k in PASSKEY_K_SWEEP),
+            Training(
+                "gist8_long",
+                PASSKEY_CONFIG,
+                {
+                    "num_gist_tokens": 8,
+                    "mask_mode": "gist",
+                    "context_tokens": [LONG_CONTEXT],
+                    "dataset.num_samples": 200,
+                    "optimizer.lr": 1e-3,
+                },
+                extra=True,
+                start_from="gist8",
+            ),
+            *(
+                Training(f"gist{k}", PASSKEY_CONFIG, {"num_gist_tokens": k, "mask_mode": "gist"}, extra=True)
+                for k in PASSKEY_K_SWEEP
+            ),
         ),
         (
             Evaluation("gist8", "gist"),
@@ -155,8 +172,11 @@ PARTS = {
             Evaluation("pos8", "pos_control"),
             Evaluation(BASE, "pos_control"),
             Evaluation("gist8", "gist", extra=True, context=LONG_CONTEXT),
-            *(Evaluation("gist8_long", mode, extra=True, context=n)
-              for n in LONG_EVAL_CONTEXTS for mode in ("gist", "neg_control", "truncate")),
+            *(
+                Evaluation("gist8_long", mode, extra=True, context=n)
+                for n in LONG_EVAL_CONTEXTS
+                for mode in ("gist", "neg_control", "truncate")
+            ),
             Evaluation("pos8", "pos_control", extra=True, context=LONG_CONTEXT),
             Evaluation("pos8", "pos_control", extra=True, context=LONG_EVAL_CONTEXTS[-1]),
             *(Evaluation(f"gist{k}", "gist", extra=True) for k in PASSKEY_K_SWEEP),
@@ -175,7 +195,12 @@ def _atomic_json(obj: Any, path: Path) -> None:
 
 
 def train(
-    part: Part, training: Training, out_dir: Path, threads: int, dtype: str = "fp32", seed: Optional[int] = None,
+    part: Part,
+    training: Training,
+    out_dir: Path,
+    threads: int,
+    dtype: str = "fp32",
+    seed: Optional[int] = None,
     data_dir: Optional[Path] = None,
 ) -> Path:
     """Run one training unless its final adapter exists; resume from a ``step_N`` checkpoint if any.
@@ -211,7 +236,9 @@ def train(
         start = next(t for t in part.trainings if t.name == training.start_from)
         initial = start.final_dir(out_dir / start.name) / ADAPTER
         if not initial.is_file():
-            raise RuntimeError(f"training {training.name} starts from {training.start_from}, which has not run: {initial} is missing")
+            raise RuntimeError(
+                f"training {training.name} starts from {training.start_from}, which has not run: {initial} is missing"
+            )
         overrides["initial_adapter"] = str(initial)
     run_dir.mkdir(parents=True, exist_ok=True)
     if latest_checkpoint(run_dir) is not None:
@@ -382,8 +409,16 @@ def _limits(part: Part, evaluation: Evaluation, args: argparse.Namespace) -> Dic
     if part.name == "alpaca":
         return {"alpaca_plus_unseen": args.unseen_limit, "alpaca_plus_human": args.human_limit}
     if evaluation.context:
-        return {"gist_passkey": args.long_samples, "context_tokens": [evaluation.context], "seed": args.passkey_eval_seed}
-    return {"gist_passkey": args.passkey_samples, "context_tokens": list(args.passkey_context_tokens), "seed": args.passkey_eval_seed}
+        return {
+            "gist_passkey": args.long_samples,
+            "context_tokens": [evaluation.context],
+            "seed": args.passkey_eval_seed,
+        }
+    return {
+        "gist_passkey": args.passkey_samples,
+        "context_tokens": list(args.passkey_context_tokens),
+        "seed": args.passkey_eval_seed,
+    }
 
 
 def _metrics(results: Mapping[str, Any]) -> Dict[str, float]:
@@ -430,14 +465,22 @@ def _ratio(value: Optional[float]) -> str:
 
 def alpaca_report(out_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
     """Tables (printed as Markdown) and numbers of the Alpaca+ part."""
-    from torchtune_gist.eval.compare import PAPER_LLAMA_7B_ROUGE_L, gap_share as share_of_gap
+    from torchtune_gist.eval.compare import PAPER_LLAMA_7B_ROUGE_L
+    from torchtune_gist.eval.compare import gap_share as share_of_gap
 
-    rows = [("neg1_neg_control", "negative control (trained, no prompt)"), ("gist1_gist", "gist-1 (trained, prompt compressed)"),
-            ("gist2_gist", "gist-2 (trained, prompt compressed)"), ("gist5_gist", "gist-5 (trained, prompt compressed)"),
-            ("gist1_3ep_gist", "gist-1, 3 epochs (trained 3x longer than the rest)"),
-            ("pos1_pos_control", "positive control (trained, full prompt)"), ("base_pos_control", "base, untrained, full prompt")]
+    rows = [
+        ("neg1_neg_control", "negative control (trained, no prompt)"),
+        ("gist1_gist", "gist-1 (trained, prompt compressed)"),
+        ("gist2_gist", "gist-2 (trained, prompt compressed)"),
+        ("gist5_gist", "gist-5 (trained, prompt compressed)"),
+        ("gist1_3ep_gist", "gist-1, 3 epochs (trained 3x longer than the rest)"),
+        ("pos1_pos_control", "positive control (trained, full prompt)"),
+        ("base_pos_control", "base, untrained, full prompt"),
+    ]
     summary: Dict[str, Any] = {"rows": {}}
-    print("\n| model | split | ROUGE-1 | ROUGE-2 | ROUGE-L | compression (prompt tok / tok kept) | KV MB/example | eval s |")
+    print(
+        "\n| model | split | ROUGE-1 | ROUGE-2 | ROUGE-L | compression (prompt tok / tok kept) | KV MB/example | eval s |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name, label in rows:
         rec = _load(out_dir, name)
@@ -454,9 +497,13 @@ def alpaca_report(out_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
                 f"| {m.get('kv_bytes', float('nan')) / 1e6:.2f} | {t['seconds']:.0f} |"
             )
     p, q = (_load(out_dir, n) for n in ("pos1_pos_control", "neg1_neg_control"))
-    gists = [(n, g) for n in ("gist1_gist", "gist2_gist", "gist5_gist", "gist1_3ep_gist") for g in [_load(out_dir, n)] if g]
+    gists = [
+        (n, g) for n in ("gist1_gist", "gist2_gist", "gist5_gist", "gist1_3ep_gist") for g in [_load(out_dir, n)] if g
+    ]
     if p and q and gists:
-        print("\n| gist model | split | neg | gist | pos | share of the control gap kept (95% bootstrap) | LLaMA-7B gist-1 (paper) |")
+        print(
+            "\n| gist model | split | neg | gist | pos | share of the control gap kept (95% bootstrap) | LLaMA-7B gist-1 (paper) |"
+        )
         print("|---|---|---|---|---|---|---|")
         summary["share"] = {}
         for name, g in gists:
@@ -466,7 +513,9 @@ def alpaca_report(out_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
                 sh = gap_share(*per)
                 summary["share"].setdefault(name, {})[task] = sh
                 paper = PAPER_LLAMA_7B_ROUGE_L
-                paper_share = share_of_gap(paper["gist1"][split], paper["pos_control"][split], paper["neg_control"][split])
+                paper_share = share_of_gap(
+                    paper["gist1"][split], paper["pos_control"][split], paper["neg_control"][split]
+                )
                 print(
                     f"| {name.removesuffix('_gist')} | {split} | {100 * sum(per[2]) / len(per[2]):.1f} | {100 * sum(per[0]) / len(per[0]):.1f} | "
                     f"{100 * sum(per[1]) / len(per[1]):.1f} | {100 * sh['share']:.0f}% [{100 * sh['lo']:.0f}%, {100 * sh['hi']:.0f}%] | "
@@ -477,25 +526,40 @@ def alpaca_report(out_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
 
 def passkey_report(out_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
     """Tables (printed as Markdown) and numbers of the passkey part: accuracy per haystack length and per depth."""
-    rows = [("gist8_neg_control", "negative control: no context"), ("gist8_truncate", "truncate: the context's last K tokens"),
-            ("gist8_gist", "gist-8: context compressed into 8 gists"),
-            *((f"gist{k}_gist", f"gist-{k}: context compressed into {k} gist{'s' * (k > 1)} ({64 // k}x-{256 // k}x)")
-              for k in PASSKEY_K_SWEEP),
-            ("gist8_pos_control", "full context, gist-trained model"),
-            ("pos8_pos_control", "positive control: full context, trained with it"),
-            ("base_pos_control", "base, untrained, full context"),
-            (f"gist8_gist_{LONG_CONTEXT}", "gist-8 (trained on 64-256 tokens) compressing longer haystacks"),
-            *((f"gist8_long_{mode}_{n}", f"gist-8 after the long-context curriculum, {label}, {n} tokens")
-              for n in LONG_EVAL_CONTEXTS for mode, label in (("gist", "compressed into 8 gists"), ("neg_control", "no context"),
-                                                              ("truncate", "the context's last K tokens"))),
-            *((f"pos8_pos_control_{n}", f"positive control (trained on 64-256 tokens), full context, {n} tokens")
-              for n in (LONG_CONTEXT, LONG_EVAL_CONTEXTS[-1]))]
+    rows = [
+        ("gist8_neg_control", "negative control: no context"),
+        ("gist8_truncate", "truncate: the context's last K tokens"),
+        ("gist8_gist", "gist-8: context compressed into 8 gists"),
+        *(
+            (f"gist{k}_gist", f"gist-{k}: context compressed into {k} gist{'s' * (k > 1)} ({64 // k}x-{256 // k}x)")
+            for k in PASSKEY_K_SWEEP
+        ),
+        ("gist8_pos_control", "full context, gist-trained model"),
+        ("pos8_pos_control", "positive control: full context, trained with it"),
+        ("base_pos_control", "base, untrained, full context"),
+        (f"gist8_gist_{LONG_CONTEXT}", "gist-8 (trained on 64-256 tokens) compressing longer haystacks"),
+        *(
+            (f"gist8_long_{mode}_{n}", f"gist-8 after the long-context curriculum, {label}, {n} tokens")
+            for n in LONG_EVAL_CONTEXTS
+            for mode, label in (
+                ("gist", "compressed into 8 gists"),
+                ("neg_control", "no context"),
+                ("truncate", "the context's last K tokens"),
+            )
+        ),
+        *(
+            (f"pos8_pos_control_{n}", f"positive control (trained on 64-256 tokens), full context, {n} tokens")
+            for n in (LONG_CONTEXT, LONG_EVAL_CONTEXTS[-1])
+        ),
+    ]
     summary: Dict[str, Any] = {"rows": {}}
     depths = (0.0, 0.25, 0.5, 0.75, 1.0)
     recs = {name: _load(out_dir, name) for name, _ in rows}
     if not any(recs.values()):
         return summary
-    lengths = sorted({s["target_context_tokens"] for r in recs.values() if r for s in r["tasks"]["gist_passkey"]["samples"]})
+    lengths = sorted(
+        {s["target_context_tokens"] for r in recs.values() if r for s in r["tasks"]["gist_passkey"]["samples"]}
+    )
     k = next((r["num_gist_tokens"] for r in recs.values() if r), 1)
 
     def acc(samples: List[Dict[str, Any]]) -> Optional[float]:
@@ -504,8 +568,13 @@ def passkey_report(out_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
     def pct(x: Optional[float]) -> str:
         return "-" if x is None else f"{100 * x:.0f}%"
 
-    print("\n| mode | all | " + " | ".join(f"{n} tok ({n / k:.0f}x)" for n in lengths) + " | "
-          + " | ".join(f"depth {d}" for d in depths) + " | KV MB/example | eval s |")
+    print(
+        "\n| mode | all | "
+        + " | ".join(f"{n} tok ({n / k:.0f}x)" for n in lengths)
+        + " | "
+        + " | ".join(f"depth {d}" for d in depths)
+        + " | KV MB/example | eval s |"
+    )
     print("|---|---|" + "---|" * (len(lengths) + len(depths)) + "---|---|")
     for name, label in rows:
         rec = recs[name]
@@ -517,11 +586,16 @@ def passkey_report(out_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
         by_depth = {d: acc([s for s in samples if abs(s["depth"] - d) < 1e-9]) for d in depths}
         m = t["metrics"]
         summary["rows"][name] = {
-            **m, "n": len(samples), "num_gist_tokens": rec["num_gist_tokens"], "by_length": {str(n): v for n, v in by_len.items()},
+            **m,
+            "n": len(samples),
+            "num_gist_tokens": rec["num_gist_tokens"],
+            "by_length": {str(n): v for n, v in by_len.items()},
             "by_depth": {str(d): v for d, v in by_depth.items()},
         }
         print(
-            f"| {label} | {pct(m['acc'])} (n={len(samples)}) | " + " | ".join(pct(v) for v in by_len.values()) + " | "
+            f"| {label} | {pct(m['acc'])} (n={len(samples)}) | "
+            + " | ".join(pct(v) for v in by_len.values())
+            + " | "
             + " | ".join(pct(v) for v in by_depth.values())
             + f" | {m.get('kv_bytes', float('nan')) / 1e6:.2f} | {t['seconds']:.0f} |"
         )
@@ -532,8 +606,10 @@ def passkey_report(out_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
 def _smoothed(history: List[Tuple[int, float]], window: int = 5) -> List[Tuple[int, float]]:
     """``(step, mean of the loss over the last window steps)``."""
     losses = [loss for _, loss in history]
-    return [(step, sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1]))
-            for i, (step, _) in enumerate(history)]
+    return [
+        (step, sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1]))
+        for i, (step, _) in enumerate(history)
+    ]
 
 
 def plots(out_dir: Path, summary: Dict[str, Any], plots_dir: Path) -> None:
@@ -545,17 +621,36 @@ def plots(out_dir: Path, summary: Dict[str, Any], plots_dir: Path) -> None:
 
     alpaca = summary.get("alpaca", {}).get("rows", {})
     if alpaca:
-        names = [n for n in ("neg1_neg_control", "gist1_gist", "gist2_gist", "gist5_gist", "gist1_3ep_gist", "pos1_pos_control",
-                               "base_pos_control") if n in alpaca]
-        labels = {"neg1_neg_control": "neg control", "gist1_gist": "gist-1", "gist2_gist": "gist-2", "gist5_gist": "gist-5",
-                  "gist1_3ep_gist": "gist-1, 3 epochs",
-                  "pos1_pos_control": "pos control", "base_pos_control": "base (untrained)"}
+        names = [
+            n
+            for n in (
+                "neg1_neg_control",
+                "gist1_gist",
+                "gist2_gist",
+                "gist5_gist",
+                "gist1_3ep_gist",
+                "pos1_pos_control",
+                "base_pos_control",
+            )
+            if n in alpaca
+        ]
+        labels = {
+            "neg1_neg_control": "neg control",
+            "gist1_gist": "gist-1",
+            "gist2_gist": "gist-2",
+            "gist5_gist": "gist-5",
+            "gist1_3ep_gist": "gist-1, 3 epochs",
+            "pos1_pos_control": "pos control",
+            "base_pos_control": "base (untrained)",
+        }
         fig, ax = plt.subplots(figsize=(7, 4))
         width = 0.8 / len(names)
         for i, n in enumerate(names):
             vals = [100 * alpaca[n][t]["rougeL"] for t in ALPACA_TASKS]
             errs = [100 * alpaca[n][t]["rougeL_stderr"] for t in ALPACA_TASKS]
-            ax.bar([x + i * width for x in range(len(ALPACA_TASKS))], vals, width, yerr=errs, capsize=3, label=labels[n])
+            ax.bar(
+                [x + i * width for x in range(len(ALPACA_TASKS))], vals, width, yerr=errs, capsize=3, label=labels[n]
+            )
         ax.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(ALPACA_TASKS))])
         ax.set_xticklabels([t.replace("alpaca_plus_", "") for t in ALPACA_TASKS])
         ax.set_ylabel("ROUGE-L")
@@ -566,23 +661,43 @@ def plots(out_dir: Path, summary: Dict[str, Any], plots_dir: Path) -> None:
         plt.close(fig)
     passkey = summary.get("passkey", {}).get("rows", {})
     if passkey:
-        series = {"gist-8 (compressed)": ["gist8_gist"], "full context, gist-trained model": ["gist8_pos_control"],
-                  "full context (pos. control, trained)": ["pos8_pos_control", f"pos8_pos_control_{LONG_CONTEXT}",
-                                                           f"pos8_pos_control_{LONG_EVAL_CONTEXTS[-1]}"],
-                  "last 8 tokens only": ["gist8_truncate", *(f"gist8_long_truncate_{n}" for n in LONG_EVAL_CONTEXTS)],
-                  "no context (neg. control)": ["gist8_neg_control", *(f"gist8_long_neg_control_{n}" for n in LONG_EVAL_CONTEXTS)],
-                  "untrained base, full context": ["base_pos_control"],
-                  "gist-8 at longer haystacks, before the curriculum": [f"gist8_gist_{LONG_CONTEXT}"],
-                  "gist-8 after the long-context curriculum": [f"gist8_long_gist_{n}" for n in LONG_EVAL_CONTEXTS]}
+        series = {
+            "gist-8 (compressed)": ["gist8_gist"],
+            "full context, gist-trained model": ["gist8_pos_control"],
+            "full context (pos. control, trained)": [
+                "pos8_pos_control",
+                f"pos8_pos_control_{LONG_CONTEXT}",
+                f"pos8_pos_control_{LONG_EVAL_CONTEXTS[-1]}",
+            ],
+            "last 8 tokens only": ["gist8_truncate", *(f"gist8_long_truncate_{n}" for n in LONG_EVAL_CONTEXTS)],
+            "no context (neg. control)": [
+                "gist8_neg_control",
+                *(f"gist8_long_neg_control_{n}" for n in LONG_EVAL_CONTEXTS),
+            ],
+            "untrained base, full context": ["base_pos_control"],
+            "gist-8 at longer haystacks, before the curriculum": [f"gist8_gist_{LONG_CONTEXT}"],
+            "gist-8 after the long-context curriculum": [f"gist8_long_gist_{n}" for n in LONG_EVAL_CONTEXTS],
+        }
         lengths, k = summary["passkey"]["lengths"], summary["passkey"]["num_gist_tokens"]
         fig, ax = plt.subplots(figsize=(7, 4))
         for label, names in series.items():
-            xy = [(n / k, 100 * y) for name in names if name in passkey for n in lengths
-                  for y in [passkey[name]["by_length"][str(n)]] if y is not None]
+            xy = [
+                (n / k, 100 * y)
+                for name in names
+                if name in passkey
+                for n in lengths
+                for y in [passkey[name]["by_length"][str(n)]]
+                if y is not None
+            ]
             if xy:
                 long = names[0][-1].isdigit()
-                ax.plot(*zip(*xy), marker="*" if long else "o", markersize=9 if long else 6,
-                        label=label, linestyle="-" if names[0].startswith("gist8_gist") or long else "--")
+                ax.plot(
+                    *zip(*xy),
+                    marker="*" if long else "o",
+                    markersize=9 if long else 6,
+                    label=label,
+                    linestyle="-" if names[0].startswith("gist8_gist") or long else "--",
+                )
         ax.set_xscale("log", base=2)
         ax.set_xticks([n / k for n in lengths])
         ax.set_xticklabels([f"{n / k:.0f}x\n({n} tok)" for n in lengths])
@@ -597,14 +712,18 @@ def plots(out_dir: Path, summary: Dict[str, Any], plots_dir: Path) -> None:
         sweep = [k for k in (*PASSKEY_K_SWEEP, 8) if f"gist{k}_gist" in passkey]
         if len(sweep) > 1:
             fig, (ax, loss_ax) = plt.subplots(1, 2, figsize=(12, 4))
-            short = sorted({n for k in sweep for n in lengths if passkey[f"gist{k}_gist"]["by_length"].get(str(n)) is not None})
+            short = sorted(
+                {n for k in sweep for n in lengths if passkey[f"gist{k}_gist"]["by_length"].get(str(n)) is not None}
+            )
             for k in sweep:
                 row = passkey[f"gist{k}_gist"]
-                xy = [(n / k, 100 * row["by_length"][str(n)]) for n in short if row["by_length"].get(str(n)) is not None]
+                xy = [
+                    (n / k, 100 * row["by_length"][str(n)]) for n in short if row["by_length"].get(str(n)) is not None
+                ]
                 ax.plot(*zip(*xy), marker="o", label=f"K={k} ({64 // k}x-{256 // k}x)")
             ax.set_xscale("log", base=2)
-            ax.set_xticks([2 ** i for i in range(3, 9)])
-            ax.set_xticklabels([f"{2 ** i}x" for i in range(3, 9)])
+            ax.set_xticks([2**i for i in range(3, 9)])
+            ax.set_xticklabels([f"{2**i}x" for i in range(3, 9)])
             ax.set_ylim(-5, 105)
             ax.set_xlabel(f"compression ratio (haystack tokens / K; haystacks of {', '.join(map(str, short))} tokens)")
             ax.set_ylabel("passkey exact match (%)")
@@ -622,15 +741,19 @@ def plots(out_dir: Path, summary: Dict[str, Any], plots_dir: Path) -> None:
             fig.tight_layout()
             fig.savefig(plots_dir / "smollm2_passkey_k.png", dpi=110)
             plt.close(fig)
-    runs = [(part, t) for part in PARTS.values() for t in part.trainings
-            if (t.final_dir(out_dir / part.name / t.name) / ADAPTER).is_file()]
+    runs = [
+        (part, t)
+        for part in PARTS.values()
+        for t in part.trainings
+        if (t.final_dir(out_dir / part.name / t.name) / ADAPTER).is_file()
+    ]
     if runs:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         for part, t in runs:
             hist = loss_history(t.final_dir(out_dir / part.name / t.name))
             ax = axes[0 if part.name == "alpaca" else 1]
             steps, losses = zip(*hist)
-            line, = ax.plot(steps, losses, alpha=0.25)
+            (line,) = ax.plot(steps, losses, alpha=0.25)
             ax.plot(*zip(*_smoothed(hist)), color=line.get_color(), label=f"{t.name} ({t.overrides['mask_mode']})")
         for ax, title in zip(axes, ("Alpaca+ seen (loss per output token)", "passkey (loss per answer token)")):
             ax.set_title(title)
@@ -675,7 +798,9 @@ def report(out_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
                     "loss_first5": sum(v for _, v in first) / len(first),
                     "loss_last5": sum(v for _, v in last) / len(last),
                 }
-    print("\n| training | steps | wall s | CPU s | loss (first 5 steps) | loss (last 5 steps) |\n|---|---|---|---|---|---|")
+    print(
+        "\n| training | steps | wall s | CPU s | loss (first 5 steps) | loss (last 5 steps) |\n|---|---|---|---|---|---|"
+    )
     for name, t in summary["trainings"].items():
         wall, cpu = (f"{x:.0f}" if x else "-" for x in (t["seconds"], t["cpu_seconds"]))
         print(f"| {name} | {t['steps']} | {wall} | {cpu} | {t['loss_first5']:.3f} | {t['loss_last5']:.3f} |")
@@ -693,30 +818,58 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="+", choices=sorted(PARTS), default=["alpaca", "passkey"])
     parser.add_argument("--out", default=DEFAULT_OUT, help="output folder (relative to the repository)")
-    parser.add_argument("--plots-dir", default=None, help="where the PNGs go (default: benchmarks/ for the default --out, else --out)")
+    parser.add_argument(
+        "--plots-dir", default=None, help="where the PNGs go (default: benchmarks/ for the default --out, else --out)"
+    )
     parser.add_argument("--only", nargs="*", default=None, help="only these stages (training names or <model>_<mode>)")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--unseen-limit", type=int, default=200, help="first N records of validation_unseen")
     parser.add_argument("--human-limit", type=int, default=100, help="first N records of validation_human")
-    parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "alpaca_plus"),
-                        help="folder with the Alpaca+ validation files")
+    parser.add_argument(
+        "--data-dir",
+        default=str(ROOT.parent / "shared" / "data" / "alpaca_plus"),
+        help="folder with the Alpaca+ validation files",
+    )
     parser.add_argument("--max-gen-toks", type=int, default=128)
-    parser.add_argument("--eval-batch-size", type=int, default=64,
-                        help="requests decoded together (batch-1 CPU decoding is bound by reading the weights)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                        help="CPU threads of each training and evaluation (1 when two parts run side by side)")
-    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
-                        help="training and evaluation dtype (bf16: use another --out; CPUs with AMX run it faster)")
-    parser.add_argument("--seed", type=int, default=None,
-                        help="training seed and generated training data's seed, instead of the configs' (use another --out)")
-    parser.add_argument("--extras", action="store_true",
-                        help="also the extra stages: gist-2, gist-5, gist-1 for 3 epochs, the untrained base on Alpaca+; passkey gist-1, -2, -4; "
-                             f"the passkey curriculum to {LONG_CONTEXT}-token haystacks")
+    parser.add_argument(
+        "--eval-batch-size",
+        type=int,
+        default=64,
+        help="requests decoded together (batch-1 CPU decoding is bound by reading the weights)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="CPU threads of each training and evaluation (1 when two parts run side by side)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="training and evaluation dtype (bf16: use another --out; CPUs with AMX run it faster)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="training seed and generated training data's seed, instead of the configs' (use another --out)",
+    )
+    parser.add_argument(
+        "--extras",
+        action="store_true",
+        help="also the extra stages: gist-2, gist-5, gist-1 for 3 epochs, the untrained base on Alpaca+; passkey gist-1, -2, -4; "
+        f"the passkey curriculum to {LONG_CONTEXT}-token haystacks",
+    )
     parser.add_argument("--passkey-samples", type=int, default=150, help="spread evenly over lengths and depths")
     parser.add_argument("--passkey-context-tokens", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--passkey-eval-seed", type=int, default=1234)
-    parser.add_argument("--long-samples", type=int, default=100,
-                        help=f"passkey examples of the long-context evaluations ({LONG_CONTEXT}-token haystacks)")
+    parser.add_argument(
+        "--long-samples",
+        type=int,
+        default=100,
+        help=f"passkey examples of the long-context evaluations ({LONG_CONTEXT}-token haystacks)",
+    )
     args = parser.parse_args(argv)
     if args.threads < 1 or args.eval_batch_size < 1:
         parser.error("--threads and --eval-batch-size must be positive")

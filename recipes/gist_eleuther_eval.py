@@ -75,7 +75,13 @@ def parse_runs(runs: Any) -> List[Dict[str, Any]]:
             raise ValueError(f"runs[{i}] has {', '.join(unknown)}: an entry takes mode, checkpoint_dir and name")
         if run["mode"] == "gist" and not run.get("checkpoint_dir"):
             raise ValueError(f"runs[{i}]: mode gist needs a checkpoint_dir (the trained gist rows)")
-        parsed.append({"name": str(run.get("name") or run["mode"]), "mode": run["mode"], "checkpoint_dir": run.get("checkpoint_dir")})
+        parsed.append(
+            {
+                "name": str(run.get("name") or run["mode"]),
+                "mode": run["mode"],
+                "checkpoint_dir": run.get("checkpoint_dir"),
+            }
+        )
     names = [r["name"] for r in parsed]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
@@ -94,8 +100,12 @@ class GistEleutherEvalRecipe(EvalRecipeInterface):
         self._tasks = [str(t) for t in (cfg.tasks if OmegaConf.is_list(cfg.tasks) else [cfg.tasks])]
         self._metadata = OmegaConf.to_container(cfg.get("metadata") or OmegaConf.create({}), resolve=True)
         self._limit = cfg.get("limit")
-        if self._limit is not None and (isinstance(self._limit, bool) or not isinstance(self._limit, (int, float)) or self._limit <= 0):
-            raise ValueError(f"limit={self._limit!r} must be a count >= 1, a fraction in (0, 1], or null for every example")
+        if self._limit is not None and (
+            isinstance(self._limit, bool) or not isinstance(self._limit, (int, float)) or self._limit <= 0
+        ):
+            raise ValueError(
+                f"limit={self._limit!r} must be a count >= 1, a fraction in (0, 1], or null for every example"
+            )
         self._batch_size = count_setting(cfg, "batch_size", default=8)
         self._max_gen_toks = count_setting(cfg, "max_gen_toks", default=256)
         self._output_dir = Path(cfg.output_dir)
@@ -119,8 +129,11 @@ class GistEleutherEvalRecipe(EvalRecipeInterface):
                 self._cfg, run["checkpoint_dir"], run["mode"], self._cfg.get("dtype", "fp32"), self._max_gen_toks
             )
             settings = {
-                "model": "torchtune_gist", "model_args": {"mode": run["mode"], "checkpoint_dir": run["checkpoint_dir"]},
-                "tasks": self._tasks, "limit": self._limit, "metadata": self._metadata,
+                "model": "torchtune_gist",
+                "model_args": {"mode": run["mode"], "checkpoint_dir": run["checkpoint_dir"]},
+                "tasks": self._tasks,
+                "limit": self._limit,
+                "metadata": self._metadata,
                 "evaluated_with": json.loads(json.dumps(evaluated_with, default=str)),
             }
             if path.is_file():
@@ -138,11 +151,18 @@ class GistEleutherEvalRecipe(EvalRecipeInterface):
                 continue
             log.info(f"{run['name']}: mode={run['mode']}, checkpoint_dir={run['checkpoint_dir']}")
             lm = TorchtuneGistLM(
-                config=self._cfg, checkpoint_dir=run["checkpoint_dir"], mode=run["mode"], batch_size=self._batch_size,
-                max_gen_toks=self._max_gen_toks, responses=str(path.with_name(RESPONSES_FILE)),
+                config=self._cfg,
+                checkpoint_dir=run["checkpoint_dir"],
+                mode=run["mode"],
+                batch_size=self._batch_size,
+                max_gen_toks=self._max_gen_toks,
+                responses=str(path.with_name(RESPONSES_FILE)),
             )
             results = lm_eval.simple_evaluate(
-                model=lm, tasks=self._tasks, limit=self._limit, log_samples=True,
+                model=lm,
+                tasks=self._tasks,
+                limit=self._limit,
+                log_samples=True,
                 task_manager=gist_task_manager(tokenizer=lm.tokenizer, **self._metadata),
             )
             print(make_table(results))

@@ -128,7 +128,10 @@ def partial_path(outputs_file: str) -> Path:
 def answer_settings(cfg: DictConfig, prompt: Optional[str]) -> Dict[str, Any]:
     """What an answer depends on besides its input: the prompt (a hash) or the loaded cache's file, the weights'
     files, the model, tokenizer, checkpointer and prompt layout sections, dtype and the sampling settings."""
-    sections = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "tokenizer", "checkpointer", "prompt_transform")}
+    sections = {
+        k: OmegaConf.to_container(cfg[k], resolve=True)
+        for k in ("model", "tokenizer", "checkpointer", "prompt_transform")
+    }
     load_cache = cfg.get("load_cache")
     return {
         "prompt_sha256": None if load_cache else hashlib.sha256((prompt or "").encode()).hexdigest(),
@@ -177,7 +180,9 @@ class GistGenerateRecipe:
         if cfg.get("gist_checkpoint_dir"):
             trained = load_gist_adapter(model, cfg.gist_checkpoint_dir).get("mask_mode", "gist")
             if trained != "gist":
-                log.warning(f"{cfg.gist_checkpoint_dir} was trained with mask_mode={trained}: its gists were not trained to hold the prompt")
+                log.warning(
+                    f"{cfg.gist_checkpoint_dir} was trained with mask_mode={trained}: its gists were not trained to hold the prompt"
+                )
         else:
             init_gist_embeddings(model)
             log.warning("gist_checkpoint_dir is not set: the gist rows are untrained (the vocabulary mean)")
@@ -240,7 +245,9 @@ class GistGenerateRecipe:
             cache = GistCache.load(cfg.load_cache, device=self._device)
             cache.check_compatible(self._model)
             if cache.batch_size != 1:
-                raise ValueError(f"{cfg.load_cache} holds {cache.batch_size} compressed prompts; gist_generate takes one")
+                raise ValueError(
+                    f"{cfg.load_cache} holds {cache.batch_size} compressed prompts; gist_generate takes one"
+                )
             saved, layout = cache.fingerprint.get("prompt_layout"), prompt_layout(cfg)
             if saved is not None and saved != layout:
                 raise ValueError(

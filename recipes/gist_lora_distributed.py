@@ -42,7 +42,9 @@ class GistLoRAFinetuneRecipeDistributed(GistFinetuneRecipeBase):
         self._custom_sharded_layers = cfg.get("custom_sharded_layers", None)
         super().setup(cfg)
 
-    def _setup_model(self, cfg_model: DictConfig, base_state_dict: Dict[str, torch.Tensor], adapter: StartingAdapter) -> nn.Module:
+    def _setup_model(
+        self, cfg_model: DictConfig, base_state_dict: Dict[str, torch.Tensor], adapter: StartingAdapter
+    ) -> nn.Module:
         start = time.perf_counter()
         model = self._build_model(cfg_model, torch.device("meta"), adapter, base_state_dict)
         set_trainable_params(model, train_lora=self._train_lora)
@@ -68,7 +70,9 @@ class GistLoRAFinetuneRecipeDistributed(GistFinetuneRecipeBase):
         )
         check_base_keys(missing, unexpected)
         initialize_dora_magnitudes(model)  # before the adapter loads: a resumed or initial magnitude wins
-        training.load_from_full_model_state_dict(model, adapter.state_dict, self._device, cpu_offload=self._fsdp_cpu_offload)
+        training.load_from_full_model_state_dict(
+            model, adapter.state_dict, self._device, cpu_offload=self._fsdp_cpu_offload
+        )
         training.validate_no_params_on_meta_device(model)
         self._log_info(f"Model built, sharded and loaded in {time.perf_counter() - start:.2f} s")
         if self._log_peak_memory_stats:
@@ -94,7 +98,9 @@ class GistLoRAFinetuneRecipeDistributed(GistFinetuneRecipeBase):
         return training.gather_cpu_state_dict(self._model, self._is_rank_zero, device=self._device)
 
     def _optimizer_state_dict(self) -> Dict[str, Any]:
-        return training.get_full_optimizer_state_dict(self._model, self._optimizer, self._is_rank_zero, device=self._device)
+        return training.get_full_optimizer_state_dict(
+            self._model, self._optimizer, self._is_rank_zero, device=self._device
+        )
 
     def _load_optimizer_state_dict(self, full_sd: Dict[str, Any]) -> None:
         training.load_from_full_optimizer_state_dict(self._model, self._optimizer, full_sd, self._device)

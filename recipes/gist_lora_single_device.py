@@ -37,7 +37,9 @@ class GistLoRAFinetuneRecipeSingleDevice(GistFinetuneRecipeBase):
     ``train_lora``, ``mask_format``); nothing else is read. torchtune's ``enable_activation_offloading``,
     ``optimizer_in_bwd`` and ``profiler`` are not implemented (an error when turned on)."""
 
-    def _setup_model(self, cfg_model: DictConfig, base_state_dict: Dict[str, torch.Tensor], adapter: StartingAdapter) -> nn.Module:
+    def _setup_model(
+        self, cfg_model: DictConfig, base_state_dict: Dict[str, torch.Tensor], adapter: StartingAdapter
+    ) -> nn.Module:
         model = self._build_model(cfg_model, self._device, adapter, base_state_dict)
         load_base_weights(model, base_state_dict)
         model.load_state_dict(adapter.state_dict, strict=False)

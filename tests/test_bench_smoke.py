@@ -62,7 +62,9 @@ def test_quick_kv_ratio_is_exact(quick_run: Path) -> None:
         assert c["gist"]["cache_bytes"] < c["gist"]["kv_bytes"]
     b = res["inference"]["batched"]
     n = b["rows"] * res["inference"]["shapes"]["gqa"]["n"]
-    assert b["full"]["kv_bytes"] * (b["k"] * b["rows"] + n) == b["gist"]["kv_bytes"] * ((b["prompt_len"] + b["k"]) * b["rows"] + n)
+    assert b["full"]["kv_bytes"] * (b["k"] * b["rows"] + n) == b["gist"]["kv_bytes"] * (
+        (b["prompt_len"] + b["k"]) * b["rows"] + n
+    )
 
 
 def test_quick_writes_markdown_and_plots(quick_run: Path) -> None:
@@ -70,8 +72,15 @@ def test_quick_writes_markdown_and_plots(quick_run: Path) -> None:
     assert "## CPU" in report and "### Goals" in report and "torch.set_num_threads(1)" in report
     assert "No GPU was lent" in report
     res = json.loads((quick_run / "results_cpu.json").read_text())
-    expected = {"train_throughput.png", "packing.png", "kv_bytes.png", "decode.png", "reuse_many.png", "compress_memory.png",
-                "score_memory.png"}
+    expected = {
+        "train_throughput.png",
+        "packing.png",
+        "kv_bytes.png",
+        "decode.png",
+        "reuse_many.png",
+        "compress_memory.png",
+        "score_memory.png",
+    }
     assert set(res["plots"]) == expected
     for name in expected:
         assert (quick_run / name).read_bytes()[:8] == PNG_MAGIC, name
@@ -89,7 +98,9 @@ def test_render_only_rebuilds_the_report_from_json(quick_run: Path) -> None:
     assert "### Goals" in (quick_run / "RESULTS.md").read_text()
 
 
-def test_bench_cpu_rejects_unknown_section(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def test_bench_cpu_rejects_unknown_section(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     monkeypatch.syspath_prepend(str(BENCH))  # the scripts import their siblings
     import bench_cpu
 
@@ -118,10 +129,19 @@ def test_bench_gpu_measures_nothing_without_gpu(tmp_path: Path) -> None:
 def test_device_check_runs_every_step(tmp_path: Path) -> None:
     """The one-call GPU check (smoke checks, recipes by name, bench_gpu.py), whole, on this device at tiny sizes:
     it must not first break on a lent GPU."""
-    env = {**os.environ, "PY": sys.executable, "DEVICE": "cuda" if torch.cuda.is_available() else "cpu",
-           "DTYPE": "bf16" if torch.cuda.is_available() else "fp32", "BENCH_ARGS": "--tiny", "OUT": str(tmp_path / "out"), "TINY": str(tmp_path / "tiny"),
-           "TIME_SCALE": "4"}  # the steps' limits are sized for a GPU; a busy 2-core CPU needs more
-    proc = subprocess.run(["bash", str(BENCH / "device_check.sh")], cwd=REPO, capture_output=True, text=True, env=env, timeout=1800)
+    env = {
+        **os.environ,
+        "PY": sys.executable,
+        "DEVICE": "cuda" if torch.cuda.is_available() else "cpu",
+        "DTYPE": "bf16" if torch.cuda.is_available() else "fp32",
+        "BENCH_ARGS": "--tiny",
+        "OUT": str(tmp_path / "out"),
+        "TINY": str(tmp_path / "tiny"),
+        "TIME_SCALE": "4",
+    }  # the steps' limits are sized for a GPU; a busy 2-core CPU needs more
+    proc = subprocess.run(
+        ["bash", str(BENCH / "device_check.sh")], cwd=REPO, capture_output=True, text=True, env=env, timeout=1800
+    )
     out = tmp_path / "out"
     summary = (out / "summary.txt").read_text()
     assert proc.returncode == 0, summary + proc.stdout[-3000:]
@@ -241,7 +261,9 @@ def test_study_reuses_an_evaluation_only_for_the_same_settings_and_checkpoint(tm
     assert not study._reusable(path, settings, str(adapter.parent))
 
 
-def test_a_ctrl_c_during_a_study_training_waits_for_its_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_ctrl_c_during_a_study_training_waits_for_its_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The recipe gets the terminal's Ctrl-C too and saves step_N before exiting: the study waits for it, then stops."""
     study = _study_module()
 

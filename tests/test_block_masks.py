@@ -77,8 +77,10 @@ def test_the_model_under_block_masks_equals_the_model_under_the_dense_mask(flex_
 
 def test_block_masks_carry_the_gist_rule(flex_model):
     """Not causal attention in disguise: after the gists, the gist mode changes what the model computes."""
-    batch = {mode: padded_gist_collate(_examples()[:1], gist_token_ids=GIST, pad_id=PAD, mask_mode=mode, block_mask=True)
-             for mode in MASK_MODES}
+    batch = {
+        mode: padded_gist_collate(_examples()[:1], gist_token_ids=GIST, pad_id=PAD, mask_mode=mode, block_mask=True)
+        for mode in MASK_MODES
+    }
     with torch.no_grad():
         outs = {mode: flex_model(b["tokens"], mask=b["mask"], input_pos=b["input_pos"]) for mode, b in batch.items()}
         causal = flex_model(batch["gist"]["tokens"])
@@ -94,9 +96,13 @@ def test_block_masks_are_built_on_the_device_attention_runs_on(packed):
     whole mask on ``block_mask_device`` (the recipe's training device). ``meta`` stands in for a GPU."""
     if packed:
         rows = PackedGistDataset(_examples(), max_seq_len=512, pad_id=PAD)
-        batch = packed_gist_collate([rows[0]], gist_token_ids=GIST, pad_id=PAD, block_mask=True, block_mask_device="meta")
+        batch = packed_gist_collate(
+            [rows[0]], gist_token_ids=GIST, pad_id=PAD, block_mask=True, block_mask_device="meta"
+        )
     else:
-        batch = padded_gist_collate(_examples(), gist_token_ids=GIST, pad_id=PAD, block_mask=True, block_mask_device="meta")
+        batch = padded_gist_collate(
+            _examples(), gist_token_ids=GIST, pad_id=PAD, block_mask=True, block_mask_device="meta"
+        )
     mask = batch["mask"]
     read_by_mask_mod = [c.cell_contents for c in mask.mask_mod.__closure__ if isinstance(c.cell_contents, torch.Tensor)]
     assert read_by_mask_mod and all(t.device.type == "meta" for t in read_by_mask_mod)

@@ -150,7 +150,8 @@ def test_unreadable_adapter_files_are_value_errors_naming_the_path(tmp_path: Pat
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{}, {"apply_lora_to_mlp": True, "apply_lora_to_output": True}, {"use_dora": True}],
+    "kwargs",
+    [{}, {"apply_lora_to_mlp": True, "apply_lora_to_output": True}, {"use_dora": True}],
     ids=["lora", "lora_mlp_output", "dora"],
 )
 def test_merged_export_matches_the_gist_model(tmp_path: Path, kwargs):
@@ -177,18 +178,37 @@ def test_merged_export_carries_the_base_folders_token_ids_and_files(tmp_path: Pa
     """As torchtune's checkpointer: the export names the base's special tokens and brings its tokenizer along."""
     base = tmp_path / "base"
     base.mkdir()
-    (base / "config.json").write_text(json.dumps({"bos_token_id": 128000, "eos_token_id": [128001, 128009], "vocab_size": 9}))
+    (base / "config.json").write_text(
+        json.dumps({"bos_token_id": 128000, "eos_token_id": [128001, 128009], "vocab_size": 9})
+    )
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         (base / name).write_text("{}")
-    for name in ("model-00001-of-00004.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                 "adapter_config.json", ".tokenizer.json.tmp-host-123", "README.md"):
+    for name in (
+        "model-00001-of-00004.safetensors",
+        "model.safetensors.index.json",
+        "pytorch_model.bin",
+        "adapter_config.json",
+        ".tokenizer.json.tmp-host-123",
+        "README.md",
+    ):
         (base / name).write_text("not for the export")
     (base / "original").mkdir()
     out = export_merged_hf(gist_llama3_1_tiny(), tmp_path / "out", base_dir=base, extra_config={"eos_token_id": 128009})
     config = json.loads((out / "config.json").read_text())
-    assert config["bos_token_id"] == 128000 and config["eos_token_id"] == 128009 and config["vocab_size"] == TINY_VOCAB_SIZE
+    assert (
+        config["bos_token_id"] == 128000
+        and config["eos_token_id"] == 128009
+        and config["vocab_size"] == TINY_VOCAB_SIZE
+    )
     assert sorted(f.name for f in out.iterdir()) == sorted(
-        ["config.json", "gist_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"]
+        [
+            "config.json",
+            "gist_config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "generation_config.json",
+        ]
     )
 
 
@@ -286,10 +306,16 @@ def test_a_write_removes_the_temporary_file_a_killed_writer_left(tmp_path: Path)
 
     target = tmp_path / "prompt.gist.safetensors"
     writer = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom torchtune_gist._io import temporary_sibling\n"
-         "with temporary_sibling(sys.argv[1]) as tmp:\n    tmp.write_bytes(b'half')\n    print(tmp, flush=True)\n"
-         "    time.sleep(60)", str(target)],
-        stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom torchtune_gist._io import temporary_sibling\n"
+            "with temporary_sibling(sys.argv[1]) as tmp:\n    tmp.write_bytes(b'half')\n    print(tmp, flush=True)\n"
+            "    time.sleep(60)",
+            str(target),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     left = Path(writer.stdout.readline().strip())
     writer.send_signal(signal.SIGKILL)
@@ -339,13 +365,17 @@ def test_a_directory_replaces_its_older_self_whole(tmp_path: Path, monkeypatch: 
     (partial / "new.safetensors").write_text("new")
     synced = []
     real_fsync = os.fsync
-    monkeypatch.setattr(_io.os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd))[1])
+    monkeypatch.setattr(
+        _io.os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd))[1]
+    )
     _io.replace_directory(partial, target)
     assert [p.name for p in target.iterdir()] == ["new.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_4"] and synced == [str(partial), str(tmp_path)]
 
 
-def test_a_save_cut_between_its_two_renames_is_put_in_place_at_the_next_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_a_save_cut_between_its_two_renames_is_put_in_place_at_the_next_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     """The old checkpoint renamed aside, the crash before the new one is renamed in: the next start puts the new one
     (complete: it was finished before the renames) in place instead of deleting both."""
     from torchtune_gist import _io
@@ -383,4 +413,7 @@ def test_unwritable_reason_names_a_folder_this_process_may_not_write(tmp_path: P
     assert "lies under" in _io.unwritable_reason(tmp_path / "file" / "out", directory=True)
     monkeypatch.setattr(_io.os, "access", lambda path, mode: Path(path) != tmp_path)  # as on a read-only mount
     for path in (tmp_path, tmp_path / "new" / "out.json"):
-        assert _io.unwritable_reason(path, directory=path == tmp_path) == f"this process may not write in {tmp_path} (read-only, or another user's)"
+        assert (
+            _io.unwritable_reason(path, directory=path == tmp_path)
+            == f"this process may not write in {tmp_path} (read-only, or another user's)"
+        )

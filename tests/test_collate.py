@@ -106,15 +106,20 @@ def test_collated_mask_reaches_attention():
     """Through a real torchtune decoder: the collated mask decides what the tokens after the gists see."""
     model = llama3_1(**TINY_LLAMA3_1_ARGS).eval()
     batch = BATCH[:2]
-    changed = [dict(ex, tokens=[(t + 5) % 256 if i < ex["gist_start"] else t for i, t in enumerate(ex["tokens"])])
-               for ex in batch]
+    changed = [
+        dict(ex, tokens=[(t + 5) % 256 if i < ex["gist_start"] else t for i, t in enumerate(ex["tokens"])])
+        for ex in batch
+    ]
 
     def logits(examples, mode):
         out = padded_gist_collate(examples, gist_token_ids=GIST, pad_id=PAD, mask_mode=mode)
         return model(out["tokens"], mask=out["mask"], input_pos=out["input_pos"])
 
-    out = {(name, mode): logits(examples, mode) for name, examples in (("orig", batch), ("changed", changed))
-           for mode in MASK_MODES}
+    out = {
+        (name, mode): logits(examples, mode)
+        for name, examples in (("orig", batch), ("changed", changed))
+        for mode in MASK_MODES
+    }
     for i, ex in enumerate(batch):
         upto = slice(0, ex["gist_start"] + len(GIST))
         after = slice(ex["gist_start"] + len(GIST), len(ex["tokens"]))
@@ -139,7 +144,9 @@ def test_padded_collate_errors():
     with pytest.raises(ValueError, match="gist_token_ids must be a list of the K gist token ids, got 510"):
         padded_gist_collate(BATCH, gist_token_ids=510, pad_id=PAD)  # a bare id from YAML
     with pytest.raises(ValueError, match="batch example 1: tokens must be integer ids, got dtype torch.float32"):
-        padded_gist_collate([BATCH[0], {"tokens": [1.5, 510, 511], "labels": [IGNORE] * 3}], gist_token_ids=GIST, pad_id=PAD)
+        padded_gist_collate(
+            [BATCH[0], {"tokens": [1.5, 510, 511], "labels": [IGNORE] * 3}], gist_token_ids=GIST, pad_id=PAD
+        )
     with pytest.raises(ValueError, match="batch example 1: tokens \\(3\\) and labels \\(2\\)"):
         padded_gist_collate([BATCH[0], {"tokens": [1, 2, 3], "labels": [1, 2]}], gist_token_ids=GIST, pad_id=PAD)
     split_span = {"tokens": [1, 510, 2, 511, 3], "labels": [IGNORE] * 5}
@@ -149,8 +156,13 @@ def test_padded_collate_errors():
 
 # ----------------------------------------------------------------------------- packing
 
-DOCS = [_example(3, 4, start=1), _example(2, 2, start=20), _example(6, 5, gists=False, start=40),
-        _example(4, 3, start=60), _example(9, 9, start=80)]
+DOCS = [
+    _example(3, 4, start=1),
+    _example(2, 2, start=20),
+    _example(6, 5, gists=False, start=40),
+    _example(4, 3, start=60),
+    _example(9, 9, start=80),
+]
 
 
 def test_packing_is_greedy_and_never_splits():

@@ -99,9 +99,10 @@ def test_column_map(tiny_tokenizer):
     mapped = GistInstructTransform(t, column_map={"instruction": "q", "input": "ctx", "output": "a"})
     assert mapped({"q": "Add the numbers.", "ctx": "2, 3", "a": "5"}) == GistInstructTransform(t)(RECORD)
     no_input = GistInstructTransform(t, column_map={"input": None})
-    assert no_input({"instruction": "Say hi.", "output": "hi"})["tokens"] == GistInstructTransform(t)(
-        {"instruction": "Say hi.", "input": "", "output": "hi"}
-    )["tokens"]
+    assert (
+        no_input({"instruction": "Say hi.", "output": "hi"})["tokens"]
+        == GistInstructTransform(t)({"instruction": "Say hi.", "input": "", "output": "hi"})["tokens"]
+    )
 
 
 # ----------------------------------------------------------------------------- truncation
@@ -139,7 +140,10 @@ def test_truncate_drop_and_errors(tiny_tokenizer):
     assert truncate_example(ex, max_seq_len=len(ex["tokens"]), truncation="drop") == ex
     assert truncate_example(ex, max_seq_len=10, truncation="drop") is None
     assert truncate_example(ex, max_seq_len=ex["prompt_len"], truncation="output_right") is None  # no output token left
-    assert len(truncate_example(ex, max_seq_len=ex["prompt_len"] + 1, truncation="output_right")["tokens"]) == ex["prompt_len"] + 1
+    assert (
+        len(truncate_example(ex, max_seq_len=ex["prompt_len"] + 1, truncation="output_right")["tokens"])
+        == ex["prompt_len"] + 1
+    )
     with pytest.raises(ValueError, match="cannot fit"):
         truncate_example(ex, max_seq_len=30, truncation="prompt_left")
     with pytest.raises(ValueError, match="unknown truncation"):
@@ -173,7 +177,11 @@ def test_dataset_counts_truncated_and_dropped(tiny_tokenizer, caplog):
     [
         ({"input": "", "output": "x"}, ValueError, "record 1: missing field 'instruction'"),
         ({"instruction": "Hi", "input": ""}, ValueError, "record 1: missing field 'output'"),
-        ({"instruction": "Hi", "output": "x"}, ValueError, r"record 1: missing field 'input' \(data without inputs: column_map"),
+        (
+            {"instruction": "Hi", "output": "x"},
+            ValueError,
+            r"record 1: missing field 'input' \(data without inputs: column_map",
+        ),
         ({"instruction": "  ", "input": "", "output": "x"}, ValueError, "record 1: field 'instruction' is empty"),
         ({"instruction": "Hi", "input": "", "output": 5}, TypeError, "record 1: field 'output' must be a string"),
         ({"instruction": None, "input": "", "output": "x"}, ValueError, "record 1: missing field 'instruction'"),
@@ -195,7 +203,9 @@ def test_llama3_chat_strips_fields_like_torchtune(tiny_tokenizer):
     transform = GistInstructTransform(tiny_tokenizer, num_gist_tokens=2, template="llama3_chat")
     padded = {"instruction": "  Add the numbers.\n", "input": " 2, 3 ", "output": "5 \n"}
     assert transform(padded) == transform(RECORD)
-    assert transform.encode_prompt(" Add the numbers. ", "2, 3\n") == transform.encode_prompt("Add the numbers.", "2, 3")
+    assert transform.encode_prompt(" Add the numbers. ", "2, 3\n") == transform.encode_prompt(
+        "Add the numbers.", "2, 3"
+    )
 
 
 def test_null_input_means_no_input(tiny_tokenizer):
@@ -272,7 +282,7 @@ def test_builder_reads_jsonl_and_parquet(tiny_tokenizer, tmp_path):
 
 def test_builder_errors(tiny_tokenizer, tmp_path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps(RECORD) + "\n{\"instruction\": \n")
+    bad.write_text(json.dumps(RECORD) + '\n{"instruction": \n')
     with pytest.raises(ValueError, match="could not read .*bad.jsonl"):
         gist_instruct_dataset(tiny_tokenizer, source="json", data_files=str(bad))
     good = tmp_path / "good.jsonl"
@@ -284,9 +294,7 @@ def test_builder_errors(tiny_tokenizer, tmp_path):
     with pytest.raises(ValueError, match="packed=True needs max_seq_len"):
         gist_instruct_dataset(tiny_tokenizer, source="json", data_files=str(good), packed=True)
     with pytest.raises(ValueError, match="good.jsonl: record 0: missing field 'prompt'"):
-        gist_instruct_dataset(
-            tiny_tokenizer, source="json", data_files=str(good), column_map={"instruction": "prompt"}
-        )
+        gist_instruct_dataset(tiny_tokenizer, source="json", data_files=str(good), column_map={"instruction": "prompt"})
 
 
 @pytest.mark.parametrize(
@@ -320,8 +328,16 @@ def _si(instruction: str, input: str, output: str = "o") -> dict:
 
 
 SELF_INSTRUCT = [
-    _si("A", "a1"), _si("B", "b1"), _si("A", "a2"), _si("C", ""), _si("C", "c2"),
-    _si("A", "a1", "dup"), _si("D", "d1"), _si("D", "d2"), _si("E", "e1"), _si("E", "e2"),
+    _si("A", "a1"),
+    _si("B", "b1"),
+    _si("A", "a2"),
+    _si("C", ""),
+    _si("C", "c2"),
+    _si("A", "a1", "dup"),
+    _si("D", "d1"),
+    _si("D", "d2"),
+    _si("E", "e1"),
+    _si("E", "e2"),
 ]
 ALPACA = [_si("A", "x"), _si("F", ""), _si("G", "g1"), _si("H", "h1"), _si("G", "")]
 
@@ -337,7 +353,9 @@ def test_split_alpaca_plus_follows_the_official_procedure():
     # The rest in order; the duplicate (A, a1, "dup") of the validation example is dropped.
     self_instruct_rest = [("A", "a2"), ("B", "b1"), ("C", ""), ("C", "c2"), ("D", "d2"), ("E", "e1"), ("E", "e2")]
     assert key(splits["train"]) == [(i, x, "self_instruct") for i, x in self_instruct_rest] + [
-        ("A", "x", "alpaca"), ("F", "", "alpaca"), ("H", "h1", "alpaca")
+        ("A", "x", "alpaca"),
+        ("F", "", "alpaca"),
+        ("H", "h1", "alpaca"),
     ]
     assert all(r["output"] == "o" for r in splits["train"])
 
@@ -353,8 +371,11 @@ def test_build_alpaca_plus_train_files_and_cli(tiny_tokenizer, tmp_path):
     (tmp_path / "all_instances.jsonl").write_text("".join(json.dumps(r) + "\n" for r in SELF_INSTRUCT))
     out = tmp_path / "out"
     counts = build_alpaca_plus_train(
-        tmp_path / "alpaca_data.json", tmp_path / "all_instances.jsonl", out,
-        num_validation_seen=2, num_validation_unseen=1,
+        tmp_path / "alpaca_data.json",
+        tmp_path / "all_instances.jsonl",
+        out,
+        num_validation_seen=2,
+        num_validation_unseen=1,
     )
     assert counts == {"train": 10, "validation_seen": 2, "validation_unseen": 1}
     train = json.loads((out / "alpaca_plus_train.json").read_text())
@@ -365,18 +386,31 @@ def test_build_alpaca_plus_train_files_and_cli(tiny_tokenizer, tmp_path):
     assert len(ds) == 10
     with pytest.raises(ValueError, match="output files exist"):
         build_alpaca_plus_train(tmp_path / "alpaca_data.json", tmp_path / "all_instances.jsonl", out)
-    cli = alpaca_plus_main([
-        "--alpaca", str(tmp_path / "alpaca_data.json"), "--self-instruct", str(tmp_path / "all_instances.jsonl"),
-        "--out", str(out), "--num-validation-seen", "2", "--num-validation-unseen", "1", "--overwrite",
-    ])
+    cli = alpaca_plus_main(
+        [
+            "--alpaca",
+            str(tmp_path / "alpaca_data.json"),
+            "--self-instruct",
+            str(tmp_path / "all_instances.jsonl"),
+            "--out",
+            str(out),
+            "--num-validation-seen",
+            "2",
+            "--num-validation-unseen",
+            "1",
+            "--overwrite",
+        ]
+    )
     assert cli == counts
 
 
 def test_alpaca_plus_cli_reports_bad_sources_without_a_traceback(tmp_path, capsys):
-    (tmp_path / "alpaca.json").write_text("{\"instruction\": ")
+    (tmp_path / "alpaca.json").write_text('{"instruction": ')
     for alpaca, match in ((tmp_path / "missing.json", "missing.json"), (tmp_path / "alpaca.json", "not valid JSON")):
         with pytest.raises(SystemExit) as exit_info:
-            alpaca_plus_main(["--alpaca", str(alpaca), "--self-instruct", str(tmp_path / "si.jsonl"), "--out", str(tmp_path / "o")])
+            alpaca_plus_main(
+                ["--alpaca", str(alpaca), "--self-instruct", str(tmp_path / "si.jsonl"), "--out", str(tmp_path / "o")]
+            )
         assert exit_info.value.code == 2
         err = capsys.readouterr().err
         assert "error:" in err and match in err and "Traceback" not in err
@@ -390,6 +424,6 @@ def test_build_alpaca_plus_train_malformed_sources(tmp_path):
     (tmp_path / "si.jsonl").write_text(json.dumps({"instruction": "A", "input": "a"}) + "\n")
     with pytest.raises(ValueError, match="self_instruct: record 0: field 'output' is missing"):
         build_alpaca_plus_train(tmp_path / "alpaca.json", tmp_path / "si.jsonl", tmp_path / "out")
-    (tmp_path / "alpaca.json").write_text("{\"instruction\": ")
+    (tmp_path / "alpaca.json").write_text('{"instruction": ')
     with pytest.raises(ValueError, match="alpaca.json: not valid JSON"):
         build_alpaca_plus_train(tmp_path / "alpaca.json", tmp_path / "si.jsonl", tmp_path / "out")

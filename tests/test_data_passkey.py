@@ -124,16 +124,25 @@ def test_korean_dataset(tiny_tokenizer):
 def test_examples_longer_than_max_seq_len_are_refused_not_truncated(tiny_tokenizer, tiny_tokenizer_files):
     """A cut-off answer would teach nothing: every example's exact length is checked up front (from its measured
     context, so long haystacks are not tokenized twice), and again on access."""
-    ds = gist_passkey_dataset(tiny_tokenizer, num_gist_tokens=2, num_samples=6, context_tokens=[100, 300], max_seq_len=400)
+    ds = gist_passkey_dataset(
+        tiny_tokenizer, num_gist_tokens=2, num_samples=6, context_tokens=[100, 300], max_seq_len=400
+    )
     assert [ds.transform.num_tokens(r) for r in ds.records] == [len(ds[i]["tokens"]) for i in range(6)]
     assert max(len(ds[i]["tokens"]) for i in range(6)) <= 400
-    with pytest.raises(ValueError, match=r"3 of 6 passkey examples are longer than max_seq_len=200 .*example 1 with 3\d\d tokens \(\d+ of context\) first.*context_tokens"):
-        gist_passkey_dataset(tiny_tokenizer, num_gist_tokens=2, num_samples=6, context_tokens=[100, 300], max_seq_len=200)
+    with pytest.raises(
+        ValueError,
+        match=r"3 of 6 passkey examples are longer than max_seq_len=200 .*example 1 with 3\d\d tokens \(\d+ of context\) first.*context_tokens",
+    ):
+        gist_passkey_dataset(
+            tiny_tokenizer, num_gist_tokens=2, num_samples=6, context_tokens=[100, 300], max_seq_len=200
+        )
     one_length = gist_passkey_dataset(tiny_tokenizer, num_gist_tokens=2, num_samples=6, context_tokens=100)
     lengths = [len(one_length[i]["tokens"]) for i in range(6)]
     assert lengths[0] < max(lengths)  # the measured contexts of one target differ by a token or two
     with pytest.raises(ValueError, match=f"example {lengths.index(max(lengths))} with {max(lengths)} tokens"):
-        gist_passkey_dataset(tiny_tokenizer, num_gist_tokens=2, num_samples=6, context_tokens=100, max_seq_len=lengths[0])
+        gist_passkey_dataset(
+            tiny_tokenizer, num_gist_tokens=2, num_samples=6, context_tokens=100, max_seq_len=lengths[0]
+        )
     bounded = llama3_tokenizer(str(tiny_tokenizer_files[0]), str(tiny_tokenizer_files[1]), max_seq_len=200)
     with pytest.raises(ValueError, match="longer than max_seq_len=200"):  # the tokenizer's bound is the default
         gist_passkey_dataset(bounded, num_gist_tokens=2, num_samples=1, context_tokens=300)
@@ -174,7 +183,9 @@ def test_eval_records_never_repeat_training_records(tiny_tokenizer):
     assert configs and EVAL_SEED not in train_seeds
 
     def seeds(seed: int, depths=None) -> set:
-        return {r["seed"] for r in make_passkey_samples(tiny_tokenizer, 40, context_tokens=64, depths=depths, seed=seed)}
+        return {
+            r["seed"] for r in make_passkey_samples(tiny_tokenizer, 40, context_tokens=64, depths=depths, seed=seed)
+        }
 
     evaluation = seeds(EVAL_SEED, depths=[0.0, 0.5, 1.0])
     for seed in train_seeds:

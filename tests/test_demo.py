@@ -12,8 +12,14 @@ from torchtune_gist.demo import DemoSettings, run
 @pytest.mark.slow
 def test_short_demo_produces_table_and_plot_and_gist_beats_negative_control(tmp_path: Path, capsys):
     settings = DemoSettings(
-        out=tmp_path / "demo", context_tokens=64, passkey_digits=3, num_gist_tokens=4,
-        base_steps=120, gist_steps=120, control_steps=10, eval_samples=40,  # gist 50%, no context 0% (2026-12-03)
+        out=tmp_path / "demo",
+        context_tokens=64,
+        passkey_digits=3,
+        num_gist_tokens=4,
+        base_steps=120,
+        gist_steps=120,
+        control_steps=10,
+        eval_samples=40,  # gist 50%, no context 0% (2026-12-03)
     )
     results = run(settings)
     out = capsys.readouterr().out
@@ -80,7 +86,9 @@ def test_long_demo_contexts_find_the_gist_route_short_first():
 
     assert gist_phases(DemoSettings(context_tokens=128)) == [("gist", 128, 450, 2e-3)]
     assert gist_phases(DemoSettings(context_tokens=1024, long_gist_steps=150)) == [
-        ("gist_short", 128, 450, 2e-3), ("gist", 1024, 150, 1e-3)]
+        ("gist_short", 128, 450, 2e-3),
+        ("gist", 1024, 150, 1e-3),
+    ]
 
 
 def test_demo_cli_reports_impossible_settings_without_a_traceback(tmp_path: Path, capsys):
@@ -93,8 +101,10 @@ def test_demo_cli_reports_impossible_settings_without_a_traceback(tmp_path: Path
 
 @pytest.mark.parametrize(
     "argv, message",
-    [(["--context-tokens", "40"], "context_tokens=40 is too short: the needle alone is"),
-     (["--num-gist-tokens", "250"], "the tokenizer has only 245 reserved special tokens")],
+    [
+        (["--context-tokens", "40"], "context_tokens=40 is too short: the needle alone is"),
+        (["--num-gist-tokens", "250"], "the tokenizer has only 245 reserved special tokens"),
+    ],
 )
 def test_demo_cli_reports_what_the_data_and_tokenizer_cannot_hold(tmp_path: Path, capsys, argv, message):
     from torchtune_gist.demo import main
@@ -154,8 +164,10 @@ def test_demo_runs_stage_2_through_the_running_python(tmp_path: Path, monkeypatc
     assert calls[0][:5] == [sys.executable, "-m", "torchtune._cli.tune", "run", "gist_lora_single_device"]
 
 
-@pytest.mark.parametrize("argv, out", [([], "outputs/demo"), (["--quick"], "outputs/demo_quick"),
-                                       (["--quick", "--out", "elsewhere"], "elsewhere")])
+@pytest.mark.parametrize(
+    "argv, out",
+    [([], "outputs/demo"), (["--quick"], "outputs/demo_quick"), (["--quick", "--out", "elsewhere"], "elsewhere")],
+)
 def test_demo_quick_has_its_own_output_folder(monkeypatch, argv, out):
     from torchtune_gist import demo
 
@@ -171,12 +183,22 @@ def test_demo_table_shows_what_each_mode_keeps():
     from torchtune_gist.eval import kept_ratio
 
     def row(mode: str) -> dict:
-        return {"mode": mode, "model": "m", "accuracy": 1.0, "accuracy_interval": [1.0, 1.0], "context_tokens": 128.0, "num_gist_tokens": 8,
-                "compression_ratio": kept_ratio(mode, 128.0, 8), "kv_bytes": 1024.0}
+        return {
+            "mode": mode,
+            "model": "m",
+            "accuracy": 1.0,
+            "accuracy_interval": [1.0, 1.0],
+            "context_tokens": 128.0,
+            "num_gist_tokens": 8,
+            "compression_ratio": kept_ratio(mode, 128.0, 8),
+            "kv_bytes": 1024.0,
+        }
 
     assert kept_ratio("truncate", 4.0, 8) == 1.0
-    cells = {line.split("|")[1].strip(): line.split("|")[6].strip()
-             for line in results_table([row(m) for m in ("gist", "pos_control", "neg_control", "truncate")]).splitlines()[2:]}
+    cells = {
+        line.split("|")[1].strip(): line.split("|")[6].strip()
+        for line in results_table([row(m) for m in ("gist", "pos_control", "neg_control", "truncate")]).splitlines()[2:]
+    }
     assert cells == {"gist": "16.0x", "pos_control": "1x (full)", "neg_control": "-", "truncate": "16.0x"}
 
 
@@ -202,12 +224,25 @@ def test_a_gist_stage_stopped_by_ctrl_c_is_waited_for_and_goes_on_from_its_check
             raise AssertionError("killed before it saved")
 
     monkeypatch.setattr(demo.subprocess, "Popen", Recipe)
-    args = (DemoSettings(out=tmp_path), tmp_path / "assets", tmp_path / "base", tmp_path / "gist", "gist", 10, 128, 1e-3)
+    args = (
+        DemoSettings(out=tmp_path),
+        tmp_path / "assets",
+        tmp_path / "base",
+        tmp_path / "gist",
+        "gist",
+        10,
+        128,
+        1e-3,
+    )
     with pytest.raises(KeyboardInterrupt):
         demo.run_gist_recipe(*args, initial_adapter=tmp_path / "earlier")
     assert len(waits) == 2 and any(a.startswith("initial_adapter=") for a in calls[0])
-    save_recipe_state(tmp_path / "gist" / "step_3" / RECIPE_STATE_FILE, optimizer_state={"state": {}, "param_groups": []},
-                      progress={"global_step": 3}, rng_states={})
+    save_recipe_state(
+        tmp_path / "gist" / "step_3" / RECIPE_STATE_FILE,
+        optimizer_state={"state": {}, "param_groups": []},
+        progress={"global_step": 3},
+        rng_states={},
+    )
     (tmp_path / "gist" / "step_3" / "gist_adapter.safetensors").write_bytes(b"")
     demo.run_gist_recipe(*args, initial_adapter=tmp_path / "earlier")
     assert "resume_from_checkpoint=True" in calls[1] and not any(a.startswith("initial_adapter=") for a in calls[1])

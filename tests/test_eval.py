@@ -40,7 +40,12 @@ from torchtune_gist.eval import (
 )
 from torchtune_gist.generation import GENERATION_MODES, generate
 from torchtune_gist.masks import make_gist_mask
-from torchtune_gist.models import gist_llama3_1_tiny, lora_gist_llama3_1_tiny, lora_gist_llama3_2, qlora_gist_llama3_1_tiny
+from torchtune_gist.models import (
+    gist_llama3_1_tiny,
+    lora_gist_llama3_1_tiny,
+    lora_gist_llama3_2,
+    qlora_gist_llama3_1_tiny,
+)
 from torchtune_gist.tiny import TINY_LLAMA3_1_ARGS
 from torchtune_gist.training import load_base_weights
 
@@ -84,7 +89,9 @@ def task_manager(tiny_tokenizer: Any, alpaca_plus_dir: Path) -> Any:
     return gist_task_manager(tokenizer=tiny_tokenizer, data_dir=str(alpaca_plus_dir), **PASSKEY_SETTINGS)
 
 
-def _evaluate(lm: TorchtuneGistLM, tasks: List[str], task_manager: Any, limit: int = 2, **kwargs: Any) -> Dict[str, Any]:
+def _evaluate(
+    lm: TorchtuneGistLM, tasks: List[str], task_manager: Any, limit: int = 2, **kwargs: Any
+) -> Dict[str, Any]:
     return lm_eval.simple_evaluate(
         model=lm, tasks=tasks, task_manager=task_manager, limit=limit, bootstrap_iters=0, **kwargs
     )
@@ -112,8 +119,17 @@ def test_rouge_equals_rouge_score() -> None:
 
 @pytest.mark.parametrize(
     "output, expected",
-    [("71432", 1.0), (" 71432.", 1.0), ("The pass key is 71432", 1.0), ("71432 then 9", 1.0),
-     ("714321", 0.0), ("7143", 0.0), ("no digits", 0.0), ("12 71432", 0.0), ("", 0.0)],
+    [
+        ("71432", 1.0),
+        (" 71432.", 1.0),
+        ("The pass key is 71432", 1.0),
+        ("71432 then 9", 1.0),
+        ("714321", 0.0),
+        ("7143", 0.0),
+        ("no digits", 0.0),
+        ("12 71432", 0.0),
+        ("", 0.0),
+    ],
 )
 def test_passkey_exact_match(output: str, expected: float) -> None:
     assert passkey_exact_match(output, "71432") == expected
@@ -129,11 +145,16 @@ def test_process_results_report_the_gist_metrics() -> None:
     passkey_doc = {"passkey": "71432", "target_context_tokens": 3000, "compression_ratio": 250.0}
     assert passkey_process_results(passkey_doc, ["71432"]) == {"acc": 1.0, "acc_3000": 1.0}  # another model: no ratio
     assert passkey_process_results(passkey_doc, [GistGeneration("1", 2990, 10, 8)]) == {
-        "acc": 0.0, "acc_3000": 0.0, "compression_ratio": 299.0, "kv_bytes": 8.0,
+        "acc": 0.0,
+        "acc_3000": 0.0,
+        "compression_ratio": 299.0,
+        "kv_bytes": 8.0,
     }
     # The ratio says what each mode keeps of the prompt: all of it, its last K tokens, or nothing.
-    ratios = {mode: passkey_process_results(passkey_doc, [GistGeneration("1", 2990, 10, 8, mode)]).get("compression_ratio")
-              for mode in GENERATION_MODES}
+    ratios = {
+        mode: passkey_process_results(passkey_doc, [GistGeneration("1", 2990, 10, 8, mode)]).get("compression_ratio")
+        for mode in GENERATION_MODES
+    }
     assert ratios == {"gist": 299.0, "truncate": 299.0, "pos_control": 1.0, "neg_control": None}
     assert kept_ratio("truncate", 4, 8) == 1.0
 
@@ -141,7 +162,13 @@ def test_process_results_report_the_gist_metrics() -> None:
 def test_gist_generation_survives_pickling() -> None:
     out = pickle.loads(pickle.dumps(GistGeneration("abc", 12, 4, 100, "pos_control")))
     assert out == "abc" and isinstance(out, GistGeneration)
-    assert (out.prompt_tokens, out.num_gist_tokens, out.kv_bytes, out.mode, out.compression_ratio) == (12, 4, 100, "pos_control", 1.0)
+    assert (out.prompt_tokens, out.num_gist_tokens, out.kv_bytes, out.mode, out.compression_ratio) == (
+        12,
+        4,
+        100,
+        "pos_control",
+        1.0,
+    )
 
 
 # ----------------------------------------------------------------------------- task data and prompts
@@ -154,28 +181,48 @@ def test_prompts_tokenize_like_the_training_data(tiny_model: torch.nn.Module, ti
         text = alpaca_plus_doc_to_text(doc)
         assert text.count(GIST_MARKER) == 1
         prompt, continuation = lm.encode_context(text)
-        assert prompt + lm.gist_token_ids + continuation == instruct.encode_prompt(doc["instruction"], doc["input"])["tokens"]
+        assert (
+            prompt + lm.gist_token_ids + continuation
+            == instruct.encode_prompt(doc["instruction"], doc["input"])["tokens"]
+        )
     assert alpaca_plus_doc_to_text({"instruction": "I", "input": "x"}) == "Instruction: I\n<GIST>\nInput: x\nOutput:"
     assert alpaca_plus_doc_to_text({"instruction": "I", "input": ""}) == "Instruction: I\n<GIST>\nOutput:"
 
     record = passkey_dataset(passkey_language="en", tokenizer=tiny_tokenizer, **PASSKEY_SETTINGS)["test"][0]
     prompt, continuation = lm.encode_context(passkey_doc_to_text(record))
-    expected = GistPasskeyTransform(tiny_tokenizer, num_gist_tokens=K).encode_prompt(record["context"], record["question"])
+    expected = GistPasskeyTransform(tiny_tokenizer, num_gist_tokens=K).encode_prompt(
+        record["context"], record["question"]
+    )
     assert prompt + lm.gist_token_ids + continuation == expected["tokens"]
     assert len(prompt) - 1 == record["context_tokens"]  # BOS excluded
 
 
 def test_passkey_dataset_settings(tiny_tokenizer: Any) -> None:
-    data = passkey_dataset(passkey_language="ko", tokenizer=tiny_tokenizer, num_samples=3, context_tokens=[130, 150],
-                           depths=[0.0, 1.0], seed=1, num_gist_tokens=5, mode="gist", batch_size=2)["test"]
+    data = passkey_dataset(
+        passkey_language="ko",
+        tokenizer=tiny_tokenizer,
+        num_samples=3,
+        context_tokens=[130, 150],
+        depths=[0.0, 1.0],
+        seed=1,
+        num_gist_tokens=5,
+        mode="gist",
+        batch_size=2,
+    )["test"]
     assert len(data) == 3
     assert data["target_context_tokens"] == [130, 150, 130]
     assert data["depth"] == [0.0, 1.0, 0.0]
     assert all("패스키" in c and p in c for c, p in zip(data["context"], data["passkey"]))
     assert all(n <= t for n, t in zip(data["context_tokens"], data["target_context_tokens"]))
     assert data["compression_ratio"] == [n / 5 for n in data["context_tokens"]]
-    again = passkey_dataset(passkey_language="ko", tokenizer=tiny_tokenizer, num_samples=3, context_tokens=[130, 150],
-                            depths=[0.0, 1.0], seed=1)["test"]
+    again = passkey_dataset(
+        passkey_language="ko",
+        tokenizer=tiny_tokenizer,
+        num_samples=3,
+        context_tokens=[130, 150],
+        depths=[0.0, 1.0],
+        seed=1,
+    )["test"]
     assert again["context"] == data["context"]
 
 
@@ -192,30 +239,51 @@ def test_alpaca_plus_location_from_the_environment(alpaca_plus_dir: Path, monkey
 
 def test_shipped_tasks_are_found() -> None:
     tm = gist_task_manager()
-    assert {"gist_passkey", "gist_passkey_ko", "alpaca_plus", "alpaca_plus_seen", "alpaca_plus_unseen",
-            "alpaca_plus_human"} <= set(tm.all_tasks)
+    assert {
+        "gist_passkey",
+        "gist_passkey_ko",
+        "alpaca_plus",
+        "alpaca_plus_seen",
+        "alpaca_plus_unseen",
+        "alpaca_plus_human",
+    } <= set(tm.all_tasks)
     assert sorted(p.name for p in TASKS_DIR.glob("*.yaml")) == [
-        "alpaca_plus.yaml", "alpaca_plus_human.yaml", "alpaca_plus_seen.yaml", "alpaca_plus_unseen.yaml",
-        "gist_passkey.yaml", "gist_passkey_ko.yaml",
+        "alpaca_plus.yaml",
+        "alpaca_plus_human.yaml",
+        "alpaca_plus_seen.yaml",
+        "alpaca_plus_unseen.yaml",
+        "gist_passkey.yaml",
+        "gist_passkey_ko.yaml",
     ]
 
 
 # ----------------------------------------------------------------------------- the model through the harness
 
 
-def _reference_outputs(model: torch.nn.Module, tokenizer: Any, mode: str, layouts: List[Dict[str, Any]], max_new_tokens: int) -> List[str]:
+def _reference_outputs(
+    model: torch.nn.Module, tokenizer: Any, mode: str, layouts: List[Dict[str, Any]], max_new_tokens: int
+) -> List[str]:
     """What the caching helper's ``generate`` gives for token layouts made by the data transforms, one at a time."""
     texts = []
     for layout in layouts:
         cut = layout["gist_start"] + K
-        out = generate(model, [layout["tokens"][:cut]], [layout["tokens"][cut:]], mode=mode,
-                       max_new_tokens=max_new_tokens, stop_tokens=tokenizer.stop_tokens, pad_id=tokenizer.pad_id)
+        out = generate(
+            model,
+            [layout["tokens"][:cut]],
+            [layout["tokens"][cut:]],
+            mode=mode,
+            max_new_tokens=max_new_tokens,
+            stop_tokens=tokenizer.stop_tokens,
+            pad_id=tokenizer.pad_id,
+        )
         texts.append(tokenizer.decode([t for t in out.tokens[0] if t not in tokenizer.stop_tokens]))
     return texts
 
 
 @pytest.mark.parametrize("mode", GENERATION_MODES)
-def test_every_task_in_every_mode(mode: str, tiny_model: torch.nn.Module, tiny_tokenizer: Any, task_manager: Any) -> None:
+def test_every_task_in_every_mode(
+    mode: str, tiny_model: torch.nn.Module, tiny_tokenizer: Any, task_manager: Any
+) -> None:
     """All tasks run; metrics are in range; outputs equal the caching helper's ``generate`` (nothing added or dropped)."""
     lm = TorchtuneGistLM(model=tiny_model, tokenizer=tiny_tokenizer, mode=mode, batch_size=2)
     out = _evaluate(lm, ALL_TASKS, task_manager, gen_kwargs={"max_gen_toks": 3}, log_samples=True)
@@ -263,24 +331,44 @@ def test_kv_bytes_follow_the_mode(tiny_model: torch.nn.Module, tiny_tokenizer: A
 
 def test_kv_bytes_per_example_do_not_depend_on_the_batch(tiny_model: torch.nn.Module, tiny_tokenizer: Any) -> None:
     """Each example reports its own entries: batched beside longer rows, it holds what it held alone."""
-    contexts = ["Instruction: " + "Count the words. " * n + "\n<GIST>\nInput: " + "x " * (4 - n) + "\nOutput:" for n in range(1, 5)]
-    requests = [Instance("generate_until", {}, (c, {"until": [], "max_gen_toks": 3}), i) for i, c in enumerate(contexts)]
+    contexts = [
+        "Instruction: " + "Count the words. " * n + "\n<GIST>\nInput: " + "x " * (4 - n) + "\nOutput:"
+        for n in range(1, 5)
+    ]
+    requests = [
+        Instance("generate_until", {}, (c, {"until": [], "max_gen_toks": 3}), i) for i, c in enumerate(contexts)
+    ]
     for mode in GENERATION_MODES:
-        alone = [TorchtuneGistLM(model=tiny_model, tokenizer=tiny_tokenizer, mode=mode).generate_until([r])[0] for r in requests]
-        batched = TorchtuneGistLM(model=tiny_model, tokenizer=tiny_tokenizer, mode=mode, batch_size=4).generate_until(requests)
+        alone = [
+            TorchtuneGistLM(model=tiny_model, tokenizer=tiny_tokenizer, mode=mode).generate_until([r])[0]
+            for r in requests
+        ]
+        batched = TorchtuneGistLM(model=tiny_model, tokenizer=tiny_tokenizer, mode=mode, batch_size=4).generate_until(
+            requests
+        )
         assert batched == alone
         assert [o.kv_bytes for o in batched] == [o.kv_bytes for o in alone], mode
 
 
-def test_progress_bars_count_the_requests(tiny_model: torch.nn.Module, tiny_tokenizer: Any, capsys: pytest.CaptureFixture) -> None:
+def test_progress_bars_count_the_requests(
+    tiny_model: torch.nn.Module, tiny_tokenizer: Any, capsys: pytest.CaptureFixture
+) -> None:
     """Generation and scoring show lm-eval's usual progress bars (requests done / all), unless disable_tqdm."""
     lm = TorchtuneGistLM(model=tiny_model, tokenizer=tiny_tokenizer, batch_size=2)
     context = "Instruction: Say hi.\n<GIST>\nOutput:"
-    lm.generate_until([Instance("generate_until", {}, (context, {"until": [], "max_gen_toks": 2}), i) for i in range(3)])
+    lm.generate_until(
+        [Instance("generate_until", {}, (context, {"until": [], "max_gen_toks": 2}), i) for i in range(3)]
+    )
     lm.loglikelihood([_instance(context, " hi")] * 3)
     err = capsys.readouterr().err
-    assert "Running generate_until requests: 100%" in err and "Running loglikelihood requests: 100%" in err and "3/3" in err
-    lm.generate_until([Instance("generate_until", {}, (context, {"until": [], "max_gen_toks": 2}), 0)], disable_tqdm=True)
+    assert (
+        "Running generate_until requests: 100%" in err
+        and "Running loglikelihood requests: 100%" in err
+        and "3/3" in err
+    )
+    lm.generate_until(
+        [Instance("generate_until", {}, (context, {"until": [], "max_gen_toks": 2}), 0)], disable_tqdm=True
+    )
     lm.loglikelihood([_instance(context, " hi")], disable_tqdm=True)
     assert "Running" not in capsys.readouterr().err
 
@@ -290,11 +378,15 @@ def _instance(context: str, continuation: str) -> Instance:
 
 
 @pytest.mark.parametrize("mode", GENERATION_MODES)
-def test_loglikelihood_matches_step_by_step_generation(mode: str, tiny_model: torch.nn.Module, tiny_tokenizer: Any) -> None:
+def test_loglikelihood_matches_step_by_step_generation(
+    mode: str, tiny_model: torch.nn.Module, tiny_tokenizer: Any
+) -> None:
     """The full-sequence gist mask scores continuations exactly as the KV-cache path predicts them."""
     lm = TorchtuneGistLM(model=tiny_model, tokenizer=tiny_tokenizer, mode=mode, batch_size=2)
-    requests = [("Instruction: Say hi.\n<GIST>\nOutput:", " hi"),
-                ("Instruction: Reverse the word.\n<GIST>\nInput: cat\nOutput:", " tac")]
+    requests = [
+        ("Instruction: Say hi.\n<GIST>\nOutput:", " hi"),
+        ("Instruction: Reverse the word.\n<GIST>\nInput: cat\nOutput:", " tac"),
+    ]
     scored = lm.loglikelihood([_instance(*r) for r in requests])
     gist = torch.tensor(lm.gist_token_ids)
     for (context, continuation), (logprob, is_greedy) in zip(requests, scored):
@@ -302,8 +394,14 @@ def test_loglikelihood_matches_step_by_step_generation(mode: str, tiny_model: to
         target = tiny_tokenizer.encode(continuation, add_bos=False, add_eos=False)
         total, greedy = 0.0, True
         for j, token in enumerate(target):
-            step = generate(tiny_model, [prompt + lm.gist_token_ids], [after + target[:j]], mode=mode,
-                            max_new_tokens=1, return_logits=True).logits[0][0]
+            step = generate(
+                tiny_model,
+                [prompt + lm.gist_token_ids],
+                [after + target[:j]],
+                mode=mode,
+                max_new_tokens=1,
+                return_logits=True,
+            ).logits[0][0]
             total += float(torch.log_softmax(step.float(), -1)[token])
             greedy &= int(step.index_fill(-1, gist, float("-inf")).argmax()) == token
         assert logprob == pytest.approx(total, abs=1e-4)
@@ -379,11 +477,15 @@ checkpointer:
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_files: Tuple[Path, Path]) -> Tuple[Path, Path, torch.nn.Module]:
+def checkpoints(
+    tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_files: Tuple[Path, Path]
+) -> Tuple[Path, Path, torch.nn.Module]:
     return _write_checkpoints(tmp_path_factory.mktemp("ckpt"), tiny_tokenizer_files)
 
 
-def test_loads_base_adapter_and_merged_export(checkpoints: Tuple[Path, Path, torch.nn.Module], tiny_tokenizer: Any) -> None:
+def test_loads_base_adapter_and_merged_export(
+    checkpoints: Tuple[Path, Path, torch.nn.Module], tiny_tokenizer: Any
+) -> None:
     config, ckpt, trained = checkpoints
     lm = TorchtuneGistLM(config=str(config), checkpoint_dir=str(ckpt), device="cpu")
     loaded, expected = lm.model.state_dict(), trained.state_dict()
@@ -398,14 +500,21 @@ def test_loads_base_adapter_and_merged_export(checkpoints: Tuple[Path, Path, tor
 
 
 def test_responses_log_lets_an_interrupted_evaluation_go_on_where_it_stopped(
-    checkpoints: Tuple[Path, Path, torch.nn.Module], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    checkpoints: Tuple[Path, Path, torch.nn.Module],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     from torchtune_gist.eval import _model
 
     config, ckpt, trained = checkpoints
-    contexts = [f"Instruction: Repeat {w} twice.\n<GIST>\nInput: {w}{'!' * i}\nOutput:" for i, w in enumerate(["cat", "dog", "sun", "owl", "bee"])]
-    generate_requests = [Instance("generate_until", {}, (c, {"until": ["\n"], "max_gen_toks": 4}), i) for i, c in enumerate(contexts)]
+    contexts = [
+        f"Instruction: Repeat {w} twice.\n<GIST>\nInput: {w}{'!' * i}\nOutput:"
+        for i, w in enumerate(["cat", "dog", "sun", "owl", "bee"])
+    ]
+    generate_requests = [
+        Instance("generate_until", {}, (c, {"until": ["\n"], "max_gen_toks": 4}), i) for i, c in enumerate(contexts)
+    ]
     score_requests = [_instance(c, " yes") for c in contexts[:3]]
     settings = {"config": str(config), "checkpoint_dir": str(ckpt), "device": "cpu", "batch_size": 2}
     reference = TorchtuneGistLM(**settings)
@@ -432,7 +541,8 @@ def test_responses_log_lets_an_interrupted_evaluation_go_on_where_it_stopped(
     outputs = lm.generate_until(generate_requests)
     assert sum(batches) == 3  # only the requests not logged are generated
     assert outputs == expected and all(
-        (o.prompt_tokens, o.kv_bytes, o.mode) == (e.prompt_tokens, e.kv_bytes, e.mode) for o, e in zip(outputs, expected)
+        (o.prompt_tokens, o.kv_bytes, o.mode) == (e.prompt_tokens, e.kv_bytes, e.mode)
+        for o, e in zip(outputs, expected)
     )
     assert lm.loglikelihood(score_requests) == expected_scores
 
@@ -442,11 +552,16 @@ def test_responses_log_lets_an_interrupted_evaluation_go_on_where_it_stopped(
     monkeypatch.setattr(_model, "generate", fail)
     monkeypatch.setattr(_model, "score_continuations", fail)
     again = TorchtuneGistLM(**settings, responses=str(log_file))
-    assert again.generate_until(generate_requests) == expected and again.loglikelihood(score_requests) == expected_scores
+    assert (
+        again.generate_until(generate_requests) == expected and again.loglikelihood(score_requests) == expected_scores
+    )
 
     with caplog.at_level(logging.WARNING):
         other = TorchtuneGistLM(**{**settings, "mode": "truncate"}, responses=str(log_file))
-    assert f"{log_file} holds responses made with other mode: starting over" in caplog.text and len(other.response_log) == 0
+    assert (
+        f"{log_file} holds responses made with other mode: starting over" in caplog.text
+        and len(other.response_log) == 0
+    )
     with pytest.raises(ValueError, match="responses= needs config="):
         TorchtuneGistLM(model=trained, tokenizer=reference.tokenizer, responses=str(log_file))
 
@@ -461,7 +576,9 @@ def test_reading_a_checkpoint_in_another_mode_than_it_was_trained_warns(
             caplog.clear()
             with caplog.at_level(logging.WARNING):
                 TorchtuneGistLM(config=str(config), checkpoint_dir=str(directory), mode=mode, device="cpu")
-            message = f"mode='{mode}' reads {directory}, trained with mask_mode='gist': an ablation, not the paper's control"
+            message = (
+                f"mode='{mode}' reads {directory}, trained with mask_mode='gist': an ablation, not the paper's control"
+            )
             assert (message in caplog.text) == warned, (directory, mode, caplog.text)
 
 
@@ -472,10 +589,14 @@ def test_checkpoint_dir_may_name_the_adapter_file(checkpoints: Tuple[Path, Path,
     assert all(torch.equal(v, expected[k]) for k, v in lm.model.state_dict().items())
 
 
-def test_a_merged_export_as_the_base_checkpoint_is_refused(checkpoints: Tuple[Path, Path, torch.nn.Module], tmp_path: Path) -> None:
+def test_a_merged_export_as_the_base_checkpoint_is_refused(
+    checkpoints: Tuple[Path, Path, torch.nn.Module], tmp_path: Path
+) -> None:
     """LoRA would apply twice on top of an export that already holds it."""
     config, ckpt, _ = checkpoints
-    text = config.read_text().replace(f"checkpoint_dir: {config.parent / 'base'}", f"checkpoint_dir: {ckpt / 'hf_merged'}")
+    text = config.read_text().replace(
+        f"checkpoint_dir: {config.parent / 'base'}", f"checkpoint_dir: {ckpt / 'hf_merged'}"
+    )
     (tmp_path / "on_export.yaml").write_text(text)
     with pytest.raises(ValueError, match="is a torchtune-gist merged export .* not a base model"):
         TorchtuneGistLM(config=str(tmp_path / "on_export.yaml"), checkpoint_dir=str(ckpt), device="cpu")
@@ -511,7 +632,9 @@ def test_merged_export_of_a_tied_model_scores_as_the_trained_model(
         + [f"  {k}: {v}" for k, v in {**arch, **lora}.items()]
     )
     (tmp_path / "tied.yaml").write_text(model_section + _tokenizer_section(tiny_tokenizer_files))
-    merged = TorchtuneGistLM(config=str(tmp_path / "tied.yaml"), checkpoint_dir=str(tmp_path / "hf_merged"), device="cpu")
+    merged = TorchtuneGistLM(
+        config=str(tmp_path / "tied.yaml"), checkpoint_dir=str(tmp_path / "hf_merged"), device="cpu"
+    )
     ids = trained.tok_embeddings.gist_token_ids
     tokens = torch.tensor([[5, 6, 7] + ids + [8, 9]])
     mask = make_gist_mask(tokens, ids)
@@ -538,7 +661,9 @@ def test_merged_export_is_refused_by_a_qlora_config(tmp_path: Path, tiny_tokeniz
 def test_a_config_whose_model_section_the_builder_does_not_take_is_refused(
     tmp_path: Path, tiny_tokenizer_files: Tuple[Path, Path]
 ) -> None:
-    section = f"model:\n  _component_: torchtune_gist.models.gist_llama3_1_tiny\n  num_gist_tokens: {K}\n  lora_rank: 8\n"
+    section = (
+        f"model:\n  _component_: torchtune_gist.models.gist_llama3_1_tiny\n  num_gist_tokens: {K}\n  lora_rank: 8\n"
+    )
     (tmp_path / "bad.yaml").write_text(section + _tokenizer_section(tiny_tokenizer_files))
     with pytest.raises(ValueError, match="model: torchtune_gist.models.gist_llama3_1_tiny takes no lora_rank"):
         TorchtuneGistLM(config=str(tmp_path / "bad.yaml"), device="cpu")
@@ -575,8 +700,11 @@ def test_dtype_defaults_to_the_configs(checkpoints: Tuple[Path, Path, torch.nn.M
 
 
 def test_bad_settings_give_clear_errors(
-    checkpoints: Tuple[Path, Path, torch.nn.Module], tiny_model: torch.nn.Module, tiny_tokenizer: Any,
-    task_manager: Any, tmp_path: Path,
+    checkpoints: Tuple[Path, Path, torch.nn.Module],
+    tiny_model: torch.nn.Module,
+    tiny_tokenizer: Any,
+    task_manager: Any,
+    tmp_path: Path,
 ) -> None:
     config, ckpt, _ = checkpoints
     with pytest.raises(ValueError, match="unknown mode 'gists'"):
@@ -589,16 +717,26 @@ def test_bad_settings_give_clear_errors(
         TorchtuneGistLM(config=str(config), checkpoint_dir=str(tmp_path), mode="gist")
     no_rows = tmp_path / "no_rows"
     no_rows.mkdir()
-    save_file({"layers.0.attn.q_proj.lora_a.weight": torch.zeros(8, 64)}, str(no_rows / ADAPTER_FILE),
-              metadata={"format": "torchtune-gist", "base_model": "tiny", "num_gist_tokens": str(K),
-                        "gist_token_ids": json.dumps(tiny_model.tok_embeddings.gist_token_ids)})
+    save_file(
+        {"layers.0.attn.q_proj.lora_a.weight": torch.zeros(8, 64)},
+        str(no_rows / ADAPTER_FILE),
+        metadata={
+            "format": "torchtune-gist",
+            "base_model": "tiny",
+            "num_gist_tokens": str(K),
+            "gist_token_ids": json.dumps(tiny_model.tok_embeddings.gist_token_ids),
+        },
+    )
     with pytest.raises(ValueError, match="no gist rows"):
         TorchtuneGistLM(config=str(config), checkpoint_dir=str(no_rows))
     with pytest.raises(FileNotFoundError, match="not found"):
         TorchtuneGistLM(config=str(tmp_path / "missing.yaml"), checkpoint_dir=str(ckpt))
     elsewhere = tmp_path / "elsewhere.yaml"
     OmegaConf.save(OmegaConf.merge(OmegaConf.load(config), {"tokenizer": {"path": "gone/tok.model"}}), elsewhere)
-    with pytest.raises(FileNotFoundError, match=r"(?s)tokenizer.path: gone/tok.model \(relative .*--model_args cannot override a config's keys"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"(?s)tokenizer.path: gone/tok.model \(relative .*--model_args cannot override a config's keys",
+    ):
         TorchtuneGistLM(config=str(elsewhere), checkpoint_dir=str(ckpt))
 
     lm = TorchtuneGistLM(model=tiny_model, tokenizer=tiny_tokenizer)
@@ -608,7 +746,10 @@ def test_bad_settings_give_clear_errors(
         lm.generate_until([Instance("generate_until", {}, ("a<GIST>b", {"top_p": 0.9}), 0)])
     with pytest.raises(ValueError, match="nothing follows"):
         lm.generate_until([Instance("generate_until", {}, ("a<GIST>", {}), 0)])
-    with pytest.raises(ValueError, match=r"request 0: its context takes \d+ positions with the gists, beyond the model's max_seq_len=2048: .*context_tokens"):
+    with pytest.raises(
+        ValueError,
+        match=r"request 0: its context takes \d+ positions with the gists, beyond the model's max_seq_len=2048: .*context_tokens",
+    ):
         lm.generate_until([Instance("generate_until", {}, ("word " * 2100 + "<GIST> b", {}), 0)])
     for mode in GENERATION_MODES:  # the last gist would score the continuation's first token, reading the prompt
         with pytest.raises(ValueError, match="request 1: nothing follows"):
@@ -649,18 +790,41 @@ def test_the_command_line_refuses_what_the_gist_model_cannot_honour(tmp_path: Pa
     assert refused_option(Namespace(model="hf", model_args=misspelt)) == ""
     with pytest.raises(ValueError, match="--model_args checkpint_dir, mdoe: torchtune_gist takes no such argument"):
         TorchtuneGistLM.create_from_arg_string("config=c.yaml,checkpint_dir=x,mdoe=gist")
-    proc = subprocess.run([sys.executable, "-m", "torchtune_gist.eval", "run", "--model", "torchtune_gist", "--tasks", "gist_passkey",
-                           "--num_fewshot", "2"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1 and proc.stderr.strip().endswith("few-shot examples would put one gist marker per example in a context)")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torchtune_gist.eval",
+            "run",
+            "--model",
+            "torchtune_gist",
+            "--tasks",
+            "gist_passkey",
+            "--num_fewshot",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 1 and proc.stderr.strip().endswith(
+        "few-shot examples would put one gist marker per example in a context)"
+    )
 
 
-def test_model_args_win_over_lm_evals_own_device_and_batch_size(checkpoints: Tuple[Path, Path, torch.nn.Module]) -> None:
+def test_model_args_win_over_lm_evals_own_device_and_batch_size(
+    checkpoints: Tuple[Path, Path, torch.nn.Module],
+) -> None:
     """lm-eval adds its --device (default cuda:0) and --batch_size to every model's arguments."""
     config, ckpt, _ = checkpoints
     lm_eval_adds = {"batch_size": 1, "max_batch_size": None, "device": "cuda:0"}
-    lm = TorchtuneGistLM.create_from_arg_string(f"config={config},checkpoint_dir={ckpt},device=cpu,batch_size=3", lm_eval_adds)
+    lm = TorchtuneGistLM.create_from_arg_string(
+        f"config={config},checkpoint_dir={ckpt},device=cpu,batch_size=3", lm_eval_adds
+    )
     assert lm.batch_size == 3 and lm._device == torch.device("cpu")
-    lm = TorchtuneGistLM.create_from_arg_obj({"config": str(config), "checkpoint_dir": str(ckpt)}, {**lm_eval_adds, "batch_size": 2})
+    lm = TorchtuneGistLM.create_from_arg_obj(
+        {"config": str(config), "checkpoint_dir": str(ckpt)}, {**lm_eval_adds, "batch_size": 2}
+    )
     assert lm.batch_size == 2
     with pytest.raises(ValueError, match="device='gpu' is not a device: use cpu, cuda or cuda:N"):
         TorchtuneGistLM.create_from_arg_string(f"config={config},checkpoint_dir={ckpt},device=gpu", lm_eval_adds)
@@ -674,11 +838,27 @@ def test_cli_runs_a_task(checkpoints: Tuple[Path, Path, torch.nn.Module], tmp_pa
     config, ckpt, _ = checkpoints
     out_dir = tmp_path / "results"
     cmd = [
-        sys.executable, "-m", "torchtune_gist.eval", "run", "--model", "torchtune_gist",
-        "--model_args", f"config={config},checkpoint_dir={ckpt},mode=gist,max_gen_toks=4",
-        "--tasks", "gist_passkey", "--limit", "2", "--device", "cpu", "--batch_size", "2", "--output_path", str(out_dir),
+        sys.executable,
+        "-m",
+        "torchtune_gist.eval",
+        "run",
+        "--model",
+        "torchtune_gist",
+        "--model_args",
+        f"config={config},checkpoint_dir={ckpt},mode=gist,max_gen_toks=4",
+        "--tasks",
+        "gist_passkey",
+        "--limit",
+        "2",
+        "--device",
+        "cpu",
+        "--batch_size",
+        "2",
+        "--output_path",
+        str(out_dir),
         "--log_samples",
-        "--metadata", json.dumps({"num_samples": 2, "context_tokens": [96], "depths": [0.5]}),
+        "--metadata",
+        json.dumps({"num_samples": 2, "context_tokens": [96], "depths": [0.5]}),
     ]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
@@ -688,7 +868,9 @@ def test_cli_runs_a_task(checkpoints: Tuple[Path, Path, torch.nn.Module], tmp_pa
     assert len(files) == 1
     saved = json.loads(files[0].read_text())
     result = saved["results"]["gist_passkey"]
-    assert result["sample_len"] == 2 and int(saved["config"]["batch_size"]) == 2  # as README: --batch_size, not in model_args
+    assert (
+        result["sample_len"] == 2 and int(saved["config"]["batch_size"]) == 2
+    )  # as README: --batch_size, not in model_args
     assert 0.0 <= result["acc,none"] <= 1.0 and 0.0 <= result["acc_96,none"] <= 1.0
     assert 40 < result["compression_ratio,none"] <= 96 / K
     from torchtune_gist.eval import compare
@@ -703,24 +885,41 @@ def _results_file(path: Path, model_args: Any, scores: Dict[str, float], model: 
     results = {"name": "alpaca_plus_human", "alias": "alpaca_plus_human", "sample_len": 3}
     for metric, value in scores.items():
         results[f"{metric},none"], results[f"{metric}_stderr,none"] = value, 0.01
-    record = {"results": {"alpaca_plus_human": results}, "config": {"model": model, "model_args": model_args},
-              "higher_is_better": {"alpaca_plus_human": {"rougeL": True, "compression_ratio": True}}}
+    record = {
+        "results": {"alpaca_plus_human": results},
+        "config": {"model": model, "model_args": model_args},
+        "higher_is_better": {"alpaca_plus_human": {"rougeL": True, "compression_ratio": True}},
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record))
     return path
 
 
-def test_compare_puts_runs_side_by_side_with_the_share_of_the_control_gap(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_compare_puts_runs_side_by_side_with_the_share_of_the_control_gap(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     from torchtune_gist.eval import compare
 
-    _results_file(tmp_path / "gist" / "m" / "results_1.json", {"mode": "gist", "checkpoint_dir": "g"},
-                  {"rougeL": 0.4, "compression_ratio": 20.0})
-    _results_file(tmp_path / "pos" / "results_2.json", {"mode": "pos_control"}, {"rougeL": 0.6, "compression_ratio": 1.0})
+    _results_file(
+        tmp_path / "gist" / "m" / "results_1.json",
+        {"mode": "gist", "checkpoint_dir": "g"},
+        {"rougeL": 0.4, "compression_ratio": 20.0},
+    )
+    _results_file(
+        tmp_path / "pos" / "results_2.json", {"mode": "pos_control"}, {"rougeL": 0.6, "compression_ratio": 1.0}
+    )
     _results_file(tmp_path / "neg" / "results_3.json", {"mode": "neg_control"}, {"rougeL": 0.2})
-    _results_file(tmp_path / "trunc" / "results_4.json", "config=c.yaml,mode=truncate", {"rougeL": 0.3, "compression_ratio": 20.0})
-    report = compare.main([str(tmp_path / d) for d in ("gist", "pos", "neg", "trunc")] + ["--out", str(tmp_path / "cmp")])
+    _results_file(
+        tmp_path / "trunc" / "results_4.json", "config=c.yaml,mode=truncate", {"rougeL": 0.3, "compression_ratio": 20.0}
+    )
+    report = compare.main(
+        [str(tmp_path / d) for d in ("gist", "pos", "neg", "trunc")] + ["--out", str(tmp_path / "cmp")]
+    )
     lines = report.splitlines()
-    assert lines[0] == "| task | metric | gist | pos_control | neg_control | truncate | gap share: gist | gap share: truncate |"
+    assert (
+        lines[0]
+        == "| task | metric | gist | pos_control | neg_control | truncate | gap share: gist | gap share: truncate |"
+    )
     assert "| alpaca_plus_human | rougeL | 0.4 | 0.6 | 0.2 | 0.3 | 0.5 | 0.25 |" in lines
     assert "| alpaca_plus_human | compression_ratio | 20 | 1 | - | 20 | - | - |" in lines
     assert "| alpaca_plus_human | 14.4 | 23.9 | 27.0 | 0.754 |" in lines  # the paper's LLaMA-7B, for scale
@@ -728,14 +927,18 @@ def test_compare_puts_runs_side_by_side_with_the_share_of_the_control_gap(tmp_pa
     assert (tmp_path / "cmp" / "comparison.png").read_bytes()[:4] == b"\x89PNG"
 
     _results_file(tmp_path / "gist2" / "results_5.json", {"mode": "gist", "checkpoint_dir": "h"}, {"rougeL": 0.5})
-    runs = compare.label_runs([compare.load_run(f) for f in compare.results_files([tmp_path / "gist", tmp_path / "gist2"])])
+    runs = compare.label_runs(
+        [compare.load_run(f) for f in compare.results_files([tmp_path / "gist", tmp_path / "gist2"])]
+    )
     assert [r.label for r in runs] == ["gist (g)", "gist (h)"]
     _results_file(tmp_path / "pos2" / "results_7.json", {"mode": "pos_control"}, {"rougeL": 0.5})  # e.g. another task
     report = compare.main([str(tmp_path / d) for d in ("pos", "pos2")] + ["--out", str(tmp_path / "cmp2")])
     assert "| alpaca_plus_human | rougeL | 0.6 | 0.5 |" in report and "| pos_control | pos_control #2 |" in report
     _results_file(tmp_path / "hf" / "results_6.json", {"pretrained": "x"}, {"rougeL": 0.5}, model="hf")
-    for bad, message in ((tmp_path / "hf", "a run of the model 'hf', not torchtune_gist"),
-                         (tmp_path / "nowhere", "no lm-eval results file")):
+    for bad, message in (
+        (tmp_path / "hf", "a run of the model 'hf', not torchtune_gist"),
+        (tmp_path / "nowhere", "no lm-eval results file"),
+    ):
         with pytest.raises(SystemExit) as e:
             compare.main([str(bad)])
         assert e.value.code == 2 and message in capsys.readouterr().err
@@ -766,8 +969,14 @@ def _samples_file(results_path: Path, task: str, scores: Dict[str, List[float]],
     from torchtune_gist.eval.compare import samples_path
 
     records = [
-        {"doc_id": first_doc + i, "doc": {"input": "x"}, "target": "y", "filter": "none", "metrics": list(scores),
-         **{metric: values[i] for metric, values in scores.items()}}
+        {
+            "doc_id": first_doc + i,
+            "doc": {"input": "x"},
+            "target": "y",
+            "filter": "none",
+            "metrics": list(scores),
+            **{metric: values[i] for metric, values in scores.items()},
+        }
         for i in range(len(next(iter(scores.values()))))
     ]
     samples_path(results_path, task).write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -799,7 +1008,10 @@ def test_compare_gives_paired_bootstrap_intervals_from_per_example_scores(tmp_pa
 
     _samples_file(tmp_path / "gist" / "results_0.json", task, {"rougeL": [0.9] * 50})  # not this evaluation's
     report = compare.main([str(r) for r in runs])
-    assert f"{tmp_path / 'gist' / ('samples_' + task + '_0.jsonl')}: the mean of rougeL is not the results file's" in report
+    assert (
+        f"{tmp_path / 'gist' / ('samples_' + task + '_0.jsonl')}: the mean of rougeL is not the results file's"
+        in report
+    )
     assert f"| {task} | rougeL | 0.4 | 0.6 [" in report and "| 0.5 | 0.25 |" in report
 
     path = _results_file(tmp_path / "flat" / "results_8.json", {"mode": "gist"}, {"rougeL": 0.7})
@@ -818,15 +1030,31 @@ def test_eval_recipe_runs_gist_and_controls_by_name_and_resumes(
 
     config, ckpt, _ = checkpoints
     settings = {
-        "output_dir": str(tmp_path / "eval"), "tasks": ["gist_passkey"], "batch_size": 2, "max_gen_toks": 4,
-        "metadata": {"num_samples": 2, "context_tokens": [96]}, "device": "cpu", "dtype": "fp32",
-        "runs": [{"mode": "gist", "checkpoint_dir": str(ckpt)}, {"mode": "pos_control", "checkpoint_dir": str(ckpt)},
-                 {"mode": "neg_control", "checkpoint_dir": str(ckpt), "name": "no_prompt"}],
+        "output_dir": str(tmp_path / "eval"),
+        "tasks": ["gist_passkey"],
+        "batch_size": 2,
+        "max_gen_toks": 4,
+        "metadata": {"num_samples": 2, "context_tokens": [96]},
+        "device": "cpu",
+        "dtype": "fp32",
+        "runs": [
+            {"mode": "gist", "checkpoint_dir": str(ckpt)},
+            {"mode": "pos_control", "checkpoint_dir": str(ckpt)},
+            {"mode": "neg_control", "checkpoint_dir": str(ckpt), "name": "no_prompt"},
+        ],
     }
     cfg = OmegaConf.merge(OmegaConf.load(config), settings)
     OmegaConf.save(cfg, tmp_path / "eval.yaml")
-    cmd = [str(Path(sys.executable).parent / "tune"), "run", "gist_eleuther_eval", "--config", str(tmp_path / "eval.yaml")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    cmd = [
+        str(Path(sys.executable).parent / "tune"),
+        "run",
+        "gist_eleuther_eval",
+        "--config",
+        str(tmp_path / "eval.yaml"),
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = (tmp_path / "eval" / "comparison.md").read_text()
     assert report.splitlines()[0] == "| task | metric | gist | pos_control | no_prompt | gap share: gist |"
@@ -834,7 +1062,9 @@ def test_eval_recipe_runs_gist_and_controls_by_name_and_resumes(
     assert f"| gist_passkey | acc | {gist['acc,none']:.4g} [" in report and report in proc.stdout
     from torchtune_gist.eval import compare
 
-    assert f"| gist_passkey | acc | {gist['acc,none']:.4g} [" in compare.main([str(tmp_path / "eval")])  # its results.json files
+    assert f"| gist_passkey | acc | {gist['acc,none']:.4g} [" in compare.main(
+        [str(tmp_path / "eval")]
+    )  # its results.json files
     samples = (tmp_path / "eval" / "gist" / "samples_gist_passkey.jsonl").read_text().splitlines()
     assert len(samples) == 2 and set(json.loads(samples[0])) >= {"doc_id", "filtered_resps", "acc"}
     assert (tmp_path / "eval" / "comparison.png").is_file()
@@ -844,15 +1074,27 @@ def test_eval_recipe_runs_gist_and_controls_by_name_and_resumes(
     (tmp_path / "eval" / "no_prompt" / "results.json").unlink()
     evaluated = []
     real = lm_eval.simple_evaluate
-    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kw: evaluated.append((kw["model"].mode, kw["model"].response_log.path)) or real(**kw))
+    monkeypatch.setattr(
+        lm_eval,
+        "simple_evaluate",
+        lambda **kw: evaluated.append((kw["model"].mode, kw["model"].response_log.path)) or real(**kw),
+    )
     recipe = GistEleutherEvalRecipe(cfg)
     recipe.setup(cfg)
-    assert recipe.evaluate() == report and evaluated == [("neg_control", tmp_path / "eval" / "no_prompt" / "responses.jsonl")]
+    assert recipe.evaluate() == report and evaluated == [
+        ("neg_control", tmp_path / "eval" / "no_prompt" / "responses.jsonl")
+    ]
     assert not list((tmp_path / "eval").rglob("responses.jsonl"))  # removed once each run's results were saved
 
-    bad_runs = [([{"mode": "gists"}], "runs\\[0\\]=.* needs a mode"), ([{"mode": "gist", "ckpt": "x"}], "runs\\[0\\] has ckpt"),
-                ([{"mode": "gist"}], "runs\\[0\\]: mode gist needs a checkpoint_dir"),
-                ([{"mode": "gist", "checkpoint_dir": "x"}, {"mode": "gist", "checkpoint_dir": "y"}], "runs share the names gist")]
+    bad_runs = [
+        ([{"mode": "gists"}], "runs\\[0\\]=.* needs a mode"),
+        ([{"mode": "gist", "ckpt": "x"}], "runs\\[0\\] has ckpt"),
+        ([{"mode": "gist"}], "runs\\[0\\]: mode gist needs a checkpoint_dir"),
+        (
+            [{"mode": "gist", "checkpoint_dir": "x"}, {"mode": "gist", "checkpoint_dir": "y"}],
+            "runs share the names gist",
+        ),
+    ]
     for runs, message in bad_runs:
         with pytest.raises(ValueError, match=message):
             GistEleutherEvalRecipe(OmegaConf.merge(cfg, {"runs": runs}))
@@ -861,17 +1103,23 @@ def test_eval_recipe_runs_gist_and_controls_by_name_and_resumes(
     changed = OmegaConf.merge(cfg, {"limit": 1})
     recipe = GistEleutherEvalRecipe(changed)
     recipe.setup(changed)
-    with pytest.raises(ValueError, match="gist/results.json holds results of other limit than this config's: delete it"):
+    with pytest.raises(
+        ValueError, match="gist/results.json holds results of other limit than this config's: delete it"
+    ):
         recipe.evaluate()
     changed = OmegaConf.merge(cfg, {"max_gen_toks": 5, "dtype": "bf16"})  # what the answers depend on, beyond the runs
     recipe = GistEleutherEvalRecipe(changed)
     recipe.setup(changed)
-    with pytest.raises(ValueError, match="gist/results.json holds results of other dtype, max_gen_toks than this config's"):
+    with pytest.raises(
+        ValueError, match="gist/results.json holds results of other dtype, max_gen_toks than this config's"
+    ):
         recipe.evaluate()
 
 
 def test_alpaca_plus_offline_names_the_data_dir_settings() -> None:
-    with pytest.raises(FileNotFoundError, match=r"cannot read Alpaca\+ .*--metadata data_dir=DIR.*TORCHTUNE_GIST_ALPACA_PLUS"):
+    with pytest.raises(
+        FileNotFoundError, match=r"cannot read Alpaca\+ .*--metadata data_dir=DIR.*TORCHTUNE_GIST_ALPACA_PLUS"
+    ):
         alpaca_plus_dataset(alpaca_plus_split="validation_seen", data_dir="http://127.0.0.1:9/alpaca_plus")
 
 

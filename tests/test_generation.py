@@ -28,8 +28,8 @@ from torchtune_gist.generation import (
     compress,
     generate,
     generate_from_cache,
-    model_fingerprint,
     grouped_query_attention,
+    model_fingerprint,
     score_continuations,
     store_attention,
 )
@@ -100,7 +100,9 @@ def test_gist_cache_generation_equals_full_sequence_under_gist_mask(model):
         ref_tokens, ref_logits = reference_greedy(model, prompt + cont, 6)
         assert batched.tokens[i] == ref_tokens
         torch.testing.assert_close(batched.logits[i], ref_logits, atol=ATOL, rtol=0)
-        single = generate_from_cache(model, compress(model, [prompt], gist_token_ids=IDS), [cont], max_new_tokens=6, return_logits=True)
+        single = generate_from_cache(
+            model, compress(model, [prompt], gist_token_ids=IDS), [cont], max_new_tokens=6, return_logits=True
+        )
         assert single.tokens[0] == ref_tokens
         torch.testing.assert_close(single.logits[0], batched.logits[i], atol=1e-5, rtol=0)
     # the decode store holds exactly K + longest continuation + new tokens (the last one is never fed back)
@@ -124,7 +126,9 @@ def test_equivalence_check_detects_reused_positions_and_prompt_leaks(model):
     assert (shifted[0] - ref_logits[0]).abs().max() > 100 * ATOL
 
     # the prompt leaking (full causal attention) changes the logits too
-    leak = generate(model, [prompt], [cont], mode="pos_control", gist_token_ids=IDS, max_new_tokens=4, return_logits=True)
+    leak = generate(
+        model, [prompt], [cont], mode="pos_control", gist_token_ids=IDS, max_new_tokens=4, return_logits=True
+    )
     assert (leak.logits[0][0] - ref_logits[0]).abs().max() > 100 * ATOL
 
     right = generate_from_cache(model, cache, [cont], max_new_tokens=4, return_logits=True)
@@ -138,7 +142,14 @@ def test_controls_match_their_full_sequence_references(model, chunk_size):
     prompts, conts = [p for p, _ in examples], [c for _, c in examples]
     runs = {
         mode: generate(
-            model, prompts, conts, mode=mode, gist_token_ids=IDS, max_new_tokens=5, return_logits=True, chunk_size=chunk_size
+            model,
+            prompts,
+            conts,
+            mode=mode,
+            gist_token_ids=IDS,
+            max_new_tokens=5,
+            return_logits=True,
+            chunk_size=chunk_size,
         )
         for mode in ("gist", "pos_control", "neg_control", "truncate")
     }
@@ -176,7 +187,9 @@ def test_scores_match_full_sequence_references_in_every_mode(model, chunk_size):
     prompts, conts = [p for p, _ in examples], [c for _, c in examples]
     counts = [3, 1, 5]
     for mode in ("gist", "pos_control", "neg_control", "truncate"):
-        scores = score_continuations(model, prompts, conts, counts, mode=mode, gist_token_ids=IDS, chunk_size=chunk_size)
+        scores = score_continuations(
+            model, prompts, conts, counts, mode=mode, gist_token_ids=IDS, chunk_size=chunk_size
+        )
         for (prompt, cont), n, (logprob, greedy) in zip(examples, counts, scores):
             row = prompt[:-K][-K:] + cont if mode == "truncate" else prompt + cont
             ref_logprob, ref_greedy = reference_scores(model, row, n, None if mode == "truncate" else mode)
@@ -184,7 +197,9 @@ def test_scores_match_full_sequence_references_in_every_mode(model, chunk_size):
     # a continuation made of the greedy tokens is greedy, and its log-probability is the generated logits'
     prompt, cont = _example(12, 3, 9)
     out = generate(model, [prompt], [cont], mode="gist", gist_token_ids=IDS, max_new_tokens=4, return_logits=True)
-    (logprob, greedy), = score_continuations(model, [prompt], [cont + out.tokens[0]], [4], mode="gist", gist_token_ids=IDS)
+    ((logprob, greedy),) = score_continuations(
+        model, [prompt], [cont + out.tokens[0]], [4], mode="gist", gist_token_ids=IDS
+    )
     expected = torch.log_softmax(out.logits[0], -1).gather(-1, torch.tensor(out.tokens[0])[:, None]).sum()
     assert greedy and logprob == pytest.approx(float(expected), abs=1e-4)
 
@@ -208,8 +223,11 @@ def test_scoring_from_the_gist_cache_holds_k_entries_not_the_prompt(model, monke
 
 def test_bad_score_requests_are_refused(model):
     prompt, cont = _example(5, 3, 1)
-    for counts, match in (([0], r"num_scored\[0\]=0 must be at least 1"), ([3], r"below the continuation's 3 tokens"),
-                          ([1, 1], "1 prompts, 1 continuations and 2 num_scored")):
+    for counts, match in (
+        ([0], r"num_scored\[0\]=0 must be at least 1"),
+        ([3], r"below the continuation's 3 tokens"),
+        ([1, 1], "1 prompts, 1 continuations and 2 num_scored"),
+    ):
         with pytest.raises(ValueError, match=match):
             score_continuations(model, [prompt], [cont], counts, mode="gist", gist_token_ids=IDS)
     with pytest.raises(ValueError, match="unknown mode 'gists'"):
@@ -232,6 +250,7 @@ def test_fingerprint_samples_large_weights_and_still_tells_models_apart(monkeypa
 def test_fingerprint_skips_switched_off_adapters_and_records_rope(model):
     """A merged export's model holds freshly drawn, switched-off LoRA weights: they must not make its caches
     unusable in the next process. Other RoPE settings over the same weights rotate keys otherwise: refused."""
+
     def lora_model(seed: int) -> nn.Module:
         torch.manual_seed(seed)
         m = lora_gist_llama3_1_tiny(["q_proj", "v_proj"], lora_rank=4, lora_alpha=8, num_gist_tokens=K).eval()
@@ -250,15 +269,24 @@ def test_fingerprint_skips_switched_off_adapters_and_records_rope(model):
     compress(a, [[1, 2] + ids], gist_token_ids=ids).check_compatible(b)
 
     cache = compress(model, [_example(5, 1, 8)[0]], gist_token_ids=IDS)
-    assert cache.fingerprint["rope"] == {"class": "Llama3ScaledRoPE", "dim": 16, "base": 500000, "scale_factor": 8,
-                                         "low_freq_factor": 1, "high_freq_factor": 4, "old_context_len": 8192}
+    assert cache.fingerprint["rope"] == {
+        "class": "Llama3ScaledRoPE",
+        "dim": 16,
+        "base": 500000,
+        "scale_factor": 8,
+        "low_freq_factor": 1,
+        "high_freq_factor": 4,
+        "old_context_len": 8192,
+    }
     other_rope = _tiny(rope_base=10_000)
     assert model_fingerprint(other_rope, IDS)["weights_sha256"] == cache.fingerprint["weights_sha256"]
     with pytest.raises(ValueError, match="rotary embeddings .* rotated otherwise"):
         cache.check_compatible(other_rope)
     with pytest.raises(ValueError, match="rotary embeddings"):
         generate_from_cache(other_rope, cache, [[4]], max_new_tokens=2)
-    older = GistCache(cache.keys, cache.values, cache.next_pos, IDS, {k: v for k, v in cache.fingerprint.items() if k != "rope"})
+    older = GistCache(
+        cache.keys, cache.values, cache.next_pos, IDS, {k: v for k, v in cache.fingerprint.items() if k != "rope"}
+    )
     older.check_compatible(model)  # a cache saved before RoPE settings were recorded
 
 
@@ -279,7 +307,11 @@ def test_cache_holds_k_entries_per_layer_equal_to_torchtunes_kv_cache(model):
     assert cache.num_layers == 2 and cache.num_gist_tokens == K and cache.batch_size == 2
     for t in (*cache.keys, *cache.values):
         assert t.shape == (2, 2, K, 16)
-    assert cache.nbytes == sum(t.numel() * t.element_size() for t in (*cache.keys, *cache.values)) == 2 * 2 * 2 * 2 * K * 16 * 4
+    assert (
+        cache.nbytes
+        == sum(t.numel() * t.element_size() for t in (*cache.keys, *cache.values))
+        == 2 * 2 * 2 * 2 * K * 16 * 4
+    )
     assert cache.next_pos.tolist() == [len(p) for p in prompts]
     # the gist keys are torchtune's own cached keys (after RoPE) at the original positions
     for row, prompt in enumerate(prompts):
@@ -354,8 +386,11 @@ def test_a_cache_built_without_a_fingerprint(model):
     bare = GistCache(cache.keys, cache.values, cache.next_pos, IDS)
     out, expected = (generate_from_cache(model, c, [cont], max_new_tokens=3) for c in (bare, cache))
     assert out.tokens == expected.tokens
-    with pytest.raises(ValueError, match=r"with \{'num_layers': 2, 'num_kv_heads': 2, 'head_dim': 16\}, but this model has "
-                       r"\{'num_layers': 3, 'num_kv_heads': 2, 'head_dim': 16\}"):
+    with pytest.raises(
+        ValueError,
+        match=r"with \{'num_layers': 2, 'num_kv_heads': 2, 'head_dim': 16\}, but this model has "
+        r"\{'num_layers': 3, 'num_kv_heads': 2, 'head_dim': 16\}",
+    ):
         generate_from_cache(_tiny(num_layers=3), bare, [cont], max_new_tokens=2)
     with pytest.raises(ValueError, match="no fingerprint of the model that made it"):
         bare.check_compatible(model)
@@ -460,7 +495,9 @@ def test_gist_ids_are_never_generated(model):
     assert unsuppressed.tokens[0] == [IDS[1]] * 4  # the bias works...
     for out in (
         generate_from_cache(biased, cache, [cont], max_new_tokens=4),
-        generate_from_cache(biased, cache, [cont], max_new_tokens=4, temperature=1.0, rng=torch.Generator().manual_seed(0)),
+        generate_from_cache(
+            biased, cache, [cont], max_new_tokens=4, temperature=1.0, rng=torch.Generator().manual_seed(0)
+        ),
         generate(biased, [prompt], [cont], mode="pos_control", gist_token_ids=IDS, max_new_tokens=4),
     ):
         assert len(out.tokens[0]) == 4 and not set(out.tokens[0]) & set(IDS)  # ...and is overruled
@@ -519,7 +556,9 @@ def test_a_bad_chunk_size_is_refused(model, chunk_size):
     with pytest.raises(ValueError, match="chunk_size must be a whole number >= 1"):
         compress(model, [prompt], gist_token_ids=IDS, chunk_size=chunk_size)
     with pytest.raises(ValueError, match="chunk_size must be a whole number >= 1"):
-        generate(model, [prompt], [cont], mode="pos_control", gist_token_ids=IDS, max_new_tokens=2, chunk_size=chunk_size)
+        generate(
+            model, [prompt], [cont], mode="pos_control", gist_token_ids=IDS, max_new_tokens=2, chunk_size=chunk_size
+        )
 
 
 def test_a_larger_allocated_store_changes_nothing(model):
@@ -529,8 +568,19 @@ def test_a_larger_allocated_store_changes_nothing(model):
     store = KVStore.empty(model, 1, exact.kv_slots + 1000, dtype=torch.float32, device=torch.device("cpu"))
     store.append(cache.keys, cache.values)
     big = _decode(
-        model, store, [cont], cache.next_pos.tolist(), max_new_tokens=5, temperature=0.0, top_k=None,
-        stop_tokens=None, suppress_token_ids=IDS, pad_id=0, rng=None, return_logits=True, chunk_size=512,
+        model,
+        store,
+        [cont],
+        cache.next_pos.tolist(),
+        max_new_tokens=5,
+        temperature=0.0,
+        top_k=None,
+        stop_tokens=None,
+        suppress_token_ids=IDS,
+        pad_id=0,
+        rng=None,
+        return_logits=True,
+        chunk_size=512,
     )
     assert big.tokens == exact.tokens and big.kv_slots == exact.kv_slots + 1000
     torch.testing.assert_close(big.logits[0], exact.logits[0], atol=1e-6, rtol=0)
@@ -571,10 +621,14 @@ def test_stop_tokens_and_sampling(model):
     assert stop not in greedy.tokens[1] and stop not in greedy.tokens[0][:2]
     stopped = generate_from_cache(model, cache, conts, max_new_tokens=6, stop_tokens=[stop])
     assert stopped.tokens == [greedy.tokens[0][:3], greedy.tokens[1]]
-    top1 = generate_from_cache(model, cache, conts, max_new_tokens=6, temperature=0.8, top_k=1, rng=torch.Generator().manual_seed(1))
+    top1 = generate_from_cache(
+        model, cache, conts, max_new_tokens=6, temperature=0.8, top_k=1, rng=torch.Generator().manual_seed(1)
+    )
     assert top1.tokens == greedy.tokens
     runs = [
-        generate_from_cache(model, cache, conts, max_new_tokens=6, temperature=1.0, rng=torch.Generator().manual_seed(5)).tokens
+        generate_from_cache(
+            model, cache, conts, max_new_tokens=6, temperature=1.0, rng=torch.Generator().manual_seed(5)
+        ).tokens
         for _ in range(2)
     ]
     assert runs[0] == runs[1]
@@ -607,7 +661,11 @@ def test_lora_and_nf4_layers_are_used_as_they_are():
     torch.manual_seed(0)
     args = {**TINY_LLAMA3_1_ARGS, "embed_dim": 256, "intermediate_dim": 512}
     lora = lora_llama3_1(
-        lora_attn_modules=["q_proj", "k_proj", "v_proj", "output_proj"], lora_rank=4, lora_alpha=8, quantize_base=True, **args
+        lora_attn_modules=["q_proj", "k_proj", "v_proj", "output_proj"],
+        lora_rank=4,
+        lora_alpha=8,
+        quantize_base=True,
+        **args,
     ).eval()
     with torch.no_grad():
         for name, p in lora.named_parameters():
@@ -656,10 +714,17 @@ def test_gist_generate_recipe_runs_by_name(tmp_path, tiny_tokenizer):
     def tune_run(*overrides: str) -> Tuple[str, str]:
         """Run the recipe by name; return its stdout (the generated text) and its log (stderr)."""
         cmd = [
-            str(Path(sys.executable).parent / "tune"), "run", "gist_generate",
-            "--config", str(REPO / "configs/tiny/gist_generate.yaml"),
-            f"assets_dir={assets}", f"output_dir={tmp_path / 'out'}", f"gist_checkpoint_dir={tmp_path / 'adapter'}",
-            f"input={question}", "max_new_tokens=6", *overrides,
+            str(Path(sys.executable).parent / "tune"),
+            "run",
+            "gist_generate",
+            "--config",
+            str(REPO / "configs/tiny/gist_generate.yaml"),
+            f"assets_dir={assets}",
+            f"output_dir={tmp_path / 'out'}",
+            f"gist_checkpoint_dir={tmp_path / 'adapter'}",
+            f"input={question}",
+            "max_new_tokens=6",
+            *overrides,
         ]
         done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
@@ -670,7 +735,9 @@ def test_gist_generate_recipe_runs_by_name(tmp_path, tiny_tokenizer):
     encoded = GistPasskeyTransform(tiny_tokenizer, num_gist_tokens=4).encode_prompt(prompt, question)
     n_prompt, cont = encoded["gist_start"], encoded["tokens"][encoded["gist_start"] + 4 :]
     assert encoded["tokens"][0] == tiny_tokenizer.bos_id
-    assert f"Compression: {n_prompt - 1} prompt tokens (BOS aside) -> K=4 gist tokens ({(n_prompt - 1) / 4:.1f}x)" in log
+    assert (
+        f"Compression: {n_prompt - 1} prompt tokens (BOS aside) -> K=4 gist tokens ({(n_prompt - 1) / 4:.1f}x)" in log
+    )
 
     # the saved cache is what compress() gives on the same model, and the text is what generate_from_cache gives
     ids = encoded["tokens"][n_prompt : n_prompt + 4]
@@ -683,7 +750,9 @@ def test_gist_generate_recipe_runs_by_name(tmp_path, tiny_tokenizer):
     stops = set(tiny_tokenizer.stop_tokens)
     assert text == tiny_tokenizer.decode([t for t in out.tokens[0] if t not in stops]) + "\n"
     slots = 4 + len(cont) + len(out.tokens[0]) - 1  # the gists, the question, the new tokens but the last
-    assert f"with the gist cache ({slots} slots)" in log and f"with the full prompt ({slots - 4 + n_prompt} slots)" in log
+    assert (
+        f"with the gist cache ({slots} slots)" in log and f"with the full prompt ({slots - 4 + n_prompt} slots)" in log
+    )
 
     # reusing the saved cache (no prompt) reports the same compression and gives the same text
     text_again, log_again = tune_run(f"load_cache={cache_path}", "prompt=null")
@@ -716,7 +785,10 @@ def test_gist_generate_reads_prompt_and_input_files_and_refuses_yaml_parsed_text
     texts = []
     for settings in (
         {"prompt": prompt, "input": question},
-        {"prompt_file": str(tmp_path / "prompt.txt"), "input_file": str(tmp_path / "input.txt")},  # files replace the config's texts
+        {
+            "prompt_file": str(tmp_path / "prompt.txt"),
+            "input_file": str(tmp_path / "input.txt"),
+        },  # files replace the config's texts
     ):
         recipe, cfg = _generate_recipe(assets, tmp_path, settings)
         assert (recipe._prompt, recipe._inputs) == (prompt, [question])
@@ -792,7 +864,9 @@ def test_gist_generate_outputs_file_goes_on_where_an_interrupted_run_stopped(tmp
         monkeypatch.setattr(gist_generate, "generate_from_cache", answering)
         computed.clear()
         recipe, cfg = _generate_recipe(
-            assets, tmp_path, {"inputs_file": str(tmp_path / "inputs.txt"), "batch_size": 2, "outputs_file": str(out), **settings}
+            assets,
+            tmp_path,
+            {"inputs_file": str(tmp_path / "inputs.txt"), "batch_size": 2, "outputs_file": str(out), **settings},
         )
         recipe.setup(cfg)
         recipe.generate(cfg)
@@ -835,11 +909,15 @@ def test_gist_generate_refuses_a_cache_compressed_in_another_prompt_layout(tmp_p
     recipe, cfg = _generate_recipe(assets, tmp_path, {"save_cache": str(cache_path)})
     recipe.setup(cfg)
     recipe.generate(cfg)
-    assert GistCache.load(cache_path).fingerprint["prompt_layout"] == {"_component_": "torchtune_gist.data.GistPasskeyTransform"}
+    assert GistCache.load(cache_path).fingerprint["prompt_layout"] == {
+        "_component_": "torchtune_gist.data.GistPasskeyTransform"
+    }
     instruct = {"_component_": "torchtune_gist.data.GistInstructTransform", "num_gist_tokens": 4, "template": "plain"}
     recipe, cfg = _generate_recipe(assets, tmp_path, {"load_cache": str(cache_path), "prompt_transform": instruct})
     recipe.setup(cfg)
-    with pytest.raises(ValueError, match="was compressed with prompt_transform .*GistPasskeyTransform.* this config lays"):
+    with pytest.raises(
+        ValueError, match="was compressed with prompt_transform .*GistPasskeyTransform.* this config lays"
+    ):
         recipe.generate(cfg)
 
 
@@ -863,8 +941,10 @@ def test_gist_generate_refuses_a_merged_export_as_the_base(tmp_path):
         recipe.setup(cfg)
 
 
-@pytest.mark.parametrize("dotlist, message", [(["device=gpu"], "device='gpu' is not a device"),
-                                              (["seed=abc"], "seed='abc' must be a whole number >= 0")])
+@pytest.mark.parametrize(
+    "dotlist, message",
+    [(["device=gpu"], "device='gpu' is not a device"), (["seed=abc"], "seed='abc' must be a whole number >= 0")],
+)
 def test_gist_generate_names_a_bad_device_or_seed(tmp_path, dotlist, message):
     with pytest.raises(ValueError, match=message):
         _generate_recipe(tmp_path / "assets", tmp_path, {}, dotlist)
@@ -875,12 +955,16 @@ def test_gist_generate_names_what_a_training_config_lacks(tmp_path):
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.load(REPO / "configs/tiny/gist_lora_single_device.yaml")
-    with pytest.raises(ValueError, match="the config has no prompt_transform, max_new_tokens, temperature, which gist_generate reads"):
+    with pytest.raises(
+        ValueError, match="the config has no prompt_transform, max_new_tokens, temperature, which gist_generate reads"
+    ):
         GistGenerateRecipe(cfg)
 
 
 def test_gist_generate_checks_component_settings_first(tmp_path):
-    with pytest.raises(ValueError, match="prompt_transform: torchtune_gist.data.GistPasskeyTransform takes no num_gists"):
+    with pytest.raises(
+        ValueError, match="prompt_transform: torchtune_gist.data.GistPasskeyTransform takes no num_gists"
+    ):
         _generate_recipe(tmp_path / "assets", tmp_path, {}, ["prompt_transform.num_gists=2"])
 
 

@@ -97,9 +97,7 @@ def test_packed_matches_reference(seed):
     docs = document_ids_from_lengths(lens, s)
     for mode in MASK_MODES:
         got = make_gist_mask(tokens, GIST_IDS, pad_id=PAD, mode=mode, document_ids=docs)
-        want = torch.tensor(
-            [reference_mask(r, GIST_IDS, PAD, mode, d) for r, d in zip(tokens.tolist(), docs.tolist())]
-        )
+        want = torch.tensor([reference_mask(r, GIST_IDS, PAD, mode, d) for r, d in zip(tokens.tolist(), docs.tolist())])
         assert torch.equal(got, want), f"seed {seed} mode {mode}"
 
 
@@ -191,14 +189,22 @@ def _blocks(num: torch.Tensor, idx: torch.Tensor, b: int, n: int) -> torch.Tenso
         (dict(tokens=torch.tensor([[1, G]]), pad_id=G), ValueError, "the gists would count as padding"),
         (dict(tokens=torch.tensor([[1, G]]), pad_id="0"), TypeError, "pad_id must be an integer token id"),
         (dict(tokens=torch.tensor([[1, G]]), document_ids=torch.zeros(1, 3, dtype=torch.long)), ValueError, "shaped"),
-        (dict(tokens=torch.tensor([[1, G]]), document_ids=torch.zeros(1, 2, dtype=torch.long, device="meta")), ValueError, "one device"),
+        (
+            dict(tokens=torch.tensor([[1, G]]), document_ids=torch.zeros(1, 2, dtype=torch.long, device="meta")),
+            ValueError,
+            "one device",
+        ),
     ],
 )
 def test_bad_inputs_are_clear_errors(kwargs, exc, match):
     kwargs.setdefault("gist_token_ids", {G})
     for fn in (make_gist_mask, gist_mask_mod):
         with pytest.raises(exc, match=match):
-            fn(kwargs["tokens"], kwargs["gist_token_ids"], **{k: v for k, v in kwargs.items() if k not in ("tokens", "gist_token_ids")})
+            fn(
+                kwargs["tokens"],
+                kwargs["gist_token_ids"],
+                **{k: v for k, v in kwargs.items() if k not in ("tokens", "gist_token_ids")},
+            )
 
 
 def test_non_contiguous_span_in_a_packed_document_names_it():
@@ -229,8 +235,10 @@ def test_numpy_integer_gist_ids_are_taken_as_ints() -> None:
     tokens = torch.tensor([[1, 2, 8, 9, 3, 4]])
     assert torch.equal(make_gist_mask(tokens, np_ids), make_gist_mask(tokens, ids))
     row = {"tokens": [1, 2, 8, 9, 3, 4], "labels": [-100] * 4 + [3, 4]}
-    assert torch.equal(padded_gist_collate([row], gist_token_ids=np_ids, pad_id=np.int64(0))["mask"],
-                       padded_gist_collate([row], gist_token_ids=ids, pad_id=0)["mask"])
+    assert torch.equal(
+        padded_gist_collate([row], gist_token_ids=np_ids, pad_id=np.int64(0))["mask"],
+        padded_gist_collate([row], gist_token_ids=ids, pad_id=0)["mask"],
+    )
     from torchtune_gist.data import PackedGistDataset
 
     assert PackedGistDataset([row], max_seq_len=8, pad_id=np.int64(0)).pad_id == 0

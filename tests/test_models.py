@@ -5,23 +5,23 @@ from typing import Callable, Optional
 import pytest
 import torch
 import torch.nn.functional as F
+from torchao.dtypes.nf4tensor import NF4Tensor
 from torchtune.models.llama3 import llama3
 from torchtune.modules import TiedLinear
 from torchtune.modules.peft import LoRALinear
-from torchao.dtypes.nf4tensor import NF4Tensor
 
 from torchtune_gist.masks import make_gist_mask
 from torchtune_gist.models import (
     add_gist_embedding,
     gist_llama3_1,
-    gist_llama3_1_70b,
     gist_llama3_1_8b,
+    gist_llama3_1_70b,
     gist_llama3_1_tiny,
     gist_llama3_2,
     gist_llama3_2_1b,
     gist_llama3_2_3b,
-    lora_gist_llama3_1_70b,
     lora_gist_llama3_1_8b,
+    lora_gist_llama3_1_70b,
     lora_gist_llama3_1_tiny,
     lora_gist_llama3_2_1b,
     lora_gist_llama3_2_3b,
@@ -63,7 +63,7 @@ def _after_gist_logits_unchanged(model: torch.nn.Module, mask_fn: MaskFn) -> boo
     changed = _change_prompt(tokens)
     a = model(tokens, mask=mask_fn(tokens))
     b = model(changed, mask=mask_fn(changed))
-    return all(torch.equal(a[r, PROMPT - r + len(GIST_IDS):], b[r, PROMPT - r + len(GIST_IDS):]) for r in range(2))
+    return all(torch.equal(a[r, PROMPT - r + len(GIST_IDS) :], b[r, PROMPT - r + len(GIST_IDS) :]) for r in range(2))
 
 
 def _gist_mask(mode: str) -> MaskFn:
@@ -153,8 +153,9 @@ def test_training_updates_only_gist_rows_and_lora(train_lora):
 
 
 def test_qlora_tiny_forward_backward_on_cpu():
-    model = qlora_gist_llama3_1_tiny(["q_proj", "k_proj", "v_proj", "output_proj"], apply_lora_to_mlp=True,
-                                     num_gist_tokens=len(GIST_IDS))
+    model = qlora_gist_llama3_1_tiny(
+        ["q_proj", "k_proj", "v_proj", "output_proj"], apply_lora_to_mlp=True, num_gist_tokens=len(GIST_IDS)
+    )
     assert isinstance(model.layers[0].attn.q_proj.weight, NF4Tensor)
     assert isinstance(model.layers[0].mlp.w1.weight, NF4Tensor)
     trainable = set_trainable_params(model)

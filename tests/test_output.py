@@ -57,7 +57,9 @@ def test_masked_loss_equals_the_loss_over_full_logits(tied):
     logits = model(batch["tokens"], mask=batch["mask"])
     assert logits.shape == (2, 12, TINY_VOCAB_SIZE)  # the full path is back after the context
     shifted = torch.cat([batch["labels"][:, 1:], torch.full_like(batch["labels"][:, :1], IGNORE)], 1)
-    reference = F.cross_entropy(logits.reshape(-1, TINY_VOCAB_SIZE), shifted.reshape(-1), ignore_index=IGNORE, reduction="sum")
+    reference = F.cross_entropy(
+        logits.reshape(-1, TINY_VOCAB_SIZE), shifted.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
     reference.backward()
     assert int(n) == int((shifted != IGNORE).sum()) == 6
     torch.testing.assert_close(loss_sum, reference, atol=1e-5, rtol=1e-5)

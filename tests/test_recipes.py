@@ -69,7 +69,14 @@ def plain_tiny_lora(num_gist_tokens: int, **kwargs: Any) -> torch.nn.Module:
 
 def tune_run(args: List[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([str(Path(sys.executable).parent / "tune"), "run", *args], cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "tune"), "run", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -78,7 +85,9 @@ def assert_checkpoint_loads(directory: Path, num_gist_tokens: int) -> None:
     meta = read_gist_adapter_metadata(directory)
     assert meta["num_gist_tokens"] == num_gist_tokens and meta["mask_mode"] == "gist"
     assert json.loads((directory / "hf_merged" / "gist_config.json").read_text())["mask_mode"] == "gist"
-    model = lora_gist_llama3_1_tiny(["q_proj", "k_proj", "v_proj", "output_proj"], lora_rank=16, lora_alpha=32, num_gist_tokens=num_gist_tokens)
+    model = lora_gist_llama3_1_tiny(
+        ["q_proj", "k_proj", "v_proj", "output_proj"], lora_rank=16, lora_alpha=32, num_gist_tokens=num_gist_tokens
+    )
     load_gist_adapter(model, directory)
     assert "tok_embeddings.weight" in load_merged_hf(directory / "hf_merged")
 
@@ -100,8 +109,21 @@ def test_single_device_by_name(assets, tmp_path):
 def test_distributed_by_name_two_processes(assets, tmp_path, dtype):
     out = tmp_path / "run"
     tune_run(
-        ["--nproc_per_node", "2", "gist_lora_distributed", "--config", str(DISTRIBUTED),
-         *overrides(assets, out, max_steps_per_epoch=3, mask_format="segments", enable_activation_checkpointing=True, dtype=dtype)]
+        [
+            "--nproc_per_node",
+            "2",
+            "gist_lora_distributed",
+            "--config",
+            str(DISTRIBUTED),
+            *overrides(
+                assets,
+                out,
+                max_steps_per_epoch=3,
+                mask_format="segments",
+                enable_activation_checkpointing=True,
+                dtype=dtype,
+            ),
+        ]
     )
     assert_checkpoint_loads(out / "epoch_0", 4)
     saved = {t.dtype for t in load_file(str(out / "epoch_0" / "gist_adapter.safetensors")).values()}
@@ -114,20 +136,58 @@ def test_two_nodes_through_torchrun_flags_train_as_one_node_of_two(assets, tmp_p
     the same losses as one node of two processes, and one checkpoint, written by global rank 0."""
     from torchtune_gist.training import read_recipe_progress
 
-    settings = overrides(assets, tmp_path / "two_nodes", max_steps_per_epoch=4, save_merged_hf=False, **{"dataset.num_samples": 256})
+    settings = overrides(
+        assets, tmp_path / "two_nodes", max_steps_per_epoch=4, save_merged_hf=False, **{"dataset.num_samples": 256}
+    )
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
-    launcher = [str(Path(sys.executable).parent / "tune"), "run", "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
-                "--rdzv_endpoint", f"localhost:{port}", "--rdzv_id", "gist", "gist_lora_distributed", "--config", str(DISTRIBUTED), *settings]
+    launcher = [
+        str(Path(sys.executable).parent / "tune"),
+        "run",
+        "--nnodes",
+        "2",
+        "--nproc_per_node",
+        "1",
+        "--rdzv_backend",
+        "c10d",
+        "--rdzv_endpoint",
+        f"localhost:{port}",
+        "--rdzv_id",
+        "gist",
+        "gist_lora_distributed",
+        "--config",
+        str(DISTRIBUTED),
+        *settings,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    nodes = [subprocess.Popen(launcher, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) for _ in range(2)]
+    nodes = [
+        subprocess.Popen(launcher, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        for _ in range(2)
+    ]
     logs = [node.communicate(timeout=600)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], "\n".join(log[-3000:] for log in logs)
     assert sum(log.count("Saved checkpoint to") for log in logs) == 1
-    tune_run(["--nproc_per_node", "2", "gist_lora_distributed", "--config", str(DISTRIBUTED),
-              *overrides(assets, tmp_path / "one_node", max_steps_per_epoch=4, save_merged_hf=False, **{"dataset.num_samples": 256})])
-    two, one = (read_recipe_progress(tmp_path / d / "epoch_0" / "recipe_state.safetensors")["loss_history"] for d in ("two_nodes", "one_node"))
+    tune_run(
+        [
+            "--nproc_per_node",
+            "2",
+            "gist_lora_distributed",
+            "--config",
+            str(DISTRIBUTED),
+            *overrides(
+                assets,
+                tmp_path / "one_node",
+                max_steps_per_epoch=4,
+                save_merged_hf=False,
+                **{"dataset.num_samples": 256},
+            ),
+        ]
+    )
+    two, one = (
+        read_recipe_progress(tmp_path / d / "epoch_0" / "recipe_state.safetensors")["loss_history"]
+        for d in ("two_nodes", "one_node")
+    )
     assert len(two) == 4 and two == one
 
 
@@ -138,11 +198,24 @@ def test_distributed_resume_equals_uninterrupted(assets, tmp_path):
     from torchtune_gist.training import read_recipe_progress
 
     common = ["--nproc_per_node", "2", "gist_lora_distributed", "--config", str(DISTRIBUTED)]
-    settings = dict(max_steps_per_epoch=6, save_every_n_steps=3, save_merged_hf=False, epochs=1,
-                    **{"dataset.num_samples": 256, "model.lora_dropout": 0.1})
+    settings = dict(
+        max_steps_per_epoch=6,
+        save_every_n_steps=3,
+        save_merged_hf=False,
+        epochs=1,
+        **{"dataset.num_samples": 256, "model.lora_dropout": 0.1},
+    )
     tune_run([*common, *overrides(assets, tmp_path / "full", **settings)])
-    tune_run([*common, *overrides(assets, tmp_path / "resumed", resume_from_checkpoint=tmp_path / "full" / "step_3", **settings)])
-    full, resumed = (read_recipe_progress(tmp_path / d / "epoch_0" / "recipe_state.safetensors")["loss_history"] for d in ("full", "resumed"))
+    tune_run(
+        [
+            *common,
+            *overrides(assets, tmp_path / "resumed", resume_from_checkpoint=tmp_path / "full" / "step_3", **settings),
+        ]
+    )
+    full, resumed = (
+        read_recipe_progress(tmp_path / d / "epoch_0" / "recipe_state.safetensors")["loss_history"]
+        for d in ("full", "resumed")
+    )
     assert [s for s, _ in full] == list(range(1, 7)) and resumed == full
 
 
@@ -152,9 +225,15 @@ def test_bf16_training_follows_fp32(assets, tmp_path):
     fp32 = run_in_process(load_cfg(SINGLE, overrides(assets, tmp_path / "fp32", **common)))
     bf16 = run_in_process(load_cfg(SINGLE, overrides(assets, tmp_path / "bf16", dtype="bf16", **common)))
     assert {p.dtype for p in bf16._model.parameters()} == {torch.bfloat16}
-    assert {t.dtype for t in load_file(str(tmp_path / "bf16" / "epoch_0" / "gist_adapter.safetensors")).values()} == {torch.bfloat16}
-    torch.testing.assert_close([loss for _, loss in bf16.loss_history], [loss for _, loss in fp32.loss_history], atol=0.05, rtol=0.01)
-    fp32_model = lora_gist_llama3_1_tiny(["q_proj", "k_proj", "v_proj", "output_proj"], lora_rank=16, lora_alpha=32, num_gist_tokens=4)
+    assert {t.dtype for t in load_file(str(tmp_path / "bf16" / "epoch_0" / "gist_adapter.safetensors")).values()} == {
+        torch.bfloat16
+    }
+    torch.testing.assert_close(
+        [loss for _, loss in bf16.loss_history], [loss for _, loss in fp32.loss_history], atol=0.05, rtol=0.01
+    )
+    fp32_model = lora_gist_llama3_1_tiny(
+        ["q_proj", "k_proj", "v_proj", "output_proj"], lora_rank=16, lora_alpha=32, num_gist_tokens=4
+    )
     load_gist_adapter(fp32_model, tmp_path / "bf16" / "epoch_0")
     assert next(fp32_model.parameters()).dtype == torch.float32
 
@@ -171,7 +250,9 @@ def test_batches_reaching_the_model_carry_the_gist_mask(assets, tmp_path, mask_f
     def hook(module, args, kwargs):
         seen.append({"tokens": args[0] if args else kwargs["tokens"], **kwargs})
 
-    cfg = load_cfg(SINGLE, overrides(assets, tmp_path, max_steps_per_epoch=2, save_merged_hf=False, mask_format=mask_format))
+    cfg = load_cfg(
+        SINGLE, overrides(assets, tmp_path, max_steps_per_epoch=2, save_merged_hf=False, mask_format=mask_format)
+    )
     recipe = run_in_process(cfg, hook)
     assert len(seen) == 2
     collate = recipe._dataloader.collate_fn.keywords
@@ -182,7 +263,9 @@ def test_batches_reaching_the_model_carry_the_gist_mask(assets, tmp_path, mask_f
         # On CPU, auto means segments from 512 positions: these short rows get the dense [b, s, s] tensor.
         assert tokens.shape[1] < 512 and isinstance(mask, GistSegmentMask) == (mask_format == "segments")
         assert isinstance(mask, torch.Tensor) and mask.shape == (*tokens.shape, tokens.shape[1])
-        assert torch.equal(_real_rows(mask, tokens, pad_id), make_gist_mask(tokens, ids, pad_id=pad_id)[tokens != pad_id])
+        assert torch.equal(
+            _real_rows(mask, tokens, pad_id), make_gist_mask(tokens, ids, pad_id=pad_id)[tokens != pad_id]
+        )
         row = tokens[0].tolist()
         last_gist = max(i for i, t in enumerate(row) if t in ids)
         first_gist = last_gist - len(ids) + 1
@@ -193,8 +276,17 @@ def test_batches_reaching_the_model_carry_the_gist_mask(assets, tmp_path, mask_f
 
 def test_mask_mode_from_config_reaches_the_model(assets, tmp_path):
     seen = []
-    cfg = load_cfg(SINGLE, overrides(assets, tmp_path, max_steps_per_epoch=1, save_merged_hf=False, mask_mode="neg_control",
-                                     mask_format="segments"))
+    cfg = load_cfg(
+        SINGLE,
+        overrides(
+            assets,
+            tmp_path,
+            max_steps_per_epoch=1,
+            save_merged_hf=False,
+            mask_mode="neg_control",
+            mask_format="segments",
+        ),
+    )
     recipe = run_in_process(cfg, lambda m, a, k: seen.append(k["mask"]))
     tokens = next(iter(recipe._dataloader))["tokens"]
     pad_id = recipe._tokenizer.pad_id
@@ -203,18 +295,30 @@ def test_mask_mode_from_config_reaches_the_model(assets, tmp_path):
 
 
 def _write_alpaca_plus_split(directory: Path, split: str, n: int) -> None:
-    records = [{"instruction": f"Repeat the number {i}.", "input": "", "output": str(i), "source": "alpaca"} for i in range(n)]
+    records = [
+        {"instruction": f"Repeat the number {i}.", "input": "", "output": str(i), "source": "alpaca"} for i in range(n)
+    ]
     (directory / f"alpaca_plus_{split}.json").write_text(json.dumps(records))
 
 
 def test_packed_rows_reach_the_model_with_document_masks(assets, tmp_path):
     _write_alpaca_plus_split(tmp_path, "validation_seen", 64)
     seen: List[Dict[str, Any]] = []
-    cfg = load_cfg(SINGLE, overrides(assets, tmp_path / "run", max_steps_per_epoch=1, save_merged_hf=False, batch_size=2,
-                                     mask_format="segments"))
+    cfg = load_cfg(
+        SINGLE,
+        overrides(
+            assets, tmp_path / "run", max_steps_per_epoch=1, save_merged_hf=False, batch_size=2, mask_format="segments"
+        ),
+    )
     cfg.dataset = OmegaConf.create(
-        {"_component_": "torchtune_gist.data.alpaca_plus_dataset", "data_dir": str(tmp_path), "split": "validation_seen",
-         "num_gist_tokens": cfg.num_gist_tokens, "max_seq_len": 256, "packed": True}
+        {
+            "_component_": "torchtune_gist.data.alpaca_plus_dataset",
+            "data_dir": str(tmp_path),
+            "split": "validation_seen",
+            "num_gist_tokens": cfg.num_gist_tokens,
+            "max_seq_len": 256,
+            "packed": True,
+        }
     )
     del cfg.collate_fn
     recipe = run_in_process(cfg, lambda m, a, k: seen.append({"tokens": a[0] if a else k["tokens"], **k}))
@@ -233,8 +337,14 @@ def test_packed_dataset_with_the_padded_collate_is_a_clear_error(assets, tmp_pat
     _write_alpaca_plus_split(tmp_path, "validation_seen", 16)
     cfg = load_cfg(SINGLE, overrides(assets, tmp_path / "run", max_steps_per_epoch=1, save_merged_hf=False))
     cfg.dataset = OmegaConf.create(
-        {"_component_": "torchtune_gist.data.alpaca_plus_dataset", "data_dir": str(tmp_path), "split": "validation_seen",
-         "num_gist_tokens": cfg.num_gist_tokens, "max_seq_len": 256, "packed": True}
+        {
+            "_component_": "torchtune_gist.data.alpaca_plus_dataset",
+            "data_dir": str(tmp_path),
+            "split": "validation_seen",
+            "num_gist_tokens": cfg.num_gist_tokens,
+            "max_seq_len": 256,
+            "packed": True,
+        }
     )
     with pytest.raises(ValueError, match="packed_gist_collate"):
         GistLoRAFinetuneRecipeSingleDevice(cfg).setup(cfg)
@@ -250,15 +360,31 @@ def test_training_lowers_the_loss(assets, tmp_path):
 
 
 def test_resume_equals_uninterrupted(assets, tmp_path):
-    common = {"max_steps_per_epoch": 6, "save_merged_hf": False, "save_every_n_steps": 3, "epochs": 2, "dataset.num_samples": 128}
+    common = {
+        "max_steps_per_epoch": 6,
+        "save_merged_hf": False,
+        "save_every_n_steps": 3,
+        "epochs": 2,
+        "dataset.num_samples": 128,
+    }
     full = run_in_process(load_cfg(SINGLE, overrides(assets, tmp_path / "full", **common)))
     assert [s for s, _ in full.loss_history] == list(range(1, 13))
     for interrupted_at in ("step_3", "step_9"):
         resumed = run_in_process(
-            load_cfg(SINGLE, overrides(assets, tmp_path / f"resumed_{interrupted_at}", resume_from_checkpoint=tmp_path / "full" / interrupted_at, **common))
+            load_cfg(
+                SINGLE,
+                overrides(
+                    assets,
+                    tmp_path / f"resumed_{interrupted_at}",
+                    resume_from_checkpoint=tmp_path / "full" / interrupted_at,
+                    **common,
+                ),
+            )
         )
         assert resumed.loss_history == full.loss_history, interrupted_at
-    latest = run_in_process(load_cfg(SINGLE, overrides(assets, tmp_path / "full", resume_from_checkpoint=True, **common)))
+    latest = run_in_process(
+        load_cfg(SINGLE, overrides(assets, tmp_path / "full", resume_from_checkpoint=True, **common))
+    )
     assert latest.loss_history == full.loss_history and latest.global_step == 12
 
 
@@ -266,13 +392,25 @@ def test_resume_is_exact_with_accumulation_dropout_validation_and_a_drawn_seed(a
     """``seed: null`` (torchtune's configs' default) draws a seed; the resumed run shuffles with the first run's.
     LoRA dropout draws from the restored generator (a new data-loader iterator draws from its own), and
     validation and gradient accumulation land on the same steps."""
-    common = {"max_steps_per_epoch": 4, "save_merged_hf": False, "save_every_n_steps": 2, "epochs": 2, "seed": "null",
-              "gradient_accumulation_steps": 2, "run_val_every_n_steps": 2, "model.lora_dropout": 0.1,
-              "dataset.num_samples": 160, "validation_dataset.num_samples": 8}
+    common = {
+        "max_steps_per_epoch": 4,
+        "save_merged_hf": False,
+        "save_every_n_steps": 2,
+        "epochs": 2,
+        "seed": "null",
+        "gradient_accumulation_steps": 2,
+        "run_val_every_n_steps": 2,
+        "model.lora_dropout": 0.1,
+        "dataset.num_samples": 160,
+        "validation_dataset.num_samples": 8,
+    }
     full = run_in_process(load_cfg(SINGLE, overrides(assets, tmp_path / "full", **common)))
     assert [s for s, _ in full.loss_history] == list(range(1, 9))
     resumed = run_in_process(
-        load_cfg(SINGLE, overrides(assets, tmp_path / "resumed", resume_from_checkpoint=tmp_path / "full" / "step_6", **common))
+        load_cfg(
+            SINGLE,
+            overrides(assets, tmp_path / "resumed", resume_from_checkpoint=tmp_path / "full" / "step_6", **common),
+        )
     )
     assert resumed.seed == full.seed and resumed.loss_history == full.loss_history
 
@@ -284,8 +422,15 @@ def test_a_signal_saves_a_checkpoint_after_the_step_and_resume_continues_exactly
     start first, the checkpoint then)."""
     import signal
 
-    common = {"max_steps_per_epoch": 6, "save_merged_hf": False, "epochs": 1, "dataset.num_samples": 128,
-              "resume_from_checkpoint": "auto", "run_val_every_n_steps": 4, "validation_dataset.num_samples": 8}
+    common = {
+        "max_steps_per_epoch": 6,
+        "save_merged_hf": False,
+        "epochs": 1,
+        "dataset.num_samples": 128,
+        "resume_from_checkpoint": "auto",
+        "run_val_every_n_steps": 4,
+        "validation_dataset.num_samples": 8,
+    }
     full = run_in_process(load_cfg(SINGLE, overrides(assets, tmp_path / "full", **common)))
     forwards = []
 
@@ -297,7 +442,11 @@ def test_a_signal_saves_a_checkpoint_after_the_step_and_resume_continues_exactly
     previous = signal.getsignal(signal.SIGTERM)
     validations = []
     validate = GistLoRAFinetuneRecipeSingleDevice.validate
-    monkeypatch.setattr(GistLoRAFinetuneRecipeSingleDevice, "validate", lambda self: validations.append(self.global_step) or validate(self))
+    monkeypatch.setattr(
+        GistLoRAFinetuneRecipeSingleDevice,
+        "validate",
+        lambda self: validations.append(self.global_step) or validate(self),
+    )
     stopped = run_in_process(load_cfg(SINGLE, overrides(assets, tmp_path / "run", **common)), hook=preempt_at_step_4)
     assert signal.getsignal(signal.SIGTERM) is previous and validations == []
     assert stopped.stop_signal == signal.SIGTERM and stopped.global_step == 4
@@ -351,8 +500,12 @@ def test_latest_checkpoint_is_the_one_saved_last_prefers_the_epoch_and_skips_wha
     from torchtune_gist.training import RECIPE_STATE_FILE, latest_checkpoint, save_recipe_state
 
     def checkpoint(name: str, step: int, **progress: float) -> Path:
-        save_recipe_state(tmp_path / name / RECIPE_STATE_FILE, optimizer_state={"state": {}, "param_groups": []},
-                          progress={"global_step": step, **progress}, rng_states={})
+        save_recipe_state(
+            tmp_path / name / RECIPE_STATE_FILE,
+            optimizer_state={"state": {}, "param_groups": []},
+            progress={"global_step": step, **progress},
+            rng_states={},
+        )
         (tmp_path / name / "gist_adapter.safetensors").write_bytes(b"")
         return tmp_path / name
 
@@ -375,7 +528,9 @@ def test_resume_refuses_settings_that_would_train_wrong(assets, tmp_path):
     run_in_process(load_cfg(SINGLE, overrides(assets, tmp_path, **common)))
 
     def resume(**changed):
-        cfg = load_cfg(SINGLE, overrides(assets, tmp_path, resume_from_checkpoint=tmp_path / "step_2", **{**common, **changed}))
+        cfg = load_cfg(
+            SINGLE, overrides(assets, tmp_path, resume_from_checkpoint=tmp_path / "step_2", **{**common, **changed})
+        )
         GistLoRAFinetuneRecipeSingleDevice(cfg).setup(cfg)
 
     with pytest.raises(ValueError, match="batch_size was 16, now 8.*initial_adapter="):
@@ -405,7 +560,9 @@ def test_compiled_training_matches_eager(assets, tmp_path):
         torch._dynamo.reset()
     assert counters["stats"]["unique_graphs"] > 0 and compiled._mask_format == "dense"
     assert [step for step, _ in compiled.loss_history] == [step for step, _ in eager.loss_history]
-    torch.testing.assert_close([loss for _, loss in compiled.loss_history], [loss for _, loss in eager.loss_history], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        [loss for _, loss in compiled.loss_history], [loss for _, loss in eager.loss_history], atol=1e-4, rtol=1e-4
+    )
 
 
 def test_block_masks_are_built_on_the_training_device(assets, tmp_path, monkeypatch):
@@ -434,15 +591,25 @@ def test_recipe_state_round_trip_and_files_from_before_the_gpu_rng(tmp_path):
     from torchtune_gist._io import atomic_save_safetensors
     from torchtune_gist.training import load_recipe_state, save_recipe_state
 
-    optim = {"state": {"w": {"step": torch.tensor(3.0), "exp_avg": torch.ones(2)}}, "param_groups": [{"lr": 0.1, "params": ["w"]}]}
+    optim = {
+        "state": {"w": {"step": torch.tensor(3.0), "exp_avg": torch.ones(2)}},
+        "param_groups": [{"lr": 0.1, "params": ["w"]}],
+    }
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.arange(4, dtype=torch.uint8)}
     save_recipe_state(tmp_path / "new.safetensors", optimizer_state=optim, progress={"global_step": 3}, rng_states=rng)
     loaded_optim, progress, loaded_rng = load_recipe_state(tmp_path / "new.safetensors")
     assert progress == {"global_step": 3} and torch.equal(loaded_optim["state"]["w"]["exp_avg"], torch.ones(2))
     assert loaded_rng.keys() == rng.keys() and all(torch.equal(loaded_rng[k], rng[k]) for k in rng)
     # A file of an earlier version: one CPU state under "rng_state".
-    atomic_save_safetensors({"rng_state": rng["cpu"]}, tmp_path / "old.safetensors",
-                            metadata={"format": "torchtune-gist-recipe-state", "progress": "{}", "optim": '{"param_groups": [], "scalars": {}}'})
+    atomic_save_safetensors(
+        {"rng_state": rng["cpu"]},
+        tmp_path / "old.safetensors",
+        metadata={
+            "format": "torchtune-gist-recipe-state",
+            "progress": "{}",
+            "optim": '{"param_groups": [], "scalars": {}}',
+        },
+    )
     assert torch.equal(load_recipe_state(tmp_path / "old.safetensors")[2]["cpu"], rng["cpu"])
 
 
@@ -468,7 +635,9 @@ def test_clear_errors_for_configurations_that_cannot_work(assets, tmp_path):
         setup(**{"model._component_": "test_recipes.plain_tiny_lora"})
     with pytest.raises(ValueError, match="no complete checkpoint"):
         setup(resume_from_checkpoint=True, output_dir=tmp_path / "empty")
-    with pytest.raises(FileNotFoundError, match=r"tokenizer.path: .*nowhere/tiny_tokenizer.model \(relative to the current"):
+    with pytest.raises(
+        FileNotFoundError, match=r"tokenizer.path: .*nowhere/tiny_tokenizer.model \(relative to the current"
+    ):
         setup(assets_dir="nowhere", output_dir=tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match=r"checkpointer.checkpoint_files: .*/other.safetensors is not a file"):
         setup(**{"checkpointer.checkpoint_files": ["model.safetensors", "other.safetensors"]})
@@ -486,8 +655,11 @@ def test_component_settings_are_checked_before_anything_is_built(assets, tmp_pat
         cfg = load_cfg(SINGLE, overrides(assets, tmp_path, **extra))
         GistLoRAFinetuneRecipeSingleDevice(cfg)
 
-    with pytest.raises(ValueError, match=r"model._component_=torchtune.models.llama3_1.lora_llama3_1_8b is not a "
-                       r"gist-aware builder \(it takes no num_gist_tokens\): use one of torchtune_gist.models"):
+    with pytest.raises(
+        ValueError,
+        match=r"model._component_=torchtune.models.llama3_1.lora_llama3_1_8b is not a "
+        r"gist-aware builder \(it takes no num_gist_tokens\): use one of torchtune_gist.models",
+    ):
         construct(**{"model._component_": "torchtune.models.llama3_1.lora_llama3_1_8b"})
     with pytest.raises(ValueError) as e:
         construct(**{"model.lora_rnak": 8, "optimizer.weight_decai": 0.1, "loss._component_": "torch.nn.NoSuchLoss"})
@@ -506,10 +678,17 @@ def test_component_settings_are_checked_before_anything_is_built(assets, tmp_pat
 
 def test_missing_input_files_are_all_named_with_their_keys(tmp_path):
     (tmp_path / "tok.model").write_text("")
-    cfg = OmegaConf.create({
-        "tokenizer": {"_component_": "x", "path": str(tmp_path / "tok.model"), "special_tokens_path": "missing.json", "max_seq_len": 8},
-        "checkpointer": {"checkpoint_dir": str(tmp_path / "base"), "checkpoint_files": ["a.safetensors"]},
-    })
+    cfg = OmegaConf.create(
+        {
+            "tokenizer": {
+                "_component_": "x",
+                "path": str(tmp_path / "tok.model"),
+                "special_tokens_path": "missing.json",
+                "max_seq_len": 8,
+            },
+            "checkpointer": {"checkpoint_dir": str(tmp_path / "base"), "checkpoint_files": ["a.safetensors"]},
+        }
+    )
     with pytest.raises(FileNotFoundError) as e:
         check_input_files(cfg)
     lines = str(e.value).splitlines()
@@ -532,7 +711,9 @@ def test_initial_adapter_starts_from_trained_weights_with_a_fresh_schedule(asset
     first = run_in_process(load_cfg(SINGLE, overrides(assets, tmp_path / "short", **common)))
     trained = load_file(str(tmp_path / "short" / "epoch_0" / "gist_adapter.safetensors"))
     assert all(v.abs().sum() > 0 for k, v in trained.items() if "lora_b" in k)
-    cfg = load_cfg(SINGLE, overrides(assets, tmp_path / "long", initial_adapter=tmp_path / "short" / "epoch_0", **common))
+    cfg = load_cfg(
+        SINGLE, overrides(assets, tmp_path / "long", initial_adapter=tmp_path / "short" / "epoch_0", **common)
+    )
     recipe = GistLoRAFinetuneRecipeSingleDevice(cfg)
     recipe.setup(cfg)
     state = {state_dict_name(n): p.detach() for n, p in recipe._model.named_parameters()}
@@ -608,7 +789,6 @@ def test_dora_magnitude_starts_from_the_base_and_a_trained_one_survives(assets, 
 def test_distributed_dora_magnitude_is_initialised_before_the_adapter_loads(assets, tmp_path):
     """The FSDP2 recipe (one CPU process, gloo): the same two properties as on one device."""
     import torch.distributed as dist
-
     from gist_lora_distributed import GistLoRAFinetuneRecipeDistributed
 
     common = {"save_merged_hf": False, "model.use_dora": True}
@@ -620,7 +800,9 @@ def test_distributed_dora_magnitude_is_initialised_before_the_adapter_loads(asse
         _assert_magnitudes_are_the_base_row_norms(fresh._model, assets)
         trained = _write_trained_dora_adapter(fresh, tmp_path / "trained")
         fresh._metric_logger.close()
-        cfg = load_cfg(DISTRIBUTED, overrides(assets, tmp_path / "next", initial_adapter=tmp_path / "trained", **common))
+        cfg = load_cfg(
+            DISTRIBUTED, overrides(assets, tmp_path / "next", initial_adapter=tmp_path / "trained", **common)
+        )
         resumed = GistLoRAFinetuneRecipeDistributed(cfg)
         resumed.setup(cfg)
         state = {state_dict_name(n): _full(p.detach()) for n, p in resumed._model.named_parameters()}
@@ -632,7 +814,10 @@ def test_distributed_dora_magnitude_is_initialised_before_the_adapter_loads(asse
 
 def test_validation_covers_every_example(assets, tmp_path):
     """The last partial validation batch counts (a split smaller than a batch is not a loss of 0.0)."""
-    cfg = load_cfg(SINGLE, overrides(assets, tmp_path, save_merged_hf=False, batch_size=16, **{"validation_dataset.num_samples": 5}))
+    cfg = load_cfg(
+        SINGLE,
+        overrides(assets, tmp_path, save_merged_hf=False, batch_size=16, **{"validation_dataset.num_samples": 5}),
+    )
     recipe = GistLoRAFinetuneRecipeSingleDevice(cfg)
     recipe.setup(cfg)
     assert [len(b["tokens"]) for b in recipe._val_dataloader] == [5]
@@ -645,14 +830,18 @@ def test_setup_refuses_configs_that_would_train_wrong(assets, tmp_path):
     _write_alpaca_plus_split(tmp_path, "validation_seen", 16)
 
     def setup(cfg_changes: Optional[Dict[str, Any]] = None, **extra: Any) -> None:
-        cfg = load_cfg(SINGLE, overrides(assets, tmp_path / "run", max_steps_per_epoch=1, save_merged_hf=False, **extra))
+        cfg = load_cfg(
+            SINGLE, overrides(assets, tmp_path / "run", max_steps_per_epoch=1, save_merged_hf=False, **extra)
+        )
         for key, value in (cfg_changes or {}).items():
             OmegaConf.update(cfg, key, value, merge=False, force_add=True)
         GistLoRAFinetuneRecipeSingleDevice(cfg).setup(cfg)
 
     # torchtune features these recipes do not implement
     for key in ("enable_activation_offloading", "optimizer_in_bwd", "profiler.enabled"):
-        with pytest.raises(ValueError, match=f"{key}=True is a torchtune recipe feature that the gist recipes do not implement"):
+        with pytest.raises(
+            ValueError, match=f"{key}=True is a torchtune recipe feature that the gist recipes do not implement"
+        ):
             setup(**{key: True})
     # validation
     with pytest.raises(ValueError, match="run_val_every_n_steps=2 but no validation_dataset"):
@@ -664,17 +853,27 @@ def test_setup_refuses_configs_that_would_train_wrong(assets, tmp_path):
         setup(**{"dataset.num_gist_tokens": 2})
     with pytest.raises(ValueError, match=r"validation_dataset lays out 3 gist tokens"):
         setup(**{"validation_dataset.num_gist_tokens": 3})
-    packed = {"_component_": "torchtune_gist.data.alpaca_plus_dataset", "data_dir": str(tmp_path), "split": "validation_seen",
-              "num_gist_tokens": 2, "max_seq_len": 256, "packed": True}
+    packed = {
+        "_component_": "torchtune_gist.data.alpaca_plus_dataset",
+        "data_dir": str(tmp_path),
+        "split": "validation_seen",
+        "num_gist_tokens": 2,
+        "max_seq_len": 256,
+        "packed": True,
+    }
     with pytest.raises(ValueError, match=r"dataset\[1\].num_gist_tokens=2, but the model has 4 gist tokens"):
         setup({"dataset": [{**packed, "num_gist_tokens": 4}, packed], "collate_fn": None})
     # a collator that cannot build the gist mask
-    with pytest.raises(ValueError, match="collate_fn=torchtune.data.padded_collate_sft does not take gist_token_ids.*padded_gist_collate"):
+    with pytest.raises(
+        ValueError,
+        match="collate_fn=torchtune.data.padded_collate_sft does not take gist_token_ids.*padded_gist_collate",
+    ):
         setup(collate_fn="torchtune.data.padded_collate_sft")
 
 
 def test_user_mistakes_are_named_before_training(assets, tmp_path):
     """Counts, paths and inputs a user gets wrong are refused with the key to change, not a torch traceback."""
+
     def recipe(**extra: Any) -> GistLoRAFinetuneRecipeSingleDevice:
         settings = {"max_steps_per_epoch": 2, "save_merged_hf": False, **extra}
         cfg = load_cfg(SINGLE, overrides(assets, settings.pop("output_dir", tmp_path / "run"), **settings))
@@ -682,30 +881,52 @@ def test_user_mistakes_are_named_before_training(assets, tmp_path):
         r.setup(cfg)
         return r
 
-    for key, value in (("gradient_accumulation_steps", 0), ("max_steps_per_epoch", 0), ("log_every_n_steps", 0),
-                       ("epochs", 0), ("batch_size", 2.5), ("num_gist_tokens", "abc"), ("save_every_n_steps", -1)):
+    for key, value in (
+        ("gradient_accumulation_steps", 0),
+        ("max_steps_per_epoch", 0),
+        ("log_every_n_steps", 0),
+        ("epochs", 0),
+        ("batch_size", 2.5),
+        ("num_gist_tokens", "abc"),
+        ("save_every_n_steps", -1),
+    ):
         with pytest.raises(ValueError, match=f"{key}={value!r} must be a whole number >= 1"):
             recipe(**{key: value})
     # settings torchtune and torch would reject with their own internals' messages (a TypeError in torch.optim, ...)
-    for key, value, message in (("device", "gpu", "device='gpu' is not a device: use cpu, cuda"),
-                                ("seed", "abc", "seed='abc' must be a whole number >= 0, or null"),
-                                ("optimizer.lr", "abc", "optimizer.lr='abc' must be a number > 0"),
-                                ("optimizer.lr", 0, "optimizer.lr=0 must be a number > 0"),
-                                ("clip_grad_norm", "abc", "clip_grad_norm='abc' must be a number > 0, or null for no clipping"),
-                                ("lr_scheduler.num_warmup_steps", -3, "lr_scheduler.num_warmup_steps=-3 must be a whole number >= 0"),
-                                ("checkpointer.model_type", "LAMA3", "checkpointer.model_type='LAMA3' is not one of torchtune's model types: .*LLAMA3,")):
+    for key, value, message in (
+        ("device", "gpu", "device='gpu' is not a device: use cpu, cuda"),
+        ("seed", "abc", "seed='abc' must be a whole number >= 0, or null"),
+        ("optimizer.lr", "abc", "optimizer.lr='abc' must be a number > 0"),
+        ("optimizer.lr", 0, "optimizer.lr=0 must be a number > 0"),
+        ("clip_grad_norm", "abc", "clip_grad_norm='abc' must be a number > 0, or null for no clipping"),
+        ("lr_scheduler.num_warmup_steps", -3, "lr_scheduler.num_warmup_steps=-3 must be a whole number >= 0"),
+        (
+            "checkpointer.model_type",
+            "LAMA3",
+            "checkpointer.model_type='LAMA3' is not one of torchtune's model types: .*LLAMA3,",
+        ),
+    ):
         with pytest.raises(ValueError, match=message):
             recipe(**{key: value})
     generate_cfg = OmegaConf.load(REPO / "configs/tiny/gist_generate.yaml")
-    with pytest.raises(ValueError, match="the config has no dataset, optimizer, lr_scheduler, loss, metric_logger, epochs, batch_size, gradient_accumulation_steps, shuffle, which a gist training recipe reads"):
+    with pytest.raises(
+        ValueError,
+        match="the config has no dataset, optimizer, lr_scheduler, loss, metric_logger, epochs, batch_size, gradient_accumulation_steps, shuffle, which a gist training recipe reads",
+    ):
         GistLoRAFinetuneRecipeSingleDevice(generate_cfg)
     # a tokenizer file of another kind: tiktoken's and json's messages do not name the file or the key
-    with pytest.raises(ValueError, match=r"llama3_tokenizer could not be built from .*tokenizer.special_tokens_path=.*tiny_tokenizer.model: Expecting value"):
+    with pytest.raises(
+        ValueError,
+        match=r"llama3_tokenizer could not be built from .*tokenizer.special_tokens_path=.*tiny_tokenizer.model: Expecting value",
+    ):
         recipe(**{"tokenizer.special_tokens_path": str(assets / "tiny_tokenizer.model")})
     (tmp_path / "a_file").write_text("")
     with pytest.raises(ValueError, match="output_dir: .*a_file is a file, not a directory"):
         recipe(output_dir=tmp_path / "a_file")
-    with pytest.raises(ValueError, match=r"base checkpoint does not fit the model: layers.0.attn.k_proj.weight: checkpoint \[32, 64\] vs model \[128, 256\];.*model._component_"):
+    with pytest.raises(
+        ValueError,
+        match=r"base checkpoint does not fit the model: layers.0.attn.k_proj.weight: checkpoint \[32, 64\] vs model \[128, 256\];.*model._component_",
+    ):
         recipe(**{"model._component_": "torchtune_gist.models.qlora_gist_llama3_1_tiny"})
     export = tmp_path / "export"
     export.mkdir()
@@ -714,7 +935,10 @@ def test_user_mistakes_are_named_before_training(assets, tmp_path):
     with pytest.raises(ValueError, match="is a torchtune-gist merged export"):
         recipe(**{"checkpointer.checkpoint_dir": export})
     long_rows = recipe(**{"dataset.context_tokens": 3000})
-    with pytest.raises(ValueError, match="a dataset batch has rows of 30.. tokens, beyond the model's max_seq_len=2048: .*dataset.context_tokens"):
+    with pytest.raises(
+        ValueError,
+        match="a dataset batch has rows of 30.. tokens, beyond the model's max_seq_len=2048: .*dataset.context_tokens",
+    ):
         long_rows.train()
 
     broken = tmp_path / "broken"
@@ -745,9 +969,15 @@ def test_initial_adapter_metadata_is_checked_like_load_gist_adapter(assets, tmp_
     """Same K and shapes, but another LoRA alpha or other gist ids: refused, as ``load_gist_adapter`` refuses it."""
     from torchtune_gist.checkpointing import save_gist_adapter
 
-    settings = {"lora_attn_modules": ["q_proj", "k_proj", "v_proj", "output_proj"], "lora_rank": 16, "lora_alpha": 32,
-                "num_gist_tokens": 4}
+    settings = {
+        "lora_attn_modules": ["q_proj", "k_proj", "v_proj", "output_proj"],
+        "lora_rank": 16,
+        "lora_alpha": 32,
+        "num_gist_tokens": 4,
+    }
     save_gist_adapter(lora_gist_llama3_1_tiny(**{**settings, **model_kwargs}), tmp_path / "other", base_model="tiny")
-    cfg = load_cfg(SINGLE, overrides(assets, tmp_path / "run", save_merged_hf=False, initial_adapter=tmp_path / "other"))
+    cfg = load_cfg(
+        SINGLE, overrides(assets, tmp_path / "run", save_merged_hf=False, initial_adapter=tmp_path / "other")
+    )
     with pytest.raises(ValueError, match=f"initial_adapter: .*{match}"):
         GistLoRAFinetuneRecipeSingleDevice(cfg).setup(cfg)

@@ -86,7 +86,9 @@ def test_the_model_under_segments_equals_the_model_under_the_dense_mask(mode):
     examples = [{"tokens": row[row != PAD].tolist(), "labels": row[row != PAD].tolist()} for row in _padded_tokens()]
     results = []
     for segment_mask in (False, True):
-        batch = padded_gist_collate(examples, gist_token_ids=GIST, pad_id=PAD, mask_mode=mode, segment_mask=segment_mask)
+        batch = padded_gist_collate(
+            examples, gist_token_ids=GIST, pad_id=PAD, mask_mode=mode, segment_mask=segment_mask
+        )
         assert isinstance(batch["mask"], GistSegmentMask) == segment_mask
         model.zero_grad()
         loss, _ = masked_loss(model, batch, torch.nn.CrossEntropyLoss(ignore_index=IGNORE), IGNORE)
@@ -113,7 +115,10 @@ def test_segments_carry_the_gist_rule():
 
 def test_packed_collate_builds_segments():
     tokens, docs = _packed()
-    rows = [{"tokens": t.tolist(), "labels": t.tolist(), "input_pos": list(range(16)), "document_ids": d.tolist()} for t, d in zip(tokens, docs)]
+    rows = [
+        {"tokens": t.tolist(), "labels": t.tolist(), "input_pos": list(range(16)), "document_ids": d.tolist()}
+        for t, d in zip(tokens, docs)
+    ]
     batch = packed_gist_collate(rows, gist_token_ids=GIST, pad_id=PAD, segment_mask=True)
     dense = make_gist_mask(tokens, GIST, pad_id=PAD, document_ids=docs)
     real = tokens != PAD

@@ -191,7 +191,11 @@ def test_greedy_answer(model: TransformerDecoder, tokenizer: SmolLM2Tokenizer) -
     with local_kv_cache(model, batch_size=1, device=cpu, dtype=torch.float32, decoder_max_seq_len=seq_len):
         start = time.perf_counter()
         out, _ = generate(
-            model, torch.tensor([prompt]), max_generated_tokens=max_new, pad_id=tokenizer.pad_id, top_k=1,
+            model,
+            torch.tensor([prompt]),
+            max_generated_tokens=max_new,
+            pad_id=tokenizer.pad_id,
+            top_k=1,
             stop_tokens=tokenizer.stop_tokens,
         )
         seconds = time.perf_counter() - start
@@ -266,7 +270,9 @@ def test_loglikelihood_with_gist_ids_past_the_output_vocabulary(
     gist.load_state_dict(base_state_dict, strict=False)
     init_gist_embeddings(gist)
     lm = TorchtuneGistLM(model=gist, tokenizer=tokenizer, mode="pos_control")
-    request = Instance(request_type="loglikelihood", doc={}, arguments=("The capital of France<GIST> is", " Paris"), idx=0)
+    request = Instance(
+        request_type="loglikelihood", doc={}, arguments=("The capital of France<GIST> is", " Paris"), idx=0
+    )
     [(logprob, is_greedy)] = lm.loglikelihood([request])
     assert -20 < logprob < 0 and isinstance(is_greedy, bool)
 

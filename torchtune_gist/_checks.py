@@ -10,11 +10,7 @@ from typing import Any, Optional
 def is_whole(value: Any, minimum: Optional[int] = None) -> bool:
     """Whether ``value`` is an integer (Python's, numpy's or any ``numbers.Integral``), not a bool, and at least
     ``minimum`` when one is given."""
-    return (
-        isinstance(value, numbers.Integral)
-        and not isinstance(value, bool)
-        and (minimum is None or value >= minimum)
-    )
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and (minimum is None or value >= minimum)
 
 
 def check_whole(name: str, value: Any, minimum: int = 1, *, optional: bool = False) -> None:

@@ -64,7 +64,7 @@ def temporary_sibling(path: Union[str, Path]) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{path.name}.tmp-{socket.gethostname()}-"
     for leftover in path.parent.glob(f"{glob.escape(prefix)}*"):
-        pid = leftover.name[len(prefix):]
+        pid = leftover.name[len(prefix) :]
         if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
             leftover.unlink(missing_ok=True)
     tmp = path.with_name(f"{prefix}{os.getpid()}")

@@ -52,8 +52,12 @@ class ResponseLog:
             if saved == self.settings:
                 self._responses = {e["key"]: e["response"] for e in entries if isinstance(e, dict) and "key" in e}
             else:
-                changed = sorted(k for k in {**(saved or {}), **self.settings} if (saved or {}).get(k) != self.settings.get(k))
-                log.warning("%s holds responses made with other %s: starting over", self.path, ", ".join(changed) or "settings")
+                changed = sorted(
+                    k for k in {**(saved or {}), **self.settings} if (saved or {}).get(k) != self.settings.get(k)
+                )
+                log.warning(
+                    "%s holds responses made with other %s: starting over", self.path, ", ".join(changed) or "settings"
+                )
         lines = [{"settings": self.settings}] + [{"key": k, "response": r} for k, r in self._responses.items()]
         atomic_write_text("".join(json.dumps(line) + "\n" for line in lines), self.path)
         self._file = open(self.path, "a", encoding="utf-8")

@@ -189,7 +189,12 @@ def _short(keys: List[str], n: int = 5) -> str:
 
 
 def check_gist_adapter(
-    model: nn.Module, path: Union[str, Path], meta: Dict[str, Any], tensors: Dict[str, torch.Tensor], *, strict: bool = True
+    model: nn.Module,
+    path: Union[str, Path],
+    meta: Dict[str, Any],
+    tensors: Dict[str, torch.Tensor],
+    *,
+    strict: bool = True,
 ) -> None:
     """Check a gist adapter (its metadata and tensors) against a gist-aware model, before loading it.
 
@@ -485,7 +490,8 @@ _BASE_FILE_PATTERNS = ("tokenizer*", "special_tokens_map.json", "generation_conf
 def _base_model_files(base_dir: Path) -> List[Path]:
     """The base folder's tokenizer and generation files (top level), for a merged export to carry."""
     return sorted(
-        f for f in base_dir.iterdir()
+        f
+        for f in base_dir.iterdir()
         if f.is_file() and not f.name.startswith(".") and any(fnmatch(f.name, pat) for pat in _BASE_FILE_PATTERNS)
     )
 

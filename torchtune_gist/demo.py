@@ -89,7 +89,9 @@ class DemoSettings:
 
 
 def _tokenizer(assets: Path) -> Any:
-    return llama3_tokenizer(str(assets / "tiny_tokenizer.model"), special_tokens_path=str(assets / "tiny_special_tokens.json"))
+    return llama3_tokenizer(
+        str(assets / "tiny_tokenizer.model"), special_tokens_path=str(assets / "tiny_special_tokens.json")
+    )
 
 
 def _curriculum(context_tokens: int, steps: int, long_steps: int, lr: float) -> List[Tuple[int, int, float]]:
@@ -128,11 +130,20 @@ def train_base(settings: DemoSettings, assets: Path, out_dir: Path) -> List[Tupl
     history: List[Tuple[int, float]] = []
     for phase, (context_tokens, steps, lr) in enumerate(base_phases(settings)):
         data = gist_passkey_dataset(
-            tokenizer, num_gist_tokens=0, num_samples=steps * settings.batch_size, context_tokens=context_tokens,
-            passkey_digits=settings.passkey_digits, seed=settings.seed + 1 + 2 * phase,
+            tokenizer,
+            num_gist_tokens=0,
+            num_samples=steps * settings.batch_size,
+            context_tokens=context_tokens,
+            passkey_digits=settings.passkey_digits,
+            seed=settings.seed + 1 + 2 * phase,
         )
-        loader = DataLoader(data, batch_size=settings.batch_size, shuffle=True, collate_fn=collate,
-                            generator=torch.Generator().manual_seed(settings.seed))
+        loader = DataLoader(
+            data,
+            batch_size=settings.batch_size,
+            shuffle=True,
+            collate_fn=collate,
+            generator=torch.Generator().manual_seed(settings.seed),
+        )
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
         scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=20, num_training_steps=steps)
         for batch in tqdm(loader, desc=f"stage 1: causal base, {context_tokens}-token contexts", total=steps):
@@ -146,7 +157,9 @@ def train_base(settings: DemoSettings, assets: Path, out_dir: Path) -> List[Tupl
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             history.append((len(history) + 1, float(answer)))
-    atomic_save_safetensors(model.state_dict(), out_dir / "model.safetensors", metadata={"loss_history": json.dumps(history)})
+    atomic_save_safetensors(
+        model.state_dict(), out_dir / "model.safetensors", metadata={"loss_history": json.dumps(history)}
+    )
     return history
 
 
@@ -158,32 +171,60 @@ def gist_phases(settings: DemoSettings) -> List[Tuple[str, int, int, float]]:
     ``long_gist_steps`` at half the lr. The last phase's run is named ``gist``.
     """
     phases = _curriculum(settings.context_tokens, settings.gist_steps, settings.long_gist_steps, settings.gist_lr)
-    names = ["gist_short", "gist"][-len(phases):]
+    names = ["gist_short", "gist"][-len(phases) :]
     return [(name, *phase) for name, phase in zip(names, phases)]
 
 
 def run_gist_recipe(
-    settings: DemoSettings, assets: Path, base_dir: Path, out_dir: Path, mask_mode: str, steps: int,
-    context_tokens: int, lr: float, initial_adapter: Optional[Path] = None,
+    settings: DemoSettings,
+    assets: Path,
+    base_dir: Path,
+    out_dir: Path,
+    mask_mode: str,
+    steps: int,
+    context_tokens: int,
+    lr: float,
+    initial_adapter: Optional[Path] = None,
 ) -> None:
     """Stage 2 through torchtune's CLI: ``tune run gist_lora_single_device`` on the tiny config."""
     overrides = {
-        "assets_dir": assets, "output_dir": out_dir, "checkpointer.checkpoint_dir": base_dir,
-        "num_gist_tokens": settings.num_gist_tokens, "mask_mode": mask_mode,
-        "dataset.num_samples": steps * settings.batch_size, "dataset.context_tokens": context_tokens,
-        "dataset.passkey_digits": settings.passkey_digits, "dataset.seed": settings.seed + 2,
-        "validation_dataset.context_tokens": context_tokens, "batch_size": settings.batch_size,
-        "optimizer.lr": lr, "lr_scheduler.num_warmup_steps": 10, "seed": settings.seed,
-        "save_merged_hf": False, "log_every_n_steps": 10, **{f"model.{k}": v for k, v in DEMO_SIZES.items()},
+        "assets_dir": assets,
+        "output_dir": out_dir,
+        "checkpointer.checkpoint_dir": base_dir,
+        "num_gist_tokens": settings.num_gist_tokens,
+        "mask_mode": mask_mode,
+        "dataset.num_samples": steps * settings.batch_size,
+        "dataset.context_tokens": context_tokens,
+        "dataset.passkey_digits": settings.passkey_digits,
+        "dataset.seed": settings.seed + 2,
+        "validation_dataset.context_tokens": context_tokens,
+        "batch_size": settings.batch_size,
+        "optimizer.lr": lr,
+        "lr_scheduler.num_warmup_steps": 10,
+        "seed": settings.seed,
+        "save_merged_hf": False,
+        "log_every_n_steps": 10,
+        **{f"model.{k}": v for k, v in DEMO_SIZES.items()},
     }
     if latest_checkpoint(out_dir) is not None:  # an interrupted run: go on from its last checkpoint
         overrides["resume_from_checkpoint"] = True
     elif initial_adapter is not None:
         overrides["initial_adapter"] = initial_adapter
-    cmd = [sys.executable, "-m", "torchtune._cli.tune", "run", "gist_lora_single_device", "--config", str(TINY_CONFIG),
-           *(f"{k}={v}" for k, v in overrides.items())]
-    print(f"\n$ tune run gist_lora_single_device --config {TINY_CONFIG.relative_to(REPO)} mask_mode={mask_mode} "
-          f"dataset.context_tokens={context_tokens} ...", flush=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torchtune._cli.tune",
+        "run",
+        "gist_lora_single_device",
+        "--config",
+        str(TINY_CONFIG),
+        *(f"{k}={v}" for k, v in overrides.items()),
+    ]
+    print(
+        f"\n$ tune run gist_lora_single_device --config {TINY_CONFIG.relative_to(REPO)} mask_mode={mask_mode} "
+        f"dataset.context_tokens={context_tokens} ...",
+        flush=True,
+    )
     rc = wait_for_recipe(subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}))
     if rc:
         raise subprocess.CalledProcessError(rc, cmd)
@@ -221,18 +262,27 @@ def evaluate(settings: DemoSettings, assets: Path, base_dir: Path, run_dir: Path
 
     tokenizer = _tokenizer(assets)
     model = lora_gist_llama3_1_tiny(
-        ["q_proj", "k_proj", "v_proj", "output_proj"], lora_rank=16, lora_alpha=32,
-        num_gist_tokens=settings.num_gist_tokens, **DEMO_SIZES,
+        ["q_proj", "k_proj", "v_proj", "output_proj"],
+        lora_rank=16,
+        lora_alpha=32,
+        num_gist_tokens=settings.num_gist_tokens,
+        **DEMO_SIZES,
     )
     with safe_open(str(base_dir / "model.safetensors"), framework="pt") as f:
         model.load_state_dict({k: f.get_tensor(k) for k in f.keys()}, strict=False)
     load_gist_adapter(model, run_dir / "epoch_0")
     lm = TorchtuneGistLM(model=model, tokenizer=tokenizer, mode=mode, batch_size=50)  # the task sets max_gen_toks (16)
     manager = gist_task_manager(
-        tokenizer=tokenizer, context_tokens=settings.context_tokens, num_samples=settings.eval_samples,
-        passkey_digits=settings.passkey_digits, seed=settings.eval_seed, num_gist_tokens=settings.num_gist_tokens,
+        tokenizer=tokenizer,
+        context_tokens=settings.context_tokens,
+        num_samples=settings.eval_samples,
+        passkey_digits=settings.passkey_digits,
+        seed=settings.eval_seed,
+        num_gist_tokens=settings.num_gist_tokens,
     )
-    results = lm_eval.simple_evaluate(model=lm, tasks=["gist_passkey"], task_manager=manager, log_samples=True, verbosity="ERROR")
+    results = lm_eval.simple_evaluate(
+        model=lm, tasks=["gist_passkey"], task_manager=manager, log_samples=True, verbosity="ERROR"
+    )
     metrics = results["results"]["gist_passkey"]
     interval = mean_interval([sample["acc"] for sample in results["samples"]["gist_passkey"]])
     stats = lm.stats
@@ -284,15 +334,28 @@ def plot(rows: List[Dict[str, Any]], curves: Dict[str, List[Tuple[int, float]]],
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     colors = {"gist": "tab:green", "pos_control": "tab:blue", "neg_control": "tab:red", "truncate": "tab:orange"}
     intervals = [r["accuracy_interval"] or (r["accuracy"],) * 2 for r in rows]
-    errors = [[100 * (r["accuracy"] - lo) for r, (lo, _) in zip(rows, intervals)],
-              [100 * (hi - r["accuracy"]) for r, (_, hi) in zip(rows, intervals)]]
-    bars = ax1.bar([r["mode"] for r in rows], [100 * r["accuracy"] for r in rows], color=[colors[r["mode"]] for r in rows],
-                   yerr=errors, capsize=4, error_kw={"elinewidth": 1})
+    errors = [
+        [100 * (r["accuracy"] - lo) for r, (lo, _) in zip(rows, intervals)],
+        [100 * (hi - r["accuracy"]) for r, (_, hi) in zip(rows, intervals)],
+    ]
+    bars = ax1.bar(
+        [r["mode"] for r in rows],
+        [100 * r["accuracy"] for r in rows],
+        color=[colors[r["mode"]] for r in rows],
+        yerr=errors,
+        capsize=4,
+        error_kw={"elinewidth": 1},
+    )
     for bar, r, (_, hi) in zip(bars, rows, intervals):
         kv = f"{r['kv_bytes'] / 1024:.0f} KiB KV"
         ratio = f"{r['compression_ratio']:.0f}x, " if r["mode"] in ("gist", "truncate") else ""
-        ax1.annotate(f"{100 * r['accuracy']:.1f}%\n{ratio}{kv}", (bar.get_x() + bar.get_width() / 2, 100 * hi),
-                     ha="center", va="bottom", fontsize=9)
+        ax1.annotate(
+            f"{100 * r['accuracy']:.1f}%\n{ratio}{kv}",
+            (bar.get_x() + bar.get_width() / 2, 100 * hi),
+            ha="center",
+            va="bottom",
+            fontsize=9,
+        )
     ax1.set_ylim(0, 119)
     ax1.set_ylabel("passkey exact match (%)")
     ax1.set_title("Held-out passkeys: context compressed into K gist tokens (95% intervals)")
@@ -362,8 +425,12 @@ def check_settings(settings: DemoSettings, tokenizer: Any, fresh: bool = False) 
     """
     try:
         example = gist_passkey_dataset(
-            tokenizer, num_gist_tokens=settings.num_gist_tokens, num_samples=1, context_tokens=settings.context_tokens,
-            passkey_digits=settings.passkey_digits, seed=settings.seed,
+            tokenizer,
+            num_gist_tokens=settings.num_gist_tokens,
+            num_samples=1,
+            context_tokens=settings.context_tokens,
+            passkey_digits=settings.passkey_digits,
+            seed=settings.seed,
         )[0]
     except ValueError as e:
         raise DemoSettingsError(str(e)) from e
@@ -405,26 +472,46 @@ def run(settings: DemoSettings, fresh: bool = False) -> Dict[str, Any]:
     for name, context_tokens, steps, lr in gist_phases(settings):
         run_dir = out / name
         if not (run_dir / "epoch_0" / "gist_adapter.safetensors").exists():
-            run_gist_recipe(settings, assets, base_dir, run_dir, "gist", steps, context_tokens, lr, initial_adapter=previous)
+            run_gist_recipe(
+                settings, assets, base_dir, run_dir, "gist", steps, context_tokens, lr, initial_adapter=previous
+            )
         previous = run_dir / "epoch_0"
         gist_runs.append(run_dir)
     runs = {"gist": out / "gist", "pos_control": out / "pos_control"}
     if not (runs["pos_control"] / "epoch_0" / "gist_adapter.safetensors").exists():
-        run_gist_recipe(settings, assets, base_dir, runs["pos_control"], "pos_control", settings.control_steps,
-                        settings.context_tokens, settings.gist_lr)
+        run_gist_recipe(
+            settings,
+            assets,
+            base_dir,
+            runs["pos_control"],
+            "pos_control",
+            settings.control_steps,
+            settings.context_tokens,
+            settings.gist_lr,
+        )
     print("\nEvaluating held-out passkeys through lm-eval ...", flush=True)
-    plan = [("gist", "gist", "gist-trained"), ("pos_control", "pos_control", "pos_control-trained"),
-            ("gist", "neg_control", "gist-trained"), ("gist", "truncate", "gist-trained")]
+    plan = [
+        ("gist", "gist", "gist-trained"),
+        ("pos_control", "pos_control", "pos_control-trained"),
+        ("gist", "neg_control", "gist-trained"),
+        ("gist", "truncate", "gist-trained"),
+    ]
     rows = []
     for run_name, mode, label in tqdm(plan, desc="evaluation"):
         rows.append({**evaluate(settings, assets, base_dir, runs[run_name], mode), "model": label})
-    curves = {"stage 1: causal base": base_loss_history(base_dir),
-              "stage 2: gist": chained_loss_history(gist_runs),
-              "stage 2: pos_control": recipe_loss_history(runs["pos_control"])}
+    curves = {
+        "stage 1: causal base": base_loss_history(base_dir),
+        "stage 2: gist": chained_loss_history(gist_runs),
+        "stage 2: pos_control": recipe_loss_history(runs["pos_control"]),
+    }
     png = plot(rows, curves, out / "demo.png")
     table = results_table(rows)
-    results = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()},
-               "rows": rows, "loss_curves": curves, "seconds": time.perf_counter() - start}
+    results = {
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()},
+        "rows": rows,
+        "loss_curves": curves,
+        "seconds": time.perf_counter() - start,
+    }
     atomic_write_json(results, out / "results.json")
     atomic_write_text(table + "\n", out / "results.md")
     print("\n" + table)
@@ -435,22 +522,44 @@ def run(settings: DemoSettings, fresh: bool = False) -> Dict[str, Any]:
 def main(argv: Optional[List[str]] = None) -> None:
     """``python -m torchtune_gist.demo [--out DIR] [--fresh] [--seed N] [--quick] [--context-tokens N] ...``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, help=f"output folder (default {DemoSettings.out.relative_to(REPO)}; "
-                        f"{QUICK_OUT.relative_to(REPO)} with --quick)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help=f"output folder (default {DemoSettings.out.relative_to(REPO)}; "
+        f"{QUICK_OUT.relative_to(REPO)} with --quick)",
+    )
     parser.add_argument("--seed", type=int, default=DemoSettings.seed)
     parser.add_argument("--fresh", action="store_true", help="delete earlier demo outputs in --out and start over")
     parser.add_argument("--quick", action="store_true", help="a few steps of everything (a smoke test, not a result)")
-    parser.add_argument("--context-tokens", type=int, default=DemoSettings.context_tokens, help="haystack length in tokens")
+    parser.add_argument(
+        "--context-tokens", type=int, default=DemoSettings.context_tokens, help="haystack length in tokens"
+    )
     parser.add_argument("--num-gist-tokens", type=int, default=DemoSettings.num_gist_tokens, help="K")
     parser.add_argument("--batch-size", type=int, default=DemoSettings.batch_size)
     parser.add_argument("--base-steps", type=int, default=DemoSettings.base_steps, help="stage 1 (causal base) steps")
-    parser.add_argument("--long-base-steps", type=int, default=DemoSettings.long_base_steps,
-                        help="stage 1 steps at --context-tokens after the 128-token ones (when longer)")
+    parser.add_argument(
+        "--long-base-steps",
+        type=int,
+        default=DemoSettings.long_base_steps,
+        help="stage 1 steps at --context-tokens after the 128-token ones (when longer)",
+    )
     parser.add_argument("--gist-steps", type=int, default=DemoSettings.gist_steps, help="stage 2 (gist) steps")
-    parser.add_argument("--long-gist-steps", type=int, default=DemoSettings.long_gist_steps,
-                        help="stage 2 steps at --context-tokens after the 128-token ones (when longer)")
+    parser.add_argument(
+        "--long-gist-steps",
+        type=int,
+        default=DemoSettings.long_gist_steps,
+        help="stage 2 steps at --context-tokens after the 128-token ones (when longer)",
+    )
     args = parser.parse_args(argv)
-    counts = ("context_tokens", "num_gist_tokens", "batch_size", "base_steps", "long_base_steps", "gist_steps", "long_gist_steps")
+    counts = (
+        "context_tokens",
+        "num_gist_tokens",
+        "batch_size",
+        "base_steps",
+        "long_base_steps",
+        "gist_steps",
+        "long_gist_steps",
+    )
     for name in counts:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -460,7 +569,15 @@ def main(argv: Optional[List[str]] = None) -> None:
         parser.error(f"--out: {problem}")
     settings = DemoSettings(out=out, seed=args.seed, **{name: getattr(args, name) for name in counts})
     if args.quick:
-        settings = replace(settings, base_steps=30, long_base_steps=10, gist_steps=20, long_gist_steps=10, control_steps=10, eval_samples=40)
+        settings = replace(
+            settings,
+            base_steps=30,
+            long_base_steps=10,
+            gist_steps=20,
+            long_gist_steps=10,
+            control_steps=10,
+            eval_samples=40,
+        )
     try:
         run(settings, fresh=args.fresh)
     except DemoSettingsError as e:

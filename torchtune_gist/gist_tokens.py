@@ -45,9 +45,7 @@ def gist_token_ids(tokenizer: Any, num_gist_tokens: int) -> List[int]:
         )
     reserved = sorted(tid for name, tid in special.items() if _RESERVED.match(name))
     if not reserved:
-        raise ValueError(
-            f"{type(tokenizer).__name__} has no <|reserved_special_token_N|> tokens to use as gist tokens"
-        )
+        raise ValueError(f"{type(tokenizer).__name__} has no <|reserved_special_token_N|> tokens to use as gist tokens")
     if num_gist_tokens > len(reserved):
         raise ValueError(
             f"num_gist_tokens={num_gist_tokens} but the tokenizer has only {len(reserved)} reserved special tokens"

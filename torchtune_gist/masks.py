@@ -58,17 +58,19 @@ def _check_inputs(
     if pad_id is not None and not is_whole(pad_id):
         raise TypeError(f"pad_id must be an integer token id or None, got {pad_id!r}")
     if pad_id is not None and int(pad_id) in gist_token_ids:
-        raise ValueError(f"pad_id={pad_id} is one of the gist token ids {gist_token_ids}: the gists would count as padding")
+        raise ValueError(
+            f"pad_id={pad_id} is one of the gist token ids {gist_token_ids}: the gists would count as padding"
+        )
     if document_ids is not None:
         if not isinstance(document_ids, torch.Tensor) or document_ids.shape != tokens.shape:
             shape = tuple(document_ids.shape) if isinstance(document_ids, torch.Tensor) else None
-            raise ValueError(
-                f"document_ids must be a tensor shaped like tokens {tuple(tokens.shape)}, got {shape}"
-            )
+            raise ValueError(f"document_ids must be a tensor shaped like tokens {tuple(tokens.shape)}, got {shape}")
         if document_ids.dtype.is_floating_point or document_ids.dtype == torch.bool:
             raise TypeError(f"document_ids must be integers, got dtype {document_ids.dtype}")
         if document_ids.device != tokens.device:
-            raise ValueError(f"document_ids are on {document_ids.device} but tokens on {tokens.device}: put both on one device")
+            raise ValueError(
+                f"document_ids are on {document_ids.device} but tokens on {tokens.device}: put both on one device"
+            )
 
 
 def gist_span_bounds(
@@ -113,8 +115,7 @@ def gist_span_bounds(
         where = "" if document_ids is None else f", document {d}"
         at = pos[row][is_gist[row] & (doc[row] == d)].tolist()
         raise ValueError(
-            f"gist tokens must form one contiguous span per example; row {row}{where} has gist tokens "
-            f"at positions {at}"
+            f"gist tokens must form one contiguous span per example; row {row}{where} has gist tokens at positions {at}"
         )
     first_doc = torch.where(has_gist, first_doc, 0)
     return first_doc.gather(1, doc), last_doc.gather(1, doc)

@@ -75,7 +75,11 @@ class GistSegmentMask(torch.Tensor):
 
     def _with(self, *, device: Optional[torch.device] = None, heads_dim: Optional[bool] = None) -> "GistSegmentMask":
         return GistSegmentMask(
-            self.spans, self.pad_start, self.mode, self.shape[-1], device or self.device,
+            self.spans,
+            self.pad_start,
+            self.mode,
+            self.shape[-1],
+            device or self.device,
             self.dim() == 4 if heads_dim is None else heads_dim,
         )
 
@@ -83,7 +87,10 @@ class GistSegmentMask(torch.Tensor):
         """The causal attention calls as ``(row, first query, first key, end)``: queries ``[q0, end)`` of
         the row attend causally within keys ``[k0, end)`` (query ``i`` to keys ``k0 .. i``)."""
         return [
-            (r, *block) for r, row in enumerate(self.spans) for a, e, f, l in row for block in _blocks(a, e, f, l, self.mode)
+            (r, *block)
+            for r, row in enumerate(self.spans)
+            for a, e, f, l in row
+            for block in _blocks(a, e, f, l, self.mode)
         ]
 
     def dense(self) -> torch.Tensor:
@@ -98,29 +105,43 @@ class GistSegmentMask(torch.Tensor):
         return f"GistSegmentMask(shape={tuple(self.shape)}, mode={self.mode!r}, spans={self.spans}, pad_start={self.pad_start})"
 
     @classmethod
-    def __torch_function__(cls, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Optional[Dict[str, Any]] = None) -> Any:
+    def __torch_function__(
+        cls, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Optional[Dict[str, Any]] = None
+    ) -> Any:
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
             return _segment_attention(*args, **kwargs)
         if func is torch.Tensor.__getitem__ and _is_head_unsqueeze(args[1]):
             return args[0]._with(heads_dim=True)
         if func is torch.Tensor.to:
-            device = next((torch.device(a) for a in (*args[1:], kwargs.get("device")) if isinstance(a, (str, torch.device))), None)
+            device = next(
+                (torch.device(a) for a in (*args[1:], kwargs.get("device")) if isinstance(a, (str, torch.device))), None
+            )
             return args[0]._with(device=device)
         if func in (torch.Tensor.dim, torch.Tensor.size) or getattr(func, "__name__", "") in ("__get__", "__repr__"):
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
-        raise TypeError(f"GistSegmentMask supports only scaled_dot_product_attention, mask[:, None] and .to(); got {func}")
+        raise TypeError(
+            f"GistSegmentMask supports only scaled_dot_product_attention, mask[:, None] and .to(); got {func}"
+        )
 
     @classmethod
-    def __torch_dispatch__(cls, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Optional[Dict[str, Any]] = None) -> Any:
+    def __torch_dispatch__(
+        cls, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Optional[Dict[str, Any]] = None
+    ) -> Any:
         raise TypeError(f"GistSegmentMask holds no elements ({func}); use .dense() for a dense mask")
 
 
 def _is_head_unsqueeze(index: Any) -> bool:
     """Whether ``index`` is ``[:, None]`` or ``[:, None, :, :]``, how torchtune adds the head dimension."""
     full = slice(None)
-    return isinstance(index, tuple) and len(index) >= 2 and index[0] == full and index[1] is None and all(i == full for i in index[2:])
+    return (
+        isinstance(index, tuple)
+        and len(index) >= 2
+        and index[0] == full
+        and index[1] is None
+        and all(i == full for i in index[2:])
+    )
 
 
 def _blocks(a: int, e: int, f: int, l: int, mode: str) -> List[Tuple[int, int, int]]:
@@ -161,8 +182,13 @@ def _segment_attention(
     pieces: List[List[torch.Tensor]] = [[] for _ in range(b)]
     for r, qa, ka, end in attn_mask.blocks():
         out = F.scaled_dot_product_attention(
-            query[r : r + 1, :, ka:end], key[r : r + 1, :, ka:end], value[r : r + 1, :, ka:end],
-            dropout_p=dropout_p, is_causal=True, scale=scale, enable_gqa=enable_gqa,
+            query[r : r + 1, :, ka:end],
+            key[r : r + 1, :, ka:end],
+            value[r : r + 1, :, ka:end],
+            dropout_p=dropout_p,
+            is_causal=True,
+            scale=scale,
+            enable_gqa=enable_gqa,
         )
         pieces[r].append(out[:, :, qa - ka :])
     for r, row in enumerate(pieces):
@@ -208,7 +234,9 @@ def make_gist_segment_mask(
         while end > 0 and is_pad[r][end - 1]:
             end -= 1
         if any(is_pad[r][:end]):
-            raise ValueError(f"row {r} has padding (pad_id={pad_id}) before its last real token: segment masks need right padding")
+            raise ValueError(
+                f"row {r} has padding (pad_id={pad_id}) before its last real token: segment masks need right padding"
+            )
         row: List[Span] = []
         seen = set()
         a = 0

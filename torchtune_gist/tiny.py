@@ -88,7 +88,9 @@ def write_tiny_base_checkpoint(directory: Union[str, Path], *, seed: int = 0, **
 def main(argv: Optional[List[str]] = None) -> None:
     """``python -m torchtune_gist.tiny [--out DIR]``: write the tiny tokenizer and a random tiny base model."""
     parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--out", default="outputs/tiny/assets", help="directory to write into (default: outputs/tiny/assets)")
+    parser.add_argument(
+        "--out", default="outputs/tiny/assets", help="directory to write into (default: outputs/tiny/assets)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     problem = unwritable_reason(args.out, directory=True)

@@ -95,11 +95,7 @@ def split_alpaca_plus(
     unseen_instructions = set()
     for i, record in enumerate(alpaca):
         record = {**record, "source": "alpaca"}
-        if (
-            len(unseen) < num_validation_unseen
-            and record["input"]
-            and record["instruction"] not in train_instructions
-        ):
+        if len(unseen) < num_validation_unseen and record["input"] and record["instruction"] not in train_instructions:
             unseen.append(record)
             unseen_instructions.add(record["instruction"])
             continue

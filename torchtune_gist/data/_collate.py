@@ -117,10 +117,16 @@ def padded_gist_collate(
         n_tok, n_lab = len(example["tokens"]), len(example["labels"])
         if n_tok == 0 or n_tok != n_lab:
             raise ValueError(f"batch example {i}: tokens ({n_tok}) and labels ({n_lab}) must be non-empty and equal")
-    tokens = pad_sequence([_ids(ex["tokens"], f"batch example {i}: tokens") for i, ex in enumerate(batch)],
-                          batch_first=True, padding_value=pad_id)
-    labels = pad_sequence([_ids(ex["labels"], f"batch example {i}: labels") for i, ex in enumerate(batch)],
-                          batch_first=True, padding_value=ignore_idx)
+    tokens = pad_sequence(
+        [_ids(ex["tokens"], f"batch example {i}: tokens") for i, ex in enumerate(batch)],
+        batch_first=True,
+        padding_value=pad_id,
+    )
+    labels = pad_sequence(
+        [_ids(ex["labels"], f"batch example {i}: labels") for i, ex in enumerate(batch)],
+        batch_first=True,
+        padding_value=ignore_idx,
+    )
     extra = -tokens.shape[1] % pad_to_multiple_of
     if extra:
         tokens = F.pad(tokens, (0, extra), value=pad_id)
@@ -182,7 +188,14 @@ def packed_gist_collate(
     }
     document_ids = out.pop("document_ids")
     out["mask"] = _mask(
-        out["tokens"], ids, pad_id, mask_mode, block_mask, segment_mask, segment_min_len, block_mask_device,
+        out["tokens"],
+        ids,
+        pad_id,
+        mask_mode,
+        block_mask,
+        segment_mask,
+        segment_min_len,
+        block_mask_device,
         document_ids=document_ids,
     )
     return out

@@ -2,7 +2,8 @@
 
 from typing import Any, Dict, List, Optional
 
-from datasets import Dataset as HFDataset, load_dataset
+from datasets import Dataset as HFDataset
+from datasets import load_dataset
 from datasets.exceptions import DatasetGenerationError
 
 from torchtune_gist._checks import check_whole, is_whole

@@ -120,7 +120,11 @@ class GistInstructTransform(Transform):
             self._head = [t.bos_id, t.start_header_id, *encode_text(t, "user"), t.end_header_id]
             self._instruction_head = encode_text(t, "\n\n")
             self._assistant = [
-                t.eot_id, t.start_header_id, *encode_text(t, "assistant"), t.end_header_id, *encode_text(t, "\n\n")
+                t.eot_id,
+                t.start_header_id,
+                *encode_text(t, "assistant"),
+                t.end_header_id,
+                *encode_text(t, "\n\n"),
             ]
             self._end = [t.eot_id]
 
@@ -367,7 +371,10 @@ def gist_instruct_dataset(
         ValueError: on a bad setting, a malformed file, or a bad record (naming its index).
     """
     transform = GistInstructTransform(
-        tokenizer, num_gist_tokens=num_gist_tokens, template=template, column_map=column_map,
+        tokenizer,
+        num_gist_tokens=num_gist_tokens,
+        template=template,
+        column_map=column_map,
         train_on_input=train_on_input,
     )
     _check_choice("truncation", truncation, TRUNCATION_POLICIES)
@@ -376,9 +383,7 @@ def gist_instruct_dataset(
     check_whole("max_seq_len", max_seq_len, optional=True)
     if packed and max_seq_len is None:
         raise ValueError("packed=True needs max_seq_len (or a tokenizer with max_seq_len set)")
-    records = load_records(
-        source, data_files=data_files, split=split, max_examples=max_examples, **load_dataset_kwargs
-    )
+    records = load_records(source, data_files=data_files, split=split, max_examples=max_examples, **load_dataset_kwargs)
     ds = GistInstructDataset(
         records, transform, max_seq_len=max_seq_len, truncation=truncation, name=str(data_files or source)
     )

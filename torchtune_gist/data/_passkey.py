@@ -290,8 +290,12 @@ class GistPasskeyTransform(Transform):
         ``context_tokens``: only the question and the answer are tokenized (cheap for long haystacks)."""
         question, answer = (self._field(sample, f) for f in ("question", "answer"))
         return (
-            len(self._head) + int(sample["context_tokens"]) + len(self.gist_token_ids)
-            + len(encode_text(self.tokenizer, f"\n{question}\n")) + len(encode_text(self.tokenizer, answer)) + 1
+            len(self._head)
+            + int(sample["context_tokens"])
+            + len(self.gist_token_ids)
+            + len(encode_text(self.tokenizer, f"\n{question}\n"))
+            + len(encode_text(self.tokenizer, answer))
+            + 1
         )
 
     def __call__(self, sample: Mapping[str, Any]) -> Dict[str, Any]:
@@ -397,12 +401,20 @@ def gist_passkey_dataset(
         ValueError: on a bad setting, or an example longer than ``max_seq_len``.
     """
     transform = GistPasskeyTransform(
-        tokenizer, num_gist_tokens=num_gist_tokens, answer_only_loss=answer_only_loss,
+        tokenizer,
+        num_gist_tokens=num_gist_tokens,
+        answer_only_loss=answer_only_loss,
         train_on_context=train_on_context,
     )
     records = make_passkey_samples(
-        tokenizer, num_samples, context_tokens=context_tokens, depths=depths, passkey_digits=passkey_digits,
-        language=language, seed=seed, num_gist_tokens=num_gist_tokens,
+        tokenizer,
+        num_samples,
+        context_tokens=context_tokens,
+        depths=depths,
+        passkey_digits=passkey_digits,
+        language=language,
+        seed=seed,
+        num_gist_tokens=num_gist_tokens,
     )
     if max_seq_len is None:
         max_seq_len = getattr(tokenizer, "max_seq_len", None)

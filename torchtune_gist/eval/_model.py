@@ -35,10 +35,11 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import simple_parse_args_string
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from tqdm import tqdm
-from torchtune import config as tt_config, training
+from torchtune import config as tt_config
+from torchtune import training
 from torchtune.modules import TiedLinear
 from torchtune.modules.peft import DoRALinear, LoRALinear
+from tqdm import tqdm
 
 from torchtune_gist._checks import as_positive_int
 from torchtune_gist._responses import ResponseLog, file_fingerprint
@@ -85,7 +86,9 @@ def kept_ratio(mode: str, prompt_tokens: float, num_gist_tokens: int) -> Optiona
 def unknown_model_args(arg_dict: Dict[str, Any]) -> str:
     """What in ``--model_args`` (parsed) :class:`TorchtuneGistLM` does not take, with what it takes, or ``""``
     (Python's own error would name only the first unknown key, from deep inside lm-eval)."""
-    takes = [n for n in inspect.signature(TorchtuneGistLM.__init__).parameters if n not in ("self", "model", "tokenizer")]
+    takes = [
+        n for n in inspect.signature(TorchtuneGistLM.__init__).parameters if n not in ("self", "model", "tokenizer")
+    ]
     unknown = [str(k) for k in arg_dict if k not in takes]
     if not unknown:
         return ""
@@ -108,7 +111,9 @@ class GistGeneration(str):
     kv_bytes: int
     mode: str
 
-    def __new__(cls, text: str, prompt_tokens: int, num_gist_tokens: int, kv_bytes: int, mode: str = "gist") -> "GistGeneration":
+    def __new__(
+        cls, text: str, prompt_tokens: int, num_gist_tokens: int, kv_bytes: int, mode: str = "gist"
+    ) -> "GistGeneration":
         obj = super().__new__(cls, text)
         obj.prompt_tokens, obj.num_gist_tokens, obj.kv_bytes, obj.mode = prompt_tokens, num_gist_tokens, kv_bytes, mode
         return obj
@@ -212,8 +217,12 @@ def response_settings(
     files (names, sizes, mtimes), the model, tokenizer and checkpointer sections, dtype and ``max_gen_toks``."""
     sections = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "tokenizer", "checkpointer")}
     return {
-        "mode": mode, "checkpoint_dir": checkpoint_dir, "checkpoint_files": file_fingerprint(checkpoint_dir),
-        "base_files": file_fingerprint(cfg.checkpointer.get("checkpoint_dir")), **sections, "dtype": dtype,
+        "mode": mode,
+        "checkpoint_dir": checkpoint_dir,
+        "checkpoint_files": file_fingerprint(checkpoint_dir),
+        "base_files": file_fingerprint(cfg.checkpointer.get("checkpoint_dir")),
+        **sections,
+        "dtype": dtype,
         "max_gen_toks": max_gen_toks,
     }
 
@@ -245,7 +254,12 @@ def _load_weights(model: nn.Module, cfg: DictConfig, checkpoint_dir: Optional[st
     if trained is not None and mode != "truncate" and trained != mode:
         log.warning(
             "mode=%r reads %s, trained with mask_mode=%r: an ablation, not the paper's %s (a model trained with "
-            "mask_mode=%s)", mode, directory, trained, "gist model" if mode == "gist" else "control", mode,
+            "mask_mode=%s)",
+            mode,
+            directory,
+            trained,
+            "gist model" if mode == "gist" else "control",
+            mode,
         )
 
 
@@ -313,7 +327,9 @@ class TorchtuneGistLM(LM):
     """
 
     @classmethod
-    def create_from_arg_obj(cls, arg_dict: Dict[str, Any], additional_config: Optional[Dict[str, Any]] = None) -> "TorchtuneGistLM":
+    def create_from_arg_obj(
+        cls, arg_dict: Dict[str, Any], additional_config: Optional[Dict[str, Any]] = None
+    ) -> "TorchtuneGistLM":
         """lm-eval's way in: ``--model_args`` values win over the ``--device`` / ``--batch_size`` /
         ``--max_batch_size`` values lm-eval adds (it adds ``--device``'s default ``cuda:0`` even when not given,
         so ``device`` in ``--model_args`` would otherwise be a duplicate keyword argument)."""
@@ -324,7 +340,9 @@ class TorchtuneGistLM(LM):
         return cls(**arg_dict, **extra)
 
     @classmethod
-    def create_from_arg_string(cls, arg_string: str, additional_config: Optional[Dict[str, Any]] = None) -> "TorchtuneGistLM":
+    def create_from_arg_string(
+        cls, arg_string: str, additional_config: Optional[Dict[str, Any]] = None
+    ) -> "TorchtuneGistLM":
         """As :meth:`create_from_arg_obj`, from lm-eval's ``key=value,key=value`` string."""
         return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
@@ -372,7 +390,9 @@ class TorchtuneGistLM(LM):
                 model = tt_config.instantiate(cfg.model)
             _load_weights(model, cfg, checkpoint_dir, mode)
             if responses is not None:
-                self._responses = ResponseLog(responses, response_settings(cfg, checkpoint_dir, mode, dtype, self.max_gen_toks))
+                self._responses = ResponseLog(
+                    responses, response_settings(cfg, checkpoint_dir, mode, dtype, self.max_gen_toks)
+                )
         elif tokenizer is None:
             raise ValueError("tokenizer is required with model=")
         else:
@@ -464,7 +484,9 @@ class TorchtuneGistLM(LM):
     def _gen_settings(self, gen_kwargs: Dict[str, Any]) -> Tuple[Tuple[str, ...], int, float, Optional[int]]:
         unknown = sorted(set(gen_kwargs) - set(_GEN_KWARGS))
         if unknown:
-            raise ValueError(f"unsupported generation arguments {unknown}; torchtune_gist takes {', '.join(_GEN_KWARGS)}")
+            raise ValueError(
+                f"unsupported generation arguments {unknown}; torchtune_gist takes {', '.join(_GEN_KWARGS)}"
+            )
         until = gen_kwargs.get("until") or []
         until = (until,) if isinstance(until, str) else tuple(until)
         max_gen_toks = _positive_int("max_gen_toks", gen_kwargs.get("max_gen_toks", self.max_gen_toks))
@@ -515,7 +537,9 @@ class TorchtuneGistLM(LM):
             groups[settings].append((i, prompt, continuation))
         k = self.num_gist_tokens
         done = len(requests) - len(items)  # responses logged by an earlier evaluation
-        with tqdm(total=len(requests), initial=done, disable=disable_tqdm, desc="Running generate_until requests") as bar:
+        with tqdm(
+            total=len(requests), initial=done, disable=disable_tqdm, desc="Running generate_until requests"
+        ) as bar:
             for (until, max_gen_toks, temperature, top_k), group in groups.items():
                 group.sort(key=lambda x: len(x[1]) + len(x[2]), reverse=True)
                 for start in range(0, len(group), self.batch_size):
@@ -583,7 +607,12 @@ class TorchtuneGistLM(LM):
                 chunk = order[start : start + self.batch_size]
                 prompts, continuations, counts = zip(*(rows[i] for i in chunk))
                 scores = score_continuations(
-                    self.model, prompts, continuations, counts, mode=self.mode, gist_token_ids=self.gist_token_ids,
+                    self.model,
+                    prompts,
+                    continuations,
+                    counts,
+                    mode=self.mode,
+                    gist_token_ids=self.gist_token_ids,
                     pad_id=self._pad_id,
                 )
                 for i, result in zip(chunk, scores):

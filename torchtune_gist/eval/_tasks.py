@@ -101,7 +101,11 @@ def _read_alpaca_plus(location: str, split: str) -> List[Dict[str, Any]]:
         )
     records = read_json_list(path)
     for i, record in enumerate(records):
-        bad = [f for f in ("instruction", "input", "output") if not isinstance(record, dict) or not isinstance(record.get(f), str)]
+        bad = [
+            f
+            for f in ("instruction", "input", "output")
+            if not isinstance(record, dict) or not isinstance(record.get(f), str)
+        ]
         if bad:
             raise ValueError(f"{path}: record {i} lacks string field(s) {bad}")
     return records
@@ -273,7 +277,9 @@ def gist_task_manager(
     """
     from lm_eval.tasks import TaskManager
 
-    extra = [] if include_path is None else [include_path] if isinstance(include_path, (str, Path)) else list(include_path)
+    extra = (
+        [] if include_path is None else [include_path] if isinstance(include_path, (str, Path)) else list(include_path)
+    )
     return TaskManager(
         include_path=[str(TASKS_DIR), *map(str, extra)], include_defaults=include_defaults, metadata=metadata
     )

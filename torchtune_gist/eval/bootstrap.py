@@ -65,8 +65,13 @@ def mean_interval(
 
 
 def gap_share_interval(
-    run: Sequence[float], pos: Sequence[float], neg: Sequence[float], *,
-    iters: int = BOOTSTRAP_ITERS, seed: int = 0, level: float = 0.95,
+    run: Sequence[float],
+    pos: Sequence[float],
+    neg: Sequence[float],
+    *,
+    iters: int = BOOTSTRAP_ITERS,
+    seed: int = 0,
+    level: float = 0.95,
 ) -> Optional[Interval]:
     """Paired bootstrap interval of ``(mean(run) - mean(neg)) / (mean(pos) - mean(neg))``.
 

@@ -65,7 +65,9 @@ def results_files(paths: Sequence[Path]) -> List[Path]:
     for path in map(Path, paths):
         found = [path] if path.is_file() else []
         if path.is_dir():
-            found = sorted(p for p in path.rglob("results*.json") if p.stem == "results" or p.stem.startswith("results_"))
+            found = sorted(
+                p for p in path.rglob("results*.json") if p.stem == "results" or p.stem.startswith("results_")
+            )
         if not found:
             raise FileNotFoundError(f"{path}: no lm-eval results file (results_*.json or results.json) there")
         files += found
@@ -75,7 +77,7 @@ def results_files(paths: Sequence[Path]) -> List[Path]:
 def samples_path(results_path: Path, task: str) -> Path:
     """Where lm-eval's ``--log_samples`` puts a task's per-example file beside a results file:
     ``results_<date>.json`` -> ``samples_<task>_<date>.jsonl`` (``results.json`` -> ``samples_<task>.jsonl``)."""
-    return results_path.with_name(f"samples_{task}{results_path.stem[len('results'):]}.jsonl")
+    return results_path.with_name(f"samples_{task}{results_path.stem[len('results') :]}.jsonl")
 
 
 def read_examples(path: Path) -> Examples:
@@ -116,11 +118,15 @@ def _examples_beside(path: Path, scores: Dict[str, Dict[str, float]]) -> Tuple[D
             notes.append(f"{e}: no intervals for {task}")
             continue
         differ = sorted(
-            m for m, per_doc in examples.items()
-            if m in metrics and abs(sum(per_doc.values()) / len(per_doc) - metrics[m]) > 1e-6 * max(1.0, abs(metrics[m]))
+            m
+            for m, per_doc in examples.items()
+            if m in metrics
+            and abs(sum(per_doc.values()) / len(per_doc) - metrics[m]) > 1e-6 * max(1.0, abs(metrics[m]))
         )
         if differ:
-            notes.append(f"{file}: the mean of {', '.join(differ)} is not the results file's (another evaluation?): no intervals for {task}")
+            notes.append(
+                f"{file}: the mean of {', '.join(differ)} is not the results file's (another evaluation?): no intervals for {task}"
+            )
             continue
         found[task] = examples
     return found, tuple(notes)
@@ -194,28 +200,41 @@ def comparison_rows(runs: Sequence[Run], *, iters: int = BOOTSTRAP_ITERS, seed: 
     tasks = sorted({task for run in runs for task in run.scores})
     for task in tasks:
         metrics = sorted({m for run in runs for m in run.scores.get(task, {})})
-        controls = {mode: [r for r in runs if r.mode == mode and task in r.scores] for mode in ("pos_control", "neg_control")}
+        controls = {
+            mode: [r for r in runs if r.mode == mode and task in r.scores] for mode in ("pos_control", "neg_control")
+        }
         for metric in metrics:
             values = {r.label: r.scores.get(task, {}).get(metric) for r in runs}
-            row: Dict[str, Any] = {"task": task, "metric": metric, "values": values, "gap_share": {},
-                                   "intervals": {}, "gap_share_intervals": {}}
+            row: Dict[str, Any] = {
+                "task": task,
+                "metric": metric,
+                "values": values,
+                "gap_share": {},
+                "intervals": {},
+                "gap_share_intervals": {},
+            }
             if metric in COST_METRICS:
                 rows.append(row)
                 continue
             if iters > 0:
                 row["intervals"] = {
                     r.label: mean_interval(list(per_doc.values()), iters=iters, seed=seed)
-                    for r in runs if (per_doc := r.examples.get(task, {}).get(metric))
+                    for r in runs
+                    if (per_doc := r.examples.get(task, {}).get(metric))
                 }
             pos, neg = controls["pos_control"], controls["neg_control"]
             if len(pos) == 1 and len(neg) == 1:
                 p, n = pos[0].scores[task].get(metric), neg[0].scores[task].get(metric)
                 if p is not None and n is not None:
-                    shared = [r for r in runs if r.mode not in ("pos_control", "neg_control") and values[r.label] is not None]
+                    shared = [
+                        r for r in runs if r.mode not in ("pos_control", "neg_control") and values[r.label] is not None
+                    ]
                     row["gap_share"] = {r.label: gap_share(values[r.label], p, n) for r in shared}
                     paired = {r.label: _paired([r, pos[0], neg[0]], task, metric) for r in shared} if iters > 0 else {}
                     row["gap_share_intervals"] = {
-                        label: gap_share_interval(*scores, iters=iters, seed=seed) for label, scores in paired.items() if scores
+                        label: gap_share_interval(*scores, iters=iters, seed=seed)
+                        for label, scores in paired.items()
+                        if scores
                     }
             rows.append(row)
     return rows
@@ -237,7 +256,11 @@ def render_markdown(runs: Sequence[Run], rows: Sequence[Dict[str, Any]]) -> str:
     header = ["task", "metric", *[r.label for r in runs], *[f"gap share: {label}" for label in shared]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = [row["task"], row["metric"], *[_cell(row["values"][r.label], row["intervals"].get(r.label)) for r in runs]]
+        cells = [
+            row["task"],
+            row["metric"],
+            *[_cell(row["values"][r.label], row["intervals"].get(r.label)) for r in runs],
+        ]
         cells += [_cell(row["gap_share"].get(label), row["gap_share_intervals"].get(label)) for label in shared]
         lines.append("| " + " | ".join(cells) + " |")
     sources = "\n".join(f"- {r.label}: `{r.path}`" + "".join(f"\n  - {note}" for note in r.notes) for r in runs)
@@ -257,11 +280,19 @@ def render_markdown(runs: Sequence[Run], rows: Sequence[Dict[str, Any]]) -> str:
 def paper_reference(rows: Sequence[Dict[str, Any]]) -> str:
     """The paper's LLaMA-7B ROUGE-L for the Alpaca+ splits among ``rows`` (Markdown; empty if none)."""
     paper = PAPER_LLAMA_7B_ROUGE_L
-    splits = [split for split in paper["gist1"] if any(r["task"] == f"alpaca_plus_{split}" and r["metric"] == "rougeL" for r in rows)]
+    splits = [
+        split
+        for split in paper["gist1"]
+        if any(r["task"] == f"alpaca_plus_{split}" and r["metric"] == "rougeL" for r in rows)
+    ]
     if not splits:
         return ""
-    lines = ["Mu et al. (2023), LLaMA-7B, ROUGE-L (x 100), for scale:", "",
-             "| split | neg_control | gist-1 | pos_control | gap share: gist-1 |", "|---|---|---|---|---|"]
+    lines = [
+        "Mu et al. (2023), LLaMA-7B, ROUGE-L (x 100), for scale:",
+        "",
+        "| split | neg_control | gist-1 | pos_control | gap share: gist-1 |",
+        "|---|---|---|---|---|",
+    ]
     for split in splits:
         neg, gist, pos = (paper[key][split] for key in ("neg_control", "gist1", "pos_control"))
         lines.append(f"| alpaca_plus_{split} | {neg} | {gist} | {pos} | {_number(gap_share(gist, pos, neg))} |")
@@ -286,15 +317,26 @@ def plot(runs: Sequence[Run], rows: Sequence[Dict[str, Any]], path: Path) -> Pat
         intervals = [row["intervals"].get(run.label) for row in scores]
         errors = None
         if any(intervals):
-            errors = [[max(0.0, h - i[0]) if i else float("nan") for h, i in zip(heights, intervals)],  # rounding:
-                      [max(0.0, i[1] - h) if i else float("nan") for h, i in zip(heights, intervals)]]  # never < 0
+            errors = [
+                [max(0.0, h - i[0]) if i else float("nan") for h, i in zip(heights, intervals)],  # rounding:
+                [max(0.0, i[1] - h) if i else float("nan") for h, i in zip(heights, intervals)],
+            ]  # never < 0
         ratio = next((values[run.label] for values in ratios.values() if values.get(run.label) is not None), None)
-        ax.bar(xs, heights, width, yerr=errors, capsize=3, error_kw={"elinewidth": 1},
-               label=run.label if ratio is None else f"{run.label} ({ratio:.3g}x compression)")
+        ax.bar(
+            xs,
+            heights,
+            width,
+            yerr=errors,
+            capsize=3,
+            error_kw={"elinewidth": 1},
+            label=run.label if ratio is None else f"{run.label} ({ratio:.3g}x compression)",
+        )
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(scores))])
     ax.set_xticklabels([f"{row['task']}\n{row['metric']}" for row in scores], fontsize=8)
     ax.set_ylabel("score")
-    ax.set_title("lm-eval scores by mode" + (" (95% bootstrap intervals)" if any(row["intervals"] for row in scores) else ""))
+    ax.set_title(
+        "lm-eval scores by mode" + (" (95% bootstrap intervals)" if any(row["intervals"] for row in scores) else "")
+    )
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=min(3, len(runs)), frameon=False)
     fig.tight_layout()
     atomic_save_figure(fig, path, dpi=110)
@@ -305,13 +347,20 @@ def plot(runs: Sequence[Run], rows: Sequence[Dict[str, Any]], path: Path) -> Pat
 def main(argv: Optional[Sequence[str]] = None) -> str:
     """Read the runs named on the command line, print the table; with ``--out``, write it and the plot."""
     parser = argparse.ArgumentParser(
-        prog="python -m torchtune_gist.eval.compare", description=__doc__.split("\n\n")[0],
+        prog="python -m torchtune_gist.eval.compare",
+        description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("results", nargs="+", type=Path, help="results_*.json files or lm-eval --output_path directories")
+    parser.add_argument(
+        "results", nargs="+", type=Path, help="results_*.json files or lm-eval --output_path directories"
+    )
     parser.add_argument("--out", type=Path, default=None, help="directory for comparison.md and comparison.png")
-    parser.add_argument("--bootstrap-iters", type=int, default=BOOTSTRAP_ITERS,
-                        help=f"resamples for the 95%% intervals (default {BOOTSTRAP_ITERS}; 0: no intervals)")
+    parser.add_argument(
+        "--bootstrap-iters",
+        type=int,
+        default=BOOTSTRAP_ITERS,
+        help=f"resamples for the 95%% intervals (default {BOOTSTRAP_ITERS}; 0: no intervals)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the resampling (default 0)")
     args = parser.parse_args(argv)
     if args.bootstrap_iters < 0:

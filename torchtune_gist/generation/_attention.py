@@ -86,7 +86,13 @@ class KVStore:
 
     @classmethod
     def for_layers(
-        cls, modules: List[MultiHeadAttention], batch_size: int, capacity: int, *, dtype: torch.dtype, device: torch.device
+        cls,
+        modules: List[MultiHeadAttention],
+        batch_size: int,
+        capacity: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
     ) -> "KVStore":
         """Allocate a store for the attention ``modules`` (store layer ``i`` is ``modules[i]``'s)."""
         shapes = [(batch_size, a.num_kv_heads, capacity, a.head_dim) for a in modules]

@@ -78,7 +78,9 @@ def model_fingerprint(
     device, _ = model_device_dtype(model)
     digest.update(_tensor_bytes(model.tok_embeddings(torch.tensor([list(gist_token_ids)], device=device))))
     for attn in (attns[0], attns[-1]):
-        switched_off = {f"{name}.{p}" for name, m in attn.named_modules() if getattr(m, "disabled", False) for p in _ADAPTER_PARAMS}
+        switched_off = {
+            f"{name}.{p}" for name, m in attn.named_modules() if getattr(m, "disabled", False) for p in _ADAPTER_PARAMS
+        }
         for name, param in sorted(attn.named_parameters()):
             if name in switched_off:  # a switched-off adapter (a merged export's, freshly initialised) changes nothing
                 continue
@@ -131,7 +133,9 @@ class GistCache:
 
     def __post_init__(self) -> None:
         if not self.keys or len(self.keys) != len(self.values):
-            raise ValueError(f"a gist cache needs keys and values for every layer, got {len(self.keys)} and {len(self.values)}")
+            raise ValueError(
+                f"a gist cache needs keys and values for every layer, got {len(self.keys)} and {len(self.values)}"
+            )
         shape = tuple(self.keys[0].shape)
         if len(shape) != 4:
             raise ValueError(f"gist cache keys must be [b, n_kv, K, head_dim], got {shape}")
@@ -141,7 +145,9 @@ class GistCache:
                     f"gist cache layer {i} has keys {tuple(k.shape)} and values {tuple(v.shape)}, expected {shape}"
                 )
         if shape[2] != len(self.gist_token_ids):
-            raise ValueError(f"gist cache holds {shape[2]} entries per layer but has {len(self.gist_token_ids)} gist ids")
+            raise ValueError(
+                f"gist cache holds {shape[2]} entries per layer but has {len(self.gist_token_ids)} gist ids"
+            )
         if tuple(self.next_pos.shape) != (shape[0],):
             raise ValueError(f"next_pos must have shape [{shape[0]}], got {tuple(self.next_pos.shape)}")
 
@@ -168,7 +174,11 @@ class GistCache:
 
     def _replace(self, fn: Any, next_pos: torch.Tensor) -> "GistCache":
         return GistCache(
-            [fn(k) for k in self.keys], [fn(v) for v in self.values], next_pos, list(self.gist_token_ids), dict(self.fingerprint)
+            [fn(k) for k in self.keys],
+            [fn(v) for v in self.values],
+            next_pos,
+            list(self.gist_token_ids),
+            dict(self.fingerprint),
         )
 
     def select(self, rows: Union[Sequence[int], Sequence[bool], torch.Tensor]) -> "GistCache":
@@ -186,7 +196,12 @@ class GistCache:
             if tuple(index.shape) != (self.batch_size,):
                 raise ValueError(f"a boolean row mask must have shape [{self.batch_size}], got {tuple(index.shape)}")
             index = index.nonzero().squeeze(1)
-        if index.is_floating_point() or index.dim() != 1 or index.numel() == 0 or ((index < 0) | (index >= self.batch_size)).any():
+        if (
+            index.is_floating_point()
+            or index.dim() != 1
+            or index.numel() == 0
+            or ((index < 0) | (index >= self.batch_size)).any()
+        ):
             raise ValueError(
                 f"rows must be a non-empty list of row indices in [0, {self.batch_size}) or a boolean mask selecting "
                 f"at least one of the {self.batch_size} rows, got {rows!r}"
@@ -313,12 +328,18 @@ class GistCache:
             with safe_open(str(path), framework="pt", device=str(device)) as f:
                 meta = f.metadata() or {}
                 if meta.get("format") != CACHE_FORMAT:
-                    raise ValueError(f"{path} is not a gist cache (format={meta.get('format')!r}, expected {CACHE_FORMAT!r})")
+                    raise ValueError(
+                        f"{path} is not a gist cache (format={meta.get('format')!r}, expected {CACHE_FORMAT!r})"
+                    )
                 if meta.get("version") != CACHE_FORMAT_VERSION:
-                    raise ValueError(f"{path} is a gist cache of version {meta.get('version')!r}; this code reads {CACHE_FORMAT_VERSION!r}")
+                    raise ValueError(
+                        f"{path} is a gist cache of version {meta.get('version')!r}; this code reads {CACHE_FORMAT_VERSION!r}"
+                    )
                 n = int(meta["num_layers"])
                 names = set(f.keys())
-                missing = sorted({"next_pos", *(f"{kind}.{i}" for kind in ("keys", "values") for i in range(n))} - names)
+                missing = sorted(
+                    {"next_pos", *(f"{kind}.{i}" for kind in ("keys", "values") for i in range(n))} - names
+                )
                 if missing:
                     raise ValueError(f"{path} is incomplete: missing {missing[:4]}")
                 return cls(
@@ -360,7 +381,12 @@ def check_architecture(cache: GistCache, model: TransformerDecoder) -> None:
         "num_kv_heads": num_kv_heads,
         "head_dim": head_dim,
     }
-    ours = {"num_layers": len(attns), "num_heads": attns[0].num_heads, "num_kv_heads": attns[0].num_kv_heads, "head_dim": attns[0].head_dim}
+    ours = {
+        "num_layers": len(attns),
+        "num_heads": attns[0].num_heads,
+        "num_kv_heads": attns[0].num_kv_heads,
+        "head_dim": attns[0].head_dim,
+    }
     if theirs["num_heads"] is None:
         del theirs["num_heads"], ours["num_heads"]
     if theirs != ours:

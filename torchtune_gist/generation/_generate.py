@@ -99,7 +99,12 @@ def _check_continuations(rows: List[List[int]], gist_token_ids: Sequence[int]) -
 
 def _check_sampling(max_new_tokens: int, temperature: float, top_k: Optional[int]) -> None:
     check_whole("max_new_tokens", max_new_tokens)
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not math.isfinite(temperature)
+        or temperature < 0
+    ):
         raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
     check_whole("top_k", top_k, optional=True)
 
@@ -174,7 +179,11 @@ def _decode(
                 active, token = active[keep], token[keep]
             n = len(active)
             h = forward_through_store(
-                model, store, token[:, None], (next_pos[active] + step)[:, None], torch.ones(n, 1, dtype=torch.bool, device=device)
+                model,
+                store,
+                token[:, None],
+                (next_pos[active] + step)[:, None],
+                torch.ones(n, 1, dtype=torch.bool, device=device),
             )
             logits = last_logits(model, h)
     out = torch.full((b, len(steps)), pad_id, dtype=torch.long, device=device)
@@ -292,7 +301,9 @@ def generate_from_cache(
     check_architecture(cache, model)
     _check_sampling(max_new_tokens, temperature, top_k)
     if cache.batch_size not in (1, len(rows)):
-        raise ValueError(f"{len(rows)} continuations for a gist cache of {cache.batch_size} rows (expected {cache.batch_size} or a 1-row cache)")
+        raise ValueError(
+            f"{len(rows)} continuations for a gist cache of {cache.batch_size} rows (expected {cache.batch_size} or a 1-row cache)"
+        )
     start = cache.next_pos.expand(len(rows)).tolist()
     check_max_position(model, max(p + len(r) for p, r in zip(start, rows)) + max_new_tokens - 2, "generation")
     store = _new_store(model, len(rows), max(len(r) for r in rows) + max_new_tokens - 1, cache)
@@ -425,7 +436,11 @@ def score_continuations(
     else:
         rows, start = _control_rows(mode, prompt_rows, cont_rows, len(ids))
     check_max_position(model, max(p + len(r) for p, r in zip(start, rows)) - 1, "scoring")
-    cache = compress(model, prompt_rows, gist_token_ids=ids, pad_id=pad_id, chunk_size=chunk_size) if mode == "gist" else None
+    cache = (
+        compress(model, prompt_rows, gist_token_ids=ids, pad_id=pad_id, chunk_size=chunk_size)
+        if mode == "gist"
+        else None
+    )
     store = _new_store(model, len(rows), max(len(r) for r in rows), cache)
     tokens, input_pos, valid = left_pad(rows, start, pad_id, store.valid.device)
     s = tokens.shape[1]
@@ -438,6 +453,8 @@ def score_continuations(
     logits = model.output(model.norm(h)).float()
     picked = F.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     suppress = [t for t in (ids if suppress_token_ids is None else suppress_token_ids) if t < logits.shape[-1]]
-    greedy = logits.index_fill(-1, torch.tensor(suppress, dtype=torch.long, device=logits.device), float("-inf")).argmax(-1)
+    greedy = logits.index_fill(
+        -1, torch.tensor(suppress, dtype=torch.long, device=logits.device), float("-inf")
+    ).argmax(-1)
     counts = list(num_scored)
     return [(float(p.sum()), bool(g.all())) for p, g in zip(picked.split(counts), (greedy == targets).split(counts))]

@@ -21,9 +21,7 @@ def resolve_gist_token_ids(model: TransformerDecoder, gist_token_ids: Optional[S
     own = getattr(model.tok_embeddings, "gist_token_ids", None)
     if gist_token_ids is None:
         if own is None:
-            raise ValueError(
-                "gist_token_ids is required: the model's tok_embeddings has no gist_token_ids attribute"
-            )
+            raise ValueError("gist_token_ids is required: the model's tok_embeddings has no gist_token_ids attribute")
         gist_token_ids = own
     ids = gist_token_ids.tolist() if isinstance(gist_token_ids, torch.Tensor) else list(gist_token_ids)
     if not ids:
@@ -47,7 +45,9 @@ def token_rows(rows: Any, name: str) -> List[List[int]]:
     """
     if isinstance(rows, torch.Tensor):
         if rows.dim() != 2:
-            raise TypeError(f"{name} must be a [b, s] tensor or a list of token-id lists, got shape {tuple(rows.shape)}")
+            raise TypeError(
+                f"{name} must be a [b, s] tensor or a list of token-id lists, got shape {tuple(rows.shape)}"
+            )
         rows = rows.tolist()
     if isinstance(rows, (str, bytes)) or not isinstance(rows, Sequence):
         raise TypeError(f"{name} must be a list of token-id lists, got {type(rows).__name__}")
@@ -64,7 +64,9 @@ def token_rows(rows: Any, name: str) -> List[List[int]]:
     return out
 
 
-def check_token_range(model: TransformerDecoder, rows: List[List[int]], gist_token_ids: Sequence[int], name: str) -> None:
+def check_token_range(
+    model: TransformerDecoder, rows: List[List[int]], gist_token_ids: Sequence[int], name: str
+) -> None:
     """Raise a ValueError if a token id is negative or beyond the model's vocabulary (gist ids excepted)."""
     vocab = getattr(model.tok_embeddings, "num_embeddings", None)
     allowed = set(gist_token_ids)

@@ -156,8 +156,18 @@ def lora_gist_llama3_1_8b(
         TransformerDecoder: the model.
     """
     return _lora_builder(
-        lora_gist_llama3_1, _LLAMA3_1_8B_ARGS, lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output,
-        lora_rank, lora_alpha, lora_dropout, use_dora, quantize_base, num_gist_tokens, gist_token_ids,
+        lora_gist_llama3_1,
+        _LLAMA3_1_8B_ARGS,
+        lora_attn_modules,
+        apply_lora_to_mlp,
+        apply_lora_to_output,
+        lora_rank,
+        lora_alpha,
+        lora_dropout,
+        use_dora,
+        quantize_base,
+        num_gist_tokens,
+        gist_token_ids,
     )
 
 
@@ -175,8 +185,18 @@ def lora_gist_llama3_1_70b(
 ) -> TransformerDecoder:
     """Gist-aware Llama 3.1 70B with LoRA. Arguments as :func:`lora_gist_llama3_1_8b`."""
     return _lora_builder(
-        lora_gist_llama3_1, _LLAMA3_1_70B_ARGS, lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output,
-        lora_rank, lora_alpha, lora_dropout, use_dora, quantize_base, num_gist_tokens, gist_token_ids,
+        lora_gist_llama3_1,
+        _LLAMA3_1_70B_ARGS,
+        lora_attn_modules,
+        apply_lora_to_mlp,
+        apply_lora_to_output,
+        lora_rank,
+        lora_alpha,
+        lora_dropout,
+        use_dora,
+        quantize_base,
+        num_gist_tokens,
+        gist_token_ids,
     )
 
 
@@ -199,8 +219,18 @@ def lora_gist_llama3_2_1b(
     ``lora_llama3_2_1b`` rejects ``apply_lora_to_output`` for tied embeddings).
     """
     return _lora_builder(
-        lora_gist_llama3_2, _LLAMA3_2_1B_ARGS, lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output,
-        lora_rank, lora_alpha, lora_dropout, use_dora, quantize_base, num_gist_tokens, gist_token_ids,
+        lora_gist_llama3_2,
+        _LLAMA3_2_1B_ARGS,
+        lora_attn_modules,
+        apply_lora_to_mlp,
+        apply_lora_to_output,
+        lora_rank,
+        lora_alpha,
+        lora_dropout,
+        use_dora,
+        quantize_base,
+        num_gist_tokens,
+        gist_token_ids,
         tie_word_embeddings=tie_word_embeddings,
     )
 
@@ -220,8 +250,18 @@ def lora_gist_llama3_2_3b(
 ) -> TransformerDecoder:
     """Gist-aware Llama 3.2 3B with LoRA. Arguments as :func:`lora_gist_llama3_2_1b`."""
     return _lora_builder(
-        lora_gist_llama3_2, _LLAMA3_2_3B_ARGS, lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output,
-        lora_rank, lora_alpha, lora_dropout, use_dora, quantize_base, num_gist_tokens, gist_token_ids,
+        lora_gist_llama3_2,
+        _LLAMA3_2_3B_ARGS,
+        lora_attn_modules,
+        apply_lora_to_mlp,
+        apply_lora_to_output,
+        lora_rank,
+        lora_alpha,
+        lora_dropout,
+        use_dora,
+        quantize_base,
+        num_gist_tokens,
+        gist_token_ids,
         tie_word_embeddings=tie_word_embeddings,
     )
 
@@ -231,8 +271,10 @@ def gist_llama3_2_1b(
 ) -> TransformerDecoder:
     """Gist-aware Llama 3.2 1B; output tied to the (frozen) vocabulary by default."""
     return gist_llama3_2(
-        **_LLAMA3_2_1B_ARGS, tie_word_embeddings=tie_word_embeddings,
-        num_gist_tokens=num_gist_tokens, gist_token_ids=gist_token_ids,
+        **_LLAMA3_2_1B_ARGS,
+        tie_word_embeddings=tie_word_embeddings,
+        num_gist_tokens=num_gist_tokens,
+        gist_token_ids=gist_token_ids,
     )
 
 
@@ -241,8 +283,10 @@ def gist_llama3_2_3b(
 ) -> TransformerDecoder:
     """Gist-aware Llama 3.2 3B; output tied to the (frozen) vocabulary by default."""
     return gist_llama3_2(
-        **_LLAMA3_2_3B_ARGS, tie_word_embeddings=tie_word_embeddings,
-        num_gist_tokens=num_gist_tokens, gist_token_ids=gist_token_ids,
+        **_LLAMA3_2_3B_ARGS,
+        tie_word_embeddings=tie_word_embeddings,
+        num_gist_tokens=num_gist_tokens,
+        gist_token_ids=gist_token_ids,
     )
 
 
@@ -263,8 +307,12 @@ def gist_llama3_1_tiny(
     for tests, the demo and CPU configs. Arguments as :func:`gist_llama3_1_8b`; the sizes, when
     given, replace those of ``TINY_LLAMA3_1_ARGS`` (the demo uses 4 layers of width 128)."""
     arch = _tiny_arch(
-        TINY_LLAMA3_1_ARGS, num_layers=num_layers, embed_dim=embed_dim, num_heads=num_heads,
-        num_kv_heads=num_kv_heads, intermediate_dim=intermediate_dim,
+        TINY_LLAMA3_1_ARGS,
+        num_layers=num_layers,
+        embed_dim=embed_dim,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        intermediate_dim=intermediate_dim,
     )
     return gist_llama3_1(**arch, num_gist_tokens=num_gist_tokens, gist_token_ids=gist_token_ids)
 
@@ -293,12 +341,26 @@ def lora_gist_llama3_1_tiny(
     MLP 512) is used instead of ``TINY_LLAMA3_1_ARGS`` (width 64), which NF4 cannot quantise.
     """
     arch = _tiny_arch(
-        TINY_QLORA_LLAMA3_1_ARGS if quantize_base else TINY_LLAMA3_1_ARGS, num_layers=num_layers,
-        embed_dim=embed_dim, num_heads=num_heads, num_kv_heads=num_kv_heads, intermediate_dim=intermediate_dim,
+        TINY_QLORA_LLAMA3_1_ARGS if quantize_base else TINY_LLAMA3_1_ARGS,
+        num_layers=num_layers,
+        embed_dim=embed_dim,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        intermediate_dim=intermediate_dim,
     )
     return _lora_builder(
-        lora_gist_llama3_1, arch, lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output,
-        lora_rank, lora_alpha, lora_dropout, use_dora, quantize_base, num_gist_tokens, gist_token_ids,
+        lora_gist_llama3_1,
+        arch,
+        lora_attn_modules,
+        apply_lora_to_mlp,
+        apply_lora_to_output,
+        lora_rank,
+        lora_alpha,
+        lora_dropout,
+        use_dora,
+        quantize_base,
+        num_gist_tokens,
+        gist_token_ids,
     )
 
 

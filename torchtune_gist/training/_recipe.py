@@ -172,7 +172,9 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
         if mask_format not in MASK_FORMATS:
             raise ValueError(f"mask_format={mask_format!r} is not one of auto, {', '.join(MASK_FORMATS)}")
         if mask_format == "block" and not flex:
-            raise ValueError("mask_format=block needs FlexAttention, which torchtune uses on CUDA only: use segments or dense")
+            raise ValueError(
+                "mask_format=block needs FlexAttention, which torchtune uses on CUDA only: use segments or dense"
+            )
         if mask_format == "segments" and self._compile:
             raise ValueError(
                 "mask_format=segments does not compile (its per-row spans would recompile every batch): "
@@ -180,12 +182,18 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
             )
         return mask_format
 
-    def _setup_model(self, cfg_model: DictConfig, base_state_dict: Dict[str, torch.Tensor], adapter: StartingAdapter) -> nn.Module:
+    def _setup_model(
+        self, cfg_model: DictConfig, base_state_dict: Dict[str, torch.Tensor], adapter: StartingAdapter
+    ) -> nn.Module:
         """Build the model (:meth:`_build_model`), load base weights and ``adapter.state_dict``, set what trains."""
         raise NotImplementedError
 
     def _build_model(
-        self, cfg_model: DictConfig, device: torch.device, adapter: StartingAdapter, base_state_dict: Dict[str, torch.Tensor]
+        self,
+        cfg_model: DictConfig,
+        device: torch.device,
+        adapter: StartingAdapter,
+        base_state_dict: Dict[str, torch.Tensor],
     ) -> nn.Module:
         """Instantiate the model on ``device``; check it against the tokenizer, the gist settings, the base weights'
         shapes and the adapter to load (:meth:`StartingAdapter.check`)."""
@@ -213,7 +221,9 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
 
     def _optimizer_state_dict(self) -> Dict[str, Any]:
         """The optimizer state keyed by parameter names, on the CPU."""
-        return get_optimizer_state_dict(self._model, self._optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return get_optimizer_state_dict(
+            self._model, self._optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
 
     def _load_optimizer_state_dict(self, full_sd: Dict[str, Any]) -> None:
         set_optimizer_state_dict(self._model, self._optimizer, full_sd)
@@ -240,12 +250,16 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
         adapter: Optional[StartingAdapter] = None
         if resume is not None:
             if cfg.get("initial_adapter"):
-                log.warning(f"initial_adapter is ignored: resuming from {resume} (give the next stage its own output_dir)")
+                log.warning(
+                    f"initial_adapter is ignored: resuming from {resume} (give the next stage its own output_dir)"
+                )
             saved_seed = read_recipe_progress(resume / RECIPE_STATE_FILE).get("seed")
             if cfg.seed is None and saved_seed is not None:  # seed: null drew one; the data order needs the first run's
                 self.seed = training.set_seed(seed=saved_seed)
             path = resume / ADAPTER_FILE
-            adapter = StartingAdapter(load_file(str(path)), "resume_from_checkpoint", path, read_gist_adapter_metadata(path))
+            adapter = StartingAdapter(
+                load_file(str(path)), "resume_from_checkpoint", path, read_gist_adapter_metadata(path)
+            )
             self._log_info(f"Resuming from {resume}")
         elif cfg.get("initial_adapter"):
             adapter = self._load_initial_adapter(cfg.initial_adapter)
@@ -301,7 +315,9 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
         total_steps = self.total_epochs * self._steps_per_epoch
         warmup = cfg.lr_scheduler.get("num_warmup_steps")
         if isinstance(warmup, int) and warmup > total_steps and self._is_rank_zero:
-            log.warning(f"lr_scheduler.num_warmup_steps={warmup} is more than the run's {total_steps} steps: the lr never reaches its peak")
+            log.warning(
+                f"lr_scheduler.num_warmup_steps={warmup} is more than the run's {total_steps} steps: the lr never reaches its peak"
+            )
         self._lr_scheduler = config.instantiate(
             cfg.lr_scheduler, self._optimizer, num_training_steps=total_steps, last_epoch=self.global_step - 1
         )
@@ -325,7 +341,9 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
             raise ValueError(f"initial_adapter: {e}") from e
         k = meta.get("num_gist_tokens")
         if k != self._num_gist_tokens:
-            raise ValueError(f"initial_adapter {path} holds K={k} gist rows; this run has num_gist_tokens={self._num_gist_tokens}")
+            raise ValueError(
+                f"initial_adapter {path} holds K={k} gist rows; this run has num_gist_tokens={self._num_gist_tokens}"
+            )
         self._log_info(f"Starting from the gist adapter {path}")
         return StartingAdapter(load_file(str(path)), "initial_adapter", path, meta)
 
@@ -336,7 +354,9 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
         if not setting or latest:
             found, present = None, []
             if self._is_rank_zero and self._output_dir.is_dir():
-                present = sorted(d.name for d in self._output_dir.iterdir() if d.is_dir() and CHECKPOINT_NAME.match(d.name))
+                present = sorted(
+                    d.name for d in self._output_dir.iterdir() if d.is_dir() and CHECKPOINT_NAME.match(d.name)
+                )
                 found = latest_checkpoint(self._output_dir) if setting and present else None
             found, present = self._from_rank_zero((None if found is None else str(found), present))
             if not setting:
@@ -377,7 +397,11 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
         keys = ["train_lora", "mask_mode"]
         if self._batches_into_epoch:
             keys += ["batch_size", "gradient_accumulation_steps", "world_size", "shuffle", "num_examples", "seed"]
-        changed = [f"{k} was {saved[k]!r}, now {self._settings[k]!r}" for k in keys if k in saved and saved[k] != self._settings[k]]
+        changed = [
+            f"{k} was {saved[k]!r}, now {self._settings[k]!r}"
+            for k in keys
+            if k in saved and saved[k] != self._settings[k]
+        ]
         if changed:
             raise ValueError(
                 f"cannot resume from {path}: {'; '.join(changed)}. Resume with the checkpoint's settings, or start a "
@@ -413,7 +437,9 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
             collate_kwargs["ignore_idx"] = self._loss_fn.ignore_index
             if self._mask_format == "block":
                 collate_kwargs["pad_to_multiple_of"] = FLEX_BLOCK_SIZE
-        default_collate = "torchtune_gist.data.packed_gist_collate" if packed_rows else "torchtune_gist.data.padded_gist_collate"
+        default_collate = (
+            "torchtune_gist.data.packed_gist_collate" if packed_rows else "torchtune_gist.data.padded_gist_collate"
+        )
         collate_name = cfg.get("collate_fn") or default_collate
         collate_fn = _get_component_from_path(collate_name)
         if packed_rows and collate_fn is padded_gist_collate:
@@ -431,14 +457,18 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
             segment_min_len=SEGMENT_MIN_LEN if self._mask_format == "auto" else 0,
         )
         check_collate_fn(collate_fn, collate_name, collate_kwargs)
-        sampler = StatefulDistributedSampler(ds, num_replicas=self.world_size, rank=self.rank, shuffle=shuffle, seed=self.seed)
+        sampler = StatefulDistributedSampler(
+            ds, num_replicas=self.world_size, rank=self.rank, shuffle=shuffle, seed=self.seed
+        )
         return StatefulDataLoader(
             dataset=ds,
             batch_size=self._batch_size,
             sampler=sampler,
             collate_fn=partial(collate_fn, **collate_kwargs),
             drop_last=drop_last,
-            generator=torch.Generator().manual_seed(self.seed),  # a new iterator's draw leaves the global generator alone
+            generator=torch.Generator().manual_seed(
+                self.seed
+            ),  # a new iterator's draw leaves the global generator alone
         )
 
     def _allow_flex_recompiles(self, max_seq_len: int) -> None:
@@ -451,7 +481,9 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
         lengths = 2 * math.ceil(max_seq_len / FLEX_BLOCK_SIZE)
         if torch._dynamo.config.recompile_limit < lengths:
             torch._dynamo.config.recompile_limit = lengths
-            self._log_info(f"torch._dynamo.config.recompile_limit raised to {lengths}: one flex_attention compile per length")
+            self._log_info(
+                f"torch._dynamo.config.recompile_limit raised to {lengths}: one flex_attention compile per length"
+            )
 
     def _rng_states(self) -> Dict[str, torch.Tensor]:
         """Every rank's generators, which a resumed run continues (LoRA dropout draws from them): the CPU's and,
@@ -468,7 +500,9 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
     def _restore(self, path: Path) -> None:
         optim_sd, progress, rng = load_recipe_state(path / RECIPE_STATE_FILE)
         if progress["num_gist_tokens"] != self._num_gist_tokens:
-            raise ValueError(f"{path} was trained with K={progress['num_gist_tokens']}, the config says {self._num_gist_tokens}")
+            raise ValueError(
+                f"{path} was trained with K={progress['num_gist_tokens']}, the config says {self._num_gist_tokens}"
+            )
         self.epochs_run, self.global_step = progress["epochs_run"], progress["global_step"]
         self._batches_into_epoch = progress["batches_into_epoch"]
         self._check_resume_settings(path, progress.get("settings", {}))
@@ -509,10 +543,15 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
 
     def _train(self, stop: StopRequest) -> None:
         if self.epochs_run >= self.total_epochs:
-            self._log_info(f"nothing to train: the run's epochs={self.total_epochs} are all done (raise epochs to train on)")
+            self._log_info(
+                f"nothing to train: the run's epochs={self.total_epochs} are all done (raise epochs to train on)"
+            )
             return
         self._optimizer.zero_grad(set_to_none=True)
-        running_loss, num_tokens = torch.zeros((), device=self._device), torch.zeros((), device=self._device, dtype=torch.long)
+        running_loss, num_tokens = (
+            torch.zeros((), device=self._device),
+            torch.zeros((), device=self._device, dtype=torch.long),
+        )
         for epoch in range(self.epochs_run, self.total_epochs):
             t0 = time.perf_counter()
             pbar = tqdm(
@@ -533,7 +572,9 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
                 total_loss = self._all_reduce(running_loss.clone())
                 training.scale_grads(self._model, self.world_size / total_tokens.clamp(min=1))
                 if self._clip_grad_norm is not None:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(self._model.parameters(), max_norm=float(self._clip_grad_norm))
+                    grad_norm = torch.nn.utils.clip_grad_norm_(
+                        self._model.parameters(), max_norm=float(self._clip_grad_norm)
+                    )
                     if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2: every rank takes part in the gather
                         grad_norm = grad_norm.full_tensor()
                 self._optimizer.step()
@@ -564,7 +605,9 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
                     self._from_rank_zero(None)  # every rank waits until rank 0 has published it
                     pbar.close()
                     self.stop_signal = stop.signum or int(signal.SIGTERM)
-                    self._log_info(f"Stopped at step {self.global_step}: resume_from_checkpoint=True continues from step_{self.global_step}")
+                    self._log_info(
+                        f"Stopped at step {self.global_step}: resume_from_checkpoint=True continues from step_{self.global_step}"
+                    )
                     return
                 if self._run_val_every_n_steps and self.global_step % self._run_val_every_n_steps == 0:
                     self.validate()
@@ -609,7 +652,11 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
         directory = self._output_dir / name
         partial_dir = partial_directory(directory)
         save_gist_adapter(
-            self._model, partial_dir, base_model=self._base_model_name, state_dict=adapter, extra_metadata={"mask_mode": self._mask_mode}
+            self._model,
+            partial_dir,
+            base_model=self._base_model_name,
+            state_dict=adapter,
+            extra_metadata={"mask_mode": self._mask_mode},
         )
         progress = {
             "epochs_run": self.epochs_run,
@@ -622,10 +669,18 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
             "settings": self._settings,
             "saved_at": time.time(),  # resume_from_checkpoint=True/auto continue the checkpoint saved last
         }
-        save_recipe_state(partial_dir / RECIPE_STATE_FILE, optimizer_state=optim_sd, progress=progress, rng_states=rng_states)
+        save_recipe_state(
+            partial_dir / RECIPE_STATE_FILE, optimizer_state=optim_sd, progress=progress, rng_states=rng_states
+        )
         if end_of_epoch and self._save_merged_hf:
-            export_merged_hf(self._model, partial_dir / "hf_merged", state_dict=full_sd, base_model=self._base_model_name,
-                             base_dir=self._base_checkpoint_dir, mask_mode=self._mask_mode)
+            export_merged_hf(
+                self._model,
+                partial_dir / "hf_merged",
+                state_dict=full_sd,
+                base_model=self._base_model_name,
+                base_dir=self._base_checkpoint_dir,
+                mask_mode=self._mask_mode,
+            )
         replace_directory(partial_dir, directory)
         self._log_info(f"Saved checkpoint to {directory}")
 

@@ -48,8 +48,10 @@ def check_setting_types(cfg: DictConfig) -> None:
     seed = cfg.get("seed")
     if seed is not None and not is_whole(seed, 0):
         raise ValueError(f"seed={seed!r} must be a whole number >= 0, or null for a random one")
-    numbers = (("optimizer.lr", cfg.get("optimizer", {}).get("lr"), ""),
-               ("clip_grad_norm", cfg.get("clip_grad_norm"), ", or null for no clipping"))
+    numbers = (
+        ("optimizer.lr", cfg.get("optimizer", {}).get("lr"), ""),
+        ("clip_grad_norm", cfg.get("clip_grad_norm"), ", or null for no clipping"),
+    )
     for key, value, alternative in numbers:
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
             raise ValueError(f"{key}={value!r} must be a number > 0{alternative}")
@@ -59,17 +61,42 @@ def check_setting_types(cfg: DictConfig) -> None:
     model_type = cfg.get("checkpointer", {}).get("model_type")
     known = [m.name for m in training.ModelType]
     if model_type is not None and str(model_type) not in known:
-        raise ValueError(f"checkpointer.model_type={model_type!r} is not one of torchtune's model types: {', '.join(known)}")
+        raise ValueError(
+            f"checkpointer.model_type={model_type!r} is not one of torchtune's model types: {', '.join(known)}"
+        )
 
 
 #: The top-level keys each recipe reads without a default; the others are optional.
 TRAINING_KEYS = (
-    "model", "tokenizer", "checkpointer", "dataset", "optimizer", "lr_scheduler", "loss", "metric_logger",
-    "output_dir", "num_gist_tokens", "epochs", "batch_size", "gradient_accumulation_steps", "shuffle", "seed",
-    "device", "dtype",
+    "model",
+    "tokenizer",
+    "checkpointer",
+    "dataset",
+    "optimizer",
+    "lr_scheduler",
+    "loss",
+    "metric_logger",
+    "output_dir",
+    "num_gist_tokens",
+    "epochs",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "shuffle",
+    "seed",
+    "device",
+    "dtype",
 )
-GENERATE_KEYS = ("model", "tokenizer", "checkpointer", "num_gist_tokens", "prompt_transform", "max_new_tokens",
-                 "temperature", "device", "dtype")
+GENERATE_KEYS = (
+    "model",
+    "tokenizer",
+    "checkpointer",
+    "num_gist_tokens",
+    "prompt_transform",
+    "max_new_tokens",
+    "temperature",
+    "device",
+    "dtype",
+)
 
 
 def check_required_keys(cfg: DictConfig, keys: Tuple[str, ...], recipe: str, example: str) -> None:
@@ -91,7 +118,9 @@ def _component_sections(cfg: DictConfig) -> List[Tuple[str, DictConfig]]:
     """``(key, section)`` for each top-level section with a ``_component_``, and each such entry of a list."""
     sections = []
     for key, node in cfg.items():
-        entries = [(f"{key}[{i}]", n) for i, n in enumerate(node)] if isinstance(node, ListConfig) else [(str(key), node)]
+        entries = (
+            [(f"{key}[{i}]", n) for i, n in enumerate(node)] if isinstance(node, ListConfig) else [(str(key), node)]
+        )
         sections += [(name, n) for name, n in entries if _has_component(n)]
     return sections
 
@@ -208,7 +237,9 @@ def build_tokenizer(cfg: DictConfig) -> Any:
         return config.instantiate(section)
     except Exception as e:  # tiktoken, json and the tokenizers library each raise their own kind
         files = ", ".join(
-            f"tokenizer.{key}={value}" for key, value in section.items() if isinstance(value, str) and key != "_component_"
+            f"tokenizer.{key}={value}"
+            for key, value in section.items()
+            if isinstance(value, str) and key != "_component_"
         )
         raise ValueError(
             f"{section.get('_component_')} could not be built from {files or 'its settings'}: {e}\n"
@@ -265,8 +296,9 @@ def check_dataset_gist_ids(dataset: Any, cfg_dataset: DictConfig, key: str, mode
                 f"{list(model_ids)}: {fix}"
             )
     elif cfg_dataset.get("num_gist_tokens") is not None and cfg_dataset.num_gist_tokens != len(model_ids):
-        raise ValueError(f"{key}.num_gist_tokens={cfg_dataset.num_gist_tokens}, but the model has {len(model_ids)} gist tokens: {fix}")
-
+        raise ValueError(
+            f"{key}.num_gist_tokens={cfg_dataset.num_gist_tokens}, but the model has {len(model_ids)} gist tokens: {fix}"
+        )
 
 
 def check_batch_length(batch: Dict[str, Any], max_seq_len: int, key: str) -> None:

@@ -36,7 +36,9 @@ class StopRequest:
                 raise KeyboardInterrupt
             return
         self.requested, self.signum, self._first = True, signum, time.monotonic()
-        log.warning(f"{signal.Signals(signum).name}: stopping after this step with a checkpoint (Ctrl-C again: at once)")
+        log.warning(
+            f"{signal.Signals(signum).name}: stopping after this step with a checkpoint (Ctrl-C again: at once)"
+        )
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():

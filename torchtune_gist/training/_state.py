@@ -49,7 +49,11 @@ def save_recipe_state(
     safetensors file, atomically."""
     tensors, optim_meta = _flatten_optimizer_state(optimizer_state)
     tensors.update({f"rng_state.{device}": state for device, state in rng_states.items()})
-    metadata = {"format": "torchtune-gist-recipe-state", "progress": json.dumps(progress), "optim": json.dumps(optim_meta)}
+    metadata = {
+        "format": "torchtune-gist-recipe-state",
+        "progress": json.dumps(progress),
+        "optim": json.dumps(optim_meta),
+    }
     atomic_save_safetensors(tensors, path, metadata=metadata)
 
 
@@ -101,7 +105,9 @@ def remove_leftover_checkpoints(output_dir: Path) -> List[Path]:
         if name and CHECKPOINT_NAME.match(name) and finish_replace(Path(output_dir) / name):
             log.warning(f"put {Path(output_dir) / name} in place: a crash had cut its save short between two renames")
     leftovers = [
-        d for d in Path(output_dir).glob(".*") if d.is_dir() and CHECKPOINT_NAME.match(leftover_directory_of(d.name) or "")
+        d
+        for d in Path(output_dir).glob(".*")
+        if d.is_dir() and CHECKPOINT_NAME.match(leftover_directory_of(d.name) or "")
     ]
     for d in leftovers:
         shutil.rmtree(d)

@@ -93,7 +93,6 @@ def load_base_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> 
     initialize_dora_magnitudes(model)
 
 
-
 def check_adapter_state(model: nn.Module, adapter_state_dict: Dict[str, torch.Tensor]) -> None:
     """Check that gist rows / LoRA weights to load fit ``model`` (names and shapes).
 
@@ -105,9 +104,15 @@ def check_adapter_state(model: nn.Module, adapter_state_dict: Dict[str, torch.Te
     get_gist_embedding(model)
     shapes = {state_dict_name(n): tuple(p.shape) for n, p in model.named_parameters()}
     unknown = [k for k in adapter_state_dict if k not in shapes]
-    wrong = [f"{k}: checkpoint {tuple(v.shape)} vs model {shapes[k]}" for k, v in adapter_state_dict.items() if k in shapes and tuple(v.shape) != shapes[k]]
+    wrong = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {shapes[k]}"
+        for k, v in adapter_state_dict.items()
+        if k in shapes and tuple(v.shape) != shapes[k]
+    ]
     if unknown or wrong:
-        raise ValueError(f"the gist/LoRA checkpoint does not fit the model: unknown keys {unknown[:8]}, shape mismatches {wrong[:8]}")
+        raise ValueError(
+            f"the gist/LoRA checkpoint does not fit the model: unknown keys {unknown[:8]}, shape mismatches {wrong[:8]}"
+        )
 
 
 @dataclass(frozen=True)

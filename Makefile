@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup test demo bench clean smollm2 smollm2-study gpu-kit
+.PHONY: setup lint format test demo bench clean smollm2 smollm2-study gpu-kit
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,7 +17,16 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-test: setup
+# ruff's checks and formatting (settings in pyproject.toml); `make format` applies them.
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: setup
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+test: lint
 	$(PY) -m pytest -q -p no:cacheprovider
 
 demo: setup

@@ -42,10 +42,14 @@ def evaluate_goals(res: Dict[str, Any]) -> List[Dict[str, Any]]:
             r, variant = max((dense, "gist"), (segments, "gist_segments"))
             goals.append(
                 {
-                    "goal": f"training, {row['name']}: gist tokens/s vs causal (mask=None), medians, the faster gist mask format",
+                    "goal": (
+                        f"training, {row['name']}: gist tokens/s vs causal (mask=None), medians, the faster gist mask "
+                        "format"
+                    ),
                     "target": ">= 0.9x",
-                    "measured": f"{r:.3f}x with {'segments' if variant == 'gist_segments' else 'the dense mask'} (dense {dense:.3f}x, "
-                    f"segments {segments:.3f}x; fastest steps: {_fastest_ratio(row['step_s'], variant):.3f}x; step times spread "
+                    "measured": f"{r:.3f}x with {'segments' if variant == 'gist_segments' else 'the dense mask'} "
+                    f"(dense {dense:.3f}x, segments {segments:.3f}x; fastest steps: "
+                    f"{_fastest_ratio(row['step_s'], variant):.3f}x; step times spread "
                     f"+-{100 * _spread(row['step_s']):.0f}%)",
                     "met": r >= 0.9,
                 }
@@ -56,7 +60,9 @@ def evaluate_goals(res: Dict[str, Any]) -> List[Dict[str, Any]]:
         name, pk = max((lean or packed).items(), key=lambda item: item[1]["speedup_vs_bs1"])
         goals.append(
             {
-                "goal": "packing tokens/s vs batch size 1, with < 10% padding (best packed row length under 10% padding)",
+                "goal": (
+                    "packing tokens/s vs batch size 1, with < 10% padding (best packed row length under 10% padding)"
+                ),
                 "target": ">= 3x, < 10% padding",
                 "measured": f"{name}: {pk['speedup_vs_bs1']:.2f}x, {100 * pk['padding_fraction']:.1f}% padding"
                 + ("" if lean else " (no row length gave < 10% padding)"),
@@ -68,9 +74,14 @@ def evaluate_goals(res: Dict[str, Any]) -> List[Dict[str, Any]]:
         cells = [c for sh in inf["shapes"].values() for c in sh["cells"]]
         goals.append(
             {
-                "goal": "KV bytes gist / full prompt == (K + n) / (P + K + n) exactly, every P and K (and truncation == gist)",
+                "goal": (
+                    "KV bytes gist / full prompt == (K + n) / (P + K + n) exactly, every P and K (and truncation == "
+                    "gist)"
+                ),
                 "target": "exact",
-                "measured": f"{sum(c['kv_ratio']['exact'] and c['kv_truncate_equals_gist'] for c in cells)}/{len(cells)} exact",
+                "measured": (
+                    f"{sum(c['kv_ratio']['exact'] and c['kv_truncate_equals_gist'] for c in cells)}/{len(cells)} exact"
+                ),
                 "met": all(c["kv_ratio"]["exact"] and c["kv_truncate_equals_gist"] for c in cells),
             }
         )
@@ -92,8 +103,8 @@ def evaluate_goals(res: Dict[str, Any]) -> List[Dict[str, Any]]:
             r = b["decode_speedup_gist_vs_full"]
             goals.append(
                 {
-                    "goal": f"decode at {b['prompt_len']}-token prompts, gqa shape, {b['rows']} rows per batch (each its own "
-                    "prompt): full-prompt / gist-cache ms per step",
+                    "goal": f"decode at {b['prompt_len']}-token prompts, gqa shape, {b['rows']} rows per batch (each "
+                    "its own prompt): full-prompt / gist-cache ms per step",
                     "target": ">= 2x",
                     "measured": f"{r:.2f}x (K={b['k']})",
                     "met": r >= 2,
@@ -310,8 +321,8 @@ def render_cpu_markdown(res: Dict[str, Any]) -> str:
         f"- Command: `{m['command']}` ({fmt(m['duration_s'])} s)",
         f"- Load average (1/5/15 min) before: {la0}, after: {la1}, at each section: {m.get('load_sections')}. "
         + (
-            "**The machine was loaded** (other jobs shared the CPU during the run): absolute numbers are low and noisy; "
-            "ratios compare variants measured side by side, interleaved."
+            "**The machine was loaded** (other jobs shared the CPU during the run): absolute numbers are low and "
+            "noisy; ratios compare variants measured side by side, interleaved."
             if loaded
             else "The machine was otherwise idle."
         ),
@@ -332,11 +343,12 @@ def render_cpu_markdown(res: Dict[str, Any]) -> str:
         out += [
             "### 1. Training cost of the gist mask",
             "",
-            f"One optimizer step of the recipe (`masked_loss`, backward, AdamW on LoRA q/k/v/output rank 16 + K={tr['num_gist_tokens']} "
-            "gist rows), collation included (as the recipe's data loader does it in-process): `padded_gist_collate` (gist: dense "
-            "`[b, s, s]` gist mask; gist segments: `segment_mask=True`, the recipe's `mask_format: segments`, causal SDPA per "
-            "segment; dense causal: `mask_mode=pos_control`) or torchtune's `padded_collate_sft` (`mask=None`: "
-            "torchtune's causal SDPA path, `is_causal=True`). Same model, batch and optimizer; tokens/s counts real tokens.",
+            "One optimizer step of the recipe (`masked_loss`, backward, AdamW on LoRA q/k/v/output rank 16 + "
+            f"K={tr['num_gist_tokens']} gist rows), collation included (as the recipe's data loader does it "
+            "in-process): `padded_gist_collate` (gist: dense `[b, s, s]` gist mask; gist segments: "
+            "`segment_mask=True`, the recipe's `mask_format: segments`, causal SDPA per segment; dense causal: "
+            "`mask_mode=pos_control`) or torchtune's `padded_collate_sft` (`mask=None`: torchtune's causal SDPA path, "
+            "`is_causal=True`). Same model, batch and optimizer; tokens/s counts real tokens.",
             "",
             table(
                 [
@@ -384,12 +396,12 @@ def render_cpu_markdown(res: Dict[str, Any]) -> str:
                 for r in tr["shapes"]
             )
             + ". On CPU, SDPA with `is_causal=True` skips the upper triangle (in key blocks of 512); with any explicit "
-            "mask it computes every block and applies the mask, so both dense masks cost the same and the gap to `mask=None` "
-            "grows with the attention share of the step (longer rows, wider models). Segments cut the gist mask into causal "
-            "SDPA calls per row (prompt and gists; gists and what follows), which skip the masked blocks too: for rows of "
-            "512 tokens and more they come close to `mask=None`; for short rows the per-row calls cost more than they skip "
-            "and the dense mask is the faster choice (the recipe's `mask_format: auto` picks segments from 512 positions on "
-            "CPU, dense below). On CUDA the gist mask goes through FlexAttention "
+            "mask it computes every block and applies the mask, so both dense masks cost the same and the gap to "
+            "`mask=None` grows with the attention share of the step (longer rows, wider models). Segments cut the gist "
+            "mask into causal SDPA calls per row (prompt and gists; gists and what follows), which skip the masked "
+            "blocks too: for rows of 512 tokens and more they come close to `mask=None`; for short rows the per-row "
+            "calls cost more than they skip and the dense mask is the faster choice (the recipe's `mask_format: auto` "
+            "picks segments from 512 positions on CPU, dense below). On CUDA the gist mask goes through FlexAttention "
             "`BlockMask`s, which skip masked blocks (see the GPU section).",
             "",
             "![training throughput](train_throughput.png)",
@@ -400,11 +412,11 @@ def render_cpu_markdown(res: Dict[str, Any]) -> str:
         out += [
             "### 2. Batching and packing",
             "",
-            f"{pk['examples']} examples ({pk['data']}), {pk['real_tokens']:,} real tokens, processed once by each variant "
-            f"({pk['model']}; one optimizer step per batch; collation with the gist mask included; variants interleaved in "
-            "chunks). Padded batches keep the data order (no length bucketing); packed rows hold whole examples "
-            "(`PackedGistDataset`, no attention across documents, one gist span per document), with the dense mask or, "
-            "`packed_<L>_segments`, with segment masks (`segment_mask=True`).",
+            f"{pk['examples']} examples ({pk['data']}), {pk['real_tokens']:,} real tokens, processed once by each "
+            f"variant ({pk['model']}; one optimizer step per batch; collation with the gist mask included; variants "
+            "interleaved in chunks). Padded batches keep the data order (no length bucketing); packed rows hold whole "
+            "examples (`PackedGistDataset`, no attention across documents, one gist span per document), with the dense "
+            "mask or, `packed_<L>_segments`, with segment masks (`segment_mask=True`).",
             "",
             table(
                 [
@@ -432,14 +444,14 @@ def render_cpu_markdown(res: Dict[str, Any]) -> str:
                 ],
             ),
             "",
-            "Attention work counts the query-key pairs the attention calls span: `b * s^2` per step for a dense `[b, s, s]` "
-            "mask (a packed row computes attention between all its documents and masks most of it away, so its attention "
-            "work grows with the row length), the sum of the causal blocks' squares for segment masks (which compute each "
-            "document alone). On a CPU a step's cost follows its arithmetic, and a batch-size-1 step of a few hundred "
-            "tokens already keeps the core busy, so packing saves only per-step overhead and padding: with dense masks it "
-            "pays more for the masked-away attention than it saves, with segments it gains a little. On a GPU, batch "
-            "size 1 leaves the device mostly idle and FlexAttention `BlockMask`s skip the masked blocks, which is where "
-            "packing pays (`bench_gpu.py` measures the attention side).",
+            "Attention work counts the query-key pairs the attention calls span: `b * s^2` per step for a dense "
+            "`[b, s, s]` mask (a packed row computes attention between all its documents and masks most of it away, so "
+            "its attention work grows with the row length), the sum of the causal blocks' squares for segment masks "
+            "(which compute each document alone). On a CPU a step's cost follows its arithmetic, and a batch-size-1 "
+            "step of a few hundred tokens already keeps the core busy, so packing saves only per-step overhead and "
+            "padding: with dense masks it pays more for the masked-away attention than it saves, with segments it "
+            "gains a little. On a GPU, batch size 1 leaves the device mostly idle and FlexAttention `BlockMask`s skip "
+            "the masked blocks, which is where packing pays (`bench_gpu.py` measures the attention side).",
             "",
             "![packing](packing.png)",
             "",
@@ -452,10 +464,10 @@ def render_cpu_markdown(res: Dict[str, Any]) -> str:
             "### 4. Mask construction cost",
             "",
             f"`make_gist_mask` for one example per row (gist span a quarter in) and for packed rows (documents of "
-            f"{mk['doc_len']} tokens, each with its own K={mk['num_gist_tokens']} span; `document_ids`), as a share of one "
-            f"training step of the demo-shaped model ({mk['model']}) on the packed batch of that size (one step, timed "
-            "once; the model is already warm from smaller batches). The dense `[b, s, s]` mask is built once per batch "
-            "by the collator and shared by all layers.",
+            f"{mk['doc_len']} tokens, each with its own K={mk['num_gist_tokens']} span; `document_ids`), as a share of "
+            f"one training step of the demo-shaped model ({mk['model']}) on the packed batch of that size (one step, "
+            "timed once; the model is already warm from smaller batches). The dense `[b, s, s]` mask is built once per "
+            "batch by the collator and shared by all layers.",
             "",
             table(
                 [
@@ -513,8 +525,8 @@ def _render_inference(inf: Dict[str, Any]) -> List[str]:
             f"#### Shape `{name}`: {sh['shape']['num_layers']} layers, width {sh['shape']['embed_dim']}, "
             f"{sh['shape']['num_heads']} heads / {sh['shape']['num_kv_heads']} KV heads of size "
             f"{sh['shape']['embed_dim'] // sh['shape']['num_heads']}, MLP {sh['shape']['intermediate_dim']} "
-            f"({sh['params']:,} parameters, {sh['weight_bytes'] / 2**20:.0f} MiB of fp32 weights; {sh['kv_bytes_per_token']:,} "
-            f"KV bytes per token) — {why}",
+            f"({sh['params']:,} parameters, {sh['weight_bytes'] / 2**20:.0f} MiB of fp32 weights; "
+            f"{sh['kv_bytes_per_token']:,} KV bytes per token) — {why}",
             "",
             table(
                 [
@@ -571,8 +583,8 @@ def _render_inference(inf: Dict[str, Any]) -> List[str]:
         "Where the time goes: a batch-1 decode step reads every weight once "
         f"({weights / 2**20:.0f} MiB here) plus the KV it attends to. At P = {longest} the full prompt's KV is "
         f"{kv_long / 2**20:.0f} MiB in the `gqa` shape ({kv_long / weights:.2f}x the weights) and "
-        f"{kv_long_mha / 2**20:.0f} MiB in the `mha` shape ({kv_long_mha / attn['weight_bytes']:.2f}x its weights), so the "
-        "gist cache can at best remove that share of the step: batch-1 decoding stays "
+        f"{kv_long_mha / 2**20:.0f} MiB in the `mha` shape ({kv_long_mha / attn['weight_bytes']:.2f}x its weights), so "
+        "the gist cache can at best remove that share of the step: batch-1 decoding stays "
         "weight-bound while the prompt's KV is small beside the weights, and the gain grows with the KV heads, the "
         "prompt length and the batch (KV is per row, weights are shared), where attention dominates. Fixed per-step "
         "costs (Python, per-layer dispatch) also count against both equally.",
@@ -585,7 +597,8 @@ def _render_inference(inf: Dict[str, Any]) -> List[str]:
     if "batched" in inf:
         b = inf["batched"]
         out += [
-            f"#### Batched decode: {b['rows']} rows, each with its own {b['prompt_len']}-token prompt, K={b['k']} (`gqa` shape)",
+            f"#### Batched decode: {b['rows']} rows, each with its own {b['prompt_len']}-token prompt, K={b['k']} "
+            "(`gqa` shape)",
             "",
             table(
                 [
@@ -613,11 +626,11 @@ def _render_inference(inf: Dict[str, Any]) -> List[str]:
                 ],
             ),
             "",
-            "A decode step reads the weights once for all rows, and each row's own prompt KV: with several rows (a server's "
-            "usual case) the prompts' KV outweighs the weights and dropping it pays most."
+            "A decode step reads the weights once for all rows, and each row's own prompt KV: with several rows (a "
+            "server's usual case) the prompts' KV outweighs the weights and dropping it pays most."
             + (
-                f" Each side ran {b['rounds']} times, interleaved; the table gives the median call (median steps per call: "
-                f"full {', '.join(_ms(x) for x in b['full']['decode_s_per_step_each_round'])} ms, gist "
+                f" Each side ran {b['rounds']} times, interleaved; the table gives the median call (median steps per "
+                f"call: full {', '.join(_ms(x) for x in b['full']['decode_s_per_step_each_round'])} ms, gist "
                 f"{', '.join(_ms(x) for x in b['gist']['decode_s_per_step_each_round'])} ms)."
                 if "rounds" in b
                 else ""
@@ -661,14 +674,15 @@ def _render_inference(inf: Dict[str, Any]) -> List[str]:
             ),
             "",
             "torchtune's cached attention attends over every allocated slot and expands the keys/values of all of them "
-            "for grouped-query attention at every step, so its per-token cost follows the allocated length, not the prompt.",
+            "for grouped-query attention at every step, so its per-token cost follows the allocated length, not the "
+            "prompt.",
             "",
         ]
     r = inf["reuse"]
     out += [
-        f"#### Compress once, reuse many (`gqa` shape, one {r['prompt_len']}-token prompt, K={r['k']}, {r['inputs']} inputs "
-        f"of {r['cont_len']} tokens, {r['new_tokens']} new tokens each; compression time included; each variant once, "
-        "after a one-input warm-up of each)",
+        f"#### Compress once, reuse many (`gqa` shape, one {r['prompt_len']}-token prompt, K={r['k']}, {r['inputs']} "
+        f"inputs of {r['cont_len']} tokens, {r['new_tokens']} new tokens each; compression time included; each variant "
+        "once, after a one-input warm-up of each)",
         "",
         table(
             ["variant", "time s", "inputs/s", "speedup", "KV bytes held (largest call)"],
@@ -684,17 +698,18 @@ def _render_inference(inf: Dict[str, Any]) -> List[str]:
     if "compress_memory" in inf:
         cm = inf["compress_memory"]
         out += [
-            f"#### Memory of `compress`: one pass vs chunks of {cm['chunk_size']} tokens (`gqa` shape, {cm['rows_per_call']} "
-            f"prompts per call, K={cm['k']})",
+            f"#### Memory of `compress`: one pass vs chunks of {cm['chunk_size']} tokens (`gqa` shape, "
+            f"{cm['rows_per_call']} prompts per call, K={cm['k']})",
             "",
             _memory_table(cm["cells"], ("one_pass", "one pass"), ("chunked", "chunked")),
             "",
-            "Each call runs in a fresh process (`benchmarks/_peak_memory.py`); peak = the resident set's high-water mark "
-            "above the resident set just before the call. `compress` goes layer by layer (one layer's prompt keys/values "
-            "held at a time) and, within a layer, `chunk_size` tokens per pass; one pass = `chunk_size` >= the prompt. A "
-            "pass of `c` tokens over `t` cached ones builds a `[b, c, t]` mask (folded to `[b, 1, g*c, t]` for grouped-query "
-            "attention) and scores of that size, so one pass grows with the square of the prompt, chunks with the prompt. "
-            "Chunks also skip the masked upper half of the score matrix a single pass computes.",
+            "Each call runs in a fresh process (`benchmarks/_peak_memory.py`); peak = the resident set's high-water "
+            "mark above the resident set just before the call. `compress` goes layer by layer (one layer's prompt "
+            "keys/values held at a time) and, within a layer, `chunk_size` tokens per pass; one pass = `chunk_size` >= "
+            "the prompt. A pass of `c` tokens over `t` cached ones builds a `[b, c, t]` mask (folded to "
+            "`[b, 1, g*c, t]` for grouped-query attention) and scores of that size, so one pass grows with the square "
+            "of the prompt, chunks with the prompt. Chunks also skip the masked upper half of the score matrix a "
+            "single pass computes.",
             "",
             "![compress memory](compress_memory.png)",
             "",
@@ -709,10 +724,10 @@ def _render_inference(inf: Dict[str, Any]) -> List[str]:
             _memory_table(sm["cells"], ("dense", "dense forward"), ("stores", "score_continuations")),
             "",
             "Same process protocol as above. The dense forward is how `loglikelihood` scored before "
-            "`score_continuations`: one pass over `[BOS] prompt G continuation` under the `[b, s, s]` gist mask (logits "
-            "only at the scored positions). `score_continuations` compresses the prompt as `compress` does, then feeds "
-            "the continuation after the K gist entries and computes logits only where tokens are scored: the scores "
-            "are the same (tests/test_generation.py compares them with full-sequence references).",
+            "`score_continuations`: one pass over `[BOS] prompt G continuation` under the `[b, s, s]` gist mask "
+            "(logits only at the scored positions). `score_continuations` compresses the prompt as `compress` does, "
+            "then feeds the continuation after the K gist entries and computes logits only where tokens are scored: "
+            "the scores are the same (tests/test_generation.py compares them with full-sequence references).",
             "",
             "![score memory](score_memory.png)",
             "",

@@ -338,9 +338,10 @@ def bench_training(s: Settings, tokenizer: Any, data_dir: Path) -> Dict[str, Any
         }
         print(
             f"{name}: batch {b}x{seq}, {real} real tokens; tokens/s gist {row['tokens_per_s']['gist']:.0f}, "
-            f"mask=None {row['tokens_per_s']['causal_none']:.0f}, dense causal {row['tokens_per_s']['causal_dense']:.0f}; "
-            f"gist segments {row['tokens_per_s']['gist_segments']:.0f}; gist/causal(None) = {row['gist_vs_causal_none']:.3f}x "
-            f"(dense mask), {row['gist_segments_vs_causal_none']:.3f}x (segments)",
+            f"mask=None {row['tokens_per_s']['causal_none']:.0f}, dense causal "
+            f"{row['tokens_per_s']['causal_dense']:.0f}; gist segments {row['tokens_per_s']['gist_segments']:.0f}; "
+            f"gist/causal(None) = {row['gist_vs_causal_none']:.3f}x (dense mask), "
+            f"{row['gist_segments_vs_causal_none']:.3f}x (segments)",
             flush=True,
         )
         shapes.append(row)
@@ -476,8 +477,9 @@ def packing_summary(
         st["speedup_vs_bs1"] = times["batch_size_1"] / times[name]
         st["qk_pairs_vs_bs1"] = st["qk_pairs"] / base["qk_pairs"]
         print(
-            f"{name}: {st['steps']} steps, padding {st['padding_fraction']:.3f}, attention work {st['qk_pairs_vs_bs1']:.1f}x, "
-            f"{st['tokens_per_s']:.0f} tokens/s, {st['speedup_vs_bs1']:.2f}x batch size 1",
+            f"{name}: {st['steps']} steps, padding {st['padding_fraction']:.3f}, attention work "
+            f"{st['qk_pairs_vs_bs1']:.1f}x, {st['tokens_per_s']:.0f} tokens/s, "
+            f"{st['speedup_vs_bs1']:.2f}x batch size 1",
             flush=True,
         )
     return stats
@@ -618,10 +620,11 @@ def inference_grid(name: str, shape: Dict[str, int], s: Settings, ks: Sequence[i
                 }
                 r = cell["kv_ratio"]
                 tqdm.write(
-                    f"[{name}] P={p:5d} K={k:2d}: KV gist/full = {cell['gist']['kv_bytes']}/{cell['full']['kv_bytes']} = "
-                    f"{r['measured']} == (K+n)/(P+K+n) = ({k}+{n})/({p}+{k}+{n}) = {r['expected']}: {r['exact']}; "
+                    f"[{name}] P={p:5d} K={k:2d}: KV gist/full = {cell['gist']['kv_bytes']}/{cell['full']['kv_bytes']} "
+                    f"= {r['measured']} == (K+n)/(P+K+n) = ({k}+{n})/({p}+{k}+{n}) = {r['expected']}: {r['exact']}; "
                     f"decode ms/token full {1e3 * cell['full']['decode_s_per_token']:.1f}, "
-                    f"gist {1e3 * cell['gist']['decode_s_per_token']:.1f}, trunc {1e3 * cell['truncate']['decode_s_per_token']:.1f}",
+                    f"gist {1e3 * cell['gist']['decode_s_per_token']:.1f}, trunc "
+                    f"{1e3 * cell['truncate']['decode_s_per_token']:.1f}",
                     file=sys.stdout,
                 )
                 cells.append(cell)
@@ -651,7 +654,9 @@ def stock_decode(shape: Dict[str, int], s: Settings, k: int, pad_id: int) -> Lis
     for p in tqdm(s.stock_prompt_lens, desc="torchtune stock decode", file=sys.stderr):
         prompt = torch.tensor([_rand_ids(p, gen) + ids + _rand_ids(s.cont_len, gen)])
         model.setup_caches(batch_size=1, dtype=torch.float32, decoder_max_seq_len=s.infer_max_seq_len)
-        kv_bytes = sum(l.attn.kv_cache.k_cache.numel() * 4 + l.attn.kv_cache.v_cache.numel() * 4 for l in model.layers)
+        kv_bytes = sum(
+            layer.attn.kv_cache.k_cache.numel() * 4 + layer.attn.kv_cache.v_cache.numel() * 4 for layer in model.layers
+        )
         with forward_stamps(model) as stamps:
             t0 = time.perf_counter()
             torchtune_generate(model, prompt, max_generated_tokens=s.new_tokens, pad_id=pad_id, temperature=0.0)
@@ -720,7 +725,8 @@ def reuse_many(shape: Dict[str, int], s: Settings, pad_id: int) -> Dict[str, Any
     for name, v in out["variants"].items():
         v["speedup"] = v["inputs_per_s"] / base
         print(
-            f"reuse: {name}: {v['inputs_per_s']:.2f} inputs/s ({v['speedup']:.2f}x), KV held {v['kv_bytes_held']} bytes",
+            f"reuse: {name}: {v['inputs_per_s']:.2f} inputs/s ({v['speedup']:.2f}x), KV held {v['kv_bytes_held']} "
+            "bytes",
             flush=True,
         )
     return out
@@ -779,8 +785,8 @@ def batched_decode(shape: Dict[str, int], s: Settings, k: int, pad_id: int) -> D
     }
     print(
         f"[batched] {s.batched_rows} rows x P={p}, K={k}: decode ms/step full {1e3 * full_decode:.1f}, "
-        f"gist {1e3 * gist_decode:.1f} ({out['decode_speedup_gist_vs_full']:.2f}x, medians of {s.decode_rounds} calls); "
-        f"KV bytes {kv_bytes['full']} vs {kv_bytes['gist']}",
+        f"gist {1e3 * gist_decode:.1f} ({out['decode_speedup_gist_vs_full']:.2f}x, medians of {s.decode_rounds} "
+        f"calls); KV bytes {kv_bytes['full']} vs {kv_bytes['gist']}",
         flush=True,
     )
     return out

@@ -21,8 +21,10 @@ Sections (each figure measured in one run beside its baseline, variants interlea
 Usage::
 
     python benchmarks/bench_gpu.py --dry-run     # any machine: parse, print the plan, say whether a GPU is there
-    python benchmarks/bench_gpu.py               # on a CUDA GPU: writes benchmarks/results_gpu.json, gpu_*.png, RESULTS.md
-    python benchmarks/bench_gpu.py --tiny        # tiny shapes on any device, to check the script (outputs/bench_gpu_tiny)
+    python benchmarks/bench_gpu.py               # on a CUDA GPU: writes benchmarks/results_gpu.json, gpu_*.png,
+                                                 # RESULTS.md
+    python benchmarks/bench_gpu.py --tiny        # tiny shapes on any device, to check the script
+                                                 # (outputs/bench_gpu_tiny)
 
 Needs a CUDA build of torch with the project's pins (torchtune 0.6.1, torchao 0.15). Random weights:
 no checkpoint is read. An out-of-memory variant is recorded as such, not fatal.
@@ -132,7 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tiny",
         action="store_true",
-        help="tiny model and shapes on any device (checks the script in about a minute; writes to outputs/bench_gpu_tiny)",
+        help=(
+            "tiny model and shapes on any device (checks the script in about a minute; writes to "
+            "outputs/bench_gpu_tiny)"
+        ),
     )
     p.add_argument(
         "--out",
@@ -646,7 +651,10 @@ def bench_memory(
     rows.append(
         {
             "batch": [int(n) for n in passkey["tokens"].shape],
-            "passkey": f"context {args.passkey_context} tokens, K={args.passkey_k}; stock unpadded: {stock_pk['tokens'].shape[1]} tokens",
+            "passkey": (
+                f"context {args.passkey_context} tokens, K={args.passkey_k}; stock unpadded: "
+                f"{stock_pk['tokens'].shape[1]} tokens"
+            ),
             f"gist ({passkey_path.name}, K={args.passkey_k})": _qlora_peak(
                 pk_builder, lambda: passkey, device, gist=True, loss_fn=pk_loss
             ),
@@ -680,7 +688,10 @@ def bench_decode(
     ids = list(model.tok_embeddings.gist_token_ids)
     gen = torch.Generator().manual_seed(2)
     cont_len, t_new = 8, args.new_tokens
-    sync = lambda: _sync(device)
+
+    def sync() -> None:
+        _sync(device)
+
     rows: List[Dict[str, Any]] = []
     result = {"arch": arch, "dtype": str(dtype), "k": k, "cont_len": cont_len, "new_tokens": t_new, "rows": rows}
     for bsz in args.decode_batch:
@@ -718,8 +729,8 @@ def bench_decode(
                                 with device:  # torchtune's KVCache allocates on the default device
                                     model.setup_caches(batch_size=bsz, dtype=dtype, decoder_max_seq_len=slots)
                                 kv = sum(
-                                    l.attn.kv_cache.k_cache.nbytes + l.attn.kv_cache.v_cache.nbytes
-                                    for l in model.layers
+                                    layer.attn.kv_cache.k_cache.nbytes + layer.attn.kv_cache.v_cache.nbytes
+                                    for layer in model.layers
                                 )
                                 torchtune_generate(
                                     model,
@@ -829,27 +840,26 @@ def render_gpu_markdown(res: Optional[Dict[str, Any]]) -> str:
     if res is None:
         return (
             "## GPU\n\n"
-            "**No GPU was lent in the session that wrote these benchmarks, so `benchmarks/bench_gpu.py` has not been run. "
-            "No GPU figure is given here, and none is estimated or invented.** A session lent one runs "
+            "**No GPU was lent in the session that wrote these benchmarks, so `benchmarks/bench_gpu.py` has not been "
+            "run. No GPU figure is given here, and none is estimated or invented.** A session lent one runs "
             "`benchmarks/device_check.sh` in one call (after `make gpu-kit` here; it was checked end to end on a CPU): "
             "correctness of the CUDA-only paths (`benchmarks/gpu_smoke.py`: BlockMask training against the dense mask, "
-            "grouped-query generation, NF4 QLoRA), the recipes and the lm-eval evaluation by name on CUDA, then this script "
-            "in the time left. The "
-            "script measures: peak memory (allocated and reserved) of `configs/llama3_1/8B_gist_qlora_single_device.yaml`'s "
-            "model and loss (random weights) beside torchtune's stock `llama3_1/8B_qlora_single_device.yaml`'s on the "
-            "same shapes, and the passkey config's batch (one ~3000-token context, K = 16); the gist mask as FlexAttention "
-            "`BlockMask`s vs dense SDPA masks vs torchtune's plain causal path in bf16 LoRA steps on a Llama 3.1 "
-            "8B-shaped stack (`--layers N`); gist-cached vs full-prompt decode on 8B-shaped layers, beside torchtune's "
-            "stock cache; batch size 1 vs padded batches vs packed rows (BlockMasks). Its numbers land in "
-            "`results_gpu.json` and in this section.\n"
+            "grouped-query generation, NF4 QLoRA), the recipes and the lm-eval evaluation by name on CUDA, then this "
+            "script in the time left. The script measures: peak memory (allocated and reserved) of "
+            "`configs/llama3_1/8B_gist_qlora_single_device.yaml`'s model and loss (random weights) beside torchtune's "
+            "stock `llama3_1/8B_qlora_single_device.yaml`'s on the same shapes, and the passkey config's batch (one "
+            "~3000-token context, K = 16); the gist mask as FlexAttention `BlockMask`s vs dense SDPA masks vs "
+            "torchtune's plain causal path in bf16 LoRA steps on a Llama 3.1 8B-shaped stack (`--layers N`); "
+            "gist-cached vs full-prompt decode on 8B-shaped layers, beside torchtune's stock cache; batch size 1 vs "
+            "padded batches vs packed rows (BlockMasks). Its numbers land in `results_gpu.json` and in this section.\n"
         )
     m = res["meta"]
     mach = m["machine"]
     out = [
         "## GPU" + (" (tiny shapes: a check of the script, not a measurement)" if m["tiny"] else ""),
         "",
-        f"- Date: {mach['date']}; device: {mach['cuda'] or 'cpu'}; host CPU {mach['cpu_model']} ({mach['cores']} cores); "
-        f"torch {mach['torch']}",
+        f"- Date: {mach['date']}; device: {mach['cuda'] or 'cpu'}; host CPU {mach['cpu_model']} ({mach['cores']} "
+        f"cores); torch {mach['torch']}",
         f"- Command: `{m['command']}` ("
         + (
             f"{fmt(m['duration_s'])} s)"
@@ -861,9 +871,9 @@ def render_gpu_markdown(res: Optional[Dict[str, Any]]) -> str:
     if "attention" in res:
         a = res["attention"]
         out += [
-            f"### Gist mask in training: FlexAttention BlockMask vs dense SDPA vs plain causal ({a['arch']['num_layers']} "
-            f"layers of Llama 3.1 8B's shape, {a['dtype']}, LoRA rank 16 on q/k/v/output, K={a['k']}; FlexAttention "
-            f"available: {a['flex_available']})",
+            "### Gist mask in training: FlexAttention BlockMask vs dense SDPA vs plain causal "
+            f"({a['arch']['num_layers']} layers of Llama 3.1 8B's shape, {a['dtype']}, LoRA rank 16 on q/k/v/output, "
+            f"K={a['k']}; FlexAttention available: {a['flex_available']})",
             "",
             table(
                 ["batch", "layout", "variant", "tokens/s", "vs mask=None", "mask build ms", "peak GiB", "note"],
@@ -887,8 +897,8 @@ def render_gpu_markdown(res: Optional[Dict[str, Any]]) -> str:
     if "packing" in res:
         pk = res["packing"]
         out += [
-            f"### Batching and packing ({pk['arch']['num_layers']} layers of Llama 3.1 8B's shape, {pk['dtype']}, LoRA; "
-            f"{pk['examples']} examples, {pk['real_tokens']:,} real tokens; BlockMasks: {pk['block_mask']})",
+            f"### Batching and packing ({pk['arch']['num_layers']} layers of Llama 3.1 8B's shape, {pk['dtype']}, "
+            f"LoRA; {pk['examples']} examples, {pk['real_tokens']:,} real tokens; BlockMasks: {pk['block_mask']})",
             "",
             table(
                 ["variant", "steps", "padding", "tokens/s", "vs batch size 1"],
@@ -965,8 +975,8 @@ def render_gpu_markdown(res: Optional[Dict[str, Any]]) -> str:
         ]
         if any("compress_chunked" in r for r in d["rows"]):
             out += [
-                "Compression alone (`compress`), layer by layer in chunks of 512 tokens vs in one pass (`chunk_size` >= P); "
-                "peak = `torch.cuda.max_memory_allocated` during the call, weights included:",
+                "Compression alone (`compress`), layer by layer in chunks of 512 tokens vs in one pass "
+                "(`chunk_size` >= P); peak = `torch.cuda.max_memory_allocated` during the call, weights included:",
                 "",
                 table(
                     ["batch", "P", "chunked s", "chunked peak GiB", "one pass s", "one pass peak GiB"],

@@ -107,8 +107,9 @@ def check_block_mask(device: torch.device, dtype: torch.dtype) -> bool:
                 passed = diff < (1e-1 if dtype == torch.bfloat16 else 1e-4)
                 ok &= passed
                 print(
-                    f"  {'PASS' if passed else 'FAIL'} {layout} {mode} {name} vs dense: loss {float(results[name]['loss']):.4f} "
-                    f"vs {float(results['dense']['loss']):.4f}, largest relative gradient difference {diff:.2e}"
+                    f"  {'PASS' if passed else 'FAIL'} {layout} {mode} {name} vs dense: loss "
+                    f"{float(results[name]['loss']):.4f} vs {float(results['dense']['loss']):.4f}, largest relative "
+                    f"gradient difference {diff:.2e}"
                 )
     if not flex:
         print("  (no FlexAttention here: BlockMasks not checked)")
@@ -128,7 +129,8 @@ def check_generation(device: torch.device, dtype: torch.dtype) -> bool:
     full = generate(model, prompts, conts, mode="pos_control", gist_token_ids=GIST, max_new_tokens=12)
     same = ours.tokens == ref.tokens
     print(
-        f"  {'PASS' if same else 'FAIL'} gist cache tokens == gist-mode generate tokens (3 rows, grouped-query 8/2 heads, {dtype})"
+        f"  {'PASS' if same else 'FAIL'} gist cache tokens == gist-mode generate tokens (3 rows, grouped-query 8/2 "
+        f"heads, {dtype})"
     )
     ratio = ours.kv_bytes / full.kv_bytes
     print(f"  INFO KV bytes held: gist {ours.kv_bytes:,}, full prompt {full.kv_bytes:,} ({ratio:.3f})")
@@ -162,7 +164,8 @@ def check_qlora(device: torch.device, dtype: torch.dtype) -> bool:
         losses.append(float(loss_sum.detach() / n))
     passed = all(map(math.isfinite, losses)) and losses[-1] < losses[0]
     print(
-        f"  {'PASS' if passed else 'FAIL'} NF4 QLoRA gist steps with activation checkpointing: losses {['%.3f' % x for x in losses]}"
+        f"  {'PASS' if passed else 'FAIL'} NF4 QLoRA gist steps with activation checkpointing: losses "
+        f"{['%.3f' % x for x in losses]}"
     )
     return passed
 
@@ -178,7 +181,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     print(
-        f"device {torch.cuda.get_device_name(0) if device.type == 'cuda' else 'cpu'}, {dtype}, torch {torch.__version__}"
+        f"device {torch.cuda.get_device_name(0) if device.type == 'cuda' else 'cpu'}, {dtype}, torch "
+        f"{torch.__version__}"
     )
     checks = {"block_mask": check_block_mask, "generation": check_generation, "qlora": check_qlora}
     failures = 0

@@ -479,7 +479,8 @@ def alpaca_report(out_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
     ]
     summary: Dict[str, Any] = {"rows": {}}
     print(
-        "\n| model | split | ROUGE-1 | ROUGE-2 | ROUGE-L | compression (prompt tok / tok kept) | KV MB/example | eval s |"
+        "\n| model | split | ROUGE-1 | ROUGE-2 | ROUGE-L | compression (prompt tok / tok kept) | KV MB/example | "
+        "eval s |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for name, label in rows:
@@ -492,9 +493,10 @@ def alpaca_report(out_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
             m = t["metrics"]
             summary["rows"][name][task] = m
             print(
-                f"| {label} | {task.split('_')[-1]} (n={len(t['samples'])}) | {100 * m['rouge1']:.1f} | {100 * m['rouge2']:.1f} "
-                f"| {100 * m['rougeL']:.1f} ± {100 * m['rougeL_stderr']:.1f} | {_ratio(m.get('compression_ratio'))} "
-                f"| {m.get('kv_bytes', float('nan')) / 1e6:.2f} | {t['seconds']:.0f} |"
+                f"| {label} | {task.split('_')[-1]} (n={len(t['samples'])}) | {100 * m['rouge1']:.1f} | "
+                f"{100 * m['rouge2']:.1f} | {100 * m['rougeL']:.1f} ± {100 * m['rougeL_stderr']:.1f} | "
+                f"{_ratio(m.get('compression_ratio'))} | {m.get('kv_bytes', float('nan')) / 1e6:.2f} | "
+                f"{t['seconds']:.0f} |"
             )
     p, q = (_load(out_dir, n) for n in ("pos1_pos_control", "neg1_neg_control"))
     gists = [
@@ -502,7 +504,8 @@ def alpaca_report(out_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
     ]
     if p and q and gists:
         print(
-            "\n| gist model | split | neg | gist | pos | share of the control gap kept (95% bootstrap) | LLaMA-7B gist-1 (paper) |"
+            "\n| gist model | split | neg | gist | pos | share of the control gap kept (95% bootstrap) | LLaMA-7B "
+            "gist-1 (paper) |"
         )
         print("|---|---|---|---|---|---|---|")
         summary["share"] = {}
@@ -517,9 +520,11 @@ def alpaca_report(out_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
                     paper["gist1"][split], paper["pos_control"][split], paper["neg_control"][split]
                 )
                 print(
-                    f"| {name.removesuffix('_gist')} | {split} | {100 * sum(per[2]) / len(per[2]):.1f} | {100 * sum(per[0]) / len(per[0]):.1f} | "
-                    f"{100 * sum(per[1]) / len(per[1]):.1f} | {100 * sh['share']:.0f}% [{100 * sh['lo']:.0f}%, {100 * sh['hi']:.0f}%] | "
-                    f"{100 * paper_share:.0f}% ({paper['neg_control'][split]} / {paper['gist1'][split]} / {paper['pos_control'][split]}) |"
+                    f"| {name.removesuffix('_gist')} | {split} | {100 * sum(per[2]) / len(per[2]):.1f} | "
+                    f"{100 * sum(per[0]) / len(per[0]):.1f} | {100 * sum(per[1]) / len(per[1]):.1f} | "
+                    f"{100 * sh['share']:.0f}% [{100 * sh['lo']:.0f}%, {100 * sh['hi']:.0f}%] | "
+                    f"{100 * paper_share:.0f}% ({paper['neg_control'][split]} / {paper['gist1'][split]} / "
+                    f"{paper['pos_control'][split]}) |"
                 )
     return summary
 
@@ -767,7 +772,8 @@ def plots(out_dir: Path, summary: Dict[str, Any], plots_dir: Path) -> None:
 
 
 def _plots_dir(out_dir: Path, args: argparse.Namespace) -> Path:
-    """``--plots-dir`` if given; else ``benchmarks/`` for the default ``--out`` (the committed plots), else ``out_dir``."""
+    """``--plots-dir`` if given; else ``benchmarks/`` for the default ``--out`` (the committed plots), else
+    ``out_dir``."""
     if args.plots_dir:
         plots_dir = Path(args.plots_dir)
     else:
@@ -799,7 +805,8 @@ def report(out_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
                     "loss_last5": sum(v for _, v in last) / len(last),
                 }
     print(
-        "\n| training | steps | wall s | CPU s | loss (first 5 steps) | loss (last 5 steps) |\n|---|---|---|---|---|---|"
+        "\n| training | steps | wall s | CPU s | loss (first 5 steps) | loss (last 5 steps) |\n"
+        "|---|---|---|---|---|---|"
     )
     for name, t in summary["trainings"].items():
         wall, cpu = (f"{x:.0f}" if x else "-" for x in (t["seconds"], t["cpu_seconds"]))
@@ -858,8 +865,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument(
         "--extras",
         action="store_true",
-        help="also the extra stages: gist-2, gist-5, gist-1 for 3 epochs, the untrained base on Alpaca+; passkey gist-1, -2, -4; "
-        f"the passkey curriculum to {LONG_CONTEXT}-token haystacks",
+        help="also the extra stages: gist-2, gist-5, gist-1 for 3 epochs, the untrained base on Alpaca+; passkey "
+        f"gist-1, -2, -4; the passkey curriculum to {LONG_CONTEXT}-token haystacks",
     )
     parser.add_argument("--passkey-samples", type=int, default=150, help="spread evenly over lengths and depths")
     parser.add_argument("--passkey-context-tokens", type=int, nargs="+", default=[64, 128, 256])

@@ -14,10 +14,11 @@ export, none for the base model's controls; ``name``: default the mode) is evalu
 Each run's results are written to ``output_dir/<name>/results.json`` as it finishes, with each task's per-example
 scores and answers beside it (``samples_<task>.jsonl``: lm-eval's sample records without the documents). A run whose
 results are there (for the same mode, checkpoint and base weight files, model, tokenizer and checkpointer sections,
-dtype, max_gen_toks, tasks, limit and metadata: other settings are refused, naming them) is not evaluated again; a run interrupted midway goes on from the responses it had computed (``responses.jsonl`` in its
-folder, deleted once its results are saved). Delete a run's ``results.json``, or use another ``output_dir``, to redo
-it. Last, ``output_dir/comparison.md`` and ``comparison.png`` put the runs side by side with each score's share of
-the control gap and paired 95% bootstrap intervals (:mod:`torchtune_gist.eval.compare`).
+dtype, max_gen_toks, tasks, limit and metadata: other settings are refused, naming them) is not evaluated again; a run
+interrupted midway goes on from the responses it had computed (``responses.jsonl`` in its folder, deleted once its
+results are saved). Delete a run's ``results.json``, or use another ``output_dir``, to redo it. Last,
+``output_dir/comparison.md`` and ``comparison.png`` put the runs side by side with each score's share of the control gap
+and paired 95% bootstrap intervals (:mod:`torchtune_gist.eval.compare`).
 """
 
 import gc

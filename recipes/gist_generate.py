@@ -24,8 +24,8 @@ the continuation that is fed after the cached gist entries. A saved cache is reu
 
 OmegaConf reads ``prompt=...`` / ``input=...`` on the command line as YAML: newlines fold, ``#``
 starts a comment, ``Note: x`` becomes a mapping and ``12345`` a number; tune refuses a value holding
-``=``. Quote such text for YAML (``'prompt="12345"'``), or put it in a file: ``prompt_file=PATH`` / ``input_file=PATH`` (UTF-8,
-taken as is but for one final newline; a file replaces the config's ``prompt`` / ``input``).
+``=``. Quote such text for YAML (``'prompt="12345"'``), or put it in a file: ``prompt_file=PATH`` / ``input_file=PATH``
+(UTF-8, taken as is but for one final newline; a file replaces the config's ``prompt`` / ``input``).
 ``inputs_file=PATH`` (one input per line, blank lines skipped; it replaces ``input``) answers many inputs from the
 one compressed prompt, ``batch_size`` (default 8) at a time: the prompt is compressed once, whatever the count.
 ``outputs_file=PATH`` also writes the answers there, one JSON object per line and input (``input``, ``output``,
@@ -181,7 +181,8 @@ class GistGenerateRecipe:
             trained = load_gist_adapter(model, cfg.gist_checkpoint_dir).get("mask_mode", "gist")
             if trained != "gist":
                 log.warning(
-                    f"{cfg.gist_checkpoint_dir} was trained with mask_mode={trained}: its gists were not trained to hold the prompt"
+                    f"{cfg.gist_checkpoint_dir} was trained with mask_mode={trained}: its gists were not trained to "
+                    "hold the prompt"
                 )
         else:
             init_gist_embeddings(model)
@@ -286,8 +287,8 @@ class GistGenerateRecipe:
         log.info(f"Compression: {n_text} prompt tokens (BOS aside) -> K={k} gist tokens ({n_text / k:.1f}x)")
         log.info(
             f"KV held while generating{each}: {_kib(slots * slot_bytes)} with the gist cache ({slots} slots), "
-            f"{_kib((slots - k + n_prompt) * slot_bytes)} with the full prompt ({slots - k + n_prompt} slots); the gist "
-            f"cache itself: {_kib(cache.nbytes)}"
+            f"{_kib((slots - k + n_prompt) * slot_bytes)} with the full prompt ({slots - k + n_prompt} slots); the "
+            f"gist cache itself: {_kib(cache.nbytes)}"
         )
         return texts
 

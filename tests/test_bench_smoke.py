@@ -288,7 +288,8 @@ def test_a_ctrl_c_during_a_study_training_waits_for_its_checkpoint(
 
 def test_decode_split_counts_every_prefill_chunk_as_prefill() -> None:
     """A long prompt's prefill runs in chunks, each a forward: only the trailing one-token forwards are decode steps
-    (counting the chunks as steps put the prefill of one chunk in the prefill column and chunks in the decode median)."""
+    (counting the chunks as steps put the prefill of one chunk in the prefill column and chunks in the decode
+    median)."""
     sys.path.insert(0, str(BENCH))
     try:
         from _common import decode_split

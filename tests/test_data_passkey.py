@@ -131,7 +131,10 @@ def test_examples_longer_than_max_seq_len_are_refused_not_truncated(tiny_tokeniz
     assert max(len(ds[i]["tokens"]) for i in range(6)) <= 400
     with pytest.raises(
         ValueError,
-        match=r"3 of 6 passkey examples are longer than max_seq_len=200 .*example 1 with 3\d\d tokens \(\d+ of context\) first.*context_tokens",
+        match=(
+            r"3 of 6 passkey examples are longer than max_seq_len=200 .*example 1 with 3\d\d tokens \(\d+ of context\) "
+            r"first.*context_tokens"
+        ),
     ):
         gist_passkey_dataset(
             tiny_tokenizer, num_gist_tokens=2, num_samples=6, context_tokens=[100, 300], max_seq_len=200

@@ -284,7 +284,8 @@ def _reference_outputs(
 def test_every_task_in_every_mode(
     mode: str, tiny_model: torch.nn.Module, tiny_tokenizer: Any, task_manager: Any
 ) -> None:
-    """All tasks run; metrics are in range; outputs equal the caching helper's ``generate`` (nothing added or dropped)."""
+    """All tasks run; metrics are in range; outputs equal the caching helper's ``generate`` (nothing added or
+    dropped)."""
     lm = TorchtuneGistLM(model=tiny_model, tokenizer=tiny_tokenizer, mode=mode, batch_size=2)
     out = _evaluate(lm, ALL_TASKS, task_manager, gen_kwargs={"max_gen_toks": 3}, log_samples=True)
     results, samples = out["results"], out["samples"]
@@ -748,7 +749,10 @@ def test_bad_settings_give_clear_errors(
         lm.generate_until([Instance("generate_until", {}, ("a<GIST>", {}), 0)])
     with pytest.raises(
         ValueError,
-        match=r"request 0: its context takes \d+ positions with the gists, beyond the model's max_seq_len=2048: .*context_tokens",
+        match=(
+            r"request 0: its context takes \d+ positions with the gists, beyond the model's max_seq_len=2048: "
+            r".*context_tokens"
+        ),
     ):
         lm.generate_until([Instance("generate_until", {}, ("word " * 2100 + "<GIST> b", {}), 0)])
     for mode in GENERATION_MODES:  # the last gist would score the continuation's first token, reading the prompt
@@ -784,8 +788,8 @@ def test_the_command_line_refuses_what_the_gist_model_cannot_honour(tmp_path: Pa
         assert refused_option(Namespace(output_path=str(tmp_path / output_path))) == ""
     misspelt = {"config": "c.yaml", "checkpint_dir": "x", "mdoe": "gist"}
     assert refused_option(Namespace(model="torchtune_gist", model_args=misspelt)) == (
-        "--model_args checkpint_dir, mdoe: torchtune_gist takes no such argument (it takes config, checkpoint_dir, mode, "
-        "batch_size, device, dtype, max_gen_toks, max_batch_size, responses)"
+        "--model_args checkpint_dir, mdoe: torchtune_gist takes no such argument (it takes config, checkpoint_dir, "
+        "mode, batch_size, device, dtype, max_gen_toks, max_batch_size, responses)"
     )
     assert refused_option(Namespace(model="hf", model_args=misspelt)) == ""
     with pytest.raises(ValueError, match="--model_args checkpint_dir, mdoe: torchtune_gist takes no such argument"):

@@ -1,4 +1,5 @@
-"""Gist masks against a brute-force reference written straight from the official implementation's rule (masks.py's docstring)."""
+"""Gist masks against a brute-force reference written straight from the official implementation's rule (masks.py's
+docstring)."""
 
 import random
 from typing import List, Optional, Sequence, Set

@@ -220,7 +220,8 @@ def test_distributed_resume_equals_uninterrupted(assets, tmp_path):
 
 
 def test_bf16_training_follows_fp32(assets, tmp_path):
-    """``dtype=bf16``: every parameter, the gist rows included, trains in bf16, with the losses of fp32 to bf16's precision."""
+    """``dtype=bf16``: every parameter, the gist rows included, trains in bf16, with the losses of fp32 to bf16's
+    precision."""
     common = dict(max_steps_per_epoch=3, save_merged_hf=False)
     fp32 = run_in_process(load_cfg(SINGLE, overrides(assets, tmp_path / "fp32", **common)))
     bf16 = run_in_process(load_cfg(SINGLE, overrides(assets, tmp_path / "bf16", dtype="bf16", **common)))
@@ -911,13 +912,19 @@ def test_user_mistakes_are_named_before_training(assets, tmp_path):
     generate_cfg = OmegaConf.load(REPO / "configs/tiny/gist_generate.yaml")
     with pytest.raises(
         ValueError,
-        match="the config has no dataset, optimizer, lr_scheduler, loss, metric_logger, epochs, batch_size, gradient_accumulation_steps, shuffle, which a gist training recipe reads",
+        match=(
+            "the config has no dataset, optimizer, lr_scheduler, loss, metric_logger, epochs, batch_size, "
+            "gradient_accumulation_steps, shuffle, which a gist training recipe reads"
+        ),
     ):
         GistLoRAFinetuneRecipeSingleDevice(generate_cfg)
     # a tokenizer file of another kind: tiktoken's and json's messages do not name the file or the key
     with pytest.raises(
         ValueError,
-        match=r"llama3_tokenizer could not be built from .*tokenizer.special_tokens_path=.*tiny_tokenizer.model: Expecting value",
+        match=(
+            r"llama3_tokenizer could not be built from .*tokenizer.special_tokens_path=.*tiny_tokenizer.model: "
+            r"Expecting value"
+        ),
     ):
         recipe(**{"tokenizer.special_tokens_path": str(assets / "tiny_tokenizer.model")})
     (tmp_path / "a_file").write_text("")
@@ -925,7 +932,10 @@ def test_user_mistakes_are_named_before_training(assets, tmp_path):
         recipe(output_dir=tmp_path / "a_file")
     with pytest.raises(
         ValueError,
-        match=r"base checkpoint does not fit the model: layers.0.attn.k_proj.weight: checkpoint \[32, 64\] vs model \[128, 256\];.*model._component_",
+        match=(
+            r"base checkpoint does not fit the model: layers.0.attn.k_proj.weight: checkpoint \[32, 64\] vs model "
+            r"\[128, 256\];.*model._component_"
+        ),
     ):
         recipe(**{"model._component_": "torchtune_gist.models.qlora_gist_llama3_1_tiny"})
     export = tmp_path / "export"

@@ -16,7 +16,8 @@
    for ``--quick``).
 
 Stages whose outputs exist are reused, and a gist training stopped by Ctrl-C saves its step and goes on from it, so
-an interrupted demo picks up where it stopped (``--fresh`` starts over, deleting only a folder the demo wrote). Deterministic given ``--seed``.
+an interrupted demo picks up where it stopped (``--fresh`` starts over, deleting only a folder the demo wrote).
+Deterministic given ``--seed``.
 
 Stage 1 uses a short loop of its own: torchtune's full fine-tuning recipe writes ``.bin`` files with
 ``torch.save``, and everything this project writes is safetensors.
@@ -317,8 +318,8 @@ def results_table(rows: List[Dict[str, Any]]) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r['mode']} | {r['model']} | {_percent(r['accuracy'], r['accuracy_interval'])} | {r['context_tokens']:.0f} "
-            f"| {r['num_gist_tokens']} "
+            f"| {r['mode']} | {r['model']} | {_percent(r['accuracy'], r['accuracy_interval'])} | "
+            f"{r['context_tokens']:.0f} | {r['num_gist_tokens']} "
             f"| {compression_cell(r)} | {r['kv_bytes']:,.0f} |"
         )
     return "\n".join(lines)
@@ -360,7 +361,7 @@ def plot(rows: List[Dict[str, Any]], curves: Dict[str, List[Tuple[int, float]]],
     ax1.set_ylabel("passkey exact match (%)")
     ax1.set_title("Held-out passkeys: context compressed into K gist tokens (95% intervals)")
     for name, curve in curves.items():
-        ax2.plot([s for s, _ in curve], [l for _, l in curve], label=name)
+        ax2.plot([s for s, _ in curve], [loss for _, loss in curve], label=name)
     ax2.set_yscale("log")
     ax2.set_xlabel("optimizer step")
     ax2.set_ylabel("training loss (answer tokens)")
@@ -392,7 +393,8 @@ def _is_demo_record(path: Path) -> bool:
 
 
 def remove_demo_outputs(out: Path) -> None:
-    """``--fresh``: delete ``out`` if it holds a demo's outputs (its ``settings.json``); a missing or empty folder is left.
+    """``--fresh``: delete ``out`` if it holds a demo's outputs (its ``settings.json``); a missing or empty folder is
+    left.
 
     Raises:
         DemoSettingsError: ``out`` is not a folder, or holds files but no demo ``settings.json``.

@@ -17,9 +17,9 @@ documents would alone. CPU SDPA's causal kernel skips key blocks of 512, so this
 about 512 positions and more (``benchmarks/RESULTS.md``: passkey rows of 1,058 tokens train nearly
 as fast as with plain causal attention, where the dense gist mask loses about a quarter of the
 throughput; the crossover lies between 418 and 546 positions); for short rows the dense mask is as
-fast, and the recipes' ``mask_format: auto`` keeps it there. :class:`GistSegmentMask` carries this layout as a ``[b, s, s]`` bool tensor
-subclass without storage: torchtune passes it to ``F.scaled_dot_product_attention`` as ``attn_mask``
-(after ``mask[:, None]``), which it intercepts the way :class:`torch.nn.attention.bias.CausalBias`
+fast, and the recipes' ``mask_format: auto`` keeps it there. :class:`GistSegmentMask` carries this layout as a
+``[b, s, s]`` bool tensor subclass without storage: torchtune passes it to ``F.scaled_dot_product_attention`` as
+``attn_mask`` (after ``mask[:, None]``), which it intercepts the way :class:`torch.nn.attention.bias.CausalBias`
 does. Non-padding queries get exactly the dense mask's attention
 (:func:`~torchtune_gist.masks.make_gist_mask`); padding queries (which no query attends and no label
 reads) get zeros. Padding must be a suffix of each row, and each document one run of positions.
@@ -89,8 +89,8 @@ class GistSegmentMask(torch.Tensor):
         return [
             (r, *block)
             for r, row in enumerate(self.spans)
-            for a, e, f, l in row
-            for block in _blocks(a, e, f, l, self.mode)
+            for a, e, f, last in row
+            for block in _blocks(a, e, f, last, self.mode)
         ]
 
     def dense(self) -> torch.Tensor:
@@ -102,7 +102,10 @@ class GistSegmentMask(torch.Tensor):
         return out.to(self.device)
 
     def __repr__(self) -> str:  # type: ignore[override]
-        return f"GistSegmentMask(shape={tuple(self.shape)}, mode={self.mode!r}, spans={self.spans}, pad_start={self.pad_start})"
+        return (
+            f"GistSegmentMask(shape={tuple(self.shape)}, mode={self.mode!r}, spans={self.spans}, "
+            f"pad_start={self.pad_start})"
+        )
 
     @classmethod
     def __torch_function__(
@@ -144,14 +147,14 @@ def _is_head_unsqueeze(index: Any) -> bool:
     )
 
 
-def _blocks(a: int, e: int, f: int, l: int, mode: str) -> List[Tuple[int, int, int]]:
+def _blocks(a: int, e: int, f: int, last: int, mode: str) -> List[Tuple[int, int, int]]:
     """The causal blocks of one document as ``(first query, first key, end)``: queries ``[q0, end)``
     attend causally within keys ``[k0, end)`` (query ``i`` to keys ``k0 .. i``)."""
-    if l < f or mode == "pos_control":
+    if last < f or mode == "pos_control":
         return [(a, a, e)]
-    blocks = [(a, a, l + 1)]
-    if l + 1 < e:
-        blocks.append((l + 1, f if mode == "gist" else l + 1, e))
+    blocks = [(a, a, last + 1)]
+    if last + 1 < e:
+        blocks.append((last + 1, f if mode == "gist" else last + 1, e))
     return blocks
 
 

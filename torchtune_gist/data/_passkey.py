@@ -356,9 +356,9 @@ class GistPasskeyDataset(Dataset):
         example = self.transform(self.records[index])
         if self.max_seq_len is not None and len(example["tokens"]) > self.max_seq_len:
             raise ValueError(
-                f"passkey example {index} has {len(example['tokens'])} tokens ({example['context_tokens']} of context), "
-                f"beyond max_seq_len={self.max_seq_len} (the tokenizer's unless given): raise tokenizer.max_seq_len "
-                "or lower the dataset's context_tokens"
+                f"passkey example {index} has {len(example['tokens'])} tokens ({example['context_tokens']} of "
+                f"context), beyond max_seq_len={self.max_seq_len} (the tokenizer's unless given): raise "
+                "tokenizer.max_seq_len or lower the dataset's context_tokens"
             )
         return {**example, "index": index}
 

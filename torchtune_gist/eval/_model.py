@@ -179,10 +179,10 @@ def _load_merged(model: nn.Module, directory: Path) -> Dict[str, Any]:
     quantized = [n for n, m in model.named_modules() if isinstance(m, (LoRALinear, DoRALinear)) and m._quantize_base]
     if quantized:
         raise ValueError(
-            f"{directory} is a merged export, but the config's model quantises its base weights to NF4 ({quantized[0]}, "
-            "...): the merged weights would be quantised again, losing much of the fine-tune. Use a config with a "
-            "non-quantised model (e.g. lora_gist_llama3_1_8b instead of qlora_gist_llama3_1_8b), or pass the adapter "
-            f"directory (with {ADAPTER_FILE}) as checkpoint_dir"
+            f"{directory} is a merged export, but the config's model quantises its base weights to NF4 "
+            f"({quantized[0]}, ...): the merged weights would be quantised again, losing much of the fine-tune. Use a "
+            "config with a non-quantised model (e.g. lora_gist_llama3_1_8b instead of qlora_gist_llama3_1_8b), or pass "
+            f"the adapter directory (with {ADAPTER_FILE}) as checkpoint_dir"
         )
     emb = get_gist_embedding(model)
     saved = json.loads((directory / GIST_CONFIG_FILE).read_text())
@@ -309,7 +309,8 @@ class TorchtuneGistLM(LM):
             command line always passes one (``--device``, default ``cuda:0``), which wins over the config;
             ``device`` in ``--model_args`` wins over both (as do its ``batch_size`` and ``max_batch_size``).
             CUDA falls back to the CPU (with a warning) when absent. A given ``model`` stays where it is.
-        dtype (Optional[str]): with ``config``: ``fp32``, ``bf16``, ``fp16``. Default: the config's ``dtype`` (else ``fp32``).
+        dtype (Optional[str]): with ``config``: ``fp32``, ``bf16``, ``fp16``. Default: the config's ``dtype`` (else
+            ``fp32``).
         max_gen_toks (Union[int, str]): new tokens per request when the request sets none. Default 512.
         max_batch_size (Optional[int]): lm-eval's cap for ``batch_size=auto``, which this model does not
             support: an error when given (use ``batch_size``).

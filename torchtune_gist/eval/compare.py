@@ -125,7 +125,8 @@ def _examples_beside(path: Path, scores: Dict[str, Dict[str, float]]) -> Tuple[D
         )
         if differ:
             notes.append(
-                f"{file}: the mean of {', '.join(differ)} is not the results file's (another evaluation?): no intervals for {task}"
+                f"{file}: the mean of {', '.join(differ)} is not the results file's (another evaluation?): no "
+                f"intervals for {task}"
             )
             continue
         found[task] = examples
@@ -265,8 +266,9 @@ def render_markdown(runs: Sequence[Run], rows: Sequence[Dict[str, Any]]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     sources = "\n".join(f"- {r.label}: `{r.path}`" + "".join(f"\n  - {note}" for note in r.notes) for r in runs)
     note = (
-        "Gap share = (run - neg_control) / (pos_control - neg_control), per score: 1 keeps all of the full prompt's lead "
-        "over no prompt, 0 none. compression_ratio = prompt tokens per token kept; kv_bytes = keys/values held per example."
+        "Gap share = (run - neg_control) / (pos_control - neg_control), per score: 1 keeps all of the full prompt's "
+        "lead over no prompt, 0 none. compression_ratio = prompt tokens per token kept; kv_bytes = keys/values held "
+        "per example."
     )
     if any(row["intervals"] for row in rows):
         note += (

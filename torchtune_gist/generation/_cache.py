@@ -36,7 +36,8 @@ CACHE_FORMAT_VERSION = "2"  # 2: large weights enter the fingerprint through a s
 
 
 #: Weights of more values than this enter the fingerprint through an even sample of about this many
-#: (Llama 3.1 8B's first and last attention: 32 MiB hashed per call instead of 336 MiB; 0.06 s instead of 0.6 s on a CPU).
+#: (Llama 3.1 8B's first and last attention: 32 MiB hashed per call instead of 336 MiB; 0.06 s instead of 0.6 s on a
+#: CPU).
 _FINGERPRINT_SAMPLE = 1 << 20
 _ADAPTER_PARAMS = ("lora_a.weight", "lora_b.weight", "magnitude")  # LoRALinear / DoRALinear, when ``disabled``
 # Rotary embedding attributes that change the rotations (torchtune's RotaryPositionalEmbeddings, Llama3ScaledRoPE).
@@ -333,7 +334,8 @@ class GistCache:
                     )
                 if meta.get("version") != CACHE_FORMAT_VERSION:
                     raise ValueError(
-                        f"{path} is a gist cache of version {meta.get('version')!r}; this code reads {CACHE_FORMAT_VERSION!r}"
+                        f"{path} is a gist cache of version {meta.get('version')!r}; this code reads "
+                        f"{CACHE_FORMAT_VERSION!r}"
                     )
                 n = int(meta["num_layers"])
                 names = set(f.keys())

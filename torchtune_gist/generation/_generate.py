@@ -141,7 +141,8 @@ def _decode(
     return_logits: bool,
     chunk_size: int,
 ) -> GenerationOutput:
-    """Feed ``rows`` (row ``i`` at positions ``start_pos[i] + j``, ``chunk_size`` tokens per pass) after what ``store`` holds, then decode.
+    """Feed ``rows`` (row ``i`` at positions ``start_pos[i] + j``, ``chunk_size`` tokens per pass) after what ``store``
+    holds, then decode.
 
     Rows that emit a stop token leave the batch (and the store) once a quarter of the rows still
     decoding have finished, so a batch no longer runs every row until its longest answer ends.
@@ -302,7 +303,8 @@ def generate_from_cache(
     _check_sampling(max_new_tokens, temperature, top_k)
     if cache.batch_size not in (1, len(rows)):
         raise ValueError(
-            f"{len(rows)} continuations for a gist cache of {cache.batch_size} rows (expected {cache.batch_size} or a 1-row cache)"
+            f"{len(rows)} continuations for a gist cache of {cache.batch_size} rows (expected {cache.batch_size} or a "
+            "1-row cache)"
         )
     start = cache.next_pos.expand(len(rows)).tolist()
     check_max_position(model, max(p + len(r) for p, r in zip(start, rows)) + max_new_tokens - 2, "generation")

@@ -44,7 +44,8 @@ class SelectedOutput(nn.Module):
 
 @contextmanager
 def output_at(model: TransformerDecoder, positions: torch.Tensor) -> Iterator[None]:
-    """Within the context, ``model(...)`` returns fp32 logits ``[n, vocab]`` at the ``n`` True positions of ``positions``.
+    """Within the context, ``model(...)`` returns fp32 logits ``[n, vocab]`` at the ``n`` True positions of
+    ``positions``.
 
     Args:
         model (TransformerDecoder): a decoder with chunked output off (``num_output_chunks == 0``).

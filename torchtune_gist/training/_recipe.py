@@ -316,7 +316,8 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
         warmup = cfg.lr_scheduler.get("num_warmup_steps")
         if isinstance(warmup, int) and warmup > total_steps and self._is_rank_zero:
             log.warning(
-                f"lr_scheduler.num_warmup_steps={warmup} is more than the run's {total_steps} steps: the lr never reaches its peak"
+                f"lr_scheduler.num_warmup_steps={warmup} is more than the run's {total_steps} steps: the lr never "
+                "reaches its peak"
             )
         self._lr_scheduler = config.instantiate(
             cfg.lr_scheduler, self._optimizer, num_training_steps=total_steps, last_epoch=self.global_step - 1
@@ -362,8 +363,8 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
             if not setting:
                 if present:
                     self._log_info(
-                        f"output_dir {self._output_dir} already holds {', '.join(present)}: this run's checkpoints replace "
-                        "those of the same name (resume_from_checkpoint=auto would continue the newest instead)"
+                        f"output_dir {self._output_dir} already holds {', '.join(present)}: this run's checkpoints "
+                        "replace those of the same name (resume_from_checkpoint=auto would continue the newest instead)"
                     )
                 return None
             if found is None and present:
@@ -606,7 +607,8 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
                     pbar.close()
                     self.stop_signal = stop.signum or int(signal.SIGTERM)
                     self._log_info(
-                        f"Stopped at step {self.global_step}: resume_from_checkpoint=True continues from step_{self.global_step}"
+                        f"Stopped at step {self.global_step}: resume_from_checkpoint=True continues from "
+                        f"step_{self.global_step}"
                     )
                     return
                 if self._run_val_every_n_steps and self.global_step % self._run_val_every_n_steps == 0:

@@ -297,7 +297,8 @@ def check_dataset_gist_ids(dataset: Any, cfg_dataset: DictConfig, key: str, mode
             )
     elif cfg_dataset.get("num_gist_tokens") is not None and cfg_dataset.num_gist_tokens != len(model_ids):
         raise ValueError(
-            f"{key}.num_gist_tokens={cfg_dataset.num_gist_tokens}, but the model has {len(model_ids)} gist tokens: {fix}"
+            f"{key}.num_gist_tokens={cfg_dataset.num_gist_tokens}, but the model has {len(model_ids)} gist tokens: "
+            f"{fix}"
         )
 
 

@@ -1130,3 +1130,23 @@ def test_alpaca_plus_offline_names_the_data_dir_settings() -> None:
 def test_max_batch_size_is_a_clear_error(tiny_model: torch.nn.Module, tiny_tokenizer: Any) -> None:
     with pytest.raises(ValueError, match="batch_size=auto, which torchtune_gist does not support"):
         TorchtuneGistLM(model=tiny_model, tokenizer=tiny_tokenizer, max_batch_size=8)
+
+
+def test_a_users_generate_until_task_scores_gist_generations_with_lm_evals_own_metric(tmp_path):
+    """lm-eval casts the target to the result's type (``type(result)(target)``) before ``exact_match``: a
+    ``GistGeneration`` must be buildable from text alone (the cast raised a TypeError after every answer)."""
+    from lm_eval.tasks import TaskManager
+
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"q": "Say yes.", "a": "yes"}) + "\n")
+    (tmp_path / "mygen.yaml").write_text(
+        "task: mygen\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        'test_split: test\noutput_type: generate_until\ndoc_to_text: "{{q}}\\n<GIST>\\nAnswer:"\n'
+        'doc_to_target: "{{a}}"\nmetric_list:\n  - metric: exact_match\n'
+    )
+    task = lm_eval.tasks.get_task_dict(["mygen"], TaskManager(include_path=str(tmp_path)))["mygen"]
+    doc = next(iter(task.test_docs()))
+    assert task.process_results(doc, [GistGeneration("yes", 2, 1, 96)]) == {"exact_match": 1.0}
+    assert task.process_results(doc, [GistGeneration("no", 2, 1, 96)]) == {"exact_match": 0.0}
+    assert GistGeneration("yes").prompt_tokens is None

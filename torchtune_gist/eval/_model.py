@@ -104,21 +104,31 @@ class GistGeneration(str):
         kv_bytes (int): bytes of this example's own keys/values while generating, in this mode (what the
             mode kept of the prompt, the continuation and the new tokens; a batch's padding excluded).
         mode (str): the generation mode.
+
+    lm-eval casts a task's target to its result's type (``type(result)(target)``) before a built-in metric
+    compares them, so one built from text alone is allowed: its counts are ``None``.
     """
 
-    prompt_tokens: int
-    num_gist_tokens: int
-    kv_bytes: int
+    prompt_tokens: Optional[int]
+    num_gist_tokens: Optional[int]
+    kv_bytes: Optional[int]
     mode: str
 
     def __new__(
-        cls, text: str, prompt_tokens: int, num_gist_tokens: int, kv_bytes: int, mode: str = "gist"
+        cls,
+        text: str,
+        prompt_tokens: Optional[int] = None,
+        num_gist_tokens: Optional[int] = None,
+        kv_bytes: Optional[int] = None,
+        mode: str = "gist",
     ) -> "GistGeneration":
         obj = super().__new__(cls, text)
         obj.prompt_tokens, obj.num_gist_tokens, obj.kv_bytes, obj.mode = prompt_tokens, num_gist_tokens, kv_bytes, mode
         return obj
 
-    def __getnewargs__(self) -> Tuple[str, int, int, int, str]:  # pickling (lm-eval's --use_cache)
+    def __getnewargs__(
+        self,
+    ) -> Tuple[str, Optional[int], Optional[int], Optional[int], str]:  # pickling (lm-eval's --use_cache)
         return str(self), self.prompt_tokens, self.num_gist_tokens, self.kv_bytes, self.mode
 
     @property

@@ -39,11 +39,18 @@ from torchtune_gist._io import atomic_write_json, atomic_write_text, unwritable_
 from torchtune_gist.eval import TorchtuneGistLM, gist_task_manager, response_settings
 from torchtune_gist.eval.compare import comparison_rows, load_run, plot, render_markdown, samples_path
 from torchtune_gist.generation import GENERATION_MODES
-from torchtune_gist.training import check_components, check_input_files, check_required_keys, count_setting
+from torchtune_gist.training import (
+    check_components,
+    check_input_files,
+    check_known_keys,
+    check_required_keys,
+    count_setting,
+)
 
 log = utils.get_logger("INFO")
 
 EVAL_KEYS = ("model", "tokenizer", "checkpointer", "runs", "tasks", "output_dir")
+EVAL_OPTIONAL_KEYS = ("metadata", "limit", "batch_size", "max_gen_toks", "device", "dtype")
 
 #: Each run's responses as they are computed (an interrupted run goes on from them), deleted once its results are saved.
 RESPONSES_FILE = "responses.jsonl"
@@ -92,10 +99,14 @@ def parse_runs(runs: Any) -> List[Dict[str, Any]]:
 
 class GistEleutherEvalRecipe(EvalRecipeInterface):
     """lm-eval over several runs of a gist model. Config keys: ``model``, ``tokenizer``, ``checkpointer``, ``runs``,
-    ``tasks``, ``metadata``, ``limit``, ``batch_size``, ``max_gen_toks``, ``output_dir``, ``device``, ``dtype``."""
+    ``tasks``, ``metadata``, ``limit``, ``batch_size``, ``max_gen_toks``, ``output_dir``, ``device``, ``dtype``; any
+    other top-level key is refused unless an interpolation reads it."""
+
+    config_keys = EVAL_KEYS + EVAL_OPTIONAL_KEYS
 
     def __init__(self, cfg: DictConfig) -> None:
         check_required_keys(cfg, EVAL_KEYS, "gist_eleuther_eval", "configs/llama3_1/8B_gist_eval.yaml")
+        check_known_keys(cfg, self.config_keys, "gist_eleuther_eval")
         check_components(cfg)
         self._runs = parse_runs(OmegaConf.to_container(cfg.runs, resolve=True))
         self._tasks = [str(t) for t in (cfg.tasks if OmegaConf.is_list(cfg.tasks) else [cfg.tasks])]

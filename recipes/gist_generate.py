@@ -57,11 +57,13 @@ from torchtune_gist.generation import GistCache, compress, generate_from_cache
 from torchtune_gist.modules import init_gist_embeddings
 from torchtune_gist.training import (
     GENERATE_KEYS,
+    GENERATE_OPTIONAL_KEYS,
     build_tokenizer,
     check_components,
     check_dataset_gist_ids,
     check_gist_setup,
     check_input_files,
+    check_known_keys,
     check_required_keys,
     check_setting_types,
     count_setting,
@@ -147,10 +149,14 @@ class GistGenerateRecipe:
     """Generation from a gist cache. Config keys: ``model``, ``tokenizer``, ``checkpointer``,
     ``gist_checkpoint_dir``, ``num_gist_tokens``, ``prompt_transform``, ``prompt`` or ``prompt_file``,
     ``input`` or ``input_file`` or ``inputs_file``, ``batch_size``, ``max_new_tokens``, ``temperature``, ``top_k``,
-    ``save_cache``, ``load_cache``, ``outputs_file``, ``device``, ``dtype``, ``seed``."""
+    ``save_cache``, ``load_cache``, ``outputs_file``, ``device``, ``dtype``, ``seed``; any other top-level key is
+    refused unless an interpolation reads it."""
+
+    config_keys = GENERATE_KEYS + GENERATE_OPTIONAL_KEYS
 
     def __init__(self, cfg: DictConfig) -> None:
         check_required_keys(cfg, GENERATE_KEYS, "gist_generate", "configs/llama3_1/8B_gist_generate.yaml")
+        check_known_keys(cfg, self.config_keys, "gist_generate")
         check_components(cfg)
         self._prompt = read_text_setting(cfg, "prompt")
         self._inputs = read_inputs(cfg, read_text_setting(cfg, "input") or "")

@@ -25,7 +25,13 @@ from torchtune import config, modules, training
 from torchtune.modules.peft import DoRALinear, LoRALinear
 
 from torchtune_gist.modules import set_trainable_params
-from torchtune_gist.training import GistFinetuneRecipeBase, StartingAdapter, check_base_keys, initialize_dora_magnitudes
+from torchtune_gist.training import (
+    FSDP_KEYS,
+    GistFinetuneRecipeBase,
+    StartingAdapter,
+    check_base_keys,
+    initialize_dora_magnitudes,
+)
 
 
 class GistLoRAFinetuneRecipeDistributed(GistFinetuneRecipeBase):
@@ -35,6 +41,9 @@ class GistLoRAFinetuneRecipeDistributed(GistFinetuneRecipeBase):
     ``fsdp_reshard_after_forward`` and ``custom_sharded_layers``; nothing else is read. torchtune's
     ``enable_activation_offloading``, ``optimizer_in_bwd`` and ``profiler`` are not implemented (an error when
     turned on)."""
+
+    recipe_name = "gist_lora_distributed"
+    config_keys = GistFinetuneRecipeBase.config_keys + FSDP_KEYS
 
     def setup(self, cfg: DictConfig) -> None:
         self._fsdp_cpu_offload = bool(cfg.get("fsdp_cpu_offload", False))

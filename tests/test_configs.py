@@ -1,14 +1,28 @@
 """Every shipped config is well-formed for torchtune (what `tune validate` checks) and shares K."""
 
+import sys
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torchtune import config
 
-from torchtune_gist.training import check_components
+from torchtune_gist.training import check_components, check_known_keys
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+sys.path.insert(0, str(REPO / "recipes"))
+
+
+def recipe_class(cfg: DictConfig) -> type:
+    """The recipe a shipped config is for: eval (``runs``), generation (``prompt_transform``) or training."""
+    from gist_eleuther_eval import GistEleutherEvalRecipe
+    from gist_generate import GistGenerateRecipe
+    from gist_lora_distributed import GistLoRAFinetuneRecipeDistributed
+
+    if "runs" in cfg:
+        return GistEleutherEvalRecipe
+    return GistGenerateRecipe if "prompt_transform" in cfg else GistLoRAFinetuneRecipeDistributed
 
 
 def test_configs_exist():
@@ -29,6 +43,7 @@ def test_config_validates_and_k_is_one_value(path: Path):
     cfg = OmegaConf.load(path)
     config.validate(cfg)
     check_components(cfg)  # stricter than torchtune's: every section's keys against its component's signature
+    check_known_keys(cfg, recipe_class(cfg).config_keys, path.name)  # and no top-level key the recipe ignores
     assert cfg.model.num_gist_tokens == cfg.num_gist_tokens
     if "dataset" in cfg:
         assert cfg.dataset.num_gist_tokens == cfg.num_gist_tokens

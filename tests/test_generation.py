@@ -943,9 +943,13 @@ def test_gist_generate_refuses_a_merged_export_as_the_base(tmp_path):
 
 @pytest.mark.parametrize(
     "dotlist, message",
-    [(["device=gpu"], "device='gpu' is not a device"), (["seed=abc"], "seed='abc' must be a whole number >= 0")],
+    [
+        (["device=gpu"], "device='gpu' is not a device"),
+        (["seed=abc"], "seed='abc' must be a whole number >= 0"),
+        (["max_new_token=4"], r"gist_generate does not read max_new_token \(did you mean max_new_tokens\?\)"),
+    ],
 )
-def test_gist_generate_names_a_bad_device_or_seed(tmp_path, dotlist, message):
+def test_gist_generate_names_a_bad_device_seed_or_key(tmp_path, dotlist, message):
     with pytest.raises(ValueError, match=message):
         _generate_recipe(tmp_path / "assets", tmp_path, {}, dotlist)
 

@@ -677,6 +677,28 @@ def test_component_settings_are_checked_before_anything_is_built(assets, tmp_pat
         GistLoRAFinetuneRecipeSingleDevice(cfg)
 
 
+def test_misspelt_top_level_keys_are_refused_before_anything_is_built(assets, tmp_path, monkeypatch):
+    """A misspelt setting is not ignored: ``resume_from_checkpont=True`` would start afresh and overwrite epoch_0.
+    Variables that interpolations read (``assets_dir``, ``num_gist_tokens``) and torchtune's FSDP settings in the
+    distributed recipe are not refused."""
+    from gist_lora_distributed import GistLoRAFinetuneRecipeDistributed
+    from torchtune import config as tt_config
+
+    monkeypatch.setattr(tt_config, "instantiate", lambda *a, **k: pytest.fail("instantiated before the check"))
+    with pytest.raises(
+        ValueError,
+        match=r"gist_lora_single_device does not read resume_from_checkpont \(did you mean resume_from_checkpoint\?\),"
+        r" batch_sze \(did you mean batch_size\?\), fsdp_cpu_offload: fix the spelling or remove them",
+    ):
+        cfg = load_cfg(SINGLE, overrides(assets, tmp_path, resume_from_checkpont=True, batch_sze=2))
+        cfg.fsdp_cpu_offload = False
+        GistLoRAFinetuneRecipeSingleDevice(cfg)
+    with pytest.raises(ValueError, match=r"gist_lora_distributed does not read save_every_n_step \(did you mean"):
+        GistLoRAFinetuneRecipeDistributed(load_cfg(DISTRIBUTED, overrides(assets, tmp_path, save_every_n_step=1)))
+    cfg = load_cfg(DISTRIBUTED, overrides(assets, tmp_path, my_rank=4, **{"model.lora_rank": "${my_rank}"}))
+    assert GistLoRAFinetuneRecipeDistributed(cfg)._batch_size == cfg.batch_size
+
+
 def test_missing_input_files_are_all_named_with_their_keys(tmp_path):
     (tmp_path / "tok.model").write_text("")
     cfg = OmegaConf.create(

@@ -11,11 +11,14 @@
 from torchtune_gist.training._loss import masked_loss
 from torchtune_gist.training._recipe import FLEX_BLOCK_SIZE, GistFinetuneRecipeBase
 from torchtune_gist.training._settings import (
+    FSDP_KEYS,
     GENERATE_KEYS,
+    GENERATE_OPTIONAL_KEYS,
     build_tokenizer,
     check_components,
     check_dataset_gist_ids,
     check_input_files,
+    check_known_keys,
     check_required_keys,
     check_setting_types,
     count_setting,
@@ -42,7 +45,9 @@ from torchtune_gist.training._weights import (
 __all__ = [
     "ADAPTER_FILE",
     "FLEX_BLOCK_SIZE",
+    "FSDP_KEYS",
     "GENERATE_KEYS",
+    "GENERATE_OPTIONAL_KEYS",
     "RECIPE_STATE_FILE",
     "GistFinetuneRecipeBase",
     "StartingAdapter",
@@ -53,6 +58,7 @@ __all__ = [
     "check_dataset_gist_ids",
     "check_gist_setup",
     "check_input_files",
+    "check_known_keys",
     "check_required_keys",
     "check_setting_types",
     "count_setting",

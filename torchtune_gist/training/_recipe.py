@@ -54,12 +54,14 @@ from torchtune_gist.modules import initial_gist_rows
 from torchtune_gist.training._loss import masked_loss
 from torchtune_gist.training._settings import (
     TRAINING_KEYS,
+    TRAINING_OPTIONAL_KEYS,
     build_tokenizer,
     check_batch_length,
     check_collate_fn,
     check_components,
     check_dataset_gist_ids,
     check_input_files,
+    check_known_keys,
     check_required_keys,
     check_setting_types,
     check_supported_features,
@@ -119,11 +121,17 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
       512 positions and more and ``dense`` below; or one of ``dense``, ``segments``, ``block`` always).
 
     torchtune features these recipes do not implement (``enable_activation_offloading``, ``optimizer_in_bwd``,
-    ``profiler.enabled``) are refused when turned on.
+    ``profiler.enabled``) are refused when turned on, and any other top-level key is refused unless an interpolation
+    reads it (a misspelt ``resume_from_checkpont`` would otherwise start afresh).
     """
+
+    #: The recipe's name for ``tune run`` and the top-level keys it reads (a subclass adds its own).
+    recipe_name = "gist_lora_single_device"
+    config_keys: Tuple[str, ...] = TRAINING_KEYS + TRAINING_OPTIONAL_KEYS
 
     def __init__(self, cfg: DictConfig) -> None:
         check_required_keys(cfg, TRAINING_KEYS, "a gist training recipe", "configs/llama3_1/8B_gist_lora.yaml")
+        check_known_keys(cfg, self.config_keys, self.recipe_name)
         check_components(cfg)
         check_supported_features(cfg)
         check_setting_types(cfg)

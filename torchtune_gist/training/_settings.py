@@ -1,9 +1,11 @@
 """Checks of a recipe config made before anything is built: keys, setting types, devices, input files, the
 tokenizer, the collator, the datasets' gist ids and batch lengths. Each names the config key to change."""
 
+import difflib
 import inspect
+import re
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -97,6 +99,81 @@ GENERATE_KEYS = (
     "device",
     "dtype",
 )
+
+#: The optional top-level keys of the gist training recipes (torchtune's unsupported features are read to refuse them).
+TRAINING_OPTIONAL_KEYS = (
+    "validation_dataset",
+    "collate_fn",
+    "max_steps_per_epoch",
+    "clip_grad_norm",
+    "compile",
+    "enable_activation_checkpointing",
+    "run_val_every_n_steps",
+    "log_every_n_steps",
+    "log_peak_memory_stats",
+    "save_every_n_steps",
+    "save_merged_hf",
+    "resume_from_checkpoint",
+    "base_model_name",
+    "initial_adapter",
+    "mask_mode",
+    "train_lora",
+    "mask_format",
+    "enable_activation_offloading",
+    "optimizer_in_bwd",
+    "profiler",
+)
+#: torchtune's FSDP settings, which the distributed recipe reads.
+FSDP_KEYS = ("fsdp_cpu_offload", "fsdp_reshard_after_forward", "custom_sharded_layers")
+GENERATE_OPTIONAL_KEYS = (
+    "gist_checkpoint_dir",
+    "prompt",
+    "prompt_file",
+    "input",
+    "input_file",
+    "inputs_file",
+    "batch_size",
+    "top_k",
+    "save_cache",
+    "load_cache",
+    "outputs_file",
+    "seed",
+)
+
+_INTERPOLATION = re.compile(r"\$\{\s*([A-Za-z_][\w-]*)")
+
+
+def _interpolated_keys(node: Any) -> Set[str]:
+    """The top-level keys that ``${key...}`` interpolations name anywhere in ``node`` (an unresolved container)."""
+    if isinstance(node, dict):
+        return set().union(set(), *(_interpolated_keys(v) for v in node.values()))
+    if isinstance(node, list):
+        return set().union(set(), *(_interpolated_keys(v) for v in node))
+    return set(_INTERPOLATION.findall(node)) if isinstance(node, str) else set()
+
+
+def check_known_keys(cfg: DictConfig, known: Iterable[str], recipe: str) -> None:
+    """Refuse top-level keys that ``recipe`` does not read, so that a misspelt setting (``resume_from_checkpont``,
+    ``batch_sze``) fails at once instead of being ignored. A key that an interpolation elsewhere reads
+    (``num_gist_tokens: 4`` with ``${num_gist_tokens}``; ``data_dir``) is a variable and allowed.
+
+    Raises:
+        ValueError: naming each unknown key, with the known key it is closest to.
+    """
+    known = list(known)
+    used = _interpolated_keys(OmegaConf.to_container(cfg, resolve=False))
+    unknown = [str(key) for key in cfg.keys() if key not in known and key not in used]
+    if not unknown:
+        return
+    problems = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+        problems.append(f"{key}" + (f" (did you mean {close[0]}?)" if close else ""))
+    raise ValueError(
+        f"{recipe} does not read {', '.join(problems)}: fix the spelling or remove "
+        f"{'it' if len(unknown) == 1 else 'them'} from the config (a key that only ${{...}} interpolations read "
+        f"is fine). It reads: {', '.join(sorted(known))}"
+    )
 
 
 def check_required_keys(cfg: DictConfig, keys: Tuple[str, ...], recipe: str, example: str) -> None:

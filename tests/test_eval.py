@@ -768,6 +768,25 @@ def test_bad_settings_give_clear_errors(
         _evaluate(lm, ["alpaca_plus_seen"], empty)
     with pytest.raises(ValueError, match="need a tokenizer"):
         _evaluate(lm, ["gist_passkey"], gist_task_manager(num_samples=2))
+    misspelt = gist_task_manager(tokenizer=tiny_tokenizer, num_samples=2, contxt_tokens=[96], depth=0.5)
+    with pytest.raises(
+        ValueError,
+        match=r"the gist tasks read no metadata contxt_tokens \(did you mean context_tokens\?\), depth \(did you "
+        r"mean depths\?\)",
+    ):
+        _evaluate(lm, ["gist_passkey"], misspelt)
+    with pytest.raises(ValueError, match=r"read no metadata contxt_tokens"):  # the Alpaca+ tasks take the same care
+        _evaluate(lm, ["alpaca_plus_seen"], misspelt)
+
+
+def test_task_metadata_that_other_models_pass_is_not_refused(tiny_tokenizer: Any) -> None:
+    """lm-eval hands a builder every ``--model_args`` key too: an hf or vLLM model's must not read as misspelt."""
+    other_models_args = {"pretrained": "x", "max_length": 64, "dtype": "bfloat16", "revision": "main", "version": 1.0}
+    other_models_args.update({"max_model_len": 64, "tensor_parallel_size": 1, "mode": "gist", "checkpoint_dir": "c"})
+    records = passkey_dataset(
+        passkey_language="en", tokenizer=tiny_tokenizer, num_samples=1, context_tokens=96, **other_models_args
+    )["test"]
+    assert records[0]["target_context_tokens"] == 96
 
 
 def test_the_command_line_refuses_what_the_gist_model_cannot_honour(tmp_path: Path) -> None:
@@ -792,6 +811,9 @@ def test_the_command_line_refuses_what_the_gist_model_cannot_honour(tmp_path: Pa
         "mode, batch_size, device, dtype, max_gen_toks, max_batch_size, responses)"
     )
     assert refused_option(Namespace(model="hf", model_args=misspelt)) == ""
+    assert "--metadata: the gist tasks read no metadata contxt_tokens (did you mean context_tokens?)" in (
+        refused_option(Namespace(metadata={"contxt_tokens": [96], "num_samples": 2}))
+    )
     with pytest.raises(ValueError, match="--model_args checkpint_dir, mdoe: torchtune_gist takes no such argument"):
         TorchtuneGistLM.create_from_arg_string("config=c.yaml,checkpint_dir=x,mdoe=gist")
     proc = subprocess.run(

@@ -2,9 +2,9 @@
 registered and the shipped tasks on the include path. Takes exactly lm-eval's arguments
 (``run``, ``ls``, ``validate``; a user's own ``--include_path`` is kept next to ours). Refuses, with a
 message, the ``run`` options the gist model cannot honour: ``--num_fewshot`` (one prompt per request is
-compressed), ``--apply_chat_template`` (the tasks lay prompts out as training did), a ``--limit`` below 1 and
-``--model_args`` keys the model does not take; and, before the evaluation rather than after it, an ``--output_path``
-that cannot be written."""
+compressed), ``--apply_chat_template`` (the tasks lay prompts out as training did), a ``--limit`` below 1,
+``--model_args`` keys the model does not take and ``--metadata`` keys that read like misspelt task settings; and,
+before the evaluation rather than after it, an ``--output_path`` that cannot be written."""
 
 import argparse
 import sys
@@ -16,6 +16,7 @@ from lm_eval.utils import setup_logging
 from torchtune_gist._io import unwritable_reason
 from torchtune_gist.eval import TASKS_DIR
 from torchtune_gist.eval._model import unknown_model_args
+from torchtune_gist.eval._tasks import check_task_settings
 
 
 def refused_option(args: argparse.Namespace) -> str:
@@ -39,6 +40,12 @@ def refused_option(args: argparse.Namespace) -> str:
         problem = unknown_model_args(model_args)
         if problem:
             return problem
+    metadata = getattr(args, "metadata", None)
+    if isinstance(metadata, dict):
+        try:
+            check_task_settings(metadata)
+        except ValueError as e:
+            return f"--metadata: {e}"
     limit = getattr(args, "limit", None)
     if limit is not None and limit <= 0:
         return f"--limit {limit:g} leaves no examples: give a count >= 1 or a fraction in (0, 1]"

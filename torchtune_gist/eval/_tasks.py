@@ -6,7 +6,8 @@ prompt there (what precedes is compressed, what follows is the continuation).
 
 Task settings come from the YAML ``metadata`` and can be overridden with lm-eval's ``--metadata``
 (or ``TaskManager(metadata=...)``). lm-eval hands a ``custom_dataset`` builder every metadata key,
-``--model_args`` included, so the builders take ``**unused``.
+``--model_args`` included, so the builders take ``**unused``; one of those that reads like a misspelt setting
+(``contxt_tokens``) is refused rather than ignored.
 
 Metrics (all aggregated with a mean):
 
@@ -21,6 +22,7 @@ Metrics (all aggregated with a mean):
   models report neither.
 """
 
+import difflib
 import os
 import re
 from pathlib import Path
@@ -82,6 +84,38 @@ def _gist_metrics(response: str) -> Dict[str, float]:
 # ----------------------------------------------------------------------------------- Alpaca+
 
 
+#: The settings the gist tasks' builders read from the task metadata.
+TASK_SETTINGS = (
+    "data_dir",
+    "tokenizer",
+    "config",
+    "context_tokens",
+    "depths",
+    "num_samples",
+    "passkey_digits",
+    "seed",
+    "num_gist_tokens",
+)
+
+
+def check_task_settings(unused: Mapping[str, Any]) -> None:
+    """Refuse a metadata key that the builders do not read but is close to one they do (``contxt_tokens``,
+    ``depth``): it would otherwise be ignored and the task run on its defaults. Other keys (lm-eval's, any model's
+    ``--model_args``) pass, since lm-eval hands the builders all of them.
+
+    Raises:
+        ValueError: naming each such key and the setting it is close to.
+    """
+    unknown = [key for key in unused if key not in TASK_SETTINGS]  # another task's setting is fine
+    close = {key: difflib.get_close_matches(key, TASK_SETTINGS, n=1, cutoff=0.8) for key in unknown}
+    misspelt = [f"{key} (did you mean {match[0]}?)" for key, match in close.items() if match]
+    if misspelt:
+        raise ValueError(
+            f"the gist tasks read no metadata {', '.join(misspelt)}: fix the spelling in --metadata (or the config's "
+            f"metadata). Their settings: {', '.join(TASK_SETTINGS)}"
+        )
+
+
 def _read_alpaca_plus(location: str, split: str) -> List[Dict[str, Any]]:
     name = alpaca_plus_filename(split)
     if re.match(r"^[a-z]+://", location):
@@ -127,8 +161,9 @@ def alpaca_plus_dataset(
 
     Raises:
         FileNotFoundError: if a local file is missing.
-        ValueError: on an unknown split or a malformed file.
+        ValueError: on an unknown split, a malformed file or a misspelt setting.
     """
+    check_task_settings(unused)
     location = data_dir or os.environ.get(ALPACA_PLUS_ENV) or ALPACA_PLUS_URL
     records = _read_alpaca_plus(str(location), alpaca_plus_split)
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(records)})
@@ -202,8 +237,9 @@ def passkey_dataset(
         ``passkey``, ``depth``, ``context_tokens``, ``target_context_tokens``, ``compression_ratio``.
 
     Raises:
-        ValueError: without a tokenizer, or on a bad setting.
+        ValueError: without a tokenizer, or on a bad or misspelt setting.
     """
+    check_task_settings(unused)
     if tokenizer is None:
         if config is None:
             raise ValueError(

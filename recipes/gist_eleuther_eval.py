@@ -21,6 +21,7 @@ results are saved). Delete a run's ``results.json``, or use another ``output_dir
 and paired 95% bootstrap intervals (:mod:`torchtune_gist.eval.compare`).
 """
 
+import difflib
 import gc
 import json
 import sys
@@ -37,6 +38,7 @@ from torchtune.recipe_interfaces import EvalRecipeInterface
 
 from torchtune_gist._io import atomic_write_json, atomic_write_text, unwritable_reason
 from torchtune_gist.eval import TorchtuneGistLM, gist_task_manager, response_settings
+from torchtune_gist.eval._tasks import check_task_settings
 from torchtune_gist.eval.compare import comparison_rows, load_run, plot, render_markdown, samples_path
 from torchtune_gist.generation import GENERATION_MODES
 from torchtune_gist.training import (
@@ -97,6 +99,26 @@ def parse_runs(runs: Any) -> List[Dict[str, Any]]:
     return parsed
 
 
+def check_tasks(tasks: List[str]) -> None:
+    """Refuse names that are not shipped tasks here, before any model loads (lm-eval would refuse them only once the
+    first run's model had been built).
+
+    Raises:
+        ValueError: naming each unknown task, the shipped task it is closest to, and the shipped tasks.
+    """
+    known = gist_task_manager().all_tasks
+    unknown = [task for task in tasks if task not in known]
+    if not tasks or unknown:
+        named = [
+            f"{task} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(task, known, n=1)) else task
+            for task in unknown
+        ]
+        raise ValueError(
+            f"tasks: {', '.join(named) + ' is not a' if named else 'no'} task this recipe evaluates; it evaluates "
+            f"{', '.join(known)}"
+        )
+
+
 class GistEleutherEvalRecipe(EvalRecipeInterface):
     """lm-eval over several runs of a gist model. Config keys: ``model``, ``tokenizer``, ``checkpointer``, ``runs``,
     ``tasks``, ``metadata``, ``limit``, ``batch_size``, ``max_gen_toks``, ``output_dir``, ``device``, ``dtype``; any
@@ -110,7 +132,9 @@ class GistEleutherEvalRecipe(EvalRecipeInterface):
         check_components(cfg)
         self._runs = parse_runs(OmegaConf.to_container(cfg.runs, resolve=True))
         self._tasks = [str(t) for t in (cfg.tasks if OmegaConf.is_list(cfg.tasks) else [cfg.tasks])]
+        check_tasks(self._tasks)
         self._metadata = OmegaConf.to_container(cfg.get("metadata") or OmegaConf.create({}), resolve=True)
+        check_task_settings(self._metadata)
         self._limit = cfg.get("limit")
         if self._limit is not None and (
             isinstance(self._limit, bool) or not isinstance(self._limit, (int, float)) or self._limit <= 0

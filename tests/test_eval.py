@@ -1128,6 +1128,16 @@ def test_eval_recipe_runs_gist_and_controls_by_name_and_resumes(
         GistEleutherEvalRecipe(OmegaConf.merge(cfg, {"limit": 0}))
     with pytest.raises(ValueError, match=r"gist_eleuther_eval does not read max_gen_token \(did you mean max_gen_toks"):
         GistEleutherEvalRecipe(OmegaConf.merge(cfg, {"max_gen_token": 5}))
+    with pytest.raises(
+        ValueError,
+        match=r"tasks: gist_pasky \(did you mean gist_passkey\?\), rouge is not a task this recipe evaluates; it "
+        r"evaluates alpaca_plus, alpaca_plus_human,",
+    ):
+        GistEleutherEvalRecipe(OmegaConf.merge(cfg, {"tasks": ["gist_pasky", "rouge", "gist_passkey"]}))
+    with pytest.raises(ValueError, match=r"tasks: no task this recipe evaluates"):
+        GistEleutherEvalRecipe(OmegaConf.merge(cfg, {"tasks": []}))
+    with pytest.raises(ValueError, match=r"read no metadata contxt_tokens \(did you mean context_tokens"):
+        GistEleutherEvalRecipe(OmegaConf.merge(cfg, {"metadata": {"contxt_tokens": [96]}}))
     changed = OmegaConf.merge(cfg, {"limit": 1})
     recipe = GistEleutherEvalRecipe(changed)
     recipe.setup(changed)

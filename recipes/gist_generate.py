@@ -15,7 +15,8 @@ Usage::
         prompt="Translate to French." inputs_file=sentences.txt outputs_file=french.jsonl   # resumable, as JSON lines
 
 The base weights come through a torchtune checkpointer, the gist rows and LoRA weights from
-``gist_checkpoint_dir`` (a ``gist_adapter.safetensors`` written by the gist fine-tuning recipes).
+``gist_checkpoint_dir`` (a checkpoint directory with the ``gist_adapter.safetensors`` the gist fine-tuning recipes
+write, or the file); or ``gist_checkpoint_dir`` is a merged export (``hf_merged/``), which holds all the weights.
 ``prompt_transform`` lays out the tokens exactly as in training (``GistInstructTransform``:
 ``prompt`` is the instruction, ``input`` the input; ``GistPasskeyTransform``: ``prompt`` is the
 context, ``input`` the question). Everything before the gist span is compressed; the rest is
@@ -52,8 +53,9 @@ from tqdm import tqdm
 
 from torchtune_gist._io import atomic_write_text, unwritable_reason
 from torchtune_gist._responses import ResponseLog, file_fingerprint
-from torchtune_gist.checkpointing import check_not_merged_export, load_gist_adapter
+from torchtune_gist.checkpointing import check_not_merged_export
 from torchtune_gist.generation import GistCache, compress, generate_from_cache
+from torchtune_gist.loading import load_base, load_gist_checkpoint
 from torchtune_gist.modules import init_gist_embeddings
 from torchtune_gist.training import (
     GENERATE_KEYS,
@@ -68,7 +70,6 @@ from torchtune_gist.training import (
     check_setting_types,
     count_setting,
     get_device,
-    load_base_weights,
 )
 
 log = utils.get_logger("INFO")
@@ -179,18 +180,17 @@ class GistGenerateRecipe:
         """
         check_input_files(cfg)
         check_not_merged_export(cfg.checkpointer.get("checkpoint_dir"))
-        base = config.instantiate(cfg.checkpointer).load_checkpoint()[training.MODEL_KEY]
         with training.set_default_dtype(self._dtype), self._device:
             model = config.instantiate(cfg.model)
-        load_base_weights(model, base)
         if cfg.get("gist_checkpoint_dir"):
-            trained = load_gist_adapter(model, cfg.gist_checkpoint_dir).get("mask_mode", "gist")
+            trained = load_gist_checkpoint(model, cfg, cfg.gist_checkpoint_dir, key="gist_checkpoint_dir") or "gist"
             if trained != "gist":
                 log.warning(
                     f"{cfg.gist_checkpoint_dir} was trained with mask_mode={trained}: its gists were not trained to "
                     "hold the prompt"
                 )
         else:
+            load_base(model, cfg)
             init_gist_embeddings(model)
             log.warning("gist_checkpoint_dir is not set: the gist rows are untrained (the vocabulary mean)")
         self._model = model.eval()

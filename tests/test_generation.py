@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torchtune.models.llama3_1 import llama3_1, lora_llama3_1
 
-from torchtune_gist.checkpointing import load_gist_adapter, save_gist_adapter
+from torchtune_gist.checkpointing import export_merged_hf, load_gist_adapter, save_gist_adapter
 from torchtune_gist.data import GistPasskeyTransform
 from torchtune_gist.generation import (
     GistCache,
@@ -928,6 +928,31 @@ def test_gist_generate_refuses_a_prompt_transform_with_another_k(tmp_path):
     write_tiny_base_checkpoint(assets)
     recipe, cfg = _generate_recipe(assets, tmp_path, {}, ["prompt_transform.num_gist_tokens=2"])
     with pytest.raises(ValueError, match=r"prompt_transform lays out 2 gist tokens .* but the model has 4"):
+        recipe.setup(cfg)
+
+
+def test_gist_generate_answers_from_a_merged_export_as_from_its_adapter(tmp_path):
+    """``gist_checkpoint_dir`` may be the ``hf_merged/`` export the training recipes write (lm-eval reads it too): it
+    holds every weight, LoRA folded in, and answers as the adapter on the base does."""
+    assets = tmp_path / "assets"
+    write_tiny_tokenizer(assets)
+    write_tiny_base_checkpoint(assets)
+    trained = _tiny_gist_model(assets)
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if "lora_b" in name or "gist_embeddings" in name:
+                p.normal_(0, 0.3)
+    save_gist_adapter(trained, tmp_path / "adapter", base_model="tiny")
+    export_merged_hf(trained, tmp_path / "hf_merged", mask_mode="gist")
+    settings = {"prompt": "The sky is blue. The pass key is 4242.", "input": "What is the pass key?"}
+    answers = {}
+    for name in ("adapter", "hf_merged"):
+        recipe, cfg = _generate_recipe(assets, tmp_path, {**settings, "gist_checkpoint_dir": str(tmp_path / name)})
+        recipe.setup(cfg)
+        answers[name] = recipe.generate(cfg)
+    assert answers["hf_merged"] == answers["adapter"] and answers["adapter"][0]
+    recipe, cfg = _generate_recipe(assets, tmp_path, {**settings, "gist_checkpoint_dir": str(assets)})
+    with pytest.raises(ValueError, match="gist_checkpoint_dir=.*assets' holds no gist rows: expected"):
         recipe.setup(cfg)
 
 

@@ -22,7 +22,6 @@ prompt is compressed and the continuation reads the K cached entries only.
 """
 
 import inspect
-import json
 import logging
 from collections import defaultdict
 from pathlib import Path
@@ -37,32 +36,20 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchtune import config as tt_config
 from torchtune import training
-from torchtune.modules import TiedLinear
-from torchtune.modules.peft import DoRALinear, LoRALinear
 from tqdm import tqdm
 
 from torchtune_gist._checks import as_positive_int
 from torchtune_gist._responses import ResponseLog, file_fingerprint
-from torchtune_gist.checkpointing import (
-    ADAPTER_FILE,
-    GIST_CONFIG_FILE,
-    GIST_KEY,
-    HF_CONFIG_FILE,
-    HF_WEIGHTS_FILE,
-    check_not_merged_export,
-    load_gist_adapter,
-    load_merged_hf,
-)
+from torchtune_gist.checkpointing import ADAPTER_FILE, GIST_CONFIG_FILE
 from torchtune_gist.eval._tasks import GIST_MARKER
 from torchtune_gist.generation import GENERATION_MODES, generate, score_continuations
 from torchtune_gist.gist_tokens import gist_token_ids as tokenizer_gist_ids
+from torchtune_gist.loading import load_base, load_gist_checkpoint
 from torchtune_gist.modules import get_gist_embedding, init_gist_embeddings
 from torchtune_gist.training import (
     build_tokenizer,
-    check_base_keys,
     check_components,
     check_input_files,
-    load_base_weights,
     parse_device,
 )
 
@@ -167,58 +154,6 @@ def load_tokenizer(config_path: Union[str, Path]) -> Any:
     return build_tokenizer(cfg)
 
 
-def _load_base(model: nn.Module, cfg: DictConfig) -> None:
-    if "checkpointer" not in cfg:
-        raise ValueError("the torchtune config has no checkpointer section to load the base weights with")
-    check_input_files(cfg, sections=("checkpointer",), hint=_CONFIG_EDIT_HINT)
-    check_not_merged_export(cfg.checkpointer.get("checkpoint_dir"))
-    load_base_weights(model, tt_config.instantiate(cfg.checkpointer).load_checkpoint()[training.MODEL_KEY])
-
-
-def _load_merged(model: nn.Module, directory: Path) -> Dict[str, Any]:
-    """Load a merged Hugging Face export into the config's gist-aware model (LoRA/DoRA, if any, switched off);
-    returns its ``gist_config.json``.
-
-    The export holds the gist rows in its embedding at the gist ids and the original vocabulary in
-    ``output.weight``; a tied model takes its vocabulary from the latter, so that the gist ids keep
-    their vocabulary rows as output rows.
-
-    Raises:
-        ValueError: if the model quantises its base weights (QLoRA), or was built with other gist ids.
-    """
-    quantized = [n for n, m in model.named_modules() if isinstance(m, (LoRALinear, DoRALinear)) and m._quantize_base]
-    if quantized:
-        raise ValueError(
-            f"{directory} is a merged export, but the config's model quantises its base weights to NF4 "
-            f"({quantized[0]}, ...): the merged weights would be quantised again, losing much of the fine-tune. Use a "
-            "config with a non-quantised model (e.g. lora_gist_llama3_1_8b instead of qlora_gist_llama3_1_8b), or pass "
-            f"the adapter directory (with {ADAPTER_FILE}) as checkpoint_dir"
-        )
-    emb = get_gist_embedding(model)
-    saved = json.loads((directory / GIST_CONFIG_FILE).read_text())
-    if saved.get("gist_token_ids") != emb.gist_token_ids:
-        raise ValueError(
-            f"{directory} was exported with gist ids {saved.get('gist_token_ids')}, but the model has "
-            f"{emb.gist_token_ids}: set the config's num_gist_tokens to {saved.get('num_gist_tokens')}"
-        )
-    state = load_merged_hf(directory)
-    vocab = state.pop("tok_embeddings.weight")
-    output = state.pop("output.weight", None)
-    state[GIST_KEY] = vocab[torch.tensor(emb.gist_token_ids)]
-    if isinstance(model.output, TiedLinear):
-        state["tok_embeddings.weight"] = (vocab if output is None else output)[: emb.num_embeddings]
-    else:
-        state["tok_embeddings.weight"] = vocab[: emb.num_embeddings]
-        if output is not None:
-            state["output.weight"] = output[: model.output.weight.shape[0]]
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    check_base_keys(missing, unexpected)
-    for module in model.modules():
-        if isinstance(module, (LoRALinear, DoRALinear)):
-            module.disabled = True
-    return saved
-
-
 def response_settings(
     cfg: DictConfig, checkpoint_dir: Optional[str], mode: str, dtype: str, max_gen_toks: int
 ) -> Dict[str, Any]:
@@ -246,21 +181,11 @@ def _load_weights(model: nn.Module, cfg: DictConfig, checkpoint_dir: Optional[st
                 "mode='gist' needs trained gist rows: pass checkpoint_dir=<a directory with "
                 f"{ADAPTER_FILE}, or a merged export with {GIST_CONFIG_FILE}>"
             )
-        _load_base(model, cfg)
+        load_base(model, cfg, hint=_CONFIG_EDIT_HINT)
         init_gist_embeddings(model)
         return
     directory = Path(checkpoint_dir)
-    if directory.is_file() or (directory / ADAPTER_FILE).is_file():
-        _load_base(model, cfg)
-        trained = load_gist_adapter(model, directory).get("mask_mode")
-    elif all((directory / f).is_file() for f in (GIST_CONFIG_FILE, HF_CONFIG_FILE, HF_WEIGHTS_FILE)):
-        trained = _load_merged(model, directory).get("mask_mode")
-    else:
-        raise ValueError(
-            f"checkpoint_dir={str(directory)!r} holds no gist rows: expected {ADAPTER_FILE} or the adapter file "
-            f"itself (base weights from the config's checkpointer + gist rows and LoRA) or a merged export "
-            f"({HF_WEIGHTS_FILE}, {HF_CONFIG_FILE}, {GIST_CONFIG_FILE})"
-        )
+    trained = load_gist_checkpoint(model, cfg, directory, key="checkpoint_dir", hint=_CONFIG_EDIT_HINT)
     if trained is not None and mode != "truncate" and trained != mode:
         log.warning(
             "mode=%r reads %s, trained with mask_mode=%r: an ablation, not the paper's %s (a model trained with "

@@ -39,7 +39,14 @@ from torchtune.recipe_interfaces import EvalRecipeInterface
 from torchtune_gist._io import atomic_write_json, atomic_write_text, unwritable_reason
 from torchtune_gist.eval import TorchtuneGistLM, gist_task_manager, response_settings
 from torchtune_gist.eval._tasks import check_task_settings
-from torchtune_gist.eval.compare import comparison_rows, load_run, plot, render_markdown, samples_path
+from torchtune_gist.eval.compare import (
+    comparison_rows,
+    document_metadata,
+    load_run,
+    plot,
+    render_markdown,
+    samples_path,
+)
 from torchtune_gist.generation import GENERATION_MODES
 from torchtune_gist.training import (
     check_components,
@@ -208,6 +215,7 @@ class GistEleutherEvalRecipe(EvalRecipeInterface):
                 "results": results["results"],
                 "higher_is_better": results["higher_is_better"],
                 "n-samples": results["n-samples"],
+                "configs": document_metadata(results["configs"]),
                 "config": settings,
             }
             atomic_write_json(record, path)

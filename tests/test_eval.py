@@ -970,6 +970,35 @@ def test_compare_puts_runs_side_by_side_with_the_share_of_the_control_gap(
         assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_compare_names_runs_scored_on_other_documents_and_gives_them_no_gap_share(tmp_path: Path) -> None:
+    """A gist run of 2 passkey examples at 96 tokens beside controls of 150 at 1,000-3,000 tokens: side by side the
+    numbers read as a comparison they are not."""
+    from torchtune_gist.eval import compare
+
+    def results(name: str, mode: str, rouge: float, examples: int, metadata: Dict[str, Any]) -> Path:
+        path = _results_file(tmp_path / name / "results_1.json", {"mode": mode}, {"rougeL": rouge})
+        record = json.loads(path.read_text())
+        record["n-samples"] = {"alpaca_plus_human": {"original": 150, "effective": examples}}
+        record["configs"] = {"alpaca_plus_human": {"metadata": {"version": 1.0, "mode": mode, **metadata}}}
+        path.write_text(json.dumps(record))
+        return path
+
+    same = {"num_samples": 150, "context_tokens": [1000, 2000]}
+    results("pos", "pos_control", 0.6, 150, same)
+    results("neg", "neg_control", 0.2, 150, same)
+    results("gist", "gist", 0.4, 150, same)
+    results("short", "truncate", 0.5, 2, {"num_samples": 150, "context_tokens": [96]})
+    report = compare.main([str(tmp_path / d) for d in ("gist", "pos", "neg", "short")])
+    assert "| alpaca_plus_human | rougeL | 0.4 | 0.6 | 0.2 | 0.5 | 0.5 | - |" in report
+    assert (
+        "**alpaca_plus_human was scored on other documents by some runs** (not comparable; no gap share between "
+        "them): examples: gist 150, pos_control 150, neg_control 150, truncate 2; context_tokens: gist [1000, 2000], "
+        "pos_control [1000, 2000], neg_control [1000, 2000], truncate [96]"
+    ) in report
+    report = compare.main([str(tmp_path / d) for d in ("gist", "pos", "neg")])
+    assert "other documents" not in report and "| 0.4 | 0.6 | 0.2 | 0.5 |" in report  # the model's args differ: fine
+
+
 def test_bootstrap_intervals_are_paired_and_as_wide_as_the_sampling_error() -> None:
     from torchtune_gist.eval.bootstrap import gap_share_interval, mean_interval, resampled_means
 
@@ -1028,7 +1057,11 @@ def test_compare_gives_paired_bootstrap_intervals_from_per_example_scores(tmp_pa
     lo, hi = (float(x) for x in gist.removeprefix("0.4 [").removesuffix("]").split(", "))
     assert lo < 0.4 < hi and hi - lo > 0.05
     assert share == "0.5 [0.5, 0.5]"  # every example keeps half the gap: paired resamples agree
-    assert truncate_share == "0.25" and cells[5] == "0.3 [0.3, 0.3]"
+    assert truncate_share == "-" and cells[5] == "0.3 [0.3, 0.3]"  # scored on other documents than the controls
+    assert (
+        f"**{task} was scored on other documents by some runs** (not comparable; no gap share between them): "
+        "documents: the per-example files of gist, pos_control, neg_control, truncate name other documents"
+    ) in report
     assert "95% bootstrap interval" in report and (tmp_path / "cmp" / "comparison.png").is_file()
     assert "[" not in compare.main([str(r) for r in runs] + ["--bootstrap-iters", "0"]).split("\n\n")[0]
 
@@ -1038,7 +1071,7 @@ def test_compare_gives_paired_bootstrap_intervals_from_per_example_scores(tmp_pa
         f"{tmp_path / 'gist' / ('samples_' + task + '_0.jsonl')}: the mean of rougeL is not the results file's"
         in report
     )
-    assert f"| {task} | rougeL | 0.4 | 0.6 [" in report and "| 0.5 | 0.25 |" in report
+    assert f"| {task} | rougeL | 0.4 | 0.6 [" in report and "| 0.5 | - |" in report
 
     path = _results_file(tmp_path / "flat" / "results_8.json", {"mode": "gist"}, {"rougeL": 0.7})
     _samples_file(path, task, {"rougeL": [0.7] * 3})  # the resampled means round to just below 0.7
@@ -1084,7 +1117,10 @@ def test_eval_recipe_runs_gist_and_controls_by_name_and_resumes(
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = (tmp_path / "eval" / "comparison.md").read_text()
     assert report.splitlines()[0] == "| task | metric | gist | pos_control | no_prompt | gap share: gist |"
-    gist = json.loads((tmp_path / "eval" / "gist" / "results.json").read_text())["results"]["gist_passkey"]
+    gist_record = json.loads((tmp_path / "eval" / "gist" / "results.json").read_text())
+    gist = gist_record["results"]["gist_passkey"]
+    documents = gist_record["configs"]["gist_passkey"]["metadata"]  # what compare checks runs share
+    assert documents["num_samples"] == 2 and documents["context_tokens"] == [96] and documents["seed"] == 1234
     assert f"| gist_passkey | acc | {gist['acc,none']:.4g} [" in report and report in proc.stdout
     from torchtune_gist.eval import compare
 

@@ -10,6 +10,9 @@ every task's metrics per run, with the share of the control gap each run keeps f
 prints the Markdown table and, with ``--out``, writes ``comparison.md`` and ``comparison.png`` there. Where the
 per-example scores are beside a results file (lm-eval's ``--log_samples`` files, which ``tune run gist_eleuther_eval``
 always writes), each score and gap share gets a 95% bootstrap interval, the runs resampled together (paired).
+
+Runs that scored a task on other documents (another ``--limit``, ``num_samples``, ``context_tokens``, seed, ...; or
+per-example files naming other documents) are named under the table, and no gap share is given between them.
 """
 
 import argparse
@@ -35,6 +38,9 @@ PAPER_LLAMA_7B_ROUGE_L = {
 }
 
 
+#: The task metadata that chooses the documents a task scores (the rest, e.g. the model's arguments, does not).
+DOCUMENT_SETTINGS = ("data_dir", "context_tokens", "depths", "num_samples", "passkey_digits", "seed")
+
 #: Per-example scores of one task: ``{metric: {doc_id: score}}``.
 Examples = Dict[str, Dict[str, float]]
 
@@ -42,8 +48,9 @@ Examples = Dict[str, Dict[str, float]]
 @dataclass(frozen=True)
 class Run:
     """One lm-eval results file: its label, mode, scores ``{task: {metric: value}}``, the file's ``config`` section
-    (the run's settings), the per-example scores found beside it ``{task: {metric: {doc_id: score}}}`` and notes
-    on per-example files that could not be used."""
+    (the run's settings), the per-example scores found beside it ``{task: {metric: {doc_id: score}}}``, notes
+    on per-example files that could not be used, and what chose each task's documents ``{task: {setting: value}}``
+    (:func:`task_documents`)."""
 
     label: str
     mode: str
@@ -52,6 +59,7 @@ class Run:
     settings: Dict[str, Any]
     examples: Dict[str, Examples] = field(default_factory=dict)
     notes: Tuple[str, ...] = ()
+    documents: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
 
 def results_files(paths: Sequence[Path]) -> List[Path]:
@@ -133,6 +141,27 @@ def _examples_beside(path: Path, scores: Dict[str, Dict[str, float]]) -> Tuple[D
     return found, tuple(notes)
 
 
+def document_metadata(configs: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """lm-eval's task ``configs`` cut to the :data:`DOCUMENT_SETTINGS` of each task's metadata, in the results
+    file's layout (``{task: {"metadata": {...}}}``): what a results file needs to say which documents it scored."""
+    return {
+        task: {"metadata": {k: v for k, v in (cfg.get("metadata") or {}).items() if k in DOCUMENT_SETTINGS}}
+        for task, cfg in configs.items()
+    }
+
+
+def task_documents(record: Dict[str, Any], task: str) -> Dict[str, Any]:
+    """What chose the documents a results file's ``task`` scored, as far as the file records it: ``examples``
+    (lm-eval's effective count, after ``--limit``) and the task metadata's :data:`DOCUMENT_SETTINGS`."""
+    documents = {}
+    count = (record.get("n-samples") or {}).get(task)
+    if isinstance(count, dict) and "effective" in count:
+        documents["examples"] = count["effective"]
+    metadata = ((record.get("configs") or {}).get(task) or {}).get("metadata") or {}
+    documents.update({k: metadata[k] for k in DOCUMENT_SETTINGS if k in metadata})
+    return documents
+
+
 def load_run(path: Path) -> Run:
     """Read one lm-eval results file written for the ``torchtune_gist`` model, and the per-example scores beside it.
 
@@ -160,7 +189,8 @@ def load_run(path: Path) -> Run:
     }
     label = f"{mode} ({model_args['checkpoint_dir']})" if model_args.get("checkpoint_dir") else mode
     examples, notes = _examples_beside(Path(path), scores)
-    return Run(label, mode, Path(path), scores, config, examples, notes)
+    documents = {task: task_documents(record, task) for task in results}
+    return Run(label, mode, Path(path), scores, config, examples, notes, documents)
 
 
 def label_runs(runs: List[Run]) -> List[Run]:
@@ -174,6 +204,28 @@ def label_runs(runs: List[Run]) -> List[Run]:
         seen[r.label] = seen.get(r.label, 0) + 1
         numbered.append(r if seen[r.label] == 1 else replace(r, label=f"{r.label} #{seen[r.label]}"))
     return numbered
+
+
+def _document_ids(run: Run, task: str) -> Optional[frozenset]:
+    per_metric = run.examples.get(task)
+    return frozenset(next(iter(per_metric.values()))) if per_metric else None
+
+
+def document_differences(runs: Sequence[Run], task: str) -> List[str]:
+    """How the ``runs`` that scored ``task`` differ in the documents they scored (empty: the same, as far as their
+    files tell): each recorded setting of :func:`task_documents` with a value per run, and ``documents`` where their
+    per-example files name other documents."""
+    scoring = [r for r in runs if task in r.scores]
+    known = set.intersection(*(set(r.documents.get(task, {})) for r in scoring)) if scoring else set()
+    differences = []
+    for key in sorted(known, key=lambda k: (k != "examples", k)):
+        values = [r.documents[task][key] for r in scoring]
+        if len({json.dumps(v, sort_keys=True) for v in values}) > 1:
+            differences.append(f"{key}: " + ", ".join(f"{r.label} {v}" for r, v in zip(scoring, values)))
+    ids = {r.label: _document_ids(r, task) for r in scoring}
+    if len({i for i in ids.values() if i is not None}) > 1:
+        differences.append("documents: the per-example files of " + ", ".join(ids) + " name other documents")
+    return differences
 
 
 def gap_share(value: float, pos: float, neg: float) -> Optional[float]:
@@ -194,9 +246,9 @@ def _paired(runs: Sequence[Run], task: str, metric: str) -> Optional[List[List[f
 
 def comparison_rows(runs: Sequence[Run], *, iters: int = BOOTSTRAP_ITERS, seed: int = 0) -> List[Dict[str, Any]]:
     """One row per task and metric: each run's value and, for scores, each run's gap share when exactly one
-    ``pos_control`` and one ``neg_control`` run scored that task; with ``iters`` > 0, bootstrap intervals of the
-    scores (``intervals``) and gap shares (``gap_share_intervals``) where the per-example scores allow (the gap
-    share's only where the run and both controls scored the same documents)."""
+    ``pos_control`` and one ``neg_control`` run scored that task, on the same documents as the run
+    (:func:`document_differences`); with ``iters`` > 0, bootstrap intervals of the scores (``intervals``) and gap
+    shares (``gap_share_intervals``) where the per-example scores allow."""
     rows = []
     tasks = sorted({task for run in runs for task in run.scores})
     for task in tasks:
@@ -228,7 +280,11 @@ def comparison_rows(runs: Sequence[Run], *, iters: int = BOOTSTRAP_ITERS, seed: 
                 p, n = pos[0].scores[task].get(metric), neg[0].scores[task].get(metric)
                 if p is not None and n is not None:
                     shared = [
-                        r for r in runs if r.mode not in ("pos_control", "neg_control") and values[r.label] is not None
+                        r
+                        for r in runs
+                        if r.mode not in ("pos_control", "neg_control")
+                        and values[r.label] is not None
+                        and not document_differences([r, pos[0], neg[0]], task)
                     ]
                     row["gap_share"] = {r.label: gap_share(values[r.label], p, n) for r in shared}
                     paired = {r.label: _paired([r, pos[0], neg[0]], task, metric) for r in shared} if iters > 0 else {}
@@ -265,6 +321,13 @@ def render_markdown(runs: Sequence[Run], rows: Sequence[Dict[str, Any]]) -> str:
         cells += [_cell(row["gap_share"].get(label), row["gap_share_intervals"].get(label)) for label in shared]
         lines.append("| " + " | ".join(cells) + " |")
     sources = "\n".join(f"- {r.label}: `{r.path}`" + "".join(f"\n  - {note}" for note in r.notes) for r in runs)
+    differences = {task: document_differences(runs, task) for task in sorted({row["task"] for row in rows})}
+    warnings = [
+        f"**{task} was scored on other documents by some runs** (not comparable; no gap share between them): "
+        + "; ".join(found)
+        for task, found in differences.items()
+        if found
+    ]
     note = (
         "Gap share = (run - neg_control) / (pos_control - neg_control), per score: 1 keeps all of the full prompt's "
         "lead over no prompt, 0 none. compression_ratio = prompt tokens per token kept; kv_bytes = keys/values held "
@@ -276,7 +339,19 @@ def render_markdown(runs: Sequence[Run], rows: Sequence[Dict[str, Any]]) -> str:
             "without one had no per-example scores beside their results (lm-eval's --log_samples)."
         )
     reference = paper_reference(rows)
-    return "\n".join([*lines, "", note, "", *([reference, ""] if reference else []), "Runs:", sources, ""])
+    return "\n".join(
+        [
+            *lines,
+            "",
+            *[w + "\n" for w in warnings],
+            note,
+            "",
+            *([reference, ""] if reference else []),
+            "Runs:",
+            sources,
+            "",
+        ]
+    )
 
 
 def paper_reference(rows: Sequence[Dict[str, Any]]) -> str:

@@ -710,8 +710,10 @@ def test_bad_settings_give_clear_errors(
     config, ckpt, _ = checkpoints
     with pytest.raises(ValueError, match="unknown mode 'gists'"):
         TorchtuneGistLM(model=tiny_model, tokenizer=tiny_tokenizer, mode="gists")
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(ValueError, match="batch_size=auto is not supported by torchtune_gist"):
         TorchtuneGistLM(model=tiny_model, tokenizer=tiny_tokenizer, batch_size="auto")
+    with pytest.raises(ValueError, match="batch_size must be a whole number >= 1, got 0"):
+        TorchtuneGistLM(model=tiny_model, tokenizer=tiny_tokenizer, batch_size=0)
     with pytest.raises(ValueError, match="needs trained gist rows"):
         TorchtuneGistLM(config=str(config), mode="gist")
     with pytest.raises(ValueError, match="holds no gist rows"):
@@ -792,9 +794,14 @@ def test_task_metadata_that_other_models_pass_is_not_refused(tiny_tokenizer: Any
 def test_the_command_line_refuses_what_the_gist_model_cannot_honour(tmp_path: Path) -> None:
     from argparse import Namespace
 
-    from torchtune_gist.eval.__main__ import refused_option
+    from torchtune_gist.eval.__main__ import refused_option, run_folder
 
     assert refused_option(Namespace(num_fewshot=None, limit=None)) == ""
+    # --output_path's subfolder per run: lm-eval would draw a random name for a model without pretrained=
+    assert (
+        run_folder({"mode": "pos_control", "checkpoint_dir": "/ckpt/pos/epoch_2"}) == "pos_control__ckpt__pos__epoch_2"
+    )
+    assert run_folder("config=c.yaml,mode=neg_control") == "neg_control" and run_folder({"config": "c"}) == "gist"
     assert refused_option(Namespace(num_fewshot=0, limit=0.5)) == ""
     assert "--num_fewshot 2 is not supported" in refused_option(Namespace(num_fewshot=2, limit=None))
     assert "--apply_chat_template is not supported" in refused_option(Namespace(apply_chat_template=True))
@@ -811,6 +818,10 @@ def test_the_command_line_refuses_what_the_gist_model_cannot_honour(tmp_path: Pa
         "mode, batch_size, device, dtype, max_gen_toks, max_batch_size, responses)"
     )
     assert refused_option(Namespace(model="hf", model_args=misspelt)) == ""
+    for auto in ("auto", "auto:4"):  # lm-eval would build the model first, then fail inside its constructor
+        assert refused_option(Namespace(model="torchtune_gist", batch_size=auto)).startswith(
+            f"--batch_size {auto}: batch_size=auto is not supported by torchtune_gist"
+        )
     assert "--metadata: the gist tasks read no metadata contxt_tokens (did you mean context_tokens?)" in (
         refused_option(Namespace(metadata={"contxt_tokens": [96], "num_samples": 2}))
     )
@@ -891,7 +902,7 @@ def test_cli_runs_a_task(checkpoints: Tuple[Path, Path, torch.nn.Module], tmp_pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "gist_passkey" in proc.stdout
     files = list(out_dir.rglob("results_*.json"))
-    assert len(files) == 1
+    assert len(files) == 1 and files[0].parent.name.startswith("gist__") and files[0].parent.name.endswith(ckpt.name)
     saved = json.loads(files[0].read_text())
     result = saved["results"]["gist_passkey"]
     assert (

@@ -4,18 +4,21 @@ registered and the shipped tasks on the include path. Takes exactly lm-eval's ar
 message, the ``run`` options the gist model cannot honour: ``--num_fewshot`` (one prompt per request is
 compressed), ``--apply_chat_template`` (the tasks lay prompts out as training did), a ``--limit`` below 1,
 ``--model_args`` keys the model does not take and ``--metadata`` keys that read like misspelt task settings; and,
-before the evaluation rather than after it, an ``--output_path`` that cannot be written."""
+before the evaluation rather than after it, an ``--output_path`` that cannot be written. A ``torchtune_gist`` run's
+files land in ``--output_path``'s subfolder named after its mode and checkpoint (lm-eval names it after a
+``pretrained=`` argument, and draws a random name without one)."""
 
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from lm_eval._cli import HarnessCLI
-from lm_eval.utils import setup_logging
+from lm_eval.utils import sanitize_model_name, setup_logging, simple_parse_args_string
 
 from torchtune_gist._io import unwritable_reason
 from torchtune_gist.eval import TASKS_DIR
-from torchtune_gist.eval._model import unknown_model_args
+from torchtune_gist.eval._model import AUTO_BATCH_SIZE_REFUSED, unknown_model_args
 from torchtune_gist.eval._tasks import check_task_settings
 
 
@@ -36,8 +39,10 @@ def refused_option(args: argparse.Namespace) -> str:
             "did (a chat format belongs in the torchtune config's tokenizer and prompt template)"
         )
     model_args = getattr(args, "model_args", None)
-    if getattr(args, "model", None) == "torchtune_gist" and isinstance(model_args, dict):
-        problem = unknown_model_args(model_args)
+    if getattr(args, "model", None) == "torchtune_gist":
+        if str(getattr(args, "batch_size", "")).startswith("auto"):
+            return f"--batch_size {args.batch_size}: {AUTO_BATCH_SIZE_REFUSED}"
+        problem = unknown_model_args(model_args) if isinstance(model_args, dict) else ""
         if problem:
             return problem
     metadata = getattr(args, "metadata", None)
@@ -58,6 +63,16 @@ def refused_option(args: argparse.Namespace) -> str:
     return ""
 
 
+def run_folder(model_args: Any) -> str:
+    """The ``--output_path`` subfolder of a ``torchtune_gist`` run: ``<mode>`` or ``<mode>__<checkpoint_dir>``, the
+    path written as lm-eval writes a model name (``/`` -> ``__``)."""
+    args = model_args if isinstance(model_args, dict) else simple_parse_args_string(model_args or "")
+    checkpoint = str(args.get("checkpoint_dir") or "")
+    return "__".join(
+        part for part in (str(args.get("mode", "gist")), sanitize_model_name(checkpoint).strip("_")) if part
+    )
+
+
 def main() -> None:
     """Parse ``sys.argv`` with lm-eval's parser, add the task directory, run the subcommand."""
     setup_logging()
@@ -66,6 +81,9 @@ def main() -> None:
     problem = refused_option(args)
     if problem:
         sys.exit(f"python -m torchtune_gist.eval: {problem}")
+    output_path = getattr(args, "output_path", None)
+    if getattr(args, "model", None) == "torchtune_gist" and output_path and Path(output_path).suffix != ".json":
+        args.output_path = str(Path(output_path) / run_folder(args.model_args) / "results.json")
     if hasattr(args, "include_path"):
         args.include_path = [str(TASKS_DIR)] + ([args.include_path] if args.include_path else [])
     parser.execute(args)

@@ -55,6 +55,11 @@ from torchtune_gist.training import (
 
 log = logging.getLogger(__name__)
 
+#: Why lm-eval's automatic batch size is refused.
+AUTO_BATCH_SIZE_REFUSED = (
+    "batch_size=auto is not supported by torchtune_gist (lm-eval finds it by running the model until memory runs out, "
+    "which a CPU never reports): give a fixed --batch_size N (8 suits the tiny model on a CPU; a GPU takes more)"
+)
 _GEN_KWARGS = ("until", "max_gen_toks", "do_sample", "temperature", "top_k")
 #: lm-eval's --model_args cannot override the config's keys.
 _CONFIG_EDIT_HINT = (
@@ -306,6 +311,8 @@ class TorchtuneGistLM(LM):
         if mode not in GENERATION_MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(GENERATION_MODES)}")
         self.mode = mode
+        if str(batch_size).startswith("auto"):
+            raise ValueError(AUTO_BATCH_SIZE_REFUSED)
         self.batch_size = _positive_int("batch_size", batch_size)
         self.max_gen_toks = _positive_int("max_gen_toks", max_gen_toks)
         if (config is None) == (model is None):

@@ -557,12 +557,16 @@ def test_responses_log_lets_an_interrupted_evaluation_go_on_where_it_stopped(
         again.generate_until(generate_requests) == expected and again.loglikelihood(score_requests) == expected_scores
     )
 
+    logged = log_file.read_text()
     with caplog.at_level(logging.WARNING):
         other = TorchtuneGistLM(**{**settings, "mode": "truncate"}, responses=str(log_file))
+    previous = log_file.with_name(log_file.name + ".previous")
     assert (
-        f"{log_file} holds responses made with other mode: starting over" in caplog.text
+        f"{log_file} holds 8 responses made with other mode: starting over (the old file is now {previous}"
+        in caplog.text
         and len(other.response_log) == 0
     )
+    assert previous.read_text() == logged  # a setting changed by mistake loses no work
     with pytest.raises(ValueError, match="responses= needs config="):
         TorchtuneGistLM(model=trained, tokenizer=reference.tokenizer, responses=str(log_file))
 

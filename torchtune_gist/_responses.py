@@ -3,13 +3,15 @@ run goes on where it stopped.
 
 A JSON-lines file: the first line records what the responses depend on (``settings``: the mode, the checkpoint's
 files, the model config, ...); each further line holds one response, keyed by a hash of the request. A file made
-with other settings is started over (with a warning naming what changed); a last line cut short by a kill is
+with other settings is moved aside to ``<file>.previous`` and started over (with a warning naming what changed and
+where the old responses went: a setting changed by mistake costs no work); a last line cut short by a kill is
 dropped. JSON only: nothing is unpickled.
 """
 
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Tuple, Union
 
@@ -38,7 +40,8 @@ class ResponseLog:
 
     Args:
         path: the JSON-lines file (created with its folder when missing).
-        settings: what the responses depend on (JSON-able); a file made with other settings is started over.
+        settings: what the responses depend on (JSON-able); a file made with other settings is moved to
+            :attr:`previous_path` (replacing an older one) and started over.
     """
 
     def __init__(self, path: Union[str, Path], settings: Dict[str, Any]) -> None:
@@ -55,14 +58,25 @@ class ResponseLog:
                 changed = sorted(
                     k for k in {**(saved or {}), **self.settings} if (saved or {}).get(k) != self.settings.get(k)
                 )
+                os.replace(self.path, self.previous_path)
                 log.warning(
-                    "%s holds responses made with other %s: starting over", self.path, ", ".join(changed) or "settings"
+                    "%s holds %d responses made with other %s: starting over (the old file is now %s; rename it back "
+                    "and run with its settings to go on from it)",
+                    self.path,
+                    len(entries),
+                    ", ".join(changed) or "settings",
+                    self.previous_path,
                 )
         lines = [{"settings": self.settings}] + [{"key": k, "response": r} for k, r in self._responses.items()]
         atomic_write_text("".join(json.dumps(line) + "\n" for line in lines), self.path)
         self._file = open(self.path, "a", encoding="utf-8")
         if self._responses:
             log.info("%s: %d responses logged earlier are reused", self.path, len(self._responses))
+
+    @property
+    def previous_path(self) -> Path:
+        """Where a file of other settings is moved: ``<file>.previous``."""
+        return self.path.with_name(self.path.name + ".previous")
 
     def _read(self) -> Iterator[Any]:
         """The file's whole lines as JSON (a line cut short, by a kill mid-write, ends the reading)."""

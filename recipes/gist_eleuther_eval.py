@@ -37,8 +37,7 @@ from torchtune import config, utils
 from torchtune.recipe_interfaces import EvalRecipeInterface
 
 from torchtune_gist._io import atomic_write_json, atomic_write_text, unwritable_reason
-from torchtune_gist.eval import TorchtuneGistLM, gist_task_manager, response_settings
-from torchtune_gist.eval._tasks import check_task_settings
+from torchtune_gist.eval import TorchtuneGistLM, check_task_settings, gist_task_manager, response_settings
 from torchtune_gist.eval.compare import (
     comparison_rows,
     document_metadata,
@@ -58,6 +57,7 @@ from torchtune_gist.training import (
 
 log = utils.get_logger("INFO")
 
+#: The top-level keys the recipe reads: required, then optional.
 EVAL_KEYS = ("model", "tokenizer", "checkpointer", "runs", "tasks", "output_dir")
 EVAL_OPTIONAL_KEYS = ("metadata", "limit", "batch_size", "max_gen_toks", "device", "dtype")
 

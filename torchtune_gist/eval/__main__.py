@@ -17,9 +17,8 @@ from lm_eval._cli import HarnessCLI
 from lm_eval.utils import sanitize_model_name, setup_logging, simple_parse_args_string
 
 from torchtune_gist._io import unwritable_reason
-from torchtune_gist.eval import TASKS_DIR
+from torchtune_gist.eval import TASKS_DIR, check_task_settings
 from torchtune_gist.eval._model import AUTO_BATCH_SIZE_REFUSED, unknown_model_args
-from torchtune_gist.eval._tasks import check_task_settings
 
 
 def refused_option(args: argparse.Namespace) -> str:

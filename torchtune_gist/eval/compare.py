@@ -38,8 +38,9 @@ PAPER_LLAMA_7B_ROUGE_L = {
 }
 
 
-#: The task metadata that chooses the documents a task scores (the rest, e.g. the model's arguments, does not).
-DOCUMENT_SETTINGS = ("data_dir", "context_tokens", "depths", "num_samples", "passkey_digits", "seed")
+#: The task metadata that chooses the documents a task scores (the rest, e.g. the model's arguments, does not;
+#: ``data_dir`` names where the Alpaca+ files were read, which differs from machine to machine for the same files).
+DOCUMENT_SETTINGS = ("context_tokens", "depths", "num_samples", "passkey_digits", "seed")
 
 #: Per-example scores of one task: ``{metric: {doc_id: score}}``.
 Examples = Dict[str, Dict[str, float]]
@@ -224,7 +225,8 @@ def document_differences(runs: Sequence[Run], task: str) -> List[str]:
             differences.append(f"{key}: " + ", ".join(f"{r.label} {v}" for r, v in zip(scoring, values)))
     ids = {r.label: _document_ids(r, task) for r in scoring}
     if len({i for i in ids.values() if i is not None}) > 1:
-        differences.append("documents: the per-example files of " + ", ".join(ids) + " name other documents")
+        named = ", ".join(label for label, i in ids.items() if i is not None)
+        differences.append(f"documents: the per-example files of {named} name other documents")
     return differences
 
 

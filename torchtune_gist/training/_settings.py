@@ -125,6 +125,7 @@ TRAINING_OPTIONAL_KEYS = (
 )
 #: torchtune's FSDP settings, which the distributed recipe reads.
 FSDP_KEYS = ("fsdp_cpu_offload", "fsdp_reshard_after_forward", "custom_sharded_layers")
+#: The optional top-level keys of gist_generate.
 GENERATE_OPTIONAL_KEYS = (
     "gist_checkpoint_dir",
     "prompt",
@@ -146,9 +147,9 @@ _INTERPOLATION = re.compile(r"\$\{\s*([A-Za-z_][\w-]*)")
 def _interpolated_keys(node: Any) -> Set[str]:
     """The top-level keys that ``${key...}`` interpolations name anywhere in ``node`` (an unresolved container)."""
     if isinstance(node, dict):
-        return set().union(set(), *(_interpolated_keys(v) for v in node.values()))
+        return set().union(*(_interpolated_keys(v) for v in node.values()))
     if isinstance(node, list):
-        return set().union(set(), *(_interpolated_keys(v) for v in node))
+        return set().union(*(_interpolated_keys(v) for v in node))
     return set(_INTERPOLATION.findall(node)) if isinstance(node, str) else set()
 
 

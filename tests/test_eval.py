@@ -798,7 +798,7 @@ def test_task_metadata_that_other_models_pass_is_not_refused(tiny_tokenizer: Any
 def test_the_command_line_refuses_what_the_gist_model_cannot_honour(tmp_path: Path) -> None:
     from argparse import Namespace
 
-    from torchtune_gist.eval.__main__ import refused_option, run_folder
+    from torchtune_gist.eval.__main__ import default_device, refused_option, run_folder
 
     assert refused_option(Namespace(num_fewshot=None, limit=None)) == ""
     # --output_path's subfolder per run: lm-eval would draw a random name for a model without pretrained=
@@ -806,6 +806,12 @@ def test_the_command_line_refuses_what_the_gist_model_cannot_honour(tmp_path: Pa
         run_folder({"mode": "pos_control", "checkpoint_dir": "/ckpt/pos/epoch_2"}) == "pos_control__ckpt__pos__epoch_2"
     )
     assert run_folder("config=c.yaml,mode=neg_control") == "neg_control" and run_folder({"config": "c"}) == "gist"
+    # without --device: the config's device, not lm-eval's cuda:0 (a cpu config would run on the GPU unannounced)
+    (tmp_path / "on_cpu.yaml").write_text("device: cpu\n")
+    (tmp_path / "unset.yaml").write_text("dtype: fp32\n")
+    assert default_device(f"config={tmp_path / 'on_cpu.yaml'},mode=gist") == "cpu"
+    assert default_device({"config": str(tmp_path / "on_cpu.yaml"), "device": "cuda:1"}) == "cuda:1"
+    assert default_device({"config": str(tmp_path / "unset.yaml")}) == "cpu"
     assert refused_option(Namespace(num_fewshot=0, limit=0.5)) == ""
     assert "--num_fewshot 2 is not supported" in refused_option(Namespace(num_fewshot=2, limit=None))
     assert "--apply_chat_template is not supported" in refused_option(Namespace(apply_chat_template=True))

@@ -6,15 +6,17 @@ compressed), ``--apply_chat_template`` (the tasks lay prompts out as training di
 ``--model_args`` keys the model does not take and ``--metadata`` keys that read like misspelt task settings; and,
 before the evaluation rather than after it, an ``--output_path`` that cannot be written. A ``torchtune_gist`` run's
 files land in ``--output_path``'s subfolder named after its mode and checkpoint (lm-eval names it after a
-``pretrained=`` argument, and draws a random name without one)."""
+``pretrained=`` argument, and draws a random name without one); without ``--device`` it runs on its config's
+``device`` (lm-eval would put its own default, ``cuda:0``, in its place)."""
 
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Dict
 
 from lm_eval._cli import HarnessCLI
 from lm_eval.utils import sanitize_model_name, setup_logging, simple_parse_args_string
+from omegaconf import OmegaConf
 
 from torchtune_gist._io import unwritable_reason
 from torchtune_gist.eval import TASKS_DIR, check_task_settings
@@ -62,10 +64,25 @@ def refused_option(args: argparse.Namespace) -> str:
     return ""
 
 
+def _model_args(model_args: Any) -> Dict[str, Any]:
+    return model_args if isinstance(model_args, dict) else simple_parse_args_string(model_args or "")
+
+
+def default_device(model_args: Any) -> str:
+    """The device of a ``torchtune_gist`` run given no ``--device``: ``device`` in ``--model_args``, else the
+    torchtune config's ``device``, else ``cpu``."""
+    args = _model_args(model_args)
+    if args.get("device"):
+        return str(args["device"])
+    config = Path(str(args.get("config", "")))
+    device = OmegaConf.load(config).get("device") if config.is_file() else None
+    return str(device or "cpu")
+
+
 def run_folder(model_args: Any) -> str:
     """The ``--output_path`` subfolder of a ``torchtune_gist`` run: ``<mode>`` or ``<mode>__<checkpoint_dir>``, the
     path written as lm-eval writes a model name (``/`` -> ``__``)."""
-    args = model_args if isinstance(model_args, dict) else simple_parse_args_string(model_args or "")
+    args = _model_args(model_args)
     checkpoint = str(args.get("checkpoint_dir") or "")
     return "__".join(
         part for part in (str(args.get("mode", "gist")), sanitize_model_name(checkpoint).strip("_")) if part
@@ -80,9 +97,12 @@ def main() -> None:
     problem = refused_option(args)
     if problem:
         sys.exit(f"python -m torchtune_gist.eval: {problem}")
-    output_path = getattr(args, "output_path", None)
-    if getattr(args, "model", None) == "torchtune_gist" and output_path and Path(output_path).suffix != ".json":
-        args.output_path = str(Path(output_path) / run_folder(args.model_args) / "results.json")
+    if getattr(args, "model", None) == "torchtune_gist":
+        output_path = getattr(args, "output_path", None)
+        if output_path and Path(output_path).suffix != ".json":
+            args.output_path = str(Path(output_path) / run_folder(args.model_args) / "results.json")
+        if hasattr(args, "device") and not args.device:
+            args.device = default_device(args.model_args)
     if hasattr(args, "include_path"):
         args.include_path = [str(TASKS_DIR)] + ([args.include_path] if args.include_path else [])
     parser.execute(args)

@@ -245,9 +245,10 @@ class TorchtuneGistLM(LM):
         tokenizer (Any): its tokenizer (with ``model``).
         mode (str): ``gist``, ``pos_control``, ``neg_control`` or ``truncate``. Default ``gist``.
         batch_size (Union[int, str]): requests per forward. Default 1.
-        device (Optional[str]): with ``config``; default the config's ``device`` (else the CPU). lm-eval's
-            command line always passes one (``--device``, default ``cuda:0``), which wins over the config;
-            ``device`` in ``--model_args`` wins over both (as do its ``batch_size`` and ``max_batch_size``).
+        device (Optional[str]): with ``config``; default the config's ``device`` (else the CPU). lm-eval passes
+            ``--device`` (which wins over the config; ``python -m torchtune_gist.eval`` passes the config's when it is
+            not given, where lm-eval would pass ``cuda:0``); ``device`` in ``--model_args`` wins over both (as do its
+            ``batch_size`` and ``max_batch_size``).
             CUDA falls back to the CPU (with a warning) when absent. A given ``model`` stays where it is.
         dtype (Optional[str]): with ``config``: ``fp32``, ``bf16``, ``fp16``. Default: the config's ``dtype`` (else
             ``fp32``).

@@ -33,7 +33,7 @@ one compressed prompt, ``batch_size`` (default 8) at a time: the prompt is compr
 ``kv_bytes``), once all are answered; meanwhile each batch's answers are appended to ``PATH.partial``, and the same
 command run again after an interruption answers only the inputs not answered yet (greedy answers are then those of an
 uninterrupted run; sampled ones are new draws). Other settings (prompt, weights, model, sampling) start it over,
-the old answers moved to ``PATH.partial.previous``.
+the old answers moved to ``PATH.partial.previous`` (``.previous.2``, ... where taken).
 
 Prints the output (for several inputs, each after a ``[i/n] input`` line, as each batch finishes), the compression
 ratio (prompt tokens / K) and the KV bytes each answer held while generating, with the gist cache and as a

@@ -567,6 +567,9 @@ def test_responses_log_lets_an_interrupted_evaluation_go_on_where_it_stopped(
         and len(other.response_log) == 0
     )
     assert previous.read_text() == logged  # a setting changed by mistake loses no work
+    other.response_log.add("generate_until", ("a request",), "its response")
+    TorchtuneGistLM(**{**settings, "mode": "neg_control"}, responses=str(log_file))  # a second change
+    assert previous.read_text() == logged and len(Path(f"{previous}.2").read_text().splitlines()) == 1 + 1
     with pytest.raises(ValueError, match="responses= needs config="):
         TorchtuneGistLM(model=trained, tokenizer=reference.tokenizer, responses=str(log_file))
 

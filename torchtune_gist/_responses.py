@@ -3,12 +3,13 @@ run goes on where it stopped.
 
 A JSON-lines file: the first line records what the responses depend on (``settings``: the mode, the checkpoint's
 files, the model config, ...); each further line holds one response, keyed by a hash of the request. A file made
-with other settings is moved aside to ``<file>.previous`` and started over (with a warning naming what changed and
-where the old responses went: a setting changed by mistake costs no work); a last line cut short by a kill is
-dropped. JSON only: nothing is unpickled.
+with other settings is moved aside to ``<file>.previous`` (``.previous.2``, ... where that is taken) and started
+over, with a warning naming what changed and where the old responses went: a setting changed by mistake costs no
+work. A last line cut short by a kill is dropped. JSON only: nothing is unpickled.
 """
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -40,8 +41,8 @@ class ResponseLog:
 
     Args:
         path: the JSON-lines file (created with its folder when missing).
-        settings: what the responses depend on (JSON-able); a file made with other settings is moved to
-            :attr:`previous_path` (replacing an older one) and started over.
+        settings: what the responses depend on (JSON-able); a file made with other settings is moved to the first
+            free ``<path>.previous``, ``<path>.previous.2``, ... (if it holds responses) and started over.
     """
 
     def __init__(self, path: Union[str, Path], settings: Dict[str, Any]) -> None:
@@ -58,14 +59,19 @@ class ResponseLog:
                 changed = sorted(
                     k for k in {**(saved or {}), **self.settings} if (saved or {}).get(k) != self.settings.get(k)
                 )
-                os.replace(self.path, self.previous_path)
+                kept = ""
+                if entries:
+                    previous = self._free_previous_path()
+                    os.replace(self.path, previous)
+                    kept = (
+                        f" (the old file is now {previous}; rename it back and run with its settings to go on from it)"
+                    )
                 log.warning(
-                    "%s holds %d responses made with other %s: starting over (the old file is now %s; rename it back "
-                    "and run with its settings to go on from it)",
+                    "%s holds %d responses made with other %s: starting over%s",
                     self.path,
                     len(entries),
                     ", ".join(changed) or "settings",
-                    self.previous_path,
+                    kept,
                 )
         lines = [{"settings": self.settings}] + [{"key": k, "response": r} for k, r in self._responses.items()]
         atomic_write_text("".join(json.dumps(line) + "\n" for line in lines), self.path)
@@ -73,10 +79,10 @@ class ResponseLog:
         if self._responses:
             log.info("%s: %d responses logged earlier are reused", self.path, len(self._responses))
 
-    @property
-    def previous_path(self) -> Path:
-        """Where a file of other settings is moved: ``<file>.previous``."""
-        return self.path.with_name(self.path.name + ".previous")
+    def _free_previous_path(self) -> Path:
+        """``<file>.previous``, or ``<file>.previous.N`` for the first N >= 2 not taken."""
+        base = self.path.with_name(self.path.name + ".previous")
+        return next(p for n in itertools.count(1) if not (p := base if n == 1 else Path(f"{base}.{n}")).exists())
 
     def _read(self) -> Iterator[Any]:
         """The file's whole lines as JSON (a line cut short, by a kill mid-write, ends the reading)."""

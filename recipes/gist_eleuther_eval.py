@@ -14,7 +14,8 @@ export, none for the base model's controls; ``name``: default the mode) is evalu
 Each run's results are written to ``output_dir/<name>/results.json`` as it finishes, with each task's per-example
 scores and answers beside it (``samples_<task>.jsonl``: lm-eval's sample records without the documents). A run whose
 results are there (for the same mode, checkpoint and base weight files, model, tokenizer and checkpointer sections,
-dtype, max_gen_toks, tasks, limit and metadata: other settings are refused, naming them) is not evaluated again; a run
+dtype, max_gen_toks, tasks, limit and metadata: other settings are refused before anything is evaluated, naming
+every such run and what changed) is not evaluated again; a run
 interrupted midway goes on from the responses it had computed (``responses.jsonl`` in its folder, deleted once its
 results are saved). Delete a run's ``results.json``, or use another ``output_dir``, to redo it. Last,
 ``output_dir/comparison.md`` and ``comparison.png`` put the runs side by side with each score's share of the control gap
@@ -27,7 +28,7 @@ import json
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import lm_eval
 import torch
@@ -126,6 +127,27 @@ def check_tasks(tasks: List[str]) -> None:
         )
 
 
+def setting_changes(pairs: List[Tuple[str, Any, Any]]) -> List[str]:
+    """``key: old -> new`` for each ``(key, old, new)`` that differs; mappings compared key by key
+    (``metadata.num_samples: 150 -> 2``); a file fingerprint (``*_files``) is only said to have changed."""
+    changes = []
+    for key, old, new in pairs:
+        if old == new:
+            continue
+        if key.endswith("_files"):
+            changes.append(f"{key}: changed since (the files were rewritten)")
+        elif isinstance(old, dict) and isinstance(new, dict):
+            changes += setting_changes([(f"{key}.{k}", old.get(k), new.get(k)) for k in sorted({**old, **new})])
+        else:
+            changes.append(f"{key}: {_short(old)} -> {_short(new)}")
+    return changes
+
+
+def _short(value: Any, width: int = 60) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
 class GistEleutherEvalRecipe(EvalRecipeInterface):
     """lm-eval over several runs of a gist model. Config keys: ``model``, ``tokenizer``, ``checkpointer``, ``runs``,
     ``tasks``, ``metadata``, ``limit``, ``batch_size``, ``max_gen_toks``, ``output_dir``, ``device``, ``dtype``; any
@@ -163,33 +185,53 @@ class GistEleutherEvalRecipe(EvalRecipeInterface):
         if problem:
             raise ValueError(f"output_dir: {problem}")
         self._cfg = cfg
+        stale = [f"{self._results_path(run)}: {changes}" for run in self._runs if (changes := self._changes(run))]
+        if stale:
+            raise ValueError(
+                "\n  ".join(
+                    [
+                        "results of these runs were made with other settings than this config's (delete a results.json "
+                        "to evaluate its run again, or give this evaluation another output_dir):",
+                        *stale,
+                    ]
+                )
+            )
+
+    def _results_path(self, run: Dict[str, Any]) -> Path:
+        return self._output_dir / run["name"] / "results.json"
+
+    def _settings(self, run: Dict[str, Any]) -> Dict[str, Any]:
+        """What a run's results depend on, recorded in its ``results.json``."""
+        evaluated_with = response_settings(
+            self._cfg, run["checkpoint_dir"], run["mode"], self._cfg.get("dtype", "fp32"), self._max_gen_toks
+        )
+        return {
+            "model": "torchtune_gist",
+            "model_args": {"mode": run["mode"], "checkpoint_dir": run["checkpoint_dir"]},
+            "tasks": self._tasks,
+            "limit": self._limit,
+            "metadata": self._metadata,
+            "evaluated_with": json.loads(json.dumps(evaluated_with, default=str)),
+        }
+
+    def _changes(self, run: Dict[str, Any]) -> str:
+        """How a run's saved results' settings differ from this config's (``key: old -> new; ...``); empty if they
+        do not, or there are no results yet."""
+        path = self._results_path(run)
+        if not path.is_file():
+            return ""
+        saved, now = load_run(path).settings, self._settings(run)
+        before = saved.get("evaluated_with")  # results written before the recipe recorded them say nothing of these
+        pairs = [(k, saved.get(k), now[k]) for k in now if k != "evaluated_with"]
+        pairs += [(k, before.get(k), now["evaluated_with"].get(k)) for k in sorted(before or {})]
+        return "; ".join(setting_changes(pairs))
 
     def evaluate(self) -> str:
         """Evaluate each run not evaluated yet, then write and return the comparison (Markdown)."""
         for run in self._runs:
-            path = self._output_dir / run["name"] / "results.json"
-            evaluated_with = response_settings(
-                self._cfg, run["checkpoint_dir"], run["mode"], self._cfg.get("dtype", "fp32"), self._max_gen_toks
-            )
-            settings = {
-                "model": "torchtune_gist",
-                "model_args": {"mode": run["mode"], "checkpoint_dir": run["checkpoint_dir"]},
-                "tasks": self._tasks,
-                "limit": self._limit,
-                "metadata": self._metadata,
-                "evaluated_with": json.loads(json.dumps(evaluated_with, default=str)),
-            }
+            path = self._results_path(run)
+            settings = self._settings(run)
             if path.is_file():
-                saved = load_run(path).settings
-                changed = sorted(k for k in settings if k != "evaluated_with" and saved.get(k) != settings[k])
-                before, now = saved.get("evaluated_with"), settings["evaluated_with"]
-                if before is not None:  # results written before the recipe recorded them say nothing
-                    changed += sorted(k for k in {**before, **now} if before.get(k) != now.get(k))
-                if changed:
-                    raise ValueError(
-                        f"{path} holds results of other {', '.join(changed)} than this config's: delete it to evaluate "
-                        "the run again, or give this evaluation another output_dir"
-                    )
                 log.info(f"{run['name']}: {path} is there, not evaluated again")
                 continue
             log.info(f"{run['name']}: mode={run['mode']}, checkpoint_dir={run['checkpoint_dir']}")

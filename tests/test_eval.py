@@ -1198,20 +1198,18 @@ def test_eval_recipe_runs_gist_and_controls_by_name_and_resumes(
         GistEleutherEvalRecipe(OmegaConf.merge(cfg, {"tasks": []}))
     with pytest.raises(ValueError, match=r"read no metadata contxt_tokens \(did you mean context_tokens"):
         GistEleutherEvalRecipe(OmegaConf.merge(cfg, {"metadata": {"contxt_tokens": [96]}}))
-    changed = OmegaConf.merge(cfg, {"limit": 1})
-    recipe = GistEleutherEvalRecipe(changed)
-    recipe.setup(changed)
-    with pytest.raises(
-        ValueError, match="gist/results.json holds results of other limit than this config's: delete it"
-    ):
-        recipe.evaluate()
+    # results of other settings: every stale run named at once, with what changed, before any model loads
+    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kw: pytest.fail("evaluated before the check"))
+    changed = OmegaConf.merge(cfg, {"limit": 1, "metadata": {"num_samples": 3}})
+    with pytest.raises(ValueError) as e:
+        GistEleutherEvalRecipe(changed).setup(changed)
+    assert str(e.value).splitlines()[1:] == [
+        f"  {tmp_path / 'eval' / name / 'results.json'}: limit: null -> 1; metadata.num_samples: 2 -> 3"
+        for name in ("gist", "pos_control", "no_prompt")
+    ]
     changed = OmegaConf.merge(cfg, {"max_gen_toks": 5, "dtype": "bf16"})  # what the answers depend on, beyond the runs
-    recipe = GistEleutherEvalRecipe(changed)
-    recipe.setup(changed)
-    with pytest.raises(
-        ValueError, match="gist/results.json holds results of other dtype, max_gen_toks than this config's"
-    ):
-        recipe.evaluate()
+    with pytest.raises(ValueError, match=r"gist/results.json: dtype: \"fp32\" -> \"bf16\"; max_gen_toks: 4 -> 5\n"):
+        GistEleutherEvalRecipe(changed).setup(changed)
 
 
 def test_alpaca_plus_offline_names_the_data_dir_settings() -> None:

@@ -37,6 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchtune import config, utils
 from torchtune.recipe_interfaces import EvalRecipeInterface
 
+from torchtune_gist._cli import user_errors
 from torchtune_gist._io import atomic_write_json, atomic_write_text, unwritable_reason
 from torchtune_gist.eval import TorchtuneGistLM, check_task_settings, gist_task_manager, response_settings
 from torchtune_gist.eval.compare import (
@@ -279,10 +280,15 @@ class GistEleutherEvalRecipe(EvalRecipeInterface):
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
     """Entry point: ``tune run gist_eleuther_eval --config ...``."""
-    config.log_config(recipe_name="GistEleutherEvalRecipe", cfg=cfg)
-    recipe = GistEleutherEvalRecipe(cfg=cfg)
-    recipe.setup(cfg=cfg)
-    recipe.evaluate()
+    kept = (
+        f"Each run's responses so far are kept in its folder under {cfg.get('output_dir')} ({RESPONSES_FILE}): the "
+        "same command goes on where it stopped."
+    )
+    with user_errors("gist_eleuther_eval", on_interrupt=kept):
+        config.log_config(recipe_name="GistEleutherEvalRecipe", cfg=cfg)
+        recipe = GistEleutherEvalRecipe(cfg=cfg)
+        recipe.setup(cfg=cfg)
+        recipe.evaluate()
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchtune import config, training, utils
 from tqdm import tqdm
 
+from torchtune_gist._cli import user_errors
 from torchtune_gist._io import atomic_write_text, unwritable_reason
 from torchtune_gist._responses import ResponseLog, file_fingerprint
 from torchtune_gist.checkpointing import check_not_merged_export
@@ -303,10 +304,17 @@ class GistGenerateRecipe:
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
     """Entry point: ``tune run gist_generate --config ...``."""
-    config.log_config(recipe_name="GistGenerateRecipe", cfg=cfg)
-    recipe = GistGenerateRecipe(cfg=cfg)
-    recipe.setup(cfg=cfg)
-    recipe.generate(cfg=cfg)
+    outputs_file = cfg.get("outputs_file")
+    kept = (
+        f"The answers so far are kept in {partial_path(outputs_file)}: the same command answers only the rest."
+        if outputs_file
+        else "(outputs_file=PATH keeps the answers of an interrupted run.)"
+    )
+    with user_errors("gist_generate", on_interrupt=kept):
+        config.log_config(recipe_name="GistGenerateRecipe", cfg=cfg)
+        recipe = GistGenerateRecipe(cfg=cfg)
+        recipe.setup(cfg=cfg)
+        recipe.generate(cfg=cfg)
 
 
 if __name__ == "__main__":

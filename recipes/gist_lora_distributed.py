@@ -24,6 +24,7 @@ from torch import nn
 from torchtune import config, modules, training
 from torchtune.modules.peft import DoRALinear, LoRALinear
 
+from torchtune_gist._cli import user_errors
 from torchtune_gist.modules import set_trainable_params
 from torchtune_gist.training import (
     FSDP_KEYS,
@@ -122,16 +123,17 @@ class GistLoRAFinetuneRecipeDistributed(GistFinetuneRecipeBase):
 @config.parse
 def recipe_main(cfg: DictConfig) -> Optional[int]:
     """Entry point: ``tune run --nproc_per_node N gist_lora_distributed --config ...``."""
-    if not training.is_distributed():
-        raise RuntimeError(
-            "gist_lora_distributed must be launched by a distributed launcher: "
-            "tune run --nproc_per_node N gist_lora_distributed --config ..."
-        )
-    dist.init_process_group("cuda:nccl,cpu:gloo" if torch.cuda.is_available() else "gloo")
-    if cfg.get("fsdp_cpu_offload", False) or not torch.cuda.is_available():
-        training.set_torch_num_threads()
-    config.log_config(recipe_name="GistLoRAFinetuneRecipeDistributed", cfg=cfg)
-    return GistLoRAFinetuneRecipeDistributed(cfg=cfg).run(cfg)
+    with user_errors("gist_lora_distributed"):
+        if not training.is_distributed():
+            raise RuntimeError(
+                "gist_lora_distributed must be launched by a distributed launcher: "
+                "tune run --nproc_per_node N gist_lora_distributed --config ..."
+            )
+        dist.init_process_group("cuda:nccl,cpu:gloo" if torch.cuda.is_available() else "gloo")
+        if cfg.get("fsdp_cpu_offload", False) or not torch.cuda.is_available():
+            training.set_torch_num_threads()
+        config.log_config(recipe_name="GistLoRAFinetuneRecipeDistributed", cfg=cfg)
+        return GistLoRAFinetuneRecipeDistributed(cfg=cfg).run(cfg)
 
 
 if __name__ == "__main__":

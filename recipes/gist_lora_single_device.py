@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from torch import nn
 from torchtune import config, modules, training
 
+from torchtune_gist._cli import user_errors
 from torchtune_gist.modules import set_trainable_params
 from torchtune_gist.training import GistFinetuneRecipeBase, StartingAdapter, load_base_weights
 
@@ -56,13 +57,14 @@ class GistLoRAFinetuneRecipeSingleDevice(GistFinetuneRecipeBase):
 @config.parse
 def recipe_main(cfg: DictConfig) -> Optional[int]:
     """Entry point: ``tune run gist_lora_single_device --config ...``."""
-    if training.is_distributed():
-        raise RuntimeError(
-            "gist_lora_single_device trains in one process, but a launcher started several (each would train alone "
-            "and write the same checkpoints): use tune run --nproc_per_node N gist_lora_distributed --config ..."
-        )
-    config.log_config(recipe_name="GistLoRAFinetuneRecipeSingleDevice", cfg=cfg)
-    return GistLoRAFinetuneRecipeSingleDevice(cfg=cfg).run(cfg)
+    with user_errors("gist_lora_single_device"):
+        if training.is_distributed():
+            raise RuntimeError(
+                "gist_lora_single_device trains in one process, but a launcher started several (each would train "
+                "alone and write the same checkpoints): use tune run --nproc_per_node N gist_lora_distributed --config"
+            )
+        config.log_config(recipe_name="GistLoRAFinetuneRecipeSingleDevice", cfg=cfg)
+        return GistLoRAFinetuneRecipeSingleDevice(cfg=cfg).run(cfg)
 
 
 if __name__ == "__main__":

@@ -981,14 +981,30 @@ def test_user_mistakes_are_named_before_training(assets, tmp_path):
         recipe(output_dir=broken, resume_from_checkpoint="auto")
 
 
-def test_the_single_device_recipe_refuses_several_processes(assets, tmp_path, monkeypatch):
+def test_a_config_mistake_through_tune_run_ends_with_its_message_not_a_traceback(assets, tmp_path):
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "tune"), "run", "gist_lora_single_device", "--config", str(SINGLE)]
+        + overrides(assets, tmp_path, batch_size=-1, resume_from_checkpont=True),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "gist_lora_single_device: gist_lora_single_device does not read resume_from_checkpont" in proc.stderr
+
+
+def test_the_single_device_recipe_refuses_several_processes(assets, tmp_path, monkeypatch, capsys):
     """Under a launcher of several processes (torchrun's environment, as `tune run --nproc_per_node 2` sets it), the
     single-device recipe stops before training: each process would train alone and write the same checkpoints."""
     for key, value in {"MASTER_ADDR": "localhost", "MASTER_PORT": "29500", "WORLD_SIZE": "2", "RANK": "1"}.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(sys, "argv", ["gist_lora_single_device", "--config", str(SINGLE), *overrides(assets, tmp_path)])
-    with pytest.raises(RuntimeError, match="use tune run --nproc_per_node N gist_lora_distributed"):
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SystemExit) as e:
         recipe_main()
+    assert e.value.code == 1 and "use tune run --nproc_per_node N gist_lora_distributed" in capsys.readouterr().err
     assert not (tmp_path / "epoch_0").exists()
 
 

@@ -2,7 +2,8 @@
 
 Usage::
 
-    tune run gist_generate --config configs/tiny/gist_generate.yaml prompt="..." input="..."
+    tune run gist_generate --config configs/tiny/gist_generate.yaml \\
+        prompt="The pass key is 4242. Remember it." input="What is the pass key?"
     tune run gist_generate --config configs/tiny/gist_generate.yaml prompt_file=haystack.txt \\
         input="What is the pass key?"
     tune run gist_generate --config configs/llama3_1/8B_gist_generate.yaml \\

@@ -505,9 +505,9 @@ def check_not_merged_export(base_checkpoint_dir: Optional[Union[str, Path]]) -> 
     if base_checkpoint_dir is not None and (Path(base_checkpoint_dir) / GIST_CONFIG_FILE).is_file():
         raise ValueError(
             f"checkpointer.checkpoint_dir={str(base_checkpoint_dir)!r} is a torchtune-gist merged export (it holds "
-            f"{GIST_CONFIG_FILE}), not a base model: point the checkpointer at the base model and load the adapter "
-            "(gist_checkpoint_dir / checkpoint_dir), or evaluate the export itself with "
-            "python -m torchtune_gist.eval --model_args checkpoint_dir=<the export>"
+            f"{GIST_CONFIG_FILE}), not a base model: point the checkpointer at the base model, and pass the export "
+            "(or its checkpoint's adapter) as gist_checkpoint_dir to gist_generate, as checkpoint_dir to lm-eval's "
+            "--model_args or a gist_eleuther_eval run"
         )
 
 

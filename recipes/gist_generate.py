@@ -274,7 +274,7 @@ class GistGenerateRecipe:
             t0 = time.perf_counter()
             cache = compress(self._model, [encoded[0]["tokens"][: n_prompt + k]], gist_token_ids=self._gist_ids)
             cache.fingerprint["prompt_layout"] = prompt_layout(cfg)
-            log.info(f"Compressed {n_prompt} prompt tokens into {k} gist tokens in {time.perf_counter() - t0:.2f} s")
+            log.info(f"Compressed the prompt into {k} gist tokens in {time.perf_counter() - t0:.2f} s")
         if cfg.get("save_cache"):
             log.info(f"Saved the gist cache to {cache.save(cfg.save_cache)}")
         log_file = None

@@ -954,6 +954,9 @@ def test_gist_generate_answers_from_a_merged_export_as_from_its_adapter(tmp_path
     recipe, cfg = _generate_recipe(assets, tmp_path, {**settings, "gist_checkpoint_dir": str(assets)})
     with pytest.raises(ValueError, match="gist_checkpoint_dir=.*assets' holds no gist rows: expected"):
         recipe.setup(cfg)
+    recipe, cfg = _generate_recipe(assets, tmp_path, {**settings, "gist_checkpoint_dir": str(tmp_path / "nope")})
+    with pytest.raises(FileNotFoundError, match="gist_checkpoint_dir=.*nope' does not exist"):
+        recipe.setup(cfg)
 
 
 def test_gist_generate_refuses_a_merged_export_as_the_base(tmp_path):

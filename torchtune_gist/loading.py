@@ -102,9 +102,12 @@ def load_gist_checkpoint(
         Optional[str]: the ``mask_mode`` the checkpoint was trained with, if it records one.
 
     Raises:
-        ValueError: if ``checkpoint`` is neither, or does not fit the model.
+        FileNotFoundError: if ``checkpoint`` does not exist.
+        ValueError: if it is neither, or does not fit the model.
     """
     directory = Path(checkpoint)
+    if not directory.exists():
+        raise FileNotFoundError(f"{key}={str(directory)!r} does not exist")
     if directory.is_file() or (directory / ADAPTER_FILE).is_file():
         load_base(model, cfg, hint=hint)
         return load_gist_adapter(model, directory).get("mask_mode")

@@ -268,7 +268,8 @@ class GistCache:
         if expected is not None and list(expected) != self.gist_token_ids:
             raise ValueError(
                 f"the cache holds K={self.num_gist_tokens} gist tokens {self.gist_token_ids}, but "
-                f"K={len(list(expected))} gist tokens {list(expected)} are expected"
+                f"K={len(list(expected))} gist tokens {list(expected)} are expected: build the model with "
+                f"num_gist_tokens={self.num_gist_tokens} (the K it was compressed with), or compress the prompt again"
             )
         check_architecture(self, model)
         theirs = self.fingerprint.get("model_id")

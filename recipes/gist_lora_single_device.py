@@ -33,9 +33,9 @@ class GistLoRAFinetuneRecipeSingleDevice(GistFinetuneRecipeBase):
     ``lr_scheduler``, ``loss``, ``metric_logger``, ``device``, ``dtype``, ``seed``, ``epochs``,
     ``max_steps_per_epoch``, ``batch_size``, ``shuffle``, ``gradient_accumulation_steps``, ``clip_grad_norm``,
     ``compile``, ``enable_activation_checkpointing``, ``run_val_every_n_steps``, ``log_every_n_steps``,
-    ``log_peak_memory_stats``, ``output_dir``, ``save_every_n_steps``, ``save_merged_hf``,
-    ``resume_from_checkpoint``, ``base_model_name``, ``initial_adapter``, ``num_gist_tokens``, ``mask_mode``,
-    ``train_lora``, ``mask_format``); nothing else is read. torchtune's ``enable_activation_offloading``,
+    ``log_peak_memory_stats``, ``output_dir``, ``save_every_n_steps``, ``keep_last_n_step_checkpoints``,
+    ``save_merged_hf``, ``resume_from_checkpoint``, ``base_model_name``, ``initial_adapter``, ``num_gist_tokens``,
+    ``mask_mode``, ``train_lora``, ``mask_format``); nothing else is read. torchtune's ``enable_activation_offloading``,
     ``optimizer_in_bwd`` and ``profiler`` are not implemented (an error when turned on)."""
 
     def _setup_model(

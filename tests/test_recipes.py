@@ -497,6 +497,18 @@ def test_an_interrupted_save_leaves_the_earlier_checkpoints_whole(assets, tmp_pa
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_keep_last_n_step_checkpoints_deletes_older_step_checkpoints_only(assets, tmp_path):
+    settings = {"save_every_n_steps": 1, "epochs": 2, "save_merged_hf": False}  # 4 steps an epoch
+    cfg = load_cfg(SINGLE, overrides(assets, tmp_path, keep_last_n_step_checkpoints=2, **settings))
+    run_in_process(cfg)
+    saved = sorted(p.name for p in tmp_path.iterdir() if p.is_dir() and p.name != "logs")
+    assert saved == ["epoch_0", "epoch_1", "step_6", "step_7"]  # step_1 .. step_5 deleted as the later ones landed
+    with pytest.raises(ValueError, match="keep_last_n_step_checkpoints=0 must be a whole number >= 1"):
+        GistLoRAFinetuneRecipeSingleDevice(
+            load_cfg(SINGLE, overrides(assets, tmp_path, keep_last_n_step_checkpoints=0))
+        )
+
+
 def test_latest_checkpoint_is_the_one_saved_last_prefers_the_epoch_and_skips_what_it_cannot_read(tmp_path):
     from torchtune_gist.training import RECIPE_STATE_FILE, latest_checkpoint, save_recipe_state
 

@@ -75,6 +75,7 @@ from torchtune_gist.training._state import (
     RECIPE_STATE_FILE,
     latest_checkpoint,
     load_recipe_state,
+    prune_step_checkpoints,
     read_recipe_progress,
     remove_leftover_checkpoints,
     save_recipe_state,
@@ -109,7 +110,9 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
     - training: ``device``, ``dtype``, ``seed``, ``epochs``, ``max_steps_per_epoch``, ``batch_size``, ``shuffle``,
       ``gradient_accumulation_steps``, ``clip_grad_norm``, ``compile``, ``enable_activation_checkpointing``,
       ``run_val_every_n_steps`` (needs ``validation_dataset``), ``log_every_n_steps``, ``log_peak_memory_stats``;
-    - checkpoints: ``output_dir``, ``save_every_n_steps``, ``save_merged_hf``, ``resume_from_checkpoint``
+    - checkpoints: ``output_dir``, ``save_every_n_steps``, ``keep_last_n_step_checkpoints`` (delete older ``step_N``
+      checkpoints as new ones are saved; epoch checkpoints stay; default: keep all), ``save_merged_hf``,
+      ``resume_from_checkpoint``
       (True: the latest complete checkpoint under ``output_dir``; ``auto``: that, or a fresh start when there is none,
       one command for a first launch and every requeue; or a checkpoint directory),
       ``base_model_name`` (recorded in the adapter; default ``model._component_``), ``initial_adapter`` (a gist
@@ -158,6 +161,7 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
         self._batch_size = count_setting(cfg, "batch_size")
         self._clip_grad_norm = cfg.get("clip_grad_norm", None)
         self._save_every_n_steps = count_setting(cfg, "save_every_n_steps", optional=True)
+        self._keep_last_n_step_checkpoints = count_setting(cfg, "keep_last_n_step_checkpoints", optional=True)
         self._save_merged_hf = bool(cfg.get("save_merged_hf", False))
         self._run_val_every_n_steps = count_setting(cfg, "run_val_every_n_steps", optional=True)
         self._resume_from_checkpoint = cfg.get("resume_from_checkpoint", False)
@@ -693,6 +697,9 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
             )
         replace_directory(partial_dir, directory)
         self._log_info(f"Saved checkpoint to {directory}")
+        if self._keep_last_n_step_checkpoints is not None:
+            for pruned in prune_step_checkpoints(self._output_dir, self._keep_last_n_step_checkpoints):
+                self._log_info(f"Removed {pruned} (keep_last_n_step_checkpoints={self._keep_last_n_step_checkpoints})")
 
     def run(self, cfg: DictConfig) -> Optional[int]:
         """``setup``, ``train`` and, whatever happens, ``cleanup``: a recipe's main. Returns the shell's exit code for

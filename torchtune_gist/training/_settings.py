@@ -112,6 +112,7 @@ TRAINING_OPTIONAL_KEYS = (
     "log_every_n_steps",
     "log_peak_memory_stats",
     "save_every_n_steps",
+    "keep_last_n_step_checkpoints",
     "save_merged_hf",
     "resume_from_checkpoint",
     "base_model_name",

@@ -114,6 +114,25 @@ def remove_leftover_checkpoints(output_dir: Path) -> List[Path]:
     return leftovers
 
 
+def prune_step_checkpoints(output_dir: Path, keep: int) -> List[Path]:
+    """Delete all but the ``keep`` step checkpoints (``step_<N>``) under ``output_dir`` saved last; epoch checkpoints
+    stay. Returns what was deleted."""
+    steps = []
+    for directory in Path(output_dir).glob("step_*"):
+        match = CHECKPOINT_NAME.match(directory.name)
+        if match is None or not directory.is_dir():
+            continue
+        try:
+            progress = read_recipe_progress(directory / RECIPE_STATE_FILE)
+        except (FileNotFoundError, ValueError):
+            progress = {}
+        steps.append(((float(progress.get("saved_at", 0.0)), int(match.group(2))), directory))
+    pruned = [directory for _, directory in sorted(steps)[: max(0, len(steps) - keep)]]
+    for directory in pruned:
+        shutil.rmtree(directory)
+    return pruned
+
+
 def latest_checkpoint(output_dir: Path) -> Optional[Path]:
     """The complete checkpoint directory (``step_<N>`` or ``epoch_<E>``) under ``output_dir`` saved last, if any
     (a run started afresh over an older run's checkpoints is continued, not the older run's higher step); among

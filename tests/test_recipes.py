@@ -1,6 +1,7 @@
 """The gist recipes: by name through ``tune run``, loss goes down, resume is exact, the mask reaches the model."""
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -741,7 +742,7 @@ def test_missing_input_files_are_all_named_with_their_keys(tmp_path):
     check_input_files(OmegaConf.merge(cfg, {"tokenizer": {"special_tokens_path": str(tmp_path / "missing.json")}}))
 
 
-def test_initial_adapter_starts_from_trained_weights_with_a_fresh_schedule(assets, tmp_path):
+def test_initial_adapter_starts_from_trained_weights_with_a_fresh_schedule(assets, tmp_path, caplog):
     common = {"max_steps_per_epoch": 2, "save_merged_hf": False, "lr_scheduler.num_warmup_steps": 0}
     first = run_in_process(load_cfg(SINGLE, overrides(assets, tmp_path / "short", **common)))
     trained = load_file(str(tmp_path / "short" / "epoch_0" / "gist_adapter.safetensors"))
@@ -765,6 +766,9 @@ def test_initial_adapter_starts_from_trained_weights_with_a_fresh_schedule(asset
         setup(initial_adapter=tmp_path / "short" / "epoch_0", num_gist_tokens=2)
     with pytest.raises(ValueError, match="initial_adapter: no gist adapter at"):
         setup(initial_adapter=tmp_path / "nowhere")
+    with caplog.at_level(logging.WARNING):
+        setup(initial_adapter=tmp_path / "short" / "epoch_0", mask_mode="pos_control")
+    assert "was trained with mask_mode=gist; this run trains it on with mask_mode=pos_control" in caplog.text
 
 
 def empty_gist_dataset(tokenizer: Any, num_gist_tokens: int) -> Any:

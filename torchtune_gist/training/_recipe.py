@@ -358,6 +358,12 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
                 f"initial_adapter {path} holds K={k} gist rows; this run has num_gist_tokens={self._num_gist_tokens}"
             )
         self._log_info(f"Starting from the gist adapter {path}")
+        trained = meta.get("mask_mode")
+        if trained is not None and trained != self._mask_mode and self._is_rank_zero:
+            log.warning(
+                f"initial_adapter {path} was trained with mask_mode={trained}; this run trains it on with mask_mode="
+                f"{self._mask_mode} (the paper's controls are trained in their own mode from the start)"
+            )
         return StartingAdapter(load_file(str(path)), "initial_adapter", path, meta)
 
     def _find_resume_checkpoint(self) -> Optional[Path]:

@@ -981,6 +981,9 @@ def test_compare_puts_runs_side_by_side_with_the_share_of_the_control_gap(
         [compare.load_run(f) for f in compare.results_files([tmp_path / "gist", tmp_path / "gist2"])]
     )
     assert [r.label for r in runs] == ["gist (g)", "gist (h)"]
+    assert compare.results_files([tmp_path / "gist", tmp_path / "gist" / "m" / "results_1.json"]) == [
+        tmp_path / "gist" / "m" / "results_1.json"
+    ]  # one run named twice is one run
     _results_file(tmp_path / "pos2" / "results_7.json", {"mode": "pos_control"}, {"rougeL": 0.5})  # e.g. another task
     report = compare.main([str(tmp_path / d) for d in ("pos", "pos2")] + ["--out", str(tmp_path / "cmp2")])
     assert "| alpaca_plus_human | rougeL | 0.6 | 0.5 |" in report and "| pos_control | pos_control #2 |" in report

@@ -65,7 +65,8 @@ class Run:
 
 def results_files(paths: Sequence[Path]) -> List[Path]:
     """The results files named, or found under the directories named: lm-eval's ``results_<date>.json`` (its
-    ``--output_path``) and ``results.json`` (``tune run gist_eleuther_eval``'s ``output_dir``).
+    ``--output_path``) and ``results.json`` (``tune run gist_eleuther_eval``'s ``output_dir``); each file once, however
+    often it is named.
 
     Raises:
         FileNotFoundError: for a path that is neither, or a directory without results.
@@ -79,7 +80,7 @@ def results_files(paths: Sequence[Path]) -> List[Path]:
             )
         if not found:
             raise FileNotFoundError(f"{path}: no lm-eval results file (results_*.json or results.json) there")
-        files += found
+        files += [f for f in found if f.resolve() not in {g.resolve() for g in files}]
     return files
 
 

@@ -697,8 +697,9 @@ def _tiny_gist_model(assets: Path, adapter: Optional[Path] = None) -> nn.Module:
     return model.eval()
 
 
-@pytest.mark.slow
-def test_gist_generate_recipe_runs_by_name(tmp_path, tiny_tokenizer):
+def _trained_tiny_adapter(tmp_path: Path) -> Tuple[Path, torch.nn.Module]:
+    """Tiny assets under ``tmp_path / "assets"`` and a model with random (non-zero) LoRA and gist rows, saved as a
+    gist adapter in ``tmp_path / "adapter"``."""
     assets = tmp_path / "assets"
     write_tiny_tokenizer(assets)
     write_tiny_base_checkpoint(assets)
@@ -708,6 +709,12 @@ def test_gist_generate_recipe_runs_by_name(tmp_path, tiny_tokenizer):
             if "lora_b" in name or "gist_embeddings" in name:
                 p.normal_(0, 0.3)
     save_gist_adapter(trained, tmp_path / "adapter", base_model="tiny")
+    return assets, trained
+
+
+@pytest.mark.slow
+def test_gist_generate_recipe_runs_by_name(tmp_path, tiny_tokenizer):
+    assets, trained = _trained_tiny_adapter(tmp_path)
     cache_path = tmp_path / "cache.safetensors"
     prompt, question = "The sky is blue. The pass key is 4242. Remember it.", "What is the pass key?"
 
@@ -934,15 +941,7 @@ def test_gist_generate_refuses_a_prompt_transform_with_another_k(tmp_path):
 def test_gist_generate_answers_from_a_merged_export_as_from_its_adapter(tmp_path):
     """``gist_checkpoint_dir`` may be the ``hf_merged/`` export the training recipes write (lm-eval reads it too): it
     holds every weight, LoRA folded in, and answers as the adapter on the base does."""
-    assets = tmp_path / "assets"
-    write_tiny_tokenizer(assets)
-    write_tiny_base_checkpoint(assets)
-    trained = _tiny_gist_model(assets)
-    with torch.no_grad():
-        for name, p in trained.named_parameters():
-            if "lora_b" in name or "gist_embeddings" in name:
-                p.normal_(0, 0.3)
-    save_gist_adapter(trained, tmp_path / "adapter", base_model="tiny")
+    assets, trained = _trained_tiny_adapter(tmp_path)
     export_merged_hf(trained, tmp_path / "hf_merged", mask_mode="gist")
     settings = {"prompt": "The sky is blue. The pass key is 4242.", "input": "What is the pass key?"}
     answers = {}

@@ -36,6 +36,7 @@ def test_only_our_own_checks_end_a_recipe_with_a_message_instead_of_a_traceback(
 
     monkeypatch.delenv(TRACEBACK_ENV, raising=False)
     monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(SystemExit) as e, user_errors("prog"):
         count_setting({"epochs": 0}, "epochs")
     assert e.value.code == 1 and capsys.readouterr().err.startswith("prog: epochs=0 must be a whole number >= 1\n")
@@ -43,10 +44,11 @@ def test_only_our_own_checks_end_a_recipe_with_a_message_instead_of_a_traceback(
         int("x")
     with pytest.raises(RuntimeError, match="size mismatch|inconsistent"), user_errors("prog"):
         torch.zeros(2) @ torch.zeros(3)
-    monkeypatch.setenv("RANK", "1")  # under a launcher only rank 0 prints
+    monkeypatch.setenv("RANK", "1")  # under a launcher each rank names itself
+    monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SystemExit), user_errors("prog"):
         count_setting({"epochs": 0}, "epochs")
-    assert capsys.readouterr().err == ""
+    assert capsys.readouterr().err.startswith("prog (rank 1): epochs=0 must be")
     monkeypatch.setenv(TRACEBACK_ENV, "1")
     with pytest.raises(ValueError, match="epochs=0"), user_errors("prog"):
         count_setting({"epochs": 0}, "epochs")

@@ -36,8 +36,9 @@ def raised_by_us(error: BaseException) -> bool:
 @contextmanager
 def user_errors(program: str, *, on_interrupt: Optional[str] = None) -> Iterator[None]:
     """Exit with status 1 and the message of a ``ValueError``, ``TypeError``, ``RuntimeError`` or ``OSError`` that
-    :func:`raised_by_us` (printed by rank 0 alone under a distributed launcher); with ``on_interrupt``, exit with
-    status 130 and that message on Ctrl-C. Other errors propagate with their traceback."""
+    :func:`raised_by_us` (under a launcher of several processes, each names its rank: a mistake in one rank's data is
+    that rank's alone); with ``on_interrupt``, exit with status 130 and that message on Ctrl-C. Other errors propagate
+    with their traceback."""
     try:
         yield
     except KeyboardInterrupt:
@@ -48,6 +49,6 @@ def user_errors(program: str, *, on_interrupt: Optional[str] = None) -> Iterator
     except (ValueError, TypeError, RuntimeError, OSError) as e:
         if not raised_by_us(e) or os.environ.get(TRACEBACK_ENV) == "1":
             raise
-        if os.environ.get("RANK", "0") == "0":
-            print(f"{program}: {e}\n({TRACEBACK_ENV}=1 shows the traceback)", file=sys.stderr)
+        rank = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"{program}{rank}: {e}\n({TRACEBACK_ENV}=1 shows the traceback)", file=sys.stderr)
         sys.exit(1)

@@ -612,6 +612,23 @@ def test_grouped_query_attention_takes_the_cuda_efficient_kernels_layout(monkeyp
     torch.testing.assert_close(grouped_query_attention(q, k, v, mask), want, atol=0, rtol=0)
 
 
+def test_cached_attention_keeps_cudnn_sdpa_out(model, monkeypatch):
+    """cuDNN's SDPA builds a plan for every new key length, i.e. at every decoding step of a growing cache (about
+    50 ms a step on an H200): every attention call of compression and generation must run with it disabled."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    cudnn_enabled: List[bool] = []
+
+    def recording(*args, **kwargs):
+        cudnn_enabled.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    prompt, cont = _example(6, 2, 3)
+    generate_from_cache(model, compress(model, [prompt], gist_token_ids=IDS), [cont], max_new_tokens=3)
+    assert cudnn_enabled and not any(cudnn_enabled)
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # restored afterwards
+
+
 def test_stop_tokens_and_sampling(model):
     examples = [_example(6, 2, 3), _example(9, 4, 4)]
     prompts, conts = [p for p, _ in examples], [c for _, c in examples]

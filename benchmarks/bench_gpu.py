@@ -868,6 +868,8 @@ def render_gpu_markdown(res: Optional[Dict[str, Any]]) -> str:
         ),
         "",
     ]
+    if res.get("notes"):
+        out += ["### Findings of the same session", "", *(f"- {n}" for n in res["notes"]), ""]
     if "attention" in res:
         a = res["attention"]
         out += [

@@ -836,7 +836,11 @@ def make_gpu_plots(res: Dict[str, Any], out: Path) -> List[str]:
 
 
 def render_gpu_markdown(res: Optional[Dict[str, Any]]) -> str:
-    """The GPU section of RESULTS.md (``res`` is ``results_gpu.json``, or ``None`` when no GPU run exists)."""
+    """The GPU section of RESULTS.md (``res`` is ``results_gpu.json``, or ``None`` when no GPU run exists).
+
+    ``res["notes"]``, markdown lines added to the file after a run (what further runs of the same session found), is
+    rendered as a list under the run's date and command.
+    """
     if res is None:
         return (
             "## GPU\n\n"

@@ -134,6 +134,7 @@ class Settings:
     memory_prompt_lens: Tuple[int, ...]
     memory_rows: int
     memory_chunk_size: int
+    memory_in_process: bool  # measure peak memory in this process: quicker, less clean (the smoke test's)
 
 
 FULL = Settings(
@@ -172,6 +173,7 @@ FULL = Settings(
     memory_prompt_lens=(1024, 2048, 4096),
     memory_rows=2,
     memory_chunk_size=DEFAULT_CHUNK_SIZE,
+    memory_in_process=False,
 )
 
 QUICK = Settings(
@@ -207,6 +209,7 @@ QUICK = Settings(
     memory_prompt_lens=(64,),
     memory_rows=2,
     memory_chunk_size=16,
+    memory_in_process=True,
 )
 
 SECTIONS = ("training", "packing", "inference", "masks")
@@ -792,8 +795,12 @@ def batched_decode(shape: Dict[str, int], s: Settings, k: int, pad_id: int) -> D
     return out
 
 
-def _peak_memory(spec: Dict[str, Any]) -> Dict[str, Any]:
-    """``benchmarks/_peak_memory.py``'s measurement of one call, in a fresh process."""
+def _peak_memory(spec: Dict[str, Any], in_process: bool) -> Dict[str, Any]:
+    """``benchmarks/_peak_memory.py``'s measurement of one call, in a fresh process unless ``in_process``."""
+    if in_process:
+        from _peak_memory import measure
+
+        return measure(spec)
     proc = subprocess.run(
         [sys.executable, str(BENCH_DIR / "_peak_memory.py"), json.dumps(spec)],
         capture_output=True,
@@ -811,7 +818,11 @@ def _memory_cells(what: str, s: Settings, specs: Callable[[int], Dict[str, Dict[
     cells = []
     for p in tqdm(s.memory_prompt_lens, desc=f"{what} memory", leave=False):
         (a, spec_a), (b, spec_b) = specs(p).items()
-        cell: Dict[str, Any] = {"prompt_len": p, a: _peak_memory(spec_a), b: _peak_memory(spec_b)}
+        cell: Dict[str, Any] = {
+            "prompt_len": p,
+            a: _peak_memory(spec_a, s.memory_in_process),
+            b: _peak_memory(spec_b, s.memory_in_process),
+        }
         cell[f"peak_ratio_{a}_vs_{b}"] = cell[a]["peak_bytes"] / max(cell[b]["peak_bytes"], 1)
         cell[f"time_ratio_{a}_vs_{b}"] = cell[a]["time_s"] / cell[b]["time_s"]
         print(
@@ -824,7 +835,8 @@ def _memory_cells(what: str, s: Settings, specs: Callable[[int], Dict[str, Dict[
 
 
 def compress_memory(shape: Dict[str, int], s: Settings, k: int, threads: int) -> Dict[str, Any]:
-    """Peak memory and time of ``compress`` in one pass vs in chunks, each call in a fresh process."""
+    """Peak memory and time of ``compress`` in one pass vs in chunks, each call in a fresh process (``--quick``: in
+    this one)."""
     base = {
         "op": "compress",
         "arch": _arch(shape, s.infer_max_seq_len),
@@ -846,7 +858,7 @@ def compress_memory(shape: Dict[str, int], s: Settings, k: int, threads: int) ->
 def score_memory(shape: Dict[str, int], s: Settings, k: int, threads: int) -> Dict[str, Any]:
     """Peak memory and time of lm-eval's ``loglikelihood`` scoring in ``gist`` mode: ``score_continuations`` (the
     prompt compressed, the continuation read after the K entries, in chunks) vs one full-sequence forward under the
-    dense gist mask (the scoring it replaced), each call in a fresh process."""
+    dense gist mask (the scoring it replaced), each call in a fresh process (``--quick``: in this one)."""
     cont_len, scored = 2 * s.cont_len, s.cont_len  # an input of cont_len / 2 tokens, then the scored answer
     base = {
         "arch": _arch(shape, s.infer_max_seq_len),

@@ -88,11 +88,13 @@ def test_quick_writes_markdown_and_plots(quick_run: Path) -> None:
     assert not list(quick_run.glob(".*tmp*")), "temporary files left behind"
 
 
-def test_render_only_rebuilds_the_report_from_json(quick_run: Path) -> None:
+def test_render_only_rebuilds_the_report_from_json(quick_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(BENCH))  # the scripts import their siblings
+    import bench_cpu
+
     (quick_run / "RESULTS.md").unlink()
     before = json.loads((quick_run / "results_cpu.json").read_text())
-    proc = _run(str(BENCH / "bench_cpu.py"), "--render-only", "--out", str(quick_run))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    bench_cpu.main(["--render-only", "--out", str(quick_run)])
     after = json.loads((quick_run / "results_cpu.json").read_text())
     assert after["inference"] == before["inference"] and after["goals"] == before["goals"]
     assert "### Goals" in (quick_run / "RESULTS.md").read_text()
@@ -109,19 +111,27 @@ def test_bench_cpu_rejects_unknown_section(
     assert e.value.code == 2 and "unknown sections" in capsys.readouterr().err
 
 
-def test_bench_gpu_dry_run() -> None:
-    proc = _run(str(BENCH / "bench_gpu.py"), "--dry-run")
-    assert proc.returncode == 0, proc.stderr
-    assert "dry run: nothing measured" in proc.stdout
+def _bench_gpu(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.syspath_prepend(str(BENCH))  # the scripts import their siblings
+    import bench_gpu
+
+    return bench_gpu
+
+
+def test_bench_gpu_dry_run(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    assert _bench_gpu(monkeypatch).main(["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "dry run: nothing measured" in out
     if not torch.cuda.is_available():
-        assert "no GPU" in proc.stdout
+        assert "no GPU" in out
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
-def test_bench_gpu_measures_nothing_without_gpu(tmp_path: Path) -> None:
-    proc = _run(str(BENCH / "bench_gpu.py"), "--out", str(tmp_path))
-    assert proc.returncode == 2
-    assert "no CUDA GPU" in proc.stderr
+def test_bench_gpu_measures_nothing_without_gpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    assert _bench_gpu(monkeypatch).main(["--out", str(tmp_path)]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
     assert not (tmp_path / "results_gpu.json").exists()
 
 
@@ -154,9 +164,10 @@ def test_device_check_runs_every_step(tmp_path: Path) -> None:
     assert "tiny shapes: a check of the script" in (out / "RESULTS.md").read_text()
 
 
-def test_bench_gpu_rejects_bad_shapes() -> None:
-    proc = _run(str(BENCH / "bench_gpu.py"), "--dry-run", "--train-shapes", "2x")
-    assert proc.returncode == 2 and "BATCHxSEQ" in proc.stderr
+def test_bench_gpu_rejects_bad_shapes(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as e:
+        _bench_gpu(monkeypatch).main(["--dry-run", "--train-shapes", "2x"])
+    assert e.value.code == 2 and "BATCHxSEQ" in capsys.readouterr().err
 
 
 def _study_module():

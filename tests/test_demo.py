@@ -17,9 +17,9 @@ def test_short_demo_produces_table_and_plot_and_gist_beats_negative_control(tmp_
         passkey_digits=3,
         num_gist_tokens=4,
         base_steps=120,
-        gist_steps=120,
+        gist_steps=60,
         control_steps=10,
-        eval_samples=40,  # gist 50%, no context 0% (2026-12-03)
+        eval_samples=40,  # gist 22.5% [10, 35], no context 0% (2026-12-04)
     )
     results = run(settings)
     out = capsys.readouterr().out

@@ -21,6 +21,7 @@ saves ``step_<N>`` and returns; a second Ctrl-C (seconds later) stops at once.
 import math
 import signal
 import time
+import warnings
 from functools import partial
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -479,16 +480,18 @@ class GistFinetuneRecipeBase(FTRecipeInterface):
         sampler = StatefulDistributedSampler(
             ds, num_replicas=self.world_size, rank=self.rank, shuffle=shuffle, seed=self.seed
         )
-        return StatefulDataLoader(
-            dataset=ds,
-            batch_size=self._batch_size,
-            sampler=sampler,
-            collate_fn=partial(collate_fn, **collate_kwargs),
-            drop_last=drop_last,
-            generator=torch.Generator().manual_seed(
-                self.seed
-            ),  # a new iterator's draw leaves the global generator alone
-        )
+        with warnings.catch_warnings():  # torchdata 0.11 calls torch.set_vital, which torch 2.13 deprecates
+            warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+            return StatefulDataLoader(
+                dataset=ds,
+                batch_size=self._batch_size,
+                sampler=sampler,
+                collate_fn=partial(collate_fn, **collate_kwargs),
+                drop_last=drop_last,
+                generator=torch.Generator().manual_seed(
+                    self.seed
+                ),  # a new iterator's draw leaves the global generator alone
+            )
 
     def _allow_flex_recompiles(self, max_seq_len: int) -> None:
         """Let torchtune's compiled flex_attention (``dynamic=False``) compile for every padded batch length.

@@ -126,6 +126,15 @@ def test_bench_gpu_dry_run(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Captu
         assert "no GPU" in out
 
 
+def test_gpu_report_lists_the_notes_added_to_its_results(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What later runs of a GPU session found is added to results_gpu.json as ``notes`` and shown with the run."""
+    machine = {"date": "2026-12-04 15:51 UTC", "cuda": "NVIDIA H200", "cpu_model": "x", "cores": 16, "torch": "2.11"}
+    res = {"meta": {"machine": machine, "tiny": False, "command": "bench_gpu.py", "duration_s": 1.0}}
+    report = _bench_gpu(monkeypatch).render_gpu_markdown({**res, "notes": ["cuDNN rebuilt its plan", "second"]})
+    assert "### Findings of the same session\n\n- cuDNN rebuilt its plan\n- second\n" in report
+    assert "Findings" not in _bench_gpu(monkeypatch).render_gpu_markdown(res)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
 def test_bench_gpu_measures_nothing_without_gpu(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture

@@ -25,6 +25,7 @@ and paired 95% bootstrap intervals (:mod:`torchtune_gist.eval.compare`).
 import difflib
 import gc
 import json
+import logging
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -68,6 +69,14 @@ RESPONSES_FILE = "responses.jsonl"
 
 #: What a per-example record keeps of lm-eval's (the document itself, a whole haystack perhaps, is left out).
 SAMPLE_FIELDS = ("doc_id", "target", "filtered_resps", "filter", "metrics")
+
+
+class _WithoutMetadataHint(logging.Filter):
+    """Drops lm-eval's hint to pass task settings with ``--metadata`` (its command line's flag): this recipe takes
+    them from its config's ``metadata``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Custom kwargs can be passed to `--metadata`" not in record.getMessage()
 
 
 def sample_lines(samples: List[Dict[str, Any]]) -> str:
@@ -244,13 +253,18 @@ class GistEleutherEvalRecipe(EvalRecipeInterface):
                 max_gen_toks=self._max_gen_toks,
                 responses=str(path.with_name(RESPONSES_FILE)),
             )
-            results = lm_eval.simple_evaluate(
-                model=lm,
-                tasks=self._tasks,
-                limit=self._limit,
-                log_samples=True,
-                task_manager=gist_task_manager(tokenizer=lm.tokenizer, **self._metadata),
-            )
+            task_log, hint = logging.getLogger("lm_eval.api.task"), _WithoutMetadataHint()
+            task_log.addFilter(hint)
+            try:
+                results = lm_eval.simple_evaluate(
+                    model=lm,
+                    tasks=self._tasks,
+                    limit=self._limit,
+                    log_samples=True,
+                    task_manager=gist_task_manager(tokenizer=lm.tokenizer, **self._metadata),
+                )
+            finally:
+                task_log.removeFilter(hint)
             print(make_table(results))
             for task, samples in results["samples"].items():
                 atomic_write_text(sample_lines(samples), samples_path(path, task))

@@ -1159,6 +1159,7 @@ def test_eval_recipe_runs_gist_and_controls_by_name_and_resumes(
     assert (tmp_path / "eval" / "comparison.png").is_file()
     # once: importing torchtune_gist.eval must not give the root logger a handler (rouge-score's absl logging did)
     assert proc.stderr.count(f"gist: mode=gist, checkpoint_dir={ckpt}") == 1
+    assert "--metadata" not in proc.stderr  # lm-eval's hint names its command line's flag, not this recipe's config
 
     (tmp_path / "eval" / "no_prompt" / "results.json").unlink()
     evaluated = []

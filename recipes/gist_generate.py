@@ -24,10 +24,11 @@ context, ``input`` the question). Everything before the gist span is compressed;
 the continuation that is fed after the cached gist entries. A saved cache is reused with
 ``load_cache`` (``prompt`` is then ignored) after checking that it was made by this model with this prompt layout.
 
-OmegaConf reads ``prompt=...`` / ``input=...`` on the command line as YAML: newlines fold, ``#``
-starts a comment, ``Note: x`` becomes a mapping and ``12345`` a number; tune refuses a value holding
-``=``. Quote such text for YAML (``'prompt="12345"'``), or put it in a file: ``prompt_file=PATH`` / ``input_file=PATH``
-(UTF-8, taken as is but for one final newline; a file replaces the config's ``prompt`` / ``input``).
+OmegaConf reads ``prompt=...`` / ``input=...`` on the command line as YAML: newlines fold, `` #``
+starts a comment (refused: the text would be cut), ``Note: x`` becomes a mapping and ``12345`` a number; tune
+refuses a value holding ``=``. Quote such text for YAML (``'prompt="12345"'``), or put it in a file:
+``prompt_file=PATH`` / ``input_file=PATH`` (UTF-8, taken as is but for one final newline; a file replaces the
+config's ``prompt`` / ``input``).
 ``inputs_file=PATH`` (one input per line, blank lines skipped; it replaces ``input``) answers many inputs from the
 one compressed prompt, ``batch_size`` (default 8) at a time: the prompt is compressed once, whatever the count.
 ``outputs_file=PATH`` also writes the answers there, one JSON object per line and input (``input``, ``output``,
@@ -102,6 +103,25 @@ def read_text_setting(cfg: DictConfig, key: str) -> Optional[str]:
             f"as YAML; quote the text ('{key}=\"...\"') or put it in a file and pass {file_key}=PATH"
         )
     return value
+
+
+def check_no_comment_cut(argv: List[str], cfg: DictConfig) -> None:
+    """Refuse a ``prompt=`` / ``input=`` command-line text that YAML cut at `` #`` (the rest read as a comment).
+
+    Raises:
+        ValueError: naming the text, what was kept of it, and the two ways to pass it whole.
+    """
+    for key in ("prompt", "input"):
+        given = [arg.split("=", 1)[1] for arg in argv if arg.startswith(f"{key}=")]
+        value = cfg.get(key)
+        if not given or not isinstance(value, str) or " #" not in given[-1]:
+            continue
+        raw = given[-1]
+        if value != raw and raw.split(" #", 1)[0].strip() == value.strip():
+            raise ValueError(
+                f"{key}={raw!r} was read as {value!r}: YAML takes ' #' and what follows for a comment; quote the "
+                f"text ('{key}=\"...\"') or put it in a file and pass {key}_file=PATH"
+            )
 
 
 def read_inputs(cfg: DictConfig, single: str) -> List[str]:
@@ -312,6 +332,7 @@ def recipe_main(cfg: DictConfig) -> None:
         else "(outputs_file=PATH keeps the answers of an interrupted run.)"
     )
     with user_errors("gist_generate", on_interrupt=kept):
+        check_no_comment_cut(sys.argv[1:], cfg)
         config.log_config(recipe_name="GistGenerateRecipe", cfg=cfg)
         recipe = GistGenerateRecipe(cfg=cfg)
         recipe.setup(cfg=cfg)

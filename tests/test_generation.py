@@ -784,6 +784,30 @@ def test_gist_generate_recipe_runs_by_name(tmp_path, tiny_tokenizer):
     assert f"Compression: {n_prompt - 1} prompt tokens" in log_again and "Compressed" not in log_again
 
 
+def test_gist_generate_refuses_a_prompt_cut_at_a_yaml_comment(monkeypatch, capsys):
+    """``prompt="a # b"`` reaches the recipe as ``a``: refused before anything loads, with the two ways out."""
+    import gist_generate
+    from omegaconf import OmegaConf
+
+    config = str(REPO / "configs/tiny/gist_generate.yaml")
+    monkeypatch.setattr(sys, "argv", ["gist_generate", "--config", config, "prompt=Keep 12 # not a comment"])
+    with pytest.raises(SystemExit) as stop:
+        gist_generate.recipe_main()
+    assert stop.value.code == 1
+    assert (
+        "prompt='Keep 12 # not a comment' was read as 'Keep 12': YAML takes ' #' and what follows for a comment"
+        in capsys.readouterr().err
+    )
+    for argv, cfg in (
+        (['prompt="a # b"'], {"prompt": "a # b"}),  # quoted for YAML: read whole
+        (["prompt=a#b"], {"prompt": "a#b"}),  # no space before '#': no comment
+        (["input=x # y"], {"input": "x # y", "prompt": "p"}),  # set otherwise, e.g. by an interpolation
+    ):
+        gist_generate.check_no_comment_cut(argv, OmegaConf.create(cfg))
+    with pytest.raises(ValueError, match="input='x # y' was read as 'x'"):
+        gist_generate.check_no_comment_cut(["input=x # y"], OmegaConf.create({"input": "x"}))
+
+
 def _generate_recipe(assets: Path, tmp_path: Path, settings: dict, dotlist: Sequence[str] = ()):
     """``GistGenerateRecipe`` on configs/tiny/gist_generate.yaml, in this process, with ``settings`` merged in
     (and ``dotlist`` read as the command line would be)."""

@@ -27,7 +27,7 @@ PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}
 DTYPE=${DTYPE:-bf16}
 TIME_SCALE=${TIME_SCALE:-1}
-BENCH_ARGS=${BENCH_ARGS:---layers 8 --qlora-shapes 1x2048,4x512 --reps 5 --train-shapes 1x4096 --pack-examples 32 --prompt-lens 4096,16384 --decode-batch 1,8 --new-tokens 16 --stock-cache-len 16448}
+BENCH_ARGS=${BENCH_ARGS:---layers 8 --qlora-shapes 1x2048,4x512 --reps 5 --train-shapes 1x4096 --pack-examples 32 --prompt-lens 4096,16384 --decode-batch 1,8,32 --new-tokens 16 --stock-cache-len 16448}
 mkdir -p "$OUT"
 : > "$OUT/summary.txt"
 exec > >(tee "$OUT/log.txt") 2>&1

@@ -71,7 +71,7 @@ def results_files(paths: Sequence[Path]) -> List[Path]:
     Raises:
         FileNotFoundError: for a path that is neither, or a directory without results.
     """
-    files = []
+    files: Dict[Path, Path] = {}  # resolved path -> the path as found
     for path in map(Path, paths):
         found = [path] if path.is_file() else []
         if path.is_dir():
@@ -80,8 +80,9 @@ def results_files(paths: Sequence[Path]) -> List[Path]:
             )
         if not found:
             raise FileNotFoundError(f"{path}: no lm-eval results file (results_*.json or results.json) there")
-        files += [f for f in found if f.resolve() not in {g.resolve() for g in files}]
-    return files
+        for f in found:
+            files.setdefault(f.resolve(), f)
+    return list(files.values())
 
 
 def samples_path(results_path: Path, task: str) -> Path:
@@ -259,6 +260,11 @@ def comparison_rows(runs: Sequence[Run], *, iters: int = BOOTSTRAP_ITERS, seed: 
         controls = {
             mode: [r for r in runs if r.mode == mode and task in r.scores] for mode in ("pos_control", "neg_control")
         }
+        pos, neg = controls["pos_control"], controls["neg_control"]
+        one_pair = len(pos) == 1 and len(neg) == 1
+        same_documents = {  # the runs that scored the controls' documents: the only ones given a gap share
+            r.label for r in runs if one_pair and not document_differences([r, pos[0], neg[0]], task)
+        }
         for metric in metrics:
             values = {r.label: r.scores.get(task, {}).get(metric) for r in runs}
             row: Dict[str, Any] = {
@@ -278,8 +284,7 @@ def comparison_rows(runs: Sequence[Run], *, iters: int = BOOTSTRAP_ITERS, seed: 
                     for r in runs
                     if (per_doc := r.examples.get(task, {}).get(metric))
                 }
-            pos, neg = controls["pos_control"], controls["neg_control"]
-            if len(pos) == 1 and len(neg) == 1:
+            if one_pair:
                 p, n = pos[0].scores[task].get(metric), neg[0].scores[task].get(metric)
                 if p is not None and n is not None:
                     shared = [
@@ -287,7 +292,7 @@ def comparison_rows(runs: Sequence[Run], *, iters: int = BOOTSTRAP_ITERS, seed: 
                         for r in runs
                         if r.mode not in ("pos_control", "neg_control")
                         and values[r.label] is not None
-                        and not document_differences([r, pos[0], neg[0]], task)
+                        and r.label in same_documents
                     ]
                     row["gap_share"] = {r.label: gap_share(values[r.label], p, n) for r in shared}
                     paired = {r.label: _paired([r, pos[0], neg[0]], task, metric) for r in shared} if iters > 0 else {}

@@ -1,10 +1,12 @@
 """Smoke tests of the benchmark scripts: they run and write their outputs (no timing goals are checked here)."""
 
+import importlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -88,13 +90,16 @@ def test_quick_writes_markdown_and_plots(quick_run: Path) -> None:
     assert not list(quick_run.glob(".*tmp*")), "temporary files left behind"
 
 
-def test_render_only_rebuilds_the_report_from_json(quick_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.syspath_prepend(str(BENCH))  # the scripts import their siblings
-    import bench_cpu
+def _script(monkeypatch: pytest.MonkeyPatch, name: str) -> ModuleType:
+    """The benchmark script ``name`` as a module (``benchmarks/`` on the path: the scripts import their siblings)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    return importlib.import_module(name)
 
+
+def test_render_only_rebuilds_the_report_from_json(quick_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (quick_run / "RESULTS.md").unlink()
     before = json.loads((quick_run / "results_cpu.json").read_text())
-    bench_cpu.main(["--render-only", "--out", str(quick_run)])
+    _script(monkeypatch, "bench_cpu").main(["--render-only", "--out", str(quick_run)])
     after = json.loads((quick_run / "results_cpu.json").read_text())
     assert after["inference"] == before["inference"] and after["goals"] == before["goals"]
     assert "### Goals" in (quick_run / "RESULTS.md").read_text()
@@ -103,23 +108,13 @@ def test_render_only_rebuilds_the_report_from_json(quick_run: Path, monkeypatch:
 def test_bench_cpu_rejects_unknown_section(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    monkeypatch.syspath_prepend(str(BENCH))  # the scripts import their siblings
-    import bench_cpu
-
     with pytest.raises(SystemExit) as e:
-        bench_cpu.main(["--quick", "--only", "nonsense", "--out", str(tmp_path)])
+        _script(monkeypatch, "bench_cpu").main(["--quick", "--only", "nonsense", "--out", str(tmp_path)])
     assert e.value.code == 2 and "unknown sections" in capsys.readouterr().err
 
 
-def _bench_gpu(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.syspath_prepend(str(BENCH))  # the scripts import their siblings
-    import bench_gpu
-
-    return bench_gpu
-
-
 def test_bench_gpu_dry_run(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    assert _bench_gpu(monkeypatch).main(["--dry-run"]) == 0
+    assert _script(monkeypatch, "bench_gpu").main(["--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "dry run: nothing measured" in out
     if not torch.cuda.is_available():
@@ -130,16 +125,18 @@ def test_gpu_report_lists_the_notes_added_to_its_results(monkeypatch: pytest.Mon
     """What later runs of a GPU session found is added to results_gpu.json as ``notes`` and shown with the run."""
     machine = {"date": "2026-12-04 15:51 UTC", "cuda": "NVIDIA H200", "cpu_model": "x", "cores": 16, "torch": "2.11"}
     res = {"meta": {"machine": machine, "tiny": False, "command": "bench_gpu.py", "duration_s": 1.0}}
-    report = _bench_gpu(monkeypatch).render_gpu_markdown({**res, "notes": ["cuDNN rebuilt its plan", "second"]})
+    report = _script(monkeypatch, "bench_gpu").render_gpu_markdown(
+        {**res, "notes": ["cuDNN rebuilt its plan", "second"]}
+    )
     assert "### Findings of the same session\n\n- cuDNN rebuilt its plan\n- second\n" in report
-    assert "Findings" not in _bench_gpu(monkeypatch).render_gpu_markdown(res)
+    assert "Findings" not in _script(monkeypatch, "bench_gpu").render_gpu_markdown(res)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
 def test_bench_gpu_measures_nothing_without_gpu(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    assert _bench_gpu(monkeypatch).main(["--out", str(tmp_path)]) == 2
+    assert _script(monkeypatch, "bench_gpu").main(["--out", str(tmp_path)]) == 2
     assert "no CUDA GPU" in capsys.readouterr().err
     assert not (tmp_path / "results_gpu.json").exists()
 
@@ -175,7 +172,7 @@ def test_device_check_runs_every_step(tmp_path: Path) -> None:
 
 def test_bench_gpu_rejects_bad_shapes(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as e:
-        _bench_gpu(monkeypatch).main(["--dry-run", "--train-shapes", "2x"])
+        _script(monkeypatch, "bench_gpu").main(["--dry-run", "--train-shapes", "2x"])
     assert e.value.code == 2 and "BATCHxSEQ" in capsys.readouterr().err
 
 

@@ -318,7 +318,13 @@ def render_cpu_markdown(res: Dict[str, Any]) -> str:
         f"- Date: {mach['date']}",
         f"- Machine: {mach['cpu_model']}, {mach['cores']} cores, {mach['memory_gib']} GiB; torch {mach['torch']} "
         f"(Python {mach['python']}), fp32; `torch.set_num_threads({mach['torch_threads']})`.",
-        f"- Command: `{m['command']}` ({fmt(m['duration_s'])} s)",
+        f"- Command: `{m['command']}` ({fmt(m['duration_s'])} s"
+        + (
+            "; by section: " + ", ".join(f"{name} {fmt(sec)} s" for name, sec in m["section_s"].items())
+            if m.get("section_s")
+            else ""
+        )
+        + ")",
         f"- Load average (1/5/15 min) before: {la0}, after: {la1}, at each section: {m.get('load_sections')}. "
         + (
             "**The machine was loaded** (other jobs shared the CPU during the run): absolute numbers are low and "

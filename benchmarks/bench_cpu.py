@@ -1040,6 +1040,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             "settings": asdict(s),
             "load_before": load_average(),
             "load_sections": {},
+            "section_s": {},
             "threads_note": THREADS_NOTE,
         }
     }
@@ -1055,7 +1056,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         for name in SECTIONS:
             if name in only:
                 res["meta"]["load_sections"][name] = load_average()
+                t_section = time.perf_counter()
                 res[name] = runs[name]()
+                res["meta"]["section_s"][name] = time.perf_counter() - t_section
     res["meta"]["load_after"] = load_average()
     res["meta"]["duration_s"] = time.perf_counter() - t_start
     return _finish(res, out)

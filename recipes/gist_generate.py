@@ -28,8 +28,8 @@ OmegaConf reads ``prompt=...`` / ``input=...`` on the command line as YAML: newl
 starts a comment (refused: the text would be cut), ``Note: x`` becomes a mapping and ``12345`` a number; tune
 refuses a value holding ``=``. Quote such text for YAML (``'prompt="12345"'``), or put it in a file:
 ``prompt_file=PATH`` / ``input_file=PATH`` (UTF-8, taken as is but for one final newline; a file replaces the
-config's ``prompt`` / ``input``).
-``inputs_file=PATH`` (one input per line, blank lines skipped; it replaces ``input``) answers many inputs from the
+config's ``prompt`` / ``input``; two ways to give one text on the same command line are refused).
+``inputs_file=PATH`` (one input per line, blank lines skipped; it replaces the config's ``input``) answers many inputs from the
 one compressed prompt, ``batch_size`` (default 8) at a time: the prompt is compressed once, whatever the count.
 ``outputs_file=PATH`` also writes the answers there, one JSON object per line and input (``input``, ``output``,
 ``kv_bytes``), once all are answered; meanwhile each batch's answers are appended to ``PATH.partial``, and the same
@@ -121,6 +121,26 @@ def check_no_comment_cut(argv: List[str], cfg: DictConfig) -> None:
             raise ValueError(
                 f"{key}={raw!r} was read as {value!r}: YAML takes ' #' and what follows for a comment; quote the "
                 f"text ('{key}=\"...\"') or put it in a file and pass {key}_file=PATH"
+            )
+
+
+#: Command-line keys that each give the same text; one of a group wins silently over the others, so only one is taken.
+TEXT_SOURCES: Tuple[Tuple[str, ...], ...] = (("prompt", "prompt_file"), ("input", "input_file", "inputs_file"))
+
+
+def check_one_source_per_text(argv: List[str]) -> None:
+    """Refuse a command line that gives the prompt, or the input, more than one way (``input=`` beside
+    ``inputs_file=``: the file's lines would be answered and ``input`` dropped without a word).
+
+    Raises:
+        ValueError: naming the keys given and which one would be used.
+    """
+    for group in TEXT_SOURCES:
+        given = [key for key in group if any(arg.lstrip("+").startswith(f"{key}=") for arg in argv)]
+        if len(given) > 1:
+            raise ValueError(
+                f"{' and '.join(f'{key}=' for key in given)} on one command line: {given[-1]} would be used and "
+                f"{' and '.join(given[:-1])} ignored; give one of them"
             )
 
 
@@ -332,6 +352,7 @@ def recipe_main(cfg: DictConfig) -> None:
         else "(outputs_file=PATH keeps the answers of an interrupted run.)"
     )
     with user_errors("gist_generate", on_interrupt=kept):
+        check_one_source_per_text(sys.argv[1:])
         check_no_comment_cut(sys.argv[1:], cfg)
         config.log_config(recipe_name="GistGenerateRecipe", cfg=cfg)
         recipe = GistGenerateRecipe(cfg=cfg)

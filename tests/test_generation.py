@@ -808,6 +808,25 @@ def test_gist_generate_refuses_a_prompt_cut_at_a_yaml_comment(monkeypatch, capsy
         gist_generate.check_no_comment_cut(["input=x # y"], OmegaConf.create({"input": "x"}))
 
 
+def test_gist_generate_refuses_two_sources_of_one_text(monkeypatch, capsys):
+    """``input=`` beside ``inputs_file=`` would answer the file and drop ``input`` silently: refused, naming both."""
+    import gist_generate
+
+    config = str(REPO / "configs/tiny/gist_generate.yaml")
+    argv = ["gist_generate", "--config", config, "input=What is it?", "inputs_file=questions.txt"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as stop:
+        gist_generate.recipe_main()
+    assert stop.value.code == 1
+    assert (
+        "input= and inputs_file= on one command line: inputs_file would be used and input ignored"
+        in capsys.readouterr().err
+    )
+    with pytest.raises(ValueError, match="prompt= and prompt_file= on one command line: prompt_file would be used"):
+        gist_generate.check_one_source_per_text(["prompt_file=p.txt", "prompt=x"])
+    gist_generate.check_one_source_per_text(["prompt=x", "inputs_file=q.txt", "input_file_note=1"])
+
+
 def _generate_recipe(assets: Path, tmp_path: Path, settings: dict, dotlist: Sequence[str] = ()):
     """``GistGenerateRecipe`` on configs/tiny/gist_generate.yaml, in this process, with ``settings`` merged in
     (and ``dotlist`` read as the command line would be)."""

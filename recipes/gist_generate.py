@@ -29,8 +29,9 @@ starts a comment (refused: the text would be cut), ``Note: x`` becomes a mapping
 refuses a value holding ``=``. Quote such text for YAML (``'prompt="12345"'``), or put it in a file:
 ``prompt_file=PATH`` / ``input_file=PATH`` (UTF-8, taken as is but for one final newline; a file replaces the
 config's ``prompt`` / ``input``; two ways to give one text on the same command line are refused).
-``inputs_file=PATH`` (one input per line, blank lines skipped; it replaces the config's ``input``) answers many inputs from the
-one compressed prompt, ``batch_size`` (default 8) at a time: the prompt is compressed once, whatever the count.
+``inputs_file=PATH`` (one input per line, blank lines skipped; it replaces the config's ``input``) answers many
+inputs from the one compressed prompt, ``batch_size`` (default 8) at a time: the prompt is compressed once, whatever
+the count.
 ``outputs_file=PATH`` also writes the answers there, one JSON object per line and input (``input``, ``output``,
 ``kv_bytes``), once all are answered; meanwhile each batch's answers are appended to ``PATH.partial``, and the same
 command run again after an interruption answers only the inputs not answered yet (greedy answers are then those of an

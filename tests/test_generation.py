@@ -261,12 +261,16 @@ def test_fingerprint_skips_switched_off_adapters_and_records_rope(model):
     b.tok_embeddings.load_state_dict(a.tok_embeddings.state_dict())
     ids = a.tok_embeddings.gist_token_ids
     assert model_fingerprint(a, ids)["weights_sha256"] != model_fingerprint(b, ids)["weights_sha256"]
+    with_adapters = compress(a, [[1, 2] + ids], gist_token_ids=ids)
+    assert with_adapters.fingerprint["unmerged_adapters"] is True
     for m in (a, b):
         for module in m.modules():
             if hasattr(module, "disabled"):
                 module.disabled = True
     assert model_fingerprint(a, ids)["weights_sha256"] == model_fingerprint(b, ids)["weights_sha256"]
     compress(a, [[1, 2] + ids], gist_token_ids=ids).check_compatible(b)
+    with pytest.raises(ValueError, match="LoRA adapters applied beside the base weights, and this model has none"):
+        with_adapters.check_compatible(b)  # as a merged export of a's checkpoint loads
 
     cache = compress(model, [_example(5, 1, 8)[0]], gist_token_ids=IDS)
     assert cache.fingerprint["rope"] == {

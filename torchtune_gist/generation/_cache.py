@@ -16,6 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 from torchtune.modules import TransformerDecoder
+from torchtune.modules.peft import DoRALinear, LoRALinear
 
 from torchtune_gist._checks import check_whole
 from torchtune_gist._io import atomic_save_safetensors
@@ -72,7 +73,8 @@ def model_fingerprint(
 
     Returns:
         Dict[str, Any]: JSON-serialisable: ``num_layers``, ``num_heads``, ``num_kv_heads``,
-        ``head_dim``, ``rope`` (:func:`rope_settings`), ``weights_sha256`` and ``model_id``.
+        ``head_dim``, ``rope`` (:func:`rope_settings`), ``weights_sha256``, ``model_id`` and ``unmerged_adapters``
+        (whether LoRA/DoRA adapters were applied beside the base weights, not merged into them).
     """
     attns = self_attention_modules(model)
     digest = hashlib.sha256()
@@ -95,7 +97,13 @@ def model_fingerprint(
         "rope": rope_settings(attns[0]),
         "weights_sha256": digest.hexdigest(),
         "model_id": model_id,
+        "unmerged_adapters": has_unmerged_adapters(model),
     }
+
+
+def has_unmerged_adapters(model: nn.Module) -> bool:
+    """Whether ``model`` applies LoRA/DoRA adapters beside its base weights (not switched off, not merged)."""
+    return any(isinstance(m, (LoRALinear, DoRALinear)) and not m.disabled for m in model.modules())
 
 
 def rope_settings(attn: nn.Module) -> Optional[Dict[str, Any]]:
@@ -288,6 +296,13 @@ class GistCache:
                     f"the cache was made by a model in {self.dtype}, but this model runs in {dtype}: its weights, "
                     f"rounded to {dtype}, differ from those that made the cache; load the model in {self.dtype} or "
                     "compress the prompts again with this model"
+                )
+            if self.fingerprint.get("unmerged_adapters") and not has_unmerged_adapters(model):
+                raise ValueError(
+                    "the cache was made by a model with its LoRA adapters applied beside the base weights, and this "
+                    "model has none (a merged export, say): merged weights round differently and give other keys "
+                    "and values, so compress the prompts again with this model, or load the adapter checkpoint that "
+                    "made the cache"
                 )
             raise ValueError(
                 "the cache was made by a model with different weights (its gist rows or attention weights differ): "

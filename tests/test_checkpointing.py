@@ -417,3 +417,9 @@ def test_unwritable_reason_names_a_folder_this_process_may_not_write(tmp_path: P
             _io.unwritable_reason(path, directory=path == tmp_path)
             == f"this process may not write in {tmp_path} (read-only, or another user's)"
         )
+    monkeypatch.undo()
+    if Path("/proc/self").is_dir():  # a folder that passes os.access for root but takes no files
+        assert _io.unwritable_reason("/proc/gist_out/results.json", directory=False).startswith(
+            "this process cannot create files in /proc ("
+        )
+    assert list(tmp_path.iterdir()) == [tmp_path / "file"]  # the probe left nothing behind

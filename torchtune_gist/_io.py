@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Union
@@ -22,7 +23,8 @@ from safetensors.torch import save_file
 def unwritable_reason(path: Union[str, Path], *, directory: bool) -> Optional[str]:
     """Why ``path`` cannot be written as a directory (``directory=True``) or a file, or ``None``: it exists as the
     other kind, a parent of it is a file, or this process may not write there (a read-only mount, another user's
-    folder). Checks only what exists (nothing is created)."""
+    folder, a folder that takes no files such as ``/proc``). Creates nothing but one temporary file, removed at once, in
+    the nearest existing folder."""
     path = Path(path)
     if path.exists() and path.is_dir() != directory:
         return f"{path} is a {'file' if directory else 'directory'}, not a {'directory' if directory else 'file'}"
@@ -32,6 +34,11 @@ def unwritable_reason(path: Union[str, Path], *, directory: bool) -> Optional[st
     existing = path if path.is_dir() else next(parent for parent in path.parents if parent.exists())
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"this process may not write in {existing} (read-only, or another user's)"
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        return f"this process cannot create files in {existing} ({e.strerror or e})"
     return None
 
 

@@ -33,6 +33,18 @@ def _variant_order(name: str) -> Tuple[int, int]:
     return (1 if parts[0] == "padded" else 2, number, int(parts[-1] == "segments"))
 
 
+def bytes_read_ratio(shape: Dict[str, Any], prompt_len: int, k: int, rows: int = 1) -> float:
+    """Full prompt / gist cache: the bytes a mid-generation decode step reads, the weights once and each row's KV.
+
+    What the decode speed-up would be if a step's time followed the bytes it reads (a memory-bound step); the
+    prompt's KV saved is the only difference, so a large weight share caps what the gist cache can save.
+    """
+    held = k + shape["cont_len"] + shape["new_tokens"] / 2  # KV entries beside the prompt's, halfway through
+    per_row = shape["kv_bytes_per_token"]
+    full = shape["weight_bytes"] + rows * per_row * (prompt_len + held)
+    return full / (shape["weight_bytes"] + rows * per_row * held)
+
+
 def evaluate_goals(res: Dict[str, Any]) -> List[Dict[str, Any]]:
     """Each goal with its target, the measured value and whether it was met."""
     goals = []
@@ -87,14 +99,16 @@ def evaluate_goals(res: Dict[str, Any]) -> List[Dict[str, Any]]:
         )
         for name, sh in inf["shapes"].items():
             longest = max(c["prompt_len"] for c in sh["cells"])
-            speedups = [c["decode_speedup_gist_vs_full"] for c in sh["cells"] if c["prompt_len"] == longest]
+            at_longest = [c for c in sh["cells"] if c["prompt_len"] == longest]
+            speedups = [c["decode_speedup_gist_vs_full"] for c in at_longest]
             r = median(speedups)
             spread = f" (K cells: {min(speedups):.2f}-{max(speedups):.2f}x)" if len(speedups) > 1 else ""
+            read = median([bytes_read_ratio(sh, longest, c["k"]) for c in at_longest])
             goals.append(
                 {
                     "goal": f"decode at {longest}-token prompts, {name} shape: full-prompt / gist-cache ms per token",
                     "target": ">= 2x",
-                    "measured": f"{r:.2f}x{spread}",
+                    "measured": f"{r:.2f}x{spread}; bytes a step reads, full / gist: {read:.2f}x",
                     "met": r >= 2,
                 }
             )
@@ -106,7 +120,8 @@ def evaluate_goals(res: Dict[str, Any]) -> List[Dict[str, Any]]:
                     "goal": f"decode at {b['prompt_len']}-token prompts, gqa shape, {b['rows']} rows per batch (each "
                     "its own prompt): full-prompt / gist-cache ms per step",
                     "target": ">= 2x",
-                    "measured": f"{r:.2f}x (K={b['k']})",
+                    "measured": f"{r:.2f}x (K={b['k']}); bytes a step reads, full / gist: "
+                    f"{bytes_read_ratio(inf['shapes']['gqa'], b['prompt_len'], b['k'], b['rows']):.2f}x",
                     "met": r >= 2,
                 }
             )
@@ -593,7 +608,12 @@ def _render_inference(inf: Dict[str, Any]) -> List[str]:
         "the gist cache can at best remove that share of the step: batch-1 decoding stays "
         "weight-bound while the prompt's KV is small beside the weights, and the gain grows with the KV heads, the "
         "prompt length and the batch (KV is per row, weights are shared), where attention dominates. Fixed per-step "
-        "costs (Python, per-layer dispatch) also count against both equally.",
+        "costs (Python, per-layer dispatch) also count against both equally. The goals table gives, beside each "
+        "decode ratio, the ratio of the bytes a step reads (weights + KV, full prompt / gist cache): what a purely "
+        "memory-bound step would gain. In the `gqa` shape it is below 2x at batch 1, so no implementation can reach "
+        "the 2x goal there on a memory-bound step (the measured ratio may exceed it only where attention costs more "
+        "than reading its KV). Llama 3.1 8B in bf16 reads about 15 GB of weights per step and 0.5 GiB of KV per row "
+        "at P = 4096: 1.04x at batch 1, 2x from about 28 rows.",
         "",
         "![KV bytes](kv_bytes.png)",
         "",

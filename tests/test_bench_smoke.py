@@ -105,6 +105,21 @@ def test_render_only_rebuilds_the_report_from_json(quick_run: Path, monkeypatch:
     assert "### Goals" in (quick_run / "RESULTS.md").read_text()
 
 
+def test_bytes_read_ratio_weighs_the_prompts_kv_against_the_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Weights of 100 bytes, 1 KV byte per entry, K=2, 2 continuation and 4 new tokens (4 entries held halfway)."""
+    ratio = _script(monkeypatch, "_cpu_report").bytes_read_ratio
+    shape = {"weight_bytes": 100, "kv_bytes_per_token": 1, "cont_len": 2, "new_tokens": 4}
+    assert ratio(shape, prompt_len=96, k=2) == pytest.approx((100 + 96 + 6) / (100 + 6))
+    assert ratio(shape, prompt_len=96, k=2, rows=4) == pytest.approx((100 + 4 * 102) / (100 + 4 * 6))
+
+
+def test_quick_run_records_each_sections_seconds(quick_run: Path) -> None:
+    meta = json.loads((quick_run / "results_cpu.json").read_text())["meta"]
+    assert set(meta["section_s"]) == {"training", "packing", "inference", "masks"}
+    assert sum(meta["section_s"].values()) <= meta["duration_s"]
+    assert "; by section: " in (quick_run / "RESULTS.md").read_text()
+
+
 def test_bench_cpu_rejects_unknown_section(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:

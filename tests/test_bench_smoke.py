@@ -113,6 +113,18 @@ def test_bytes_read_ratio_weighs_the_prompts_kv_against_the_weights(monkeypatch:
     assert ratio(shape, prompt_len=96, k=2, rows=4) == pytest.approx((100 + 4 * 102) / (100 + 4 * 6))
 
 
+def test_packing_ceiling_removes_the_per_step_cost_from_batch_size_1(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Steps of 20 ms plus 1 ms per token slot: 100 one-token steps take 2.1 s, of which 0.1 s are tokens."""
+    report = _script(monkeypatch, "_cpu_report")
+    variants = {
+        name: {"steps": steps, "token_slots": slots, "time_s": 0.02 * steps + 0.001 * slots}
+        for name, steps, slots in (("batch_size_1", 100, 100), ("packed_8_segments", 13, 104), ("packed_4", 25, 100))
+    }
+    variants["packed_4"]["time_s"] = 99.0  # a dense packed row (attention over the whole row): left out of the fit
+    assert report.step_cost_fit(variants) == pytest.approx((0.02, 0.001))
+    assert report.packing_ceiling(variants) == pytest.approx(21.0)
+
+
 def test_quick_run_records_each_sections_seconds(quick_run: Path) -> None:
     meta = json.loads((quick_run / "results_cpu.json").read_text())["meta"]
     assert set(meta["section_s"]) == {"training", "packing", "inference", "masks"}

@@ -231,6 +231,15 @@ def _arch(args: argparse.Namespace, **overrides: Any) -> Dict[str, Any]:
     return {**base, **overrides}
 
 
+def weight_bytes_per_step(arch: Dict[str, Any], bytes_per_value: int = 2) -> int:
+    """Bytes of weights a decode step reads: every layer's projections and norms, the final norm and the output
+    projection (one embedding row, negligible, left out)."""
+    d, heads, kv_heads = arch["embed_dim"], arch["num_heads"], arch["num_kv_heads"]
+    head_dim = d // heads
+    layer = 2 * d * heads * head_dim + 2 * d * kv_heads * head_dim + 3 * d * arch["intermediate_dim"] + 2 * d
+    return bytes_per_value * (arch["num_layers"] * layer + d + arch["vocab_size"] * d)
+
+
 def _gist_ids(vocab_size: int, k: int) -> List[int]:
     from torchtune_gist.gist_tokens import default_gist_token_ids
 
@@ -950,6 +959,7 @@ def render_gpu_markdown(res: Optional[Dict[str, Any]]) -> str:
         ]
     if "decode" in res:
         d = res["decode"]
+        weights = weight_bytes_per_step(d["arch"], 2 if "bfloat16" in d["dtype"] else 4)
         out += [
             f"### Decode on 8B-shaped layers ({d['arch']['num_layers']} layers, {d['dtype']}, K={d['k']}, "
             f"{d['new_tokens']} new tokens)",
@@ -962,6 +972,7 @@ def render_gpu_markdown(res: Optional[Dict[str, Any]]) -> str:
                     "gist ms/tok",
                     "stock ms/tok",
                     "full / gist",
+                    "bytes read, full / gist",
                     "KV full",
                     "KV gist",
                     "KV stock",
@@ -973,10 +984,19 @@ def render_gpu_markdown(res: Optional[Dict[str, Any]]) -> str:
                         for m in ("full", "gist", "stock")
                     ]
                     + [f"{r['decode_speedup_gist_vs_full']:.2f}x" if "decode_speedup_gist_vs_full" in r else None]
+                    + [
+                        f"{(weights + r['full']['kv_bytes']) / (weights + r['gist']['kv_bytes']):.2f}x"
+                        if "kv_bytes" in r["full"] and "kv_bytes" in r["gist"]
+                        else None
+                    ]
                     + [r[m].get("kv_bytes") for m in ("full", "gist", "stock")]
                     for r in d["rows"]
                 ],
             ),
+            "",
+            f"Bytes read: the weights a step reads ({weights / 1e9:.2f} GB: every layer and the output projection) "
+            "plus the KV held, full prompt over gist cache, what a memory-bound step would gain; a step bound by "
+            "kernel launches gains nothing.",
             "",
         ]
         if any("compress_chunked" in r for r in d["rows"]):

@@ -125,6 +125,14 @@ def test_packing_ceiling_removes_the_per_step_cost_from_batch_size_1(monkeypatch
     assert report.packing_ceiling(variants) == pytest.approx(21.0)
 
 
+def test_weight_bytes_per_step_counts_llama3_1_8b_but_its_embedding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the embedding table added back, the count is Llama 3.1 8B's published 8,030,261,248 parameters."""
+    bench_gpu = _script(monkeypatch, "bench_gpu")
+    arch = {**bench_gpu.LLAMA3_1_8B_ARGS, "num_layers": 32}
+    embedding = arch["vocab_size"] * arch["embed_dim"]
+    assert bench_gpu.weight_bytes_per_step(arch) == 2 * (8_030_261_248 - embedding)
+
+
 def test_quick_run_records_each_sections_seconds(quick_run: Path) -> None:
     meta = json.loads((quick_run / "results_cpu.json").read_text())["meta"]
     assert set(meta["section_s"]) == {"training", "packing", "inference", "masks"}

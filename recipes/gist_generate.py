@@ -194,8 +194,8 @@ class GistGenerateRecipe:
     """Generation from a gist cache. Config keys: ``model``, ``tokenizer``, ``checkpointer``,
     ``gist_checkpoint_dir``, ``num_gist_tokens``, ``prompt_transform``, ``prompt`` or ``prompt_file``,
     ``input`` or ``input_file`` or ``inputs_file``, ``batch_size``, ``max_new_tokens``, ``temperature``, ``top_k``,
-    ``save_cache``, ``load_cache``, ``outputs_file``, ``device``, ``dtype``, ``seed``; any other top-level key is
-    refused unless an interpolation reads it."""
+    ``compile``, ``save_cache``, ``load_cache``, ``outputs_file``, ``device``, ``dtype``, ``seed``; any other
+    top-level key is refused unless an interpolation reads it."""
 
     config_keys = GENERATE_KEYS + GENERATE_OPTIONAL_KEYS
 
@@ -271,6 +271,7 @@ class GistGenerateRecipe:
                 stop_tokens=self._tokenizer.stop_tokens,
                 pad_id=self._tokenizer.pad_id,
                 rng=rng,
+                compile=cfg.get("compile", False),
             )
             for i, tokens, kv_bytes in zip(batch, out.tokens, out.row_kv_bytes):
                 text = self._tokenizer.decode([t for t in tokens if t not in stops])

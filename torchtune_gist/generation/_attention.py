@@ -76,6 +76,10 @@ class KVStore:
     never attended. ``fill`` slots are in use; a forward pass of ``s`` tokens writes slots
     ``fill .. fill + s - 1`` of every layer and then :meth:`advance` moves ``fill`` on.
 
+    A one-token decoding step (:meth:`step_mask`) instead writes at ``cursor``, a tensor, and attends over every slot
+    (those not filled yet are not valid): its shapes do not change from step to step, so a compiled step
+    (:func:`decode_step_logits` under ``torch.compile``) is traced once, not at every new length.
+
     Args:
         keys (List[torch.Tensor]): per layer ``[b, n_kv, capacity, h_d]``.
         values (List[torch.Tensor]): per layer, same shapes.
@@ -87,6 +91,8 @@ class KVStore:
         b, _, capacity, _ = keys[0].shape
         self.valid = torch.zeros(b, capacity, dtype=torch.bool, device=keys[0].device)
         self.fill = 0
+        self.cursor = torch.zeros(1, dtype=torch.long, device=keys[0].device)
+        self.stepping = False
 
     @classmethod
     def empty(
@@ -150,6 +156,7 @@ class KVStore:
         """
         b, s = new_valid.shape
         self._check_room(s)
+        self.stepping = False
         end = self.fill + s
         self.valid[:, self.fill : end] = new_valid
         query_slot = torch.arange(self.fill, end, device=new_valid.device).unsqueeze(-1)
@@ -157,8 +164,26 @@ class KVStore:
         mask = (key_slot <= query_slot) & self.valid[:, None, :end]
         return mask | (key_slot == query_slot)
 
+    def step_mask(self) -> torch.Tensor:
+        """Start a one-token decoding step at slot ``fill``: its keys/values go to ``cursor`` and it attends over
+        every slot of the store, the valid ones (all of them up to its own: slots fill left to right).
+
+        Returns:
+            torch.Tensor: bool ``[b, 1, capacity]``.
+        """
+        self._check_room(1)
+        self.stepping = True
+        self.cursor.fill_(self.fill)
+        self.valid[:, self.fill] = True
+        return self.valid[:, None, :]
+
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Write ``k``/``v`` ``[b, n_kv, s, h_d]`` at the next ``s`` slots; return the filled views."""
+        """Write ``k``/``v`` ``[b, n_kv, s, h_d]`` at the next ``s`` slots; return the filled views (in a decoding
+        step: write at ``cursor`` and return the whole buffers)."""
+        if self.stepping:
+            self.keys[layer].index_copy_(2, self.cursor, k)
+            self.values[layer].index_copy_(2, self.cursor, v)
+            return self.keys[layer], self.values[layer]
         end = self.fill + k.shape[2]
         self.keys[layer][:, :, self.fill : end] = k
         self.values[layer][:, :, self.fill : end] = v
@@ -302,6 +327,24 @@ def forward_through_store(
         h = layer(h, mask=mask, input_pos=input_pos)
     store.advance(tokens.shape[1])
     return h
+
+
+def decode_step_logits(
+    model: TransformerDecoder, token: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """One decoding step through the layers of ``model`` (inside :func:`store_attention`, after
+    :meth:`KVStore.step_mask`): fp32 next-token logits ``[b, vocab]``.
+
+    Args:
+        model (TransformerDecoder): the model, its attention swapped for the store.
+        token (torch.Tensor): ``[b, 1]`` token ids.
+        input_pos (torch.Tensor): ``[b, 1]`` absolute positions.
+        mask (torch.Tensor): bool ``[b, 1, capacity]`` from :meth:`KVStore.step_mask`.
+    """
+    h = model.tok_embeddings(token)
+    for layer in model.layers:
+        h = layer(h, mask=mask, input_pos=input_pos)
+    return last_logits(model, h)
 
 
 def _chunks(s: int, chunk_size: int) -> List[slice]:

@@ -37,7 +37,7 @@ from torchtune_gist._checks import check_whole, is_whole
 from torchtune_gist.generation._attention import (
     DEFAULT_CHUNK_SIZE,
     KVStore,
-    forward_through_store,
+    decode_step_logits,
     last_logits,
     prefill,
     store_attention,
@@ -140,9 +140,10 @@ def _decode(
     rng: Optional[torch.Generator],
     return_logits: bool,
     chunk_size: int,
+    compile: bool = False,
 ) -> GenerationOutput:
     """Feed ``rows`` (row ``i`` at positions ``start_pos[i] + j``, ``chunk_size`` tokens per pass) after what ``store``
-    holds, then decode.
+    holds, then decode, one step at a time through :func:`decode_step_logits` (compiled with ``compile``).
 
     Rows that emit a stop token leave the batch (and the store) once a quarter of the rows still
     decoding have finished, so a batch no longer runs every row until its longest answer ends.
@@ -158,6 +159,7 @@ def _decode(
     lengths = torch.full((b,), max_new_tokens, dtype=torch.long, device=device)
     done = torch.zeros(b, dtype=torch.bool, device=device)
     active = torch.arange(b, device=device)  # the batch rows still decoding, in the store's row order
+    step_logits = torch.compile(decode_step_logits, fullgraph=True) if compile else decode_step_logits
     steps: List[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = []
     with store_attention(model, store):
         logits = last_logits(model, prefill(model, store, tokens, input_pos, valid, chunk_size))
@@ -178,15 +180,9 @@ def _decode(
                 keep = live.nonzero().squeeze(1)
                 store.keep_rows(keep)
                 active, token = active[keep], token[keep]
-            n = len(active)
-            h = forward_through_store(
-                model,
-                store,
-                token[:, None],
-                (next_pos[active] + step)[:, None],
-                torch.ones(n, 1, dtype=torch.bool, device=device),
-            )
-            logits = last_logits(model, h)
+            mask = store.step_mask()
+            logits = step_logits(model, token[:, None], (next_pos[active] + step)[:, None], mask)
+            store.advance(1)
     out = torch.full((b, len(steps)), pad_id, dtype=torch.long, device=device)
     for step, (rows_at, token, _) in enumerate(steps):
         out[rows_at, step] = token
@@ -263,6 +259,7 @@ def generate_from_cache(
     suppress_token_ids: Optional[Sequence[int]] = None,
     return_logits: bool = False,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    compile: bool = False,
 ) -> GenerationOutput:
     """Generate after compressed prompts: the continuations and new tokens see only the K gist entries and themselves.
 
@@ -286,6 +283,8 @@ def generate_from_cache(
         return_logits (bool): also return each step's raw logits.
         chunk_size (int): continuation tokens per forward pass before decoding (bounds the
             attention mask and activations of a long continuation; the result is the same).
+        compile (bool): run each decoding step through ``torch.compile`` (fewer kernel launches a step: what bounds
+            decoding on a GPU; traced once per batch size and store size, so it pays over many new tokens).
 
     Returns:
         GenerationOutput: new tokens per example, KV bytes and slots held, optionally logits.
@@ -323,6 +322,7 @@ def generate_from_cache(
         rng=rng,
         return_logits=return_logits,
         chunk_size=chunk_size,
+        compile=compile,
     )
 
 
@@ -342,6 +342,7 @@ def generate(
     suppress_token_ids: Optional[Sequence[int]] = None,
     return_logits: bool = False,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    compile: bool = False,
 ) -> GenerationOutput:
     """Generate under one of the evaluation's modes (see the module docstring's table).
 
@@ -351,7 +352,7 @@ def generate(
         continuations (_Rows): per example, the non-empty token ids that follow the gist span.
         mode (GenerationMode): ``"gist"``, ``"pos_control"``, ``"neg_control"`` or ``"truncate"``.
         gist_token_ids (Optional[Sequence[int]]): the K gist ids; default the model's own.
-        max_new_tokens, temperature, top_k, stop_tokens, pad_id, rng, return_logits, chunk_size: as
+        max_new_tokens, temperature, top_k, stop_tokens, pad_id, rng, return_logits, chunk_size, compile: as
             in :func:`generate_from_cache` (``chunk_size`` also for the prompt: compressed in ``gist``
             mode, prefilled in the others).
         suppress_token_ids (Optional[Sequence[int]]): ids never emitted; default the gist ids (every mode).
@@ -376,6 +377,7 @@ def generate(
         suppress_token_ids=suppress,
         return_logits=return_logits,
         chunk_size=chunk_size,
+        compile=compile,
     )
     if mode == "gist":
         cache = compress(model, prompt_rows, gist_token_ids=ids, pad_id=pad_id, chunk_size=chunk_size)

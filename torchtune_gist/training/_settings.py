@@ -136,6 +136,7 @@ GENERATE_OPTIONAL_KEYS = (
     "inputs_file",
     "batch_size",
     "top_k",
+    "compile",
     "save_cache",
     "load_cache",
     "outputs_file",

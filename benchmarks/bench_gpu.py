@@ -32,6 +32,7 @@ no checkpoint is read. An out-of-memory variant is recorded as such, not fatal.
 
 import argparse
 import gc
+import json
 import sys
 import tempfile
 import time
@@ -187,6 +188,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--decode-batch", type=_parse_ints, default=[1, 8], help="decode batch sizes (default 1,8)")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per decode measurement (default 32)")
+    p.add_argument(
+        "--update",
+        action="store_true",
+        help="keep the other sections of --out's results_gpu.json and replace only those run (recorded in the "
+        "report's header)",
+    )
+    p.add_argument(
+        "--decode-compile",
+        action="store_true",
+        help="also decode full prompt and gist cache with compile=True (torch.compile of each step; about a minute "
+        "of compiling per new shape)",
+    )
     p.add_argument(
         "--stock-cache-len",
         type=int,
@@ -676,6 +689,42 @@ def bench_memory(
     return result
 
 
+def _compiled_decode(
+    model: torch.nn.Module,
+    prompts: List[List[int]],
+    conts: List[List[int]],
+    method: str,
+    t_new: int,
+    device: torch.device,
+    compress: Callable[..., Any],
+    generate: Callable[..., Any],
+    generate_from_cache: Callable[..., Any],
+) -> Dict[str, Any]:
+    """Per-token decode with ``compile=True``: the time of a call of ``2 + t_new`` new tokens less that of a call of 2,
+    over ``t_new`` (stamps inside a compiled step would break its graph). Both calls run once first, untimed
+    (``warmup_s``): a store of a new size may compile the step again."""
+    cache = compress(model, prompts) if method == "gist" else None
+
+    def call(n: int) -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        if cache is None:
+            generate(model, prompts, conts, mode="pos_control", max_new_tokens=n, compile=True)
+        else:
+            generate_from_cache(model, cache, conts, max_new_tokens=n, compile=True)
+        _sync(device)
+        return time.perf_counter() - t0
+
+    try:
+        warmup = call(2) + call(2 + t_new)
+        short, long = call(2), call(2 + t_new)
+    except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
+        if not _is_oom(err):
+            raise
+        return {"error": "out of memory"}
+    return {"decode_s_per_token": (long - short) / t_new, "warmup_s": warmup, "timed_by": "difference of two calls"}
+
+
 def bench_decode(
     args: argparse.Namespace, device: torch.device, save: Callable[[Dict[str, Any]], None]
 ) -> Dict[str, Any]:
@@ -782,6 +831,12 @@ def bench_decode(
                         raise
                     row[name] = {"error": "out of memory", "chunk_size": chunk}
                 _free(device)
+            if args.decode_compile:
+                for method in ("full", "gist"):
+                    row[f"{method}_compiled"] = _compiled_decode(
+                        model, prompts, conts, method, t_new, device, compress, generate, generate_from_cache
+                    )
+                    _free(device)
             if "decode_s_per_token" in row.get("full", {}) and "decode_s_per_token" in row.get("gist", {}):
                 row["decode_speedup_gist_vs_full"] = (
                     row["full"]["decode_s_per_token"] / row["gist"]["decode_s_per_token"]
@@ -792,7 +847,8 @@ def bench_decode(
                     f"{m} {1e3 * row[m]['decode_s_per_token']:.2f} ms/tok"
                     if "decode_s_per_token" in row[m]
                     else f"{m} {row[m]['error']}"
-                    for m in ("full", "gist", "stock")
+                    for m in ("full", "gist", "stock", "full_compiled", "gist_compiled")
+                    if m in row
                 ),
                 flush=True,
             )
@@ -879,8 +935,14 @@ def render_gpu_markdown(res: Optional[Dict[str, Any]]) -> str:
             if "duration_s" in m
             else "cut short: the sections below finished, the rest did not)"
         ),
-        "",
     ]
+    for u in res.get("updates", []):
+        out.append(
+            f"- Updated {u['machine']['date']} on {u['machine']['cuda'] or 'cpu'} (torch {u['machine']['torch']}), "
+            f"sections {', '.join(u['sections'])} measured again: `{u['command']}`"
+            + (f" ({fmt(u['duration_s'])} s)" if "duration_s" in u else " (cut short)")
+        )
+    out.append("")
     if res.get("notes"):
         out += ["### Findings of the same session", "", *(f"- {n}" for n in res["notes"]), ""]
     if "attention" in res:
@@ -960,6 +1022,18 @@ def render_gpu_markdown(res: Optional[Dict[str, Any]]) -> str:
     if "decode" in res:
         d = res["decode"]
         weights = weight_bytes_per_step(d["arch"], 2 if "bfloat16" in d["dtype"] else 4)
+        compiled = [m for m in ("full_compiled", "gist_compiled") if any(m in r for r in d["rows"])]
+
+        def ms(r: Dict[str, Any], m: str) -> Any:
+            return (
+                1e3 * r[m]["decode_s_per_token"] if "decode_s_per_token" in r.get(m, {}) else r.get(m, {}).get("error")
+            )
+
+        def ratio(r: Dict[str, Any], a: str, b: str) -> Optional[str]:
+            if "decode_s_per_token" in r.get(a, {}) and "decode_s_per_token" in r.get(b, {}):
+                return f"{r[a]['decode_s_per_token'] / r[b]['decode_s_per_token']:.2f}x"
+            return None
+
         out += [
             f"### Decode on 8B-shaped layers ({d['arch']['num_layers']} layers, {d['dtype']}, K={d['k']}, "
             f"{d['new_tokens']} new tokens)",
@@ -976,27 +1050,38 @@ def render_gpu_markdown(res: Optional[Dict[str, Any]]) -> str:
                     "KV full",
                     "KV gist",
                     "KV stock",
-                ],
+                ]
+                + [f"{m.replace('_', ' ')} ms/tok" for m in compiled]
+                + (["compiled full / gist", "gist: eager / compiled"] if len(compiled) == 2 else []),
                 [
                     [r["batch"], r["prompt_len"]]
-                    + [
-                        1e3 * r[m]["decode_s_per_token"] if "decode_s_per_token" in r[m] else r[m].get("error")
-                        for m in ("full", "gist", "stock")
-                    ]
-                    + [f"{r['decode_speedup_gist_vs_full']:.2f}x" if "decode_speedup_gist_vs_full" in r else None]
+                    + [ms(r, m) for m in ("full", "gist", "stock")]
+                    + [ratio(r, "full", "gist")]
                     + [
                         f"{(weights + r['full']['kv_bytes']) / (weights + r['gist']['kv_bytes']):.2f}x"
                         if "kv_bytes" in r["full"] and "kv_bytes" in r["gist"]
                         else None
                     ]
                     + [r[m].get("kv_bytes") for m in ("full", "gist", "stock")]
+                    + [ms(r, m) for m in compiled]
+                    + (
+                        [ratio(r, "full_compiled", "gist_compiled"), ratio(r, "gist", "gist_compiled")]
+                        if len(compiled) == 2
+                        else []
+                    )
                     for r in d["rows"]
                 ],
             ),
             "",
             f"Bytes read: the weights a step reads ({weights / 1e9:.2f} GB: every layer and the output projection) "
             "plus the KV held, full prompt over gist cache, what a memory-bound step would gain; a step bound by "
-            "kernel launches gains nothing.",
+            "kernel launches gains nothing."
+            + (
+                " Compiled: `compile=True` (each decoding step through `torch.compile`), timed as the difference of "
+                "two calls (2 and 2 + new tokens), after a call that compiles."
+                if compiled
+                else ""
+            ),
             "",
         ]
         if any("compress_chunked" in r for r in d["rows"]):
@@ -1055,14 +1140,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = args.out or (REPO / "outputs" / "bench_gpu_tiny" if args.tiny else BENCH_DIR)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    res: Dict[str, Any] = {
-        "meta": {
-            "machine": machine_info(torch.get_num_threads()),
-            "command": command_line(),
-            "tiny": args.tiny,
-            "load_before": load_average(),
-        }
+    this_run = {
+        "machine": machine_info(torch.get_num_threads()),
+        "command": command_line(),
+        "tiny": args.tiny,
+        "load_before": load_average(),
     }
+    res: Dict[str, Any] = {"meta": this_run}
+    if args.update and (out / GPU_JSON).is_file():
+        res = json.loads((out / GPU_JSON).read_text())
+        res.setdefault("updates", []).append({**this_run, "sections": only})
+        this_run = res["updates"][-1]
     runs = {"attention": bench_attention, "packing": bench_packing, "memory": bench_memory, "decode": bench_decode}
     # torchtune compiles flex_attention with dynamic=False: one compile per shape, and the attention section
     # alone has 8; past the limit dynamo would run FlexAttention unfused and the figures would not be its own.
@@ -1077,7 +1165,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _free(device)  # the section's models are gone with its frame
         torch._dynamo.reset()
         write_json(res, out / GPU_JSON)
-    res["meta"]["duration_s"] = time.perf_counter() - t_start
+    this_run["duration_s"] = time.perf_counter() - t_start
     res["plots"] = make_gpu_plots(res, out)
     write_json(res, out / GPU_JSON)
     report = render_results(out)

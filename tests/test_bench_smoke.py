@@ -167,6 +167,41 @@ def test_gpu_report_lists_the_notes_added_to_its_results(monkeypatch: pytest.Mon
     assert "Findings" not in _script(monkeypatch, "bench_gpu").render_gpu_markdown(res)
 
 
+def test_gpu_report_shows_compiled_decoding_and_the_runs_that_updated_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second call (``--update``) replaces only its sections and is named in the header; compiled decode rows get
+    their own columns (ms per token, full / gist compiled, and what compiling gains the gist cache)."""
+    bench_gpu = _script(monkeypatch, "bench_gpu")
+    machine = {"date": "2026-12-04 15:51 UTC", "cuda": "NVIDIA H200", "cpu_model": "x", "cores": 16, "torch": "2.11"}
+    update = {"machine": {**machine, "date": "2026-12-05 10:00 UTC"}, "command": "bench_gpu.py --update"}
+    arch = {**bench_gpu.LLAMA3_1_8B_ARGS, "num_layers": 8}
+    row = {"batch": 8, "prompt_len": 16384, "stock": {"error": "out of memory"}}
+    for method, ms, kv in (("full", 9.0, 4_000_000_000), ("gist", 8.0, 8_000_000)):
+        row[method] = {"decode_s_per_token": ms / 1e3, "kv_bytes": kv}
+    row["full_compiled"] = {"decode_s_per_token": 0.006}
+    row["gist_compiled"] = {"decode_s_per_token": 0.002}
+    report = bench_gpu.render_gpu_markdown(
+        {
+            "meta": {"machine": machine, "tiny": False, "command": "bench_gpu.py", "duration_s": 1.0},
+            "updates": [{**update, "sections": ["decode"], "duration_s": 2.0}],
+            "decode": {"arch": arch, "dtype": "torch.bfloat16", "k": 10, "new_tokens": 16, "rows": [row]},
+        }
+    )
+    assert "- Updated 2026-12-05 10:00 UTC on NVIDIA H200 (torch 2.11), sections decode measured again" in report
+    assert "| full compiled ms/tok | gist compiled ms/tok | compiled full / gist | gist: eager / compiled |" in report
+    assert "| 9 | 8 | out of memory | 1.12x |" in report and "| 6 | 2 | 3.00x | 4.00x |" in report
+
+
+def test_bench_gpu_update_keeps_the_sections_it_does_not_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bench_gpu = _script(monkeypatch, "bench_gpu")
+    first = json.loads((BENCH / "results_gpu.json").read_text())  # the H200 run's
+    (tmp_path / "results_gpu.json").write_text(json.dumps(first))
+    assert bench_gpu.main(["--tiny", "--only", "decode", "--update", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "results_gpu.json").read_text())
+    assert res["attention"] == first["attention"] and res["meta"] == first["meta"]
+    assert res["decode"]["arch"]["num_layers"] != first["decode"]["arch"]["num_layers"]  # the tiny run's
+    assert [u["sections"] for u in res["updates"]] == [["decode"]] and res["updates"][0]["duration_s"] > 0
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
 def test_bench_gpu_measures_nothing_without_gpu(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture

@@ -62,7 +62,7 @@ log = utils.get_logger("INFO")
 
 #: The top-level keys the recipe reads: required, then optional.
 EVAL_KEYS = ("model", "tokenizer", "checkpointer", "runs", "tasks", "output_dir")
-EVAL_OPTIONAL_KEYS = ("metadata", "limit", "batch_size", "max_gen_toks", "device", "dtype")
+EVAL_OPTIONAL_KEYS = ("metadata", "limit", "batch_size", "max_gen_toks", "device", "dtype", "compile")
 
 #: Each run's responses as they are computed (an interrupted run goes on from them), deleted once its results are saved.
 RESPONSES_FILE = "responses.jsonl"
@@ -160,8 +160,8 @@ def _short(value: Any, width: int = 60) -> str:
 
 class GistEleutherEvalRecipe(EvalRecipeInterface):
     """lm-eval over several runs of a gist model. Config keys: ``model``, ``tokenizer``, ``checkpointer``, ``runs``,
-    ``tasks``, ``metadata``, ``limit``, ``batch_size``, ``max_gen_toks``, ``output_dir``, ``device``, ``dtype``; any
-    other top-level key is refused unless an interpolation reads it."""
+    ``tasks``, ``metadata``, ``limit``, ``batch_size``, ``max_gen_toks``, ``compile``, ``output_dir``, ``device``,
+    ``dtype``; any other top-level key is refused unless an interpolation reads it."""
 
     config_keys = EVAL_KEYS + EVAL_OPTIONAL_KEYS
 
@@ -183,6 +183,9 @@ class GistEleutherEvalRecipe(EvalRecipeInterface):
             )
         self._batch_size = count_setting(cfg, "batch_size", default=8)
         self._max_gen_toks = count_setting(cfg, "max_gen_toks", default=256)
+        self._compile = cfg.get("compile", False)
+        if not isinstance(self._compile, bool):
+            raise ValueError(f"compile={self._compile!r}: give True or False")
         self._output_dir = Path(cfg.output_dir)
 
     def setup(self, cfg: DictConfig) -> None:
@@ -252,6 +255,7 @@ class GistEleutherEvalRecipe(EvalRecipeInterface):
                 batch_size=self._batch_size,
                 max_gen_toks=self._max_gen_toks,
                 responses=str(path.with_name(RESPONSES_FILE)),
+                compile=self._compile,
             )
             task_log, hint = logging.getLogger("lm_eval.api.task"), _WithoutMetadataHint()
             task_log.addFilter(hint)

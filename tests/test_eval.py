@@ -330,6 +330,24 @@ def test_kv_bytes_follow_the_mode(tiny_model: torch.nn.Module, tiny_tokenizer: A
     assert kv["pos_control"] == kv["gist"] + (prompt_tokens + 1) * per_slot
 
 
+def test_compile_model_arg_sends_generate_until_steps_through_torch_compile(
+    tiny_model: torch.nn.Module, tiny_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--model_args compile=True`` (a string from lm-eval's command line) reaches generation; the texts are the
+    same (torch.compile is recorded here and the step run eagerly; the compiled step is tested in test_generation)."""
+    from torchtune_gist.generation._attention import decode_step_logits
+
+    context = "Instruction: Say the word twice.\n<GIST>\nInput: cat\nOutput:"
+    request = Instance("generate_until", {}, (context, {"until": [], "max_gen_toks": 3}), 0)
+    eager = TorchtuneGistLM(model=tiny_model, tokenizer=tiny_tokenizer).generate_until([request])
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: compiled.append(fn) or fn)
+    lm = TorchtuneGistLM(model=tiny_model, tokenizer=tiny_tokenizer, compile="True")
+    assert lm.generate_until([request]) == eager and compiled == [decode_step_logits]
+    with pytest.raises(ValueError, match="compile='yes': give True or False"):
+        TorchtuneGistLM(model=tiny_model, tokenizer=tiny_tokenizer, compile="yes")
+
+
 def test_kv_bytes_per_example_do_not_depend_on_the_batch(tiny_model: torch.nn.Module, tiny_tokenizer: Any) -> None:
     """Each example reports its own entries: batched beside longer rows, it holds what it held alone."""
     contexts = [

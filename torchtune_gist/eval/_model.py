@@ -259,6 +259,8 @@ class TorchtuneGistLM(LM):
             computed; a later evaluation with the same settings (:func:`response_settings`) reads the responses there
             instead of computing them again, so an interrupted evaluation goes on where it stopped
             (:class:`~torchtune_gist._responses.ResponseLog`).
+        compile (Union[bool, str]): run each decoding step of ``generate_until`` through ``torch.compile``
+            (:func:`~torchtune_gist.generation.generate`'s ``compile``). Default False.
 
     Raises:
         ValueError: on an unknown mode, a bad batch size, ``max_batch_size``, both or neither of ``config`` and
@@ -302,6 +304,7 @@ class TorchtuneGistLM(LM):
         max_gen_toks: Union[int, str] = 512,
         max_batch_size: Optional[int] = None,
         responses: Optional[str] = None,
+        compile: Union[bool, str] = False,
     ) -> None:
         super().__init__()
         if max_batch_size is not None:
@@ -316,6 +319,9 @@ class TorchtuneGistLM(LM):
             raise ValueError(AUTO_BATCH_SIZE_REFUSED)
         self.batch_size = _positive_int("batch_size", batch_size)
         self.max_gen_toks = _positive_int("max_gen_toks", max_gen_toks)
+        if str(compile).lower() not in ("true", "false"):
+            raise ValueError(f"compile={compile!r}: give True or False")
+        self.compile = str(compile).lower() == "true"
         if (config is None) == (model is None):
             raise ValueError("give either config=<torchtune config> (with checkpoint_dir) or model= and tokenizer=")
         if responses is not None and model is not None:
@@ -499,6 +505,7 @@ class TorchtuneGistLM(LM):
                         top_k=top_k,
                         stop_tokens=self._stop_tokens,
                         pad_id=self._pad_id,
+                        compile=self.compile,
                     )
                     for (i, prompt, _), tokens, kv_bytes in zip(batch, out.tokens, out.row_kv_bytes):
                         n_prompt = len(prompt) - len(self._bos)

@@ -812,19 +812,26 @@ def test_gist_generate_recipe_runs_by_name(tmp_path, tiny_tokenizer):
     assert f"Compression: {n_prompt - 1} prompt tokens" in log_again and "Compressed" not in log_again
 
 
+def _gist_generate_error(monkeypatch, capsys, *overrides: str) -> str:
+    """What ``tune run gist_generate`` on the tiny config with ``overrides`` prints as it stops with exit status 1."""
+    import gist_generate
+
+    config = str(REPO / "configs/tiny/gist_generate.yaml")
+    monkeypatch.setattr(sys, "argv", ["gist_generate", "--config", config, *overrides])
+    with pytest.raises(SystemExit) as stop:
+        gist_generate.recipe_main()
+    assert stop.value.code == 1
+    return capsys.readouterr().err
+
+
 def test_gist_generate_refuses_a_prompt_cut_at_a_yaml_comment(monkeypatch, capsys):
     """``prompt="a # b"`` reaches the recipe as ``a``: refused before anything loads, with the two ways out."""
     import gist_generate
     from omegaconf import OmegaConf
 
-    config = str(REPO / "configs/tiny/gist_generate.yaml")
-    monkeypatch.setattr(sys, "argv", ["gist_generate", "--config", config, "prompt=Keep 12 # not a comment"])
-    with pytest.raises(SystemExit) as stop:
-        gist_generate.recipe_main()
-    assert stop.value.code == 1
     assert (
         "prompt='Keep 12 # not a comment' was read as 'Keep 12': YAML takes ' #' and what follows for a comment"
-        in capsys.readouterr().err
+        in _gist_generate_error(monkeypatch, capsys, "prompt=Keep 12 # not a comment")
     )
     for argv, cfg in (
         (['prompt="a # b"'], {"prompt": "a # b"}),  # quoted for YAML: read whole
@@ -840,15 +847,8 @@ def test_gist_generate_refuses_two_sources_of_one_text(monkeypatch, capsys):
     """``input=`` beside ``inputs_file=`` would answer the file and drop ``input`` silently: refused, naming both."""
     import gist_generate
 
-    config = str(REPO / "configs/tiny/gist_generate.yaml")
-    argv = ["gist_generate", "--config", config, "input=What is it?", "inputs_file=questions.txt"]
-    monkeypatch.setattr(sys, "argv", argv)
-    with pytest.raises(SystemExit) as stop:
-        gist_generate.recipe_main()
-    assert stop.value.code == 1
-    assert (
-        "input= and inputs_file= on one command line: inputs_file would be used and input ignored"
-        in capsys.readouterr().err
+    assert "input= and inputs_file= on one command line: inputs_file would be used and input ignored" in (
+        _gist_generate_error(monkeypatch, capsys, "input=What is it?", "inputs_file=questions.txt")
     )
     with pytest.raises(ValueError, match="prompt= and prompt_file= on one command line: prompt_file would be used"):
         gist_generate.check_one_source_per_text(["prompt_file=p.txt", "prompt=x"])

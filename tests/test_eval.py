@@ -846,7 +846,7 @@ def test_the_command_line_refuses_what_the_gist_model_cannot_honour(tmp_path: Pa
     misspelt = {"config": "c.yaml", "checkpint_dir": "x", "mdoe": "gist"}
     assert refused_option(Namespace(model="torchtune_gist", model_args=misspelt)) == (
         "--model_args checkpint_dir, mdoe: torchtune_gist takes no such argument (it takes config, checkpoint_dir, "
-        "mode, batch_size, device, dtype, max_gen_toks, max_batch_size, responses)"
+        "mode, batch_size, device, dtype, max_gen_toks, max_batch_size, responses, compile)"
     )
     assert refused_option(Namespace(model="hf", model_args=misspelt)) == ""
     for auto in ("auto", "auto:4"):  # lm-eval would build the model first, then fail inside its constructor

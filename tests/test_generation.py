@@ -642,6 +642,13 @@ def test_stop_tokens_and_sampling(model):
     assert stop not in greedy.tokens[1] and stop not in greedy.tokens[0][:2]
     stopped = generate_from_cache(model, cache, conts, max_new_tokens=6, stop_tokens=[stop])
     assert stopped.tokens == [greedy.tokens[0][:3], greedy.tokens[1]]
+    forwards = []
+    hook = model.tok_embeddings.register_forward_pre_hook(lambda *_: forwards.append(1))
+    try:
+        alone = generate_from_cache(model, cache.select([0]), conts[:1], max_new_tokens=6, stop_tokens=[stop])
+    finally:
+        hook.remove()
+    assert alone.tokens == [greedy.tokens[0][:3]] and len(forwards) == 3  # the continuation and 2 steps, no more
     top1 = generate_from_cache(
         model, cache, conts, max_new_tokens=6, temperature=0.8, top_k=1, rng=torch.Generator().manual_seed(1)
     )

@@ -169,17 +169,21 @@ def _decode(
         for step in range(max_new_tokens):
             token = _next_token(logits, suppress, temperature, top_k, rng)
             steps.append((active, token, logits if return_logits else None))
-            stopped = active[torch.isin(token, stop) & ~done[active]]
-            lengths[stopped] = step + 1
-            done[stopped] = True
-            if step == max_new_tokens - 1 or bool(done.all()):
+            if step == max_new_tokens - 1:
                 break
-            live = ~done[active]
-            if 4 * int(live.sum()) <= 3 * len(active):
-                # A quarter of the rows or more have finished: drop them from the store and the batch.
-                keep = live.nonzero().squeeze(1)
-                store.keep_rows(keep)
-                active, token = active[keep], token[keep]
+            if len(stop):  # bookkeeping on the device; one host sync a step (none without stop tokens)
+                stopping = torch.isin(token, stop) & ~done[active]
+                lengths[active] = torch.where(stopping, step + 1, lengths[active])
+                done[active] = done[active] | stopping
+                live = ~done[active]
+                n_live = int(live.sum())
+                if n_live == 0:
+                    break
+                if 4 * n_live <= 3 * len(active):
+                    # A quarter of the rows or more have finished: drop them from the store and the batch.
+                    keep = live.nonzero().squeeze(1)
+                    store.keep_rows(keep)
+                    active, token = active[keep], token[keep]
             mask = store.step_mask()
             logits = step_logits(model, token[:, None], (next_pos[active] + step)[:, None], mask)
             store.advance(1)

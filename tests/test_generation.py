@@ -731,8 +731,15 @@ def test_compiled_decoding_matches_eager_and_is_traced_once(model):
     traced = counters["stats"]["unique_graphs"]
     assert 1 <= traced <= 2  # one step graph, at most one more once the store's size is marked dynamic
     prompts, conts = zip(*(_example(7 + i, 2 + i, 40 + i) for i in range(2)))
-    generate(model, list(prompts), list(conts), mode="gist", gist_token_ids=IDS, max_new_tokens=7, compile=True)
+    kwargs = dict(mode="gist", gist_token_ids=IDS, max_new_tokens=7)
+    eager = generate(model, list(prompts), list(conts), **kwargs)
+    assert generate(model, list(prompts), list(conts), compile=True, **kwargs).tokens == eager.tokens
     assert counters["stats"]["unique_graphs"] == traced
+    stop = [t for t in eager.tokens[0][1:] if t not in eager.tokens[1]][:1]  # row 0 stops, then leaves the batch
+    assert stop
+    stopped = generate(model, list(prompts), list(conts), stop_tokens=stop, **kwargs)
+    assert generate(model, list(prompts), list(conts), stop_tokens=stop, compile=True, **kwargs) == stopped
+    assert len(stopped.tokens[0]) < 7 == len(stopped.tokens[1])
 
 
 REPO = Path(__file__).resolve().parents[1]

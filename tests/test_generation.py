@@ -715,7 +715,7 @@ def test_lora_and_nf4_layers_are_used_as_they_are():
 def test_compiled_decoding_matches_eager_and_is_traced_once(model):
     """``compile=True`` runs each decoding step through torch.compile: the same tokens and logits as eager decoding,
     and the step's shapes do not change with the cache's length, so all its steps, and a second generation of the
-    same sizes, reuse one traced graph."""
+    same sizes, reuse one traced graph. Also with stop tokens (a row leaves the batch) and on NF4 weights with LoRA."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -740,6 +740,19 @@ def test_compiled_decoding_matches_eager_and_is_traced_once(model):
     stopped = generate(model, list(prompts), list(conts), stop_tokens=stop, **kwargs)
     assert generate(model, list(prompts), list(conts), stop_tokens=stop, compile=True, **kwargs) == stopped
     assert len(stopped.tokens[0]) < 7 == len(stopped.tokens[1])
+    torch.manual_seed(0)  # NF4 base weights with LoRA, as the 8B QLoRA generate configs build them
+    qlora = lora_llama3_1(
+        lora_attn_modules=["q_proj", "k_proj", "v_proj", "output_proj"],
+        lora_rank=4,
+        lora_alpha=8,
+        quantize_base=True,
+        **{**TINY_LLAMA3_1_ARGS, "embed_dim": 256, "intermediate_dim": 512},
+    ).eval()
+    kwargs = dict(mode="gist", gist_token_ids=IDS, max_new_tokens=5, return_logits=True)
+    eager = generate(qlora, [prompts[0]], [conts[0]], **kwargs)
+    compiled = generate(qlora, [prompts[0]], [conts[0]], compile=True, **kwargs)
+    assert compiled.tokens == eager.tokens
+    torch.testing.assert_close(compiled.logits[0], eager.logits[0], atol=ATOL, rtol=0)
 
 
 REPO = Path(__file__).resolve().parents[1]

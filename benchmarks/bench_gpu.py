@@ -1147,9 +1147,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "load_before": load_average(),
     }
     res: Dict[str, Any] = {"meta": this_run}
-    if args.update and (out / GPU_JSON).is_file():
+    updating = args.update and (out / GPU_JSON).is_file()
+    if updating:
         res = json.loads((out / GPU_JSON).read_text())
-        res.setdefault("updates", []).append({**this_run, "sections": only})
+        res.setdefault("updates", []).append({**this_run, "sections": []})  # each as it starts replacing the old
         this_run = res["updates"][-1]
     runs = {"attention": bench_attention, "packing": bench_packing, "memory": bench_memory, "decode": bench_decode}
     # torchtune compiles flex_attention with dynamic=False: one compile per shape, and the attention section
@@ -1161,6 +1162,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         write_json(res, out / GPU_JSON)  # after every row: a run cut short keeps what it measured
 
     for name in only:  # in the order given
+        if updating:
+            this_run["sections"].append(name)
         res[name] = runs[name](args, device, partial(save, name))
         _free(device)  # the section's models are gone with its frame
         torch._dynamo.reset()

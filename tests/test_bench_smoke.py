@@ -200,6 +200,9 @@ def test_bench_gpu_update_keeps_the_sections_it_does_not_run(tmp_path: Path, mon
     assert res["attention"] == first["attention"] and res["meta"] == first["meta"]
     assert res["decode"]["arch"]["num_layers"] != first["decode"]["arch"]["num_layers"]  # the tiny run's
     assert [u["sections"] for u in res["updates"]] == [["decode"]] and res["updates"][0]["duration_s"] > 0
+    fresh = tmp_path / "fresh"  # nothing to update there: a run of its own
+    assert bench_gpu.main(["--tiny", "--only", "decode", "--update", "--out", str(fresh)]) == 0
+    assert "updates" not in json.loads((fresh / "results_gpu.json").read_text())
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")

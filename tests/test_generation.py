@@ -685,16 +685,20 @@ def test_finished_rows_leave_the_decoding_batch(model):
     assert stopped.kv_bytes == greedy.kv_bytes
 
 
-def test_lora_and_nf4_layers_are_used_as_they_are():
+def _tiny_qlora() -> nn.Module:
+    """NF4 base weights with LoRA on every attention projection, as the 8B QLoRA configs build them (seed 0)."""
     torch.manual_seed(0)
-    args = {**TINY_LLAMA3_1_ARGS, "embed_dim": 256, "intermediate_dim": 512}
-    lora = lora_llama3_1(
+    return lora_llama3_1(
         lora_attn_modules=["q_proj", "k_proj", "v_proj", "output_proj"],
         lora_rank=4,
         lora_alpha=8,
         quantize_base=True,
-        **args,
+        **{**TINY_LLAMA3_1_ARGS, "embed_dim": 256, "intermediate_dim": 512},
     ).eval()
+
+
+def test_lora_and_nf4_layers_are_used_as_they_are():
+    lora = _tiny_qlora()
     with torch.no_grad():
         for name, p in lora.named_parameters():
             if "lora_b" in name:
@@ -740,14 +744,7 @@ def test_compiled_decoding_matches_eager_and_is_traced_once(model):
     stopped = generate(model, list(prompts), list(conts), stop_tokens=stop, **kwargs)
     assert generate(model, list(prompts), list(conts), stop_tokens=stop, compile=True, **kwargs) == stopped
     assert len(stopped.tokens[0]) < 7 == len(stopped.tokens[1])
-    torch.manual_seed(0)  # NF4 base weights with LoRA, as the 8B QLoRA generate configs build them
-    qlora = lora_llama3_1(
-        lora_attn_modules=["q_proj", "k_proj", "v_proj", "output_proj"],
-        lora_rank=4,
-        lora_alpha=8,
-        quantize_base=True,
-        **{**TINY_LLAMA3_1_ARGS, "embed_dim": 256, "intermediate_dim": 512},
-    ).eval()
+    qlora = _tiny_qlora()
     kwargs = dict(mode="gist", gist_token_ids=IDS, max_new_tokens=5, return_logits=True)
     eager = generate(qlora, [prompts[0]], [conts[0]], **kwargs)
     compiled = generate(qlora, [prompts[0]], [conts[0]], compile=True, **kwargs)

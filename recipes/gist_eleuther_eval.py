@@ -56,6 +56,7 @@ from torchtune_gist.training import (
     check_known_keys,
     check_required_keys,
     count_setting,
+    flag_setting,
 )
 
 log = utils.get_logger("INFO")
@@ -183,9 +184,7 @@ class GistEleutherEvalRecipe(EvalRecipeInterface):
             )
         self._batch_size = count_setting(cfg, "batch_size", default=8)
         self._max_gen_toks = count_setting(cfg, "max_gen_toks", default=256)
-        self._compile = cfg.get("compile", False)
-        if not isinstance(self._compile, bool):
-            raise ValueError(f"compile={self._compile!r}: give True or False")
+        self._compile = flag_setting(cfg, "compile")
         self._output_dir = Path(cfg.output_dir)
 
     def setup(self, cfg: DictConfig) -> None:

@@ -74,6 +74,7 @@ from torchtune_gist.training import (
     check_required_keys,
     check_setting_types,
     count_setting,
+    flag_setting,
     get_device,
 )
 
@@ -206,6 +207,7 @@ class GistGenerateRecipe:
         self._prompt = read_text_setting(cfg, "prompt")
         self._inputs = read_inputs(cfg, read_text_setting(cfg, "input") or "")
         self._batch_size = count_setting(cfg, "batch_size", default=8)
+        self._compile = flag_setting(cfg, "compile")
         check_setting_types(cfg)
         for key in ("save_cache", "outputs_file"):
             problem = cfg.get(key) and unwritable_reason(cfg[key], directory=False)
@@ -271,7 +273,7 @@ class GistGenerateRecipe:
                 stop_tokens=self._tokenizer.stop_tokens,
                 pad_id=self._tokenizer.pad_id,
                 rng=rng,
-                compile=cfg.get("compile", False),
+                compile=self._compile,
             )
             for i, tokens, kv_bytes in zip(batch, out.tokens, out.row_kv_bytes):
                 text = self._tokenizer.decode([t for t in tokens if t not in stops])

@@ -1208,6 +1208,8 @@ def test_eval_recipe_runs_gist_and_controls_by_name_and_resumes(
             GistEleutherEvalRecipe(OmegaConf.merge(cfg, {"runs": runs}))
     with pytest.raises(ValueError, match="limit=0 must be a count >= 1, a fraction in"):
         GistEleutherEvalRecipe(OmegaConf.merge(cfg, {"limit": 0}))
+    with pytest.raises(ValueError, match="compile='yes': give True or False"):
+        GistEleutherEvalRecipe(OmegaConf.merge(cfg, {"compile": "yes"}))
     with pytest.raises(ValueError, match=r"gist_eleuther_eval does not read max_gen_token \(did you mean max_gen_toks"):
         GistEleutherEvalRecipe(OmegaConf.merge(cfg, {"max_gen_token": 5}))
     with pytest.raises(

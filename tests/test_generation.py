@@ -1104,6 +1104,7 @@ def test_gist_generate_refuses_a_merged_export_as_the_base(tmp_path):
     [
         (["device=gpu"], "device='gpu' is not a device"),
         (["seed=abc"], "seed='abc' must be a whole number >= 0"),
+        (["compile=maybe"], "compile='maybe': give True or False"),
         (["max_new_token=4"], r"gist_generate does not read max_new_token \(did you mean max_new_tokens\?\)"),
     ],
 )

@@ -23,6 +23,7 @@ from torchtune_gist.training._settings import (
     check_required_keys,
     check_setting_types,
     count_setting,
+    flag_setting,
     get_device,
     parse_device,
 )
@@ -64,6 +65,7 @@ __all__ = [
     "check_required_keys",
     "check_setting_types",
     "count_setting",
+    "flag_setting",
     "get_device",
     "initialize_dora_magnitudes",
     "latest_checkpoint",

@@ -327,6 +327,18 @@ def build_tokenizer(cfg: DictConfig) -> Any:
         ) from e
 
 
+def flag_setting(cfg: DictConfig, key: str, *, default: bool = False) -> bool:
+    """``cfg[key]`` as True or False (``default`` when absent).
+
+    Raises:
+        ValueError: naming the key, for anything else ("yes", 1, null).
+    """
+    value = cfg.get(key, default)
+    if not isinstance(value, bool):
+        raise ValueError(f"{key}={value!r}: give True or False")
+    return value
+
+
 def count_setting(cfg: DictConfig, key: str, *, default: Optional[int] = None, optional: bool = False) -> Optional[int]:
     """``cfg[key]`` as a whole number >= 1 (``default`` when absent; ``None`` allowed when ``optional``).
 

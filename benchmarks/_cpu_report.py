@@ -452,7 +452,7 @@ def render_cpu_markdown(res: Dict[str, Any]) -> str:
         ]
     if "packing" in res:
         pk = res["packing"]
-        fit = step_cost_fit(pk["variants"])
+        fit, ceiling = step_cost_fit(pk["variants"]), packing_ceiling(pk["variants"])
         out += [
             "### 2. Batching and packing",
             "",
@@ -496,8 +496,8 @@ def render_cpu_markdown(res: Dict[str, Any]) -> str:
             "padding: with dense masks it pays more for the masked-away attention than it saves, with segments it "
             "gains a little. A least-squares line through batch size 1 and the segment-mask rows puts a step at "
             f"{1e3 * fit[0]:.1f} ms plus {1e3 * fit[1]:.3f} ms per token slot: batch size 1 spends "
-            f"{100 / packing_ceiling(pk['variants']):.0f}% of its time on its tokens, so even packing that removed "
-            f"every per-step cost would run at most {packing_ceiling(pk['variants']):.2f}x batch size 1 on this CPU. "
+            f"{100 / ceiling:.0f}% of its time on its tokens, so even packing that removed "
+            f"every per-step cost would run at most {ceiling:.2f}x batch size 1 on this CPU. "
             "On a GPU, batch size 1 leaves the device mostly idle and FlexAttention `BlockMask`s skip the masked "
             "blocks, which is where packing pays (`bench_gpu.py` measures the attention side).",
             "",

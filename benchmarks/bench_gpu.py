@@ -696,13 +696,12 @@ def _compiled_decode(
     method: str,
     t_new: int,
     device: torch.device,
-    compress: Callable[..., Any],
-    generate: Callable[..., Any],
-    generate_from_cache: Callable[..., Any],
 ) -> Dict[str, Any]:
     """Per-token decode with ``compile=True``: the time of a call of ``2 + t_new`` new tokens less that of a call of 2,
     over ``t_new`` (stamps inside a compiled step would break its graph). Both calls run once first, untimed
     (``warmup_s``): a store of a new size may compile the step again."""
+    from torchtune_gist.generation import compress, generate, generate_from_cache
+
     cache = compress(model, prompts) if method == "gist" else None
 
     def call(n: int) -> float:
@@ -833,9 +832,7 @@ def bench_decode(
                 _free(device)
             if args.decode_compile:
                 for method in ("full", "gist"):
-                    row[f"{method}_compiled"] = _compiled_decode(
-                        model, prompts, conts, method, t_new, device, compress, generate, generate_from_cache
-                    )
+                    row[f"{method}_compiled"] = _compiled_decode(model, prompts, conts, method, t_new, device)
                     _free(device)
             if "decode_s_per_token" in row.get("full", {}) and "decode_s_per_token" in row.get("gist", {}):
                 row["decode_speedup_gist_vs_full"] = (
@@ -1078,7 +1075,7 @@ def render_gpu_markdown(res: Optional[Dict[str, Any]]) -> str:
             "kernel launches gains nothing."
             + (
                 " Compiled: `compile=True` (each decoding step through `torch.compile`), timed as the difference of "
-                "two calls (2 and 2 + new tokens), after a call that compiles."
+                "two calls (2 and 2 + new tokens), after an untimed call of each length (compiling)."
                 if compiled
                 else ""
             ),

@@ -321,11 +321,18 @@ def forward_through_store(
     Returns:
         torch.Tensor: the last layer's hidden states ``[b, s, d]``.
     """
-    mask = store.attention_mask(valid)
+    h = _through_layers(model, tokens, store.attention_mask(valid), input_pos)
+    store.advance(tokens.shape[1])
+    return h
+
+
+def _through_layers(
+    model: TransformerDecoder, tokens: torch.Tensor, mask: torch.Tensor, input_pos: torch.Tensor
+) -> torch.Tensor:
+    """The last layer's hidden states ``[b, s, d]`` of ``tokens [b, s]`` (embeddings, then every layer)."""
     h = model.tok_embeddings(tokens)
     for layer in model.layers:
         h = layer(h, mask=mask, input_pos=input_pos)
-    store.advance(tokens.shape[1])
     return h
 
 
@@ -341,10 +348,7 @@ def decode_step_logits(
         input_pos (torch.Tensor): ``[b, 1]`` absolute positions.
         mask (torch.Tensor): bool ``[b, 1, capacity]`` from :meth:`KVStore.step_mask`.
     """
-    h = model.tok_embeddings(token)
-    for layer in model.layers:
-        h = layer(h, mask=mask, input_pos=input_pos)
-    return last_logits(model, h)
+    return last_logits(model, _through_layers(model, token, mask, input_pos))
 
 
 def _chunks(s: int, chunk_size: int) -> List[slice]:
